@@ -1,0 +1,258 @@
+"""``oltr`` command line: curate, train, evaluate, predict.
+
+Every command exits with status 2 and a one-line message naming the bad file, line or value when
+its input is wrong (``oltr.errors.InputError``); ``--debug`` shows the full traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from oltr.config import CONFIG_DIR, DEFAULT_BENCHMARK, list_benchmarks, list_methods, load_config
+from oltr.errors import InputError, OltrError
+
+EXAMPLES = """\
+examples:
+  oltr curate fashion-mnist --out data/fmnist-lt --protocol fmnist_lt
+  oltr train --method plain --data data/fmnist-lt --out runs/plain --seed 0
+  oltr train --method oltr --data data/fmnist-lt --out runs/oltr stage2.train.epochs=4
+  oltr evaluate runs/plain --data data/fmnist-lt --open --output runs/plain/report.json
+  oltr predict runs/oltr image1.png image2.png
+"""
+
+
+# --------------------------------------------------------------------------- curate
+def _names_or_count(text: str | None) -> int | list[str] | None:
+    """``--known 8`` → 8; ``--known cat,dog`` → ["cat", "dog"]."""
+    if text is None:
+        return None
+    if text.strip().isdigit():
+        return int(text)
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise InputError("expected a number of classes or a comma-separated list of names",
+                         value=text)
+    return names
+
+
+def protocol_defaults(name: str) -> dict[str, Any]:
+    """The curation arguments written down for a benchmark (``configs/<name>/protocol.yaml``)."""
+    path = CONFIG_DIR / name / "protocol.yaml"
+    if not path.exists():
+        available = [b for b in list_benchmarks() if (CONFIG_DIR / b / "protocol.yaml").exists()]
+        raise InputError(f"no curation protocol named '{name}' (available: {', '.join(available)})")
+    return yaml.safe_load(path.read_text())["curate"]
+
+
+def cmd_curate(args: argparse.Namespace) -> int:
+    from oltr.data import curate, parse_source
+
+    settings: dict[str, Any] = {
+        "seed": 0, "profile": "pareto", "alpha": 6.0, "ratio": None, "max_count": 1280,
+        "min_count": 5, "known": None, "open": None, "val_per_class": 20,
+        "test_per_class": None, "open_per_class": None,
+    }
+    if args.protocol:
+        settings.update(protocol_defaults(args.protocol))
+    given = {key: getattr(args, key) for key in settings if getattr(args, key) is not None}
+    if "ratio" in given and "min_count" not in given:
+        settings["min_count"] = None
+    settings.update(given)
+    settings["known"] = _names_or_count(settings["known"]) if isinstance(
+        settings["known"], str) else settings["known"]
+    settings["open"] = _names_or_count(settings["open"]) if isinstance(
+        settings["open"], str) else settings["open"]
+    source = parse_source(args.source, image_root=args.image_root)
+    started = time.perf_counter()
+    manifest = curate(source, args.out, force=args.force, **settings)
+    counts = manifest["counts"]
+    print(f"wrote {args.out}: {len(manifest['known_classes'])} known classes "
+          f"({sum(counts['train'])} train, {sum(counts['val'])} val, {sum(counts['test'])} test), "
+          f"{len(manifest['open_classes'])} open classes ({counts['open']} open test images) "
+          f"in {time.perf_counter() - started:.1f} s")
+    print(f"train images per class (label 0 = head): {counts['train']}")
+    return 0
+
+
+# --------------------------------------------------------------------------- train
+def cmd_train(args: argparse.Namespace) -> int:
+    from oltr.engine import train_run
+
+    overrides = list(args.overrides)
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    if args.device is not None:
+        overrides.append(f"device={args.device}")
+    config = load_config(args.method, config_file=args.config, benchmark=args.benchmark,
+                         overrides=overrides)
+    started = time.perf_counter()
+    results = train_run(config, args.data, args.out, resume=args.resume,
+                        progress=not args.no_progress)
+    for result in results:
+        print(f"stage {result.stage_dir.name}: best val accuracy {result.best_val_accuracy:.4f} "
+              f"at epoch {result.best_epoch} ({result.seconds:.0f} s)")
+    print(f"trained {args.out} in {time.perf_counter() - started:.0f} s")
+    if args.evaluate:
+        return _evaluate(args.out, args.data, open_set=True, output=Path(args.out) / "report.json")
+    return 0
+
+
+# --------------------------------------------------------------------------- evaluate
+def _evaluate(run: str | Path, data: str | Path, **kwargs: Any) -> int:
+    from oltr.evaluate import evaluate_run, format_report
+
+    report = evaluate_run(run, data, **kwargs)
+    print(format_report(report))
+    if kwargs.get("output"):
+        print(f"report written to {kwargs['output']}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    output = args.output or Path(args.run) / "report.json"
+    return _evaluate(args.run, args.data, open_set=args.open, open_score=args.open_score,
+                     threshold=args.threshold, accept_rate=args.accept_rate, device=args.device,
+                     output=output)
+
+
+# --------------------------------------------------------------------------- predict
+def cmd_predict(args: argparse.Namespace) -> int:
+    from oltr.predict import Predictor
+
+    predictor = Predictor.from_run(args.run, device=args.device, open_score=args.open_score,
+                                   threshold=args.threshold)
+    results = predictor.predict_paths(args.images)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for row in results:
+            print(f"{row['path']}\t{row['label_name']}\tconfidence {row['confidence']:.3f}\t"
+                  f"open score {row['open_score']:.4f}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="oltr",
+        description="Open long-tailed recognition (Liu et al., CVPR 2019): curate a benchmark, "
+                    "train, evaluate, predict.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES,
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "curate", help="turn a labelled source into an open long-tailed benchmark",
+        description="Choose known and open classes (seeded), draw per-class train counts from a "
+                    "profile, hold out balanced val/test splits, and write split files "
+                    "(`path label`, open label -1) + manifest.json. Same arguments → same bytes.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("source", help="fashion-mnist[:ROOT] | folder:PATH (one sub-folder per class) "
+                                  "| splits:PATH (a split file or a folder with *train*.txt)")
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--protocol", help=f"start from a written-down protocol, e.g. "
+                                      f"{DEFAULT_BENCHMARK} (configs/<name>/protocol.yaml)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--profile", choices=["pareto", "exp"],
+                   help="per-class train counts: pareto (ImageNet-LT: --alpha 6, 1280 → 5) or "
+                        "exp (CIFAR-LT: --ratio 100); default pareto")
+    p.add_argument("--alpha", type=float, help="Pareto power (default 6)")
+    p.add_argument("--ratio", type=float, help="imbalance ratio max/min (exp)")
+    p.add_argument("--max-count", type=int, dest="max_count", help="train images of the head class")
+    p.add_argument("--min-count", type=int, dest="min_count", help="train images of the tail class")
+    p.add_argument("--known", help="number of known classes (chosen by seed) or a comma list")
+    p.add_argument("--open", help="number of open classes or a comma list (default: the rest)")
+    p.add_argument("--val-per-class", type=int, dest="val_per_class", help="default 20")
+    p.add_argument("--test-per-class", type=int, dest="test_per_class")
+    p.add_argument("--open-per-class", type=int, dest="open_per_class")
+    p.add_argument("--image-root", help="image root of a splits: source")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=cmd_curate)
+
+    p = sub.add_parser(
+        "train", help="train a method (all its stages)",
+        description="Train a method preset (configs/<benchmark>/<method>.yaml) or a config file. "
+                    "Trailing key=value arguments override config keys, e.g. train.epochs=3 or "
+                    "stage2.train.lr=0.05. A checkpoint is written every epoch; --resume "
+                    "continues a killed run.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="methods for fmnist_lt: " + ", ".join(list_methods(DEFAULT_BENCHMARK)),
+    )
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--method", help="a method preset name, e.g. plain or oltr")
+    group.add_argument("--config", help="a YAML config file")
+    p.add_argument("--benchmark", default=DEFAULT_BENCHMARK,
+                   help=f"preset family ({', '.join(list_benchmarks())})")
+    p.add_argument("--data", required=True, help="a curated benchmark directory")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto | cpu | cuda")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--evaluate", action="store_true", help="evaluate (open set) when done")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "evaluate", help="closed- and open-set evaluation → JSON report",
+        description="Evaluate a run's selected weights on the test (and open) split; print a "
+                    "table and write the JSON report (schema: docs/report.md).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("run", help="run directory written by `oltr train`")
+    p.add_argument("--data", required=True, help="the curated benchmark directory")
+    p.add_argument("--open", action="store_true", help="also evaluate the open-set setting")
+    p.add_argument("--open-score", dest="open_score",
+                   help="msp | max_logit | energy | reachability (default: the run's config)")
+    p.add_argument("--threshold", type=float,
+                   help="probability threshold for msp (paper: 0.1); default: calibrate on val")
+    p.add_argument("--accept-rate", type=float, dest="accept_rate",
+                   help="calibrated threshold accepts this fraction of known val images (0.95)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--output", help="report path (default RUN/report.json)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "predict", help="classify new images, or answer 'unknown'",
+        description="Predict the class of images with a trained run; an image whose open score "
+                    "exceeds the threshold (calibrated on val when the run was evaluated, or "
+                    "given) is answered 'unknown'.",
+    )
+    p.add_argument("run", help="run directory")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--open-score", dest="open_score")
+    p.add_argument("--threshold", type=float, help="open-score threshold (default: from report)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except OltrError as exc:
+        if args.debug:
+            raise
+        print(f"oltr {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun with --resume to continue from the last checkpoint",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

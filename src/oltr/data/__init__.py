@@ -1,0 +1,35 @@
+"""Data: split files, long-tail profiles, sources, curation, datasets and transforms."""
+from oltr.data.curation import curate, load_manifest, verify_manifest
+from oltr.data.datasets import Benchmark, ImageListDataset, load_benchmark
+from oltr.data.profiles import PROFILES, class_counts
+from oltr.data.sources import Source, find_fashion_mnist, parse_source, read_idx
+from oltr.data.splits import (
+    OPEN_LABEL,
+    read_split_file,
+    read_split_lines,
+    sha256_file,
+    write_split_file,
+)
+from oltr.data.transforms import TRANSFORM_PRESETS, build_transform
+
+__all__ = [
+    "OPEN_LABEL",
+    "PROFILES",
+    "TRANSFORM_PRESETS",
+    "Benchmark",
+    "ImageListDataset",
+    "Source",
+    "build_transform",
+    "class_counts",
+    "curate",
+    "find_fashion_mnist",
+    "load_benchmark",
+    "load_manifest",
+    "parse_source",
+    "read_idx",
+    "read_split_file",
+    "read_split_lines",
+    "sha256_file",
+    "verify_manifest",
+    "write_split_file",
+]

@@ -1,0 +1,430 @@
+"""Curation: turn a labelled source into an open long-tailed benchmark (DESIGN.md §4).
+
+Known and open classes are drawn with a seeded ``numpy.random.Generator(PCG64(seed))``, each
+known class gets a seeded rank in the profile (`oltr.data.profiles.class_counts`), and its
+train images are sampled without replacement; a balanced val split is held out of the unused
+train images, the test split is balanced, and the open classes' test images form the open
+split (label -1). Output (ImageNet-LT format plus a manifest)::
+
+    out_dir/train.txt val.txt test.txt [open.txt] classes.txt manifest.json [images/...]
+
+Everything is written to a temporary sibling directory that is renamed to ``out_dir`` at the
+end, so a failed run leaves nothing behind; the same arguments give byte-identical files.
+"""
+from __future__ import annotations
+
+import json
+import operator
+import os
+import secrets
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from oltr.data.profiles import class_counts
+from oltr.data.sources import Source, parse_source
+from oltr.data.splits import OPEN_LABEL, atomic_write_bytes, sha256_file, write_split_file
+from oltr.errors import InputError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+CLASSES_NAME = "classes.txt"
+EXPORT_DIR = "images"
+DEFAULT_TEST_PER_CLASS = 50  # ImageNet-LT's 50 test images per class
+MANIFEST_KEYS = (
+    "format_version",
+    "source",
+    "image_root",
+    "seed",
+    "profile",
+    "known_classes",
+    "open_classes",
+    "counts",
+    "files",
+)
+
+ClassSelection = int | Sequence[str] | None
+
+
+def _count_argument(name: str, value: object, *, minimum: int) -> int:
+    if isinstance(value, bool):
+        raise InputError(f"{name} must be an integer >= {minimum}", value=value)
+    try:
+        number = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise InputError(f"{name} must be an integer >= {minimum}", value=value) from None
+    if number < minimum:
+        raise InputError(f"{name} must be an integer >= {minimum}", value=value)
+    return number
+
+
+def _named_classes(what: str, names: Sequence[str], index_of: dict[str, int]) -> list[int]:
+    if isinstance(names, str):
+        raise InputError(f"{what} classes: give a count or a list of class names", value=names)
+    indices = []
+    for name in names:
+        if name not in index_of:
+            raise InputError(f"{what} class is not a class of the source", value=name)
+        if index_of[name] in indices:
+            raise InputError(f"{what} class listed twice", value=name)
+        indices.append(index_of[name])
+    return indices
+
+
+def choose_classes(
+    class_names: Sequence[str],
+    known: ClassSelection,
+    open_: ClassSelection,
+    rng: np.random.Generator,
+) -> tuple[list[int], list[int]]:
+    """Known and open class indices (each sorted), from counts or explicit name lists.
+
+    A count draws that many classes at random among those not named explicitly; ``None``
+    means "all remaining classes" (both ``None``: every class is known, none open).
+    """
+    index_of = {name: index for index, name in enumerate(class_names)}
+    known_list = None if known is None or not isinstance(known, Sequence) else (
+        _named_classes("known", known, index_of)
+    )
+    open_list = None if open_ is None or not isinstance(open_, Sequence) else (
+        _named_classes("open", open_, index_of)
+    )
+    if known_list is not None and open_list is not None:
+        overlap = sorted(set(known_list) & set(open_list))
+        if overlap:
+            raise InputError(
+                "a class cannot be both known and open", value=class_names[overlap[0]]
+            )
+    fixed = set(known_list or ()) | set(open_list or ())
+    remaining = [index for index in range(len(class_names)) if index not in fixed]
+    order = [int(index) for index in rng.permutation(np.array(remaining, dtype=np.int64))]
+    known_count = None if known is None or known_list is not None else (
+        _count_argument("known", known, minimum=1)
+    )
+    open_count = None if open_ is None or open_list is not None else (
+        _count_argument("open", open_, minimum=0)
+    )
+    wanted = (known_count or 0) + (open_count or 0)
+    if wanted > len(remaining):
+        raise InputError(
+            f"asked for {wanted} randomly drawn known + open classes, "
+            f"but only {len(remaining)} classes are left to draw from",
+            value=wanted,
+        )
+    if known_list is None:
+        if known_count is not None:
+            known_list = order[:known_count]
+            order = order[known_count:]
+        elif open_count is not None:
+            known_list = order[open_count:]
+            order = order[:open_count]
+        else:
+            known_list, order = order, []
+    if open_list is None:
+        open_list = order[:open_count] if open_count is not None else order
+    if not known_list:
+        raise InputError("no known classes left", value=known)
+    return sorted(known_list), sorted(open_list)
+
+
+def _pick(rng: np.random.Generator, keys: list[str], count: int) -> tuple[list[str], list[str]]:
+    """``count`` keys drawn without replacement (in source order), and the keys left over."""
+    chosen = np.zeros(len(keys), dtype=bool)
+    chosen[rng.choice(len(keys), size=count, replace=False)] = True
+    return (
+        [key for key, flag in zip(keys, chosen) if flag],
+        [key for key, flag in zip(keys, chosen) if not flag],
+    )
+
+
+def _by_class(entries: list[tuple[str, int]], num_classes: int) -> list[list[str]]:
+    pools: list[list[str]] = [[] for _ in range(num_classes)]
+    for key, label in entries:
+        pools[label].append(key)
+    return pools
+
+
+def _output_ready(out_dir: Path, force: bool) -> None:
+    """InputError unless ``out_dir`` is absent, empty, or may be replaced (``force``)."""
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise InputError("output path exists and is not a directory", path=out_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise InputError(
+            "output directory exists and is not empty; pass force=True (--force) to replace it",
+            path=out_dir,
+        )
+
+
+def _install(staging: Path, out_dir: Path, force: bool) -> None:
+    """Rename the finished ``staging`` directory to ``out_dir`` (replacing it if ``force``)."""
+    _output_ready(out_dir, force)
+    if not out_dir.exists():
+        os.rename(staging, out_dir)
+        return
+    retired = out_dir.with_name(f".{out_dir.name}.old-{secrets.token_hex(4)}")
+    os.rename(out_dir, retired)
+    try:
+        os.rename(staging, out_dir)
+    except BaseException:
+        os.rename(retired, out_dir)
+        raise
+    shutil.rmtree(retired)
+
+
+def _check_image_files(source: Source, keys: list[str]) -> None:
+    for key in keys:
+        path = source.image_path(key)
+        try:
+            with Image.open(path):
+                pass
+        except FileNotFoundError:
+            raise InputError("image not found", path=path) from None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise InputError(f"cannot read image ({exc})", path=path) from None
+
+
+def _json_bytes(data: dict[str, Any]) -> bytes:
+    return (json.dumps(data, sort_keys=True, indent=2) + "\n").encode("utf-8")
+
+
+def curate(
+    source: Source | str,
+    out_dir: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    known: ClassSelection = None,
+    open: ClassSelection = None,
+    profile: str = "pareto",
+    max_count: int,
+    min_count: int | None = None,
+    alpha: float = 6.0,
+    ratio: float | None = None,
+    val_per_class: int = 20,
+    test_per_class: int | None = None,
+    open_per_class: int | None = None,
+    force: bool = False,
+    verify_images: bool = True,
+) -> dict[str, Any]:
+    """Curate an open long-tailed benchmark from ``source`` into ``out_dir``; return the manifest.
+
+    - ``known`` / ``open``: a count drawn at random (seeded) or a list of class names; ``None``
+      means all classes not otherwise chosen (see `choose_classes`).
+    - Train counts: ``class_counts(profile, K, max_count=..., min_count=..., alpha=...,
+      ratio=...)``; label 0 is the largest class, and which known class gets which rank is
+      drawn at random.
+    - Test: from the source's own test split when it has one (``test_per_class`` defaults to
+      the fewest test images of any known class), otherwise ``test_per_class`` images
+      (default 50, as ImageNet-LT) are held out of each class before train sampling.
+    - Val: ``val_per_class`` images per known class from its images not drawn for train
+      (paper: 20).
+    - Open: ``open_per_class`` (default ``test_per_class``) test / held-out images of each open
+      class, or all of them if it has fewer, labelled -1.
+    - ``verify_images``: open each used file's header (file sources), so a corrupt image fails
+      curation rather than training.
+
+    Raises InputError (and leaves no ``out_dir``) on any shortfall: a class with fewer images
+    than it needs is named with the counts it has and needs.
+    """
+    if isinstance(source, str):
+        source = parse_source(source)
+    out_dir = Path(out_dir).expanduser()
+    _output_ready(out_dir, force)
+    seed = _count_argument("seed", seed, minimum=0)
+    val_per_class = _count_argument("val_per_class", val_per_class, minimum=1)
+    if test_per_class is not None:
+        test_per_class = _count_argument("test_per_class", test_per_class, minimum=1)
+    if open_per_class is not None:
+        open_per_class = _count_argument("open_per_class", open_per_class, minimum=1)
+    for name in source.class_names:
+        if not name or name != name.strip() or "\n" in name or "\r" in name:
+            raise InputError(
+                "class name cannot be written to classes.txt (empty, surrounding whitespace "
+                "or a line break)",
+                value=name,
+            )
+
+    rng = np.random.Generator(np.random.PCG64(seed))
+    known_classes, open_classes = choose_classes(source.class_names, known, open, rng)
+    counts = class_counts(
+        profile,
+        len(known_classes),
+        max_count=max_count,
+        min_count=min_count,
+        alpha=alpha,
+        ratio=ratio,
+    )
+    rank_order = [known_classes[i] for i in rng.permutation(len(known_classes))]
+    num_source_classes = len(source.class_names)
+    train_pools = _by_class(source.train, num_source_classes)
+    test_pools = None if source.test is None else _by_class(source.test, num_source_classes)
+
+    if test_pools is not None:
+        available = {index: len(test_pools[index]) for index in rank_order}
+        fewest = min(rank_order, key=lambda index: (available[index], index))
+        if test_per_class is None:
+            test_per_class = available[fewest]
+            if test_per_class == 0:
+                raise InputError(
+                    "known class has no image in the source's test split",
+                    value=source.class_names[fewest],
+                )
+        short = [index for index in rank_order if available[index] < test_per_class]
+        if short:
+            raise InputError(
+                f"known class has {available[short[0]]} test images, needs test_per_class="
+                f"{test_per_class} ({len(short)} classes short)",
+                value=source.class_names[short[0]],
+            )
+    elif test_per_class is None:
+        test_per_class = DEFAULT_TEST_PER_CLASS
+    if open_per_class is None:
+        open_per_class = test_per_class
+
+    held_out_test = test_pools is None
+    needs = [
+        int(count) + val_per_class + (test_per_class if held_out_test else 0)
+        for count in counts
+    ]
+    short_labels = [
+        label for label, index in enumerate(rank_order) if len(train_pools[index]) < needs[label]
+    ]
+    if short_labels:
+        label = short_labels[0]
+        index = rank_order[label]
+        parts = f"train {counts[label]} + val {val_per_class}"
+        if held_out_test:
+            parts += f" + test {test_per_class}"
+        raise InputError(
+            f"class has {len(train_pools[index])} images, needs {needs[label]} ({parts}) at "
+            f"rank {label}; {len(short_labels)} classes short — lower max_count/min_count, "
+            "val_per_class or test_per_class, or pick other classes",
+            value=source.class_names[index],
+        )
+
+    splits: dict[str, list[tuple[str, int]]] = {"train": [], "val": [], "test": [], "open": []}
+    for label, index in enumerate(rank_order):
+        pool = train_pools[index]
+        if test_pools is None:
+            test_keys, pool = _pick(rng, pool, test_per_class)
+        else:
+            test_keys, _ = _pick(rng, test_pools[index], test_per_class)
+        train_keys, unused = _pick(rng, pool, int(counts[label]))
+        val_keys, _ = _pick(rng, unused, val_per_class)
+        splits["train"] += [(key, label) for key in train_keys]
+        splits["val"] += [(key, label) for key in val_keys]
+        splits["test"] += [(key, label) for key in test_keys]
+    for index in open_classes:
+        pool = train_pools[index] if test_pools is None else test_pools[index]
+        open_keys, _ = _pick(rng, pool, min(open_per_class, len(pool)))
+        splits["open"] += [(key, OPEN_LABEL) for key in open_keys]
+
+    used_keys = [key for entries in splits.values() for key, _ in entries]
+    if verify_images and not source.needs_export:
+        _check_image_files(source, used_keys)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.with_name(f".{out_dir.name}.partial-{secrets.token_hex(4)}")
+    staging.mkdir()
+    try:
+        if source.needs_export:
+            for key in used_keys:
+                source.export_image(key, staging / EXPORT_DIR / f"{key}.png")
+            splits = {
+                name: [(f"{key}.png", label) for key, label in entries]
+                for name, entries in splits.items()
+            }
+        files: dict[str, str] = {}
+        for name, entries in splits.items():
+            if entries:
+                write_split_file(staging / f"{name}.txt", entries)
+                files[f"{name}.txt"] = sha256_file(staging / f"{name}.txt")
+        known_names = [source.class_names[index] for index in rank_order]
+        atomic_write_bytes(
+            staging / CLASSES_NAME, "".join(f"{name}\n" for name in known_names).encode("utf-8")
+        )
+        files[CLASSES_NAME] = sha256_file(staging / CLASSES_NAME)
+        profile_record: dict[str, Any] = {
+            "name": profile,
+            "max_count": int(max_count),
+            "min_count": None if min_count is None else int(min_count),
+            "ratio": None if ratio is None else float(ratio),
+        }
+        if profile == "pareto":
+            profile_record["alpha"] = float(alpha)
+        manifest: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "source": source.name,
+            "image_root": EXPORT_DIR if source.needs_export else str(source.image_root),
+            "seed": seed,
+            "profile": profile_record,
+            "val_per_class": val_per_class,
+            "test_per_class": test_per_class,
+            "open_per_class": open_per_class,
+            "known_classes": known_names,
+            "open_classes": [source.class_names[index] for index in open_classes],
+            "counts": {
+                "train": [int(count) for count in counts],
+                "val": [val_per_class] * len(rank_order),
+                "test": [test_per_class] * len(rank_order),
+                "open": len(splits["open"]),
+            },
+            "files": files,
+        }
+        atomic_write_bytes(staging / MANIFEST_NAME, _json_bytes(manifest))
+        _install(staging, out_dir, force)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def load_manifest(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check ``data_dir/manifest.json`` (required keys, format version)."""
+    path = Path(data_dir) / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError("manifest not found", path=path) from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"manifest is not valid JSON ({exc.msg})", path=path, line=exc.lineno) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read manifest ({exc})", path=path) from None
+    if not isinstance(manifest, dict):
+        raise InputError("manifest must be a JSON object", path=path)
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise InputError(f"manifest lacks keys: {', '.join(missing)}", path=path)
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise InputError(
+            f"unsupported manifest format_version (this oltr reads {FORMAT_VERSION})",
+            path=path,
+            value=manifest["format_version"],
+        )
+    files = manifest["files"]
+    if not isinstance(files, dict) or not all(
+        isinstance(name, str) and name == Path(name).name and not name.startswith(".")
+        and isinstance(digest, str)
+        for name, digest in files.items()
+    ):
+        raise InputError("manifest 'files' must map plain file names to sha256 digests", path=path)
+    return manifest
+
+
+def verify_manifest(data_dir: str | os.PathLike[str]) -> None:
+    """Re-hash every file listed in the manifest; InputError naming the first that differs."""
+    data_dir = Path(data_dir)
+    for name, expected in sorted(load_manifest(data_dir)["files"].items()):
+        path = data_dir / name
+        if not path.is_file():
+            raise InputError(f"file listed in {MANIFEST_NAME} is missing", path=path)
+        actual = sha256_file(path)
+        if actual != expected:
+            raise InputError(
+                f"sha256 {actual} differs from {MANIFEST_NAME}'s {expected}: the file changed "
+                "after curation",
+                path=path,
+            )

@@ -1,0 +1,276 @@
+"""Load a benchmark directory (curated, or published ImageNet-LT-style split files) and serve images.
+
+A curated directory holds ``train.txt``, ``val.txt``, ``test.txt``, optionally ``open.txt``,
+``classes.txt`` and ``manifest.json`` (see `oltr.data.curation`). A plain directory of split files
+works too: ``*train*.txt`` (required), ``*val*.txt``, ``*test*.txt``, ``*open*.txt`` and an optional
+``classes.txt`` / ``classnames.txt``; its images are relative to ``image_root`` (default: the
+directory itself).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms import functional as TF
+
+from oltr.data.curation import CLASSES_NAME, MANIFEST_NAME, load_manifest, verify_manifest
+from oltr.data.sources import read_class_names, single_match
+from oltr.data.splits import OPEN_LABEL, read_split_lines
+from oltr.errors import InputError
+
+SPLITS = ("train", "val", "test", "open")
+IMAGE_MODES = ("RGB", "L")
+
+
+class ImageListDataset(Dataset):
+    """Images listed as ``(relative path, label)``; items are ``(tensor, label)``.
+
+    ``transform`` maps the PIL image (converted to ``mode``) to a tensor; without one the image
+    becomes a float tensor in [0, 1]. ``cache=True`` keeps decoded images in memory after first
+    use (small datasets; each DataLoader worker holds its own cache). An unreadable image raises
+    InputError naming the image and the split file and line it came from (``source_file``,
+    ``line_numbers``; without them the line is looked up in ``source_file`` when needed).
+    """
+
+    def __init__(
+        self,
+        entries: Sequence[tuple[str, int]],
+        image_root: str | os.PathLike[str],
+        transform: Callable[[Image.Image], Any] | None = None,
+        *,
+        source_file: str | os.PathLike[str] | None = None,
+        line_numbers: Sequence[int] | None = None,
+        mode: str = "RGB",
+        cache: bool = False,
+    ) -> None:
+        if mode not in IMAGE_MODES:
+            raise ValueError(f"mode must be one of {', '.join(IMAGE_MODES)}, got {mode!r}")
+        if line_numbers is not None and len(line_numbers) != len(entries):
+            raise ValueError(
+                f"line_numbers has {len(line_numbers)} items for {len(entries)} entries"
+            )
+        self.entries = list(entries)
+        self.image_root = Path(image_root)
+        self.transform = transform
+        self.source_file = None if source_file is None else Path(source_file)
+        self.line_numbers = None if line_numbers is None else list(line_numbers)
+        self.mode = mode
+        self.cache = cache
+        self._images: dict[int, Image.Image] = {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Labels of all entries, ``int64``."""
+        return np.array([label for _, label in self.entries], dtype=np.int64)
+
+    def load_image(self, index: int) -> Image.Image:
+        """The decoded image of entry ``index``, converted to ``mode``."""
+        if index in self._images:
+            return self._images[index]
+        relative, _ = self.entries[index]
+        path = self.image_root / relative
+        try:
+            with Image.open(path) as opened:
+                image = opened.convert(self.mode)
+        except FileNotFoundError:
+            raise self._error(index, f"image not found: {path}") from None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise self._error(index, f"cannot read image {path} ({exc})") from None
+        if self.cache:
+            self._images[index] = image
+        return image
+
+    def _line_of(self, index: int) -> int:
+        """Line of entry ``index`` in ``source_file`` (looked up there if not given)."""
+        if self.line_numbers is not None:
+            return self.line_numbers[index]
+        assert self.source_file is not None
+        try:
+            entries, lines = read_split_lines(self.source_file)
+        except InputError:
+            return index + 1
+        wanted = self.entries[index][0]
+        return next((line for (path, _), line in zip(entries, lines) if path == wanted), index + 1)
+
+    def _error(self, index: int, message: str) -> InputError:
+        if self.source_file is None:
+            return InputError(message)
+        return InputError(message, path=self.source_file, line=self._line_of(index))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.load_image(index)
+        tensor = self.transform(image) if self.transform is not None else TF.to_tensor(image)
+        return tensor, self.entries[index][1]
+
+
+@dataclass
+class Benchmark:
+    """A loaded benchmark: class names, split entries, train counts and where images live."""
+
+    data_dir: Path
+    manifest: dict[str, Any] | None
+    image_root: Path
+    class_names: list[str]
+    train_counts: np.ndarray
+    split_files: dict[str, Path]
+    _entries: dict[str, list[tuple[str, int]]] = field(repr=False)
+    _line_numbers: dict[str, list[int]] = field(repr=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def has_split(self, name: str) -> bool:
+        return name in self._entries
+
+    def split_file(self, name: str) -> Path:
+        """The file split ``name`` was read from."""
+        self.split(name)
+        return self.split_files[name]
+
+    def split(self, name: str) -> list[tuple[str, int]]:
+        """``(path, label)`` entries of split ``name`` (train, val, test or open)."""
+        if name not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {name!r}")
+        if name not in self._entries:
+            raise InputError(f"benchmark has no {name} split", path=self.data_dir)
+        return list(self._entries[name])
+
+    def dataset(
+        self,
+        name: str,
+        transform: Callable[[Image.Image], Any] | None = None,
+        *,
+        mode: str = "RGB",
+        cache: bool = False,
+    ) -> ImageListDataset:
+        """An `ImageListDataset` over split ``name`` whose errors point at its file and lines."""
+        return ImageListDataset(
+            self.split(name),
+            self.image_root,
+            transform,
+            source_file=self.split_files[name],
+            line_numbers=self._line_numbers[name],
+            mode=mode,
+            cache=cache,
+        )
+
+
+def _split_files(data_dir: Path, manifest: dict[str, Any] | None) -> dict[str, Path]:
+    if manifest is not None:
+        files = {name: data_dir / f"{name}.txt" for name in SPLITS}
+        present = {name: path for name, path in files.items() if path.name in manifest["files"]}
+        if "train" not in present:
+            raise InputError(f"{MANIFEST_NAME} lists no train.txt", path=data_dir / MANIFEST_NAME)
+        return present
+    found = {
+        name: single_match(data_dir, f"*{name}*.txt", required=name == "train") for name in SPLITS
+    }
+    return {name: path for name, path in found.items() if path is not None}
+
+
+def load_benchmark(
+    data_dir: str | os.PathLike[str],
+    *,
+    verify: bool = True,
+    image_root: str | os.PathLike[str] | None = None,
+) -> Benchmark:
+    """Load and validate a benchmark directory.
+
+    ``verify`` re-hashes the files listed in the manifest. ``image_root`` overrides where images
+    are looked up (default: the manifest's ``image_root``, relative to ``data_dir`` if relative;
+    for a plain directory, ``data_dir``). Raises InputError for a label out of range, a class
+    without train images, ``-1`` outside the open split, a known label in the open split, or an
+    image listed in two splits.
+    """
+    data_dir = Path(data_dir).expanduser()
+    if not data_dir.is_dir():
+        raise InputError("benchmark directory not found", path=data_dir)
+    manifest = load_manifest(data_dir) if (data_dir / MANIFEST_NAME).exists() else None
+    if manifest is not None and verify:
+        verify_manifest(data_dir)
+    split_files = _split_files(data_dir, manifest)
+
+    named = read_class_names(data_dir)
+    if manifest is not None:
+        if named is None or named[1].name != CLASSES_NAME:
+            raise InputError(f"curated benchmark lacks {CLASSES_NAME}", path=data_dir)
+        if named[0] != manifest["known_classes"]:
+            raise InputError(
+                f"{CLASSES_NAME} does not match the manifest's known_classes", path=named[1]
+            )
+    num_classes = len(named[0]) if named is not None else None
+
+    entries: dict[str, list[tuple[str, int]]] = {}
+    line_numbers: dict[str, list[int]] = {}
+    for name in SPLITS:
+        if name not in split_files:
+            continue
+        entries[name], line_numbers[name] = read_split_lines(
+            split_files[name], num_classes=num_classes, allow_open=name == "open"
+        )
+        if name == "train" and num_classes is None:
+            num_classes = max(label for _, label in entries["train"]) + 1
+    assert num_classes is not None
+    class_names = named[0] if named is not None else [f"class_{i}" for i in range(num_classes)]
+
+    if "open" in entries:
+        for (path, label), line in zip(entries["open"], line_numbers["open"]):
+            if label != OPEN_LABEL:
+                raise InputError(
+                    "open split holds only label -1", path=split_files["open"], line=line,
+                    value=label,
+                )
+    train_counts = np.bincount(
+        np.array([label for _, label in entries["train"]], dtype=np.int64), minlength=num_classes
+    )
+    empty = np.flatnonzero(train_counts == 0)
+    if empty.size:
+        raise InputError(
+            f"class {int(empty[0])} ({class_names[empty[0]]!r}) has no train image "
+            f"({empty.size} classes without one)",
+            path=split_files["train"],
+        )
+
+    seen: dict[str, tuple[str, int]] = {}
+    for name, split_entries in entries.items():
+        for (path, _), line in zip(split_entries, line_numbers[name]):
+            if path in seen:
+                other_split, other_line = seen[path]
+                raise InputError(
+                    f"image also listed in {split_files[other_split]} line {other_line}; "
+                    "splits must not share images",
+                    path=split_files[name],
+                    line=line,
+                    value=path,
+                )
+            seen[path] = (name, line)
+
+    if image_root is not None:
+        root = Path(image_root).expanduser()
+    elif manifest is not None:
+        root = data_dir / manifest["image_root"]
+    else:
+        root = data_dir
+    if not root.is_dir():
+        raise InputError("image root not found", path=root)
+    return Benchmark(
+        data_dir=data_dir,
+        manifest=manifest,
+        image_root=root,
+        class_names=class_names,
+        train_counts=train_counts,
+        split_files=split_files,
+        _entries=entries,
+        _line_numbers=line_numbers,
+    )

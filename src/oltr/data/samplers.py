@@ -1,0 +1,97 @@
+"""Class-aware sampling (Shen et al. 2016), the stage-2 sampler of OLTR (paper §4, DESIGN.md §2)."""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from oltr.errors import InputError
+
+
+class ClassAwareSampler(Sampler[int]):
+    """Draw a class, then ``samples_per_class`` images of it; repeat until ``num_samples``.
+
+    Classes are drawn by cycling through a class list reshuffled at every pass (as the
+    original code does), so over an epoch every class gets the same number of groups ±1.
+    Within a class, images are taken by cycling through a list reshuffled at every pass, so
+    all of a class's images are used before any repeats. Classes without images are skipped.
+
+    The order depends only on ``(seed, epoch)`` (call :meth:`set_epoch` each epoch); unlike
+    the original, the cycles restart at every epoch. For distributed training, the global
+    sequence of groups is dealt out group by group: rank r takes groups r, r + R, r + 2R, …
+    (R = ``num_replicas``), so each rank's stream still consists of whole same-class groups,
+    the ranks' positions in the global sequence are disjoint and, together, cover it. Each
+    rank yields ``ceil(num_samples / R)`` indices (``num_samples`` defaults to ``len(labels)``).
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int] | np.ndarray | torch.Tensor,
+        *,
+        samples_per_class: int = 4,
+        num_samples: int | None = None,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        labels_array = np.asarray(labels)
+        if labels_array.ndim != 1 or labels_array.size == 0:
+            raise InputError("labels must be a non-empty 1-D sequence", value=labels_array.shape)
+        if not np.issubdtype(labels_array.dtype, np.integer):
+            raise InputError("labels must be integers", value=str(labels_array.dtype))
+        if labels_array.min() < 0:
+            raise InputError("training labels must be >= 0 (open images, -1, cannot be sampled)")
+        if samples_per_class < 1:
+            raise InputError("samples_per_class must be >= 1", value=samples_per_class)
+        if num_samples is not None and num_samples < 1:
+            raise InputError("num_samples must be >= 1", value=num_samples)
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise InputError("need num_replicas >= 1 and 0 <= rank < num_replicas",
+                             value=(num_replicas, rank))
+        order = np.argsort(labels_array, kind="stable")
+        classes, counts = np.unique(labels_array[order], return_counts=True)
+        self.classes = classes
+        self.class_indices = np.split(order, np.cumsum(counts)[:-1])
+        self.samples_per_class = samples_per_class
+        self.num_samples = len(labels_array) if num_samples is None else num_samples
+        self.seed = seed
+        self.epoch = 0
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.samples_per_rank = math.ceil(self.num_samples / num_replicas)
+        self.groups_per_rank = math.ceil(self.samples_per_rank / samples_per_class)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def global_groups(self) -> np.ndarray:
+        """This epoch's global sequence of groups, (groups, samples_per_class) dataset indices."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        num_groups = self.groups_per_rank * self.num_replicas
+        num_classes = len(self.classes)
+        passes = math.ceil(num_groups / num_classes)
+        class_order = np.concatenate([rng.permutation(num_classes) for _ in range(passes)])
+        class_order = class_order[:num_groups]
+        groups = np.empty((num_groups, self.samples_per_class), dtype=np.int64)
+        slots_by_class = np.argsort(class_order, kind="stable")
+        slot_counts = np.bincount(class_order, minlength=num_classes)
+        for pool, slots in zip(
+            self.class_indices, np.split(slots_by_class, np.cumsum(slot_counts)[:-1])
+        ):
+            need = len(slots) * self.samples_per_class
+            if need == 0:
+                continue
+            cycles = math.ceil(need / len(pool))
+            stream = np.concatenate([rng.permutation(pool) for _ in range(cycles)])
+            groups[slots] = stream[:need].reshape(len(slots), self.samples_per_class)
+        return groups
+
+    def __iter__(self) -> Iterator[int]:
+        mine = self.global_groups()[self.rank :: self.num_replicas].reshape(-1)
+        return iter(mine[: self.samples_per_rank].tolist())
+
+    def __len__(self) -> int:
+        return self.samples_per_rank

@@ -1,0 +1,405 @@
+"""Labelled image sources that curation turns into open long-tailed benchmarks (DESIGN.md §4).
+
+A source is a list of classes and ``(key, class index)`` pairs for its training images (and its
+own test split, if it has one). File-based sources (a folder per class, a split file) have an
+``image_root`` and their keys are paths relative to it; array sources (Fashion-MNIST) hold
+the pixels in memory, and curation exports the images it uses as PNG files.
+
+Spec strings accepted by `parse_source`:
+
+- ``fashion-mnist`` or ``fashion-mnist:ROOT`` — the four IDX files (see `find_fashion_mnist`);
+- ``folder:PATH`` — one sub-folder per class, images found recursively inside each;
+- ``splits:PATH`` — a split file (train) or a directory with one ``*train*.txt`` and optionally
+  one ``*test*.txt``; class names from ``classes.txt`` / ``classnames.txt`` if present.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from oltr.data.splits import read_split_file
+from oltr.errors import InputError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff"}
+)
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CACHE_DIR = Path.home() / ".cache" / "oltr"
+_IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+_IDX_IMAGES_MAGIC = 2051
+_IDX_LABELS_MAGIC = 2049
+_CLASS_NAME_FILES = ("classes.txt", "classnames.txt")
+SOURCE_KINDS = ("fashion-mnist", "fashion-mnist:ROOT", "folder:PATH", "splits:PATH")
+
+
+def open_image(path: Path) -> Image.Image:
+    """Open and fully decode an image file; InputError naming the file if that fails."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return image
+    except FileNotFoundError:
+        raise InputError("image not found", path=path) from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputError(f"cannot read image ({exc})", path=path) from None
+
+
+@dataclass
+class Source:
+    """A labelled image collection: class names, train (and optional test) ``(key, label)``.
+
+    ``image_root`` is set for file-based sources (keys are paths relative to it); ``arrays``
+    holds ``{"train": uint8[N, H, W], "test": ...}`` for array sources, whose keys read
+    ``train/00012`` (split name / index).
+    """
+
+    name: str
+    class_names: list[str]
+    train: list[tuple[str, int]]
+    test: list[tuple[str, int]] | None = None
+    image_root: Path | None = None
+    arrays: dict[str, np.ndarray] | None = field(default=None, repr=False)
+
+    @property
+    def needs_export(self) -> bool:
+        """True for array sources: curation writes their images as PNG files."""
+        return self.arrays is not None
+
+    def _array_image(self, key: str) -> np.ndarray:
+        assert self.arrays is not None
+        split, _, index = key.partition("/")
+        if split not in self.arrays or not index.isdigit():
+            raise InputError(f"no image {key!r} in source {self.name!r}", value=key)
+        images = self.arrays[split]
+        position = int(index)
+        if position >= len(images):
+            raise InputError(f"no image {key!r} in source {self.name!r}", value=key)
+        return images[position]
+
+    def image_path(self, key: str) -> Path:
+        """Path of a file-based source's image."""
+        if self.image_root is None:
+            raise InputError(f"source {self.name!r} holds arrays, not files", value=key)
+        return self.image_root / key
+
+    def load_image(self, key: str) -> Image.Image:
+        """The decoded image for ``key``."""
+        if self.arrays is not None:
+            return Image.fromarray(self._array_image(key))
+        return open_image(self.image_path(key))
+
+    def export_image(self, key: str, dest_path: str | os.PathLike[str]) -> None:
+        """Write the image for ``key`` to ``dest_path``: PNG for arrays, a byte copy for files."""
+        dest_path = Path(dest_path)
+        dest_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.arrays is not None:
+            Image.fromarray(self._array_image(key)).save(dest_path, format="PNG")
+        else:
+            shutil.copyfile(self.image_path(key), dest_path)
+
+
+# --- Fashion-MNIST -------------------------------------------------------------------------
+
+
+def _idx_file(directory: Path, stem: str) -> Path | None:
+    for candidate in (directory / f"{stem}.gz", directory / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _has_idx_files(directory: Path) -> bool:
+    return all(_idx_file(directory, stem) is not None for stem in _IDX_FILES.values())
+
+
+def find_fashion_mnist(root: str | os.PathLike[str] | None = None, download: bool = True) -> Path:
+    """Directory holding the four Fashion-MNIST IDX files (gzipped or unpacked).
+
+    Looks in ``root`` and ``root/FashionMNIST/raw`` (torchvision's layout) when ``root`` is
+    given; otherwise in Debian's ``/usr/share/datasets/fashion-mnist`` and the cache
+    ``~/.cache/oltr/FashionMNIST/raw``. If nothing is found and ``download`` is true, asks
+    torchvision to download into ``root`` (or the cache). Raises one InputError saying where it
+    looked and how to get the data otherwise.
+    """
+    base = Path(root).expanduser() if root is not None else None
+    if base is not None:
+        candidates = [base, base / "FashionMNIST" / "raw"]
+    else:
+        candidates = [FASHION_MNIST_SYSTEM_DIR, FASHION_MNIST_CACHE_DIR / "FashionMNIST" / "raw"]
+    for candidate in candidates:
+        if _has_idx_files(candidate):
+            return candidate
+    download_note = "download not attempted"
+    if download:
+        target = base if base is not None else FASHION_MNIST_CACHE_DIR
+        try:
+            from torchvision.datasets import FashionMNIST
+
+            FashionMNIST(str(target), train=True, download=True)
+            FashionMNIST(str(target), train=False, download=True)
+        except (ImportError, OSError, RuntimeError, ValueError) as exc:
+            download_note = f"torchvision download into {target} failed: {exc}"
+        else:
+            raw = target / "FashionMNIST" / "raw"
+            if _has_idx_files(raw):
+                return raw
+            download_note = f"torchvision download into {target} left no IDX files in {raw}"
+    looked = ", ".join(str(candidate) for candidate in candidates)
+    raise InputError(
+        f"Fashion-MNIST not found (looked in {looked}; {download_note}). Install it with "
+        "'apt-get install dataset-fashion-mnist' or pass 'fashion-mnist:ROOT' with ROOT holding "
+        "train-images-idx3-ubyte(.gz), train-labels-idx1-ubyte(.gz), "
+        "t10k-images-idx3-ubyte(.gz) and t10k-labels-idx1-ubyte(.gz)"
+    )
+
+
+def read_idx(path: str | os.PathLike[str], *, expected_magic: int) -> np.ndarray:
+    """Read an IDX file (gzipped if it ends in .gz) of unsigned bytes into a uint8 array.
+
+    ``expected_magic`` is 2051 for images (N x rows x cols) or 2049 for labels (N).
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as handle:
+                data = handle.read()
+        else:
+            data = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError("IDX file not found", path=path) from None
+    except (OSError, EOFError) as exc:
+        raise InputError(f"cannot read IDX file, truncated or corrupt ({exc})", path=path) from None
+    dims = {_IDX_IMAGES_MAGIC: 3, _IDX_LABELS_MAGIC: 1}[expected_magic]
+    header_size = 4 + 4 * dims
+    magic = int.from_bytes(data[:4], "big") if len(data) >= 4 else None
+    if magic is not None and magic != expected_magic:
+        raise InputError(
+            f"not an IDX file of the expected kind: magic number {magic}, expected {expected_magic}",
+            path=path,
+            value=magic,
+        )
+    if len(data) < header_size:
+        raise InputError(
+            f"IDX file truncated: {len(data)} bytes, the header alone needs {header_size}",
+            path=path,
+        )
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
+    expected_size = header_size + int(np.prod(shape))
+    if len(data) != expected_size:
+        state = "truncated" if len(data) < expected_size else "has trailing bytes"
+        raise InputError(
+            f"IDX file {state}: {len(data)} bytes, header {shape} needs {expected_size}",
+            path=path,
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header_size).reshape(shape)
+
+
+def _load_fashion_mnist(spec: str, root: str | None) -> Source:
+    directory = find_fashion_mnist(root)
+    arrays: dict[str, np.ndarray] = {}
+    splits: dict[str, list[tuple[str, int]]] = {}
+    for split in ("train", "test"):
+        images_path = _idx_file(directory, _IDX_FILES[f"{split}_images"])
+        labels_path = _idx_file(directory, _IDX_FILES[f"{split}_labels"])
+        assert images_path is not None and labels_path is not None
+        images = read_idx(images_path, expected_magic=_IDX_IMAGES_MAGIC)
+        labels = read_idx(labels_path, expected_magic=_IDX_LABELS_MAGIC)
+        if len(images) != len(labels):
+            raise InputError(
+                f"{len(images)} images but {len(labels)} labels in {labels_path.name}",
+                path=images_path,
+            )
+        if labels.size and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
+            raise InputError(
+                f"label out of range 0..{len(FASHION_MNIST_CLASSES) - 1}",
+                path=labels_path,
+                value=int(labels.max()),
+            )
+        arrays[split] = images
+        splits[split] = [(f"{split}/{index:05d}", int(label)) for index, label in enumerate(labels)]
+    return Source(
+        name=spec,
+        class_names=list(FASHION_MNIST_CLASSES),
+        train=splits["train"],
+        test=splits["test"],
+        arrays=arrays,
+    )
+
+
+# --- folder per class ----------------------------------------------------------------------
+
+
+def _images_under(folder: Path) -> list[Path]:
+    found = []
+    for directory, subdirectories, files in os.walk(folder, followlinks=True):
+        subdirectories[:] = sorted(name for name in subdirectories if not name.startswith("."))
+        for name in files:
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                found.append(Path(directory) / name)
+    return sorted(found)
+
+
+def _load_folder(spec: str, root_text: str) -> Source:
+    root = Path(root_text).expanduser()
+    if not root.exists():
+        raise InputError("image folder not found", path=root)
+    if not root.is_dir():
+        raise InputError("not a directory (folder:PATH wants one sub-folder per class)", path=root)
+    class_dirs = sorted(
+        entry for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith(".")
+    )
+    if not class_dirs:
+        raise InputError("no class folders (folder:PATH wants one sub-folder per class)", path=root)
+    train: list[tuple[str, int]] = []
+    for label, class_dir in enumerate(class_dirs):
+        images = _images_under(class_dir)
+        if not images:
+            raise InputError(
+                f"class folder {class_dir.name!r} holds no images "
+                f"({', '.join(sorted(IMAGE_EXTENSIONS))})",
+                path=class_dir,
+            )
+        for image in images:
+            key = image.relative_to(root).as_posix()
+            if key != key.strip() or "\n" in key or "\r" in key:
+                raise InputError(
+                    "image path cannot go into a split file (surrounding whitespace or a "
+                    "line break)",
+                    path=image,
+                )
+            train.append((key, label))
+    return Source(
+        name=spec,
+        class_names=[class_dir.name for class_dir in class_dirs],
+        train=train,
+        image_root=root.resolve(),
+    )
+
+
+# --- split files ---------------------------------------------------------------------------
+
+
+def single_match(directory: Path, pattern: str, *, required: bool) -> Path | None:
+    """The one file in ``directory`` matching ``pattern`` (None if absent and not required)."""
+    matches = sorted(path for path in directory.glob(pattern) if path.is_file())
+    if len(matches) > 1:
+        names = ", ".join(path.name for path in matches)
+        raise InputError(f"several files match {pattern!r}: {names}", path=directory)
+    if not matches:
+        if required:
+            raise InputError(f"no file matches {pattern!r}", path=directory)
+        return None
+    return matches[0]
+
+
+def read_class_names(directory: Path) -> tuple[list[str], Path] | None:
+    """Class names from ``classes.txt`` or ``classnames.txt`` in ``directory`` (index = line)."""
+    for file_name in _CLASS_NAME_FILES:
+        path = directory / file_name
+        if path.is_file():
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise InputError(f"cannot read class names ({exc})", path=path) from None
+            names = [line.strip() for line in lines]
+            while names and not names[-1]:
+                names.pop()
+            for line_number, name in enumerate(names, start=1):
+                if not name:
+                    raise InputError("empty class name", path=path, line=line_number)
+                if names.index(name) != line_number - 1:
+                    raise InputError(
+                        f"class name repeats line {names.index(name) + 1}",
+                        path=path,
+                        line=line_number,
+                        value=name,
+                    )
+            if not names:
+                raise InputError("class-name file is empty", path=path)
+            return names, path
+    return None
+
+
+def _load_splits(spec: str, path_text: str, image_root: str | os.PathLike[str] | None) -> Source:
+    path = Path(path_text).expanduser()
+    if not path.exists():
+        raise InputError("split file or directory not found", path=path)
+    if path.is_dir():
+        train_file = single_match(path, "*train*.txt", required=True)
+        test_file = single_match(path, "*test*.txt", required=False)
+        directory = path
+    else:
+        train_file, test_file, directory = path, None, path.parent
+    assert train_file is not None
+    named = read_class_names(directory)
+    num_classes = len(named[0]) if named is not None else None
+    train = read_split_file(train_file, num_classes=num_classes, allow_open=False)
+    if num_classes is None:
+        num_classes = max(label for _, label in train) + 1
+    present = {label for _, label in train}
+    missing = [label for label in range(num_classes) if label not in present]
+    if missing:
+        raise InputError(
+            f"labels must cover 0..{num_classes - 1}; label {missing[0]} has no image "
+            f"({len(missing)} labels missing)",
+            path=train_file,
+            value=missing[0],
+        )
+    test = (
+        read_split_file(test_file, num_classes=num_classes, allow_open=False)
+        if test_file is not None
+        else None
+    )
+    root = Path(image_root).expanduser() if image_root is not None else directory
+    if not root.is_dir():
+        raise InputError("image root not found", path=root)
+    class_names = named[0] if named is not None else [f"class_{i}" for i in range(num_classes)]
+    return Source(
+        name=spec,
+        class_names=class_names,
+        train=train,
+        test=test,
+        image_root=root.resolve(),
+    )
+
+
+def parse_source(spec: str, *, image_root: str | os.PathLike[str] | None = None) -> Source:
+    """Load the source named by ``spec`` (see the module docstring for the accepted forms).
+
+    ``image_root`` applies to ``splits:`` sources only (default: the split file's directory).
+    """
+    kind, _, argument = spec.partition(":")
+    if image_root is not None and kind != "splits":
+        raise InputError("image_root applies to 'splits:PATH' sources only", value=spec)
+    if kind == "fashion-mnist":
+        return _load_fashion_mnist(spec, argument or None)
+    if kind in ("folder", "splits") and not argument:
+        raise InputError(f"'{kind}:' needs a path, as in '{kind}:PATH'", value=spec)
+    if kind == "folder":
+        return _load_folder(spec, argument)
+    if kind == "splits":
+        return _load_splits(spec, argument, image_root)
+    raise InputError(f"unknown source; expected one of {', '.join(SOURCE_KINDS)}", value=spec)

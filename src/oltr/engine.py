@@ -1,0 +1,579 @@
+"""The one training loop shared by every method (a method is a config, never a copy of this file).
+
+One *stage* = build data and network from a flat config, optionally start from a previous stage's
+weights (OLTR stage 2 loads stage 1, paper §3.3), train with SGD, validate every epoch, write a
+checkpoint every epoch atomically, keep the best-on-val weights. A *run* is a sequence of stages
+(``configs/<benchmark>/<method>.yaml``). A killed run continues with ``resume=True`` from the last
+completed epoch; each epoch's randomness is derived from ``(seed, epoch)`` so a resumed run sees
+the same data order and augmentations as an uninterrupted one.
+
+Run directory::
+
+    RUN/run.json            method, stages, the final stage
+    RUN/config.yaml         the resolved config (all stages)
+    RUN/<stage>/config.yaml the flat config of the stage
+    RUN/<stage>/checkpoint.pt   last epoch: model, optimiser, scheduler, history (weights_only-safe)
+    RUN/<stage>/model.safetensors + model.json   the best-on-val weights and what rebuilds them
+    RUN/<stage>/history.jsonl   one line per epoch
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler
+from tqdm import tqdm
+
+from oltr.config import save_config, stage_config
+from oltr.data import Benchmark, ImageListDataset, build_transform, load_benchmark
+from oltr.data.samplers import ClassAwareSampler
+from oltr.errors import InputError, OltrError
+from oltr.losses import build_centroid_loss
+from oltr.models import (
+    OLTRNetwork,
+    class_means,
+    create_network,
+    freeze_backbone,
+    load_stage1_into_stage2,
+)
+
+CHECKPOINT = "checkpoint.pt"
+WEIGHTS = "model.safetensors"
+MODEL_INFO = "model.json"
+HISTORY = "history.jsonl"
+RUN_INFO = "run.json"
+CHECKPOINT_FORMAT = 1
+
+
+# --------------------------------------------------------------------------- utilities
+def select_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' requested but CUDA is not available", value=name)
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's randomness (data order, augmentation, dropout)."""
+    return seed * 100_003 + epoch
+
+
+def autocast_context(amp: str, device: torch.device):
+    """bf16 autocast (``auto``/``bf16``) or nothing (``off``)."""
+    if amp not in ("auto", "bf16", "off"):
+        raise InputError("train.amp must be auto, bf16 or off", value=amp)
+    if amp == "off":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def atomic_write_bytes(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)``, fsync, then rename over ``path``: readers see old or new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
+
+
+# --------------------------------------------------------------------------- data
+def dataset_for(
+    bench: Benchmark, split: str, data_cfg: dict[str, Any], *, train: bool
+) -> ImageListDataset:
+    """The dataset of ``split`` with the train (augmenting) or eval transform of ``data_cfg``."""
+    transform = build_transform(
+        data_cfg["transform"],
+        train=train,
+        image_size=data_cfg["image_size"],
+        channels=data_cfg["channels"],
+        mean=data_cfg["mean"],
+        std=data_cfg["std"],
+    )
+    return ImageListDataset(
+        bench.split(split),
+        bench.image_root,
+        transform=transform,
+        source_file=bench.split_file(split),
+        mode="L" if data_cfg["channels"] == 1 else "RGB",
+        cache=data_cfg["cache_images"],
+    )
+
+
+def eval_loader(dataset: ImageListDataset, batch_size: int, num_workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+def train_loader(
+    dataset: ImageListDataset, cfg: dict[str, Any], epoch: int
+) -> DataLoader:
+    """The loader of one epoch: instance-balanced or class-aware sampling, seeded by (seed, epoch)."""
+    train_cfg = cfg["train"]
+    num_samples = train_cfg["epoch_samples"] or len(dataset)
+    seed = epoch_seed(cfg["seed"], epoch)
+    generator = torch.Generator().manual_seed(seed)
+    if train_cfg["sampler"] == "instance":
+        sampler = RandomSampler(dataset, num_samples=num_samples, generator=generator)
+    elif train_cfg["sampler"] == "class_aware":
+        sampler = ClassAwareSampler(
+            dataset.labels,
+            samples_per_class=train_cfg["samples_per_class"],
+            num_samples=num_samples,
+            seed=cfg["seed"],
+        )
+        sampler.set_epoch(epoch)
+    else:
+        raise InputError("train.sampler must be instance or class_aware", value=train_cfg["sampler"])
+    return DataLoader(
+        dataset,
+        batch_size=train_cfg["batch_size"],
+        sampler=sampler,
+        num_workers=cfg["data"]["num_workers"],
+        generator=generator,
+        drop_last=len(dataset) > train_cfg["batch_size"],
+        persistent_workers=False,
+    )
+
+
+@torch.no_grad()
+def collect_outputs(
+    net: OLTRNetwork,
+    loader: DataLoader,
+    device: torch.device,
+    *,
+    amp: str = "auto",
+    channels_last: bool = True,
+    description: str | None = None,
+) -> dict[str, np.ndarray]:
+    """Run ``net`` over ``loader``: logits, direct features, reachability (if any) and labels."""
+    net.eval()
+    chunks: dict[str, list[torch.Tensor]] = {}
+    for images, labels in tqdm(loader, desc=description, leave=False, disable=description is None):
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast_context(amp, device):
+            out = net(images)
+        out = {k: v for k, v in out.items() if v is not None}
+        for key in ("logits", "features", "reachability"):
+            if key in out:
+                chunks.setdefault(key, []).append(out[key].float().cpu())
+        chunks.setdefault("labels", []).append(labels)
+    return {key: torch.cat(parts).numpy() for key, parts in chunks.items()}
+
+
+# --------------------------------------------------------------------------- optimisation
+def parameter_groups(net: nn.Module, train_cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """SGD groups: backbone (``lr_backbone``), centroids (``lr_centroids``, no weight decay), head."""
+    lr = train_cfg["lr"]
+    groups: dict[str, dict[str, Any]] = {
+        "backbone": {"params": [], "lr": train_cfg["lr_backbone"] or lr},
+        "centroids": {"params": [], "lr": train_cfg["lr_centroids"] or lr, "weight_decay": 0.0},
+        "head": {"params": [], "lr": lr},
+    }
+    for name, param in net.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.startswith("backbone."):
+            groups["backbone"]["params"].append(param)
+        elif name.endswith("centroids"):
+            groups["centroids"]["params"].append(param)
+        else:
+            groups["head"]["params"].append(param)
+    return [{"name": key, **group} for key, group in groups.items() if group["params"]]
+
+
+def lr_factor(step: int, *, schedule: str, total_steps: int, steps_per_epoch: int,
+              step_size: int, gamma: float, warmup_steps: int) -> float:
+    """Multiplier of the base learning rate after ``step`` optimiser steps."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule == "step":
+        return gamma ** (step // (step_size * steps_per_epoch))
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    raise InputError("train.schedule must be cosine, step or constant", value=schedule)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    atomic_write_bytes(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a training checkpoint without executing code from it (``weights_only=True``)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"refusing or unable to read checkpoint: {exc}", path=path) from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise InputError("not an oltr training checkpoint (wrong format tag)", path=path)
+    return state
+
+
+def save_model(stage_dir: Path, net: nn.Module, info: dict[str, Any]) -> None:
+    """The selected weights as safetensors (no pickle) + the JSON that rebuilds the network."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    atomic_write_bytes(stage_dir / WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write_text(stage_dir / MODEL_INFO, json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+
+def load_model(stage_dir: Path, device: torch.device | str = "cpu") -> tuple[OLTRNetwork, dict]:
+    """Rebuild the network of a trained stage from ``model.json`` + ``model.safetensors``."""
+    info_path, weights_path = stage_dir / MODEL_INFO, stage_dir / WEIGHTS
+    for path in (info_path, weights_path):
+        if not path.exists():
+            raise InputError("trained model not found (has the stage finished an epoch?)", path=path)
+    info = json.loads(info_path.read_text())
+    net = create_network(info["model"], info["num_classes"], info["in_chans"])
+    try:
+        state = load_file(str(weights_path))
+    except Exception as exc:
+        raise InputError(f"cannot read weights: {exc}", path=weights_path) from exc
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise InputError(
+            f"weights do not match the model in {MODEL_INFO}: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}",
+            path=weights_path,
+        )
+    return net.to(device).eval(), info
+
+
+# --------------------------------------------------------------------------- one stage
+@dataclass
+class StageResult:
+    stage_dir: Path
+    best_epoch: int
+    best_val_accuracy: float
+    epochs_run: int
+    seconds: float
+
+
+def _read_history(stage_dir: Path) -> list[dict[str, Any]]:
+    path = stage_dir / HISTORY
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _init_from_previous(
+    net: OLTRNetwork, init_from: Path, loader: DataLoader, device: torch.device, cfg: dict
+) -> list[str]:
+    """Load a previous stage's weights; then initialise the memory's centroids as class means of
+    direct features over the train set, computed with *this* stage's feature model (DESIGN §2)."""
+    weights = init_from / WEIGHTS if init_from.is_dir() else init_from
+    if not weights.exists():
+        raise InputError("train.init_from: no weights found", path=weights)
+    copied = load_stage1_into_stage2(net, load_file(str(weights)))
+    if net.meta_embedding is not None:
+        outputs = collect_outputs(
+            net, loader, device, amp=cfg["train"]["amp"],
+            channels_last=cfg["train"]["channels_last"], description="centroids",
+        )
+        means = class_means(
+            torch.from_numpy(outputs["features"]),
+            torch.from_numpy(outputs["labels"]).long(),
+            net.num_classes,
+        )
+        net.meta_embedding.init_centroids(means.to(device))
+    return copied
+
+
+def train_stage(
+    cfg: dict[str, Any],
+    data_dir: str | Path,
+    stage_dir: str | Path,
+    *,
+    init_from: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> StageResult:
+    """Train one stage (flat config, see ``oltr.config.stage_config``) into ``stage_dir``."""
+    started = time.perf_counter()
+    stage_dir = Path(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    train_cfg, data_cfg = cfg["train"], cfg["data"]
+    device = select_device(cfg["device"])
+    if cfg["deterministic"]:
+        torch.use_deterministic_algorithms(True)
+    seed_everything(cfg["seed"])
+
+    bench = load_benchmark(data_dir)
+    train_set = dataset_for(bench, "train", data_cfg, train=True)
+    train_eval_set = dataset_for(bench, "train", data_cfg, train=False)
+    val_set = dataset_for(bench, "val", data_cfg, train=False)
+    workers = data_cfg["num_workers"]
+
+    net = create_network(cfg["model"], bench.num_classes, data_cfg["channels"]).to(device)
+    if train_cfg["channels_last"]:
+        net = net.to(memory_format=torch.channels_last)
+    checkpoint_path = stage_dir / CHECKPOINT
+    state = load_checkpoint(checkpoint_path) if resume and checkpoint_path.exists() else None
+    if state is None and init_from is not None:
+        _init_from_previous(
+            net, init_from, eval_loader(train_eval_set, cfg["eval"]["batch_size"], workers),
+            device, cfg,
+        )
+    if train_cfg["freeze_backbone"]:
+        freeze_backbone(net, freeze_bn=True)
+
+    optimizer = torch.optim.SGD(
+        parameter_groups(net, train_cfg),
+        lr=train_cfg["lr"],
+        momentum=train_cfg["momentum"],
+        weight_decay=train_cfg["weight_decay"],
+        nesterov=train_cfg["nesterov"],
+    )
+    samples = train_cfg["epoch_samples"] or len(train_set)
+    steps_per_epoch = max(1, samples // train_cfg["batch_size"])
+    if train_cfg["max_steps_per_epoch"]:
+        steps_per_epoch = min(steps_per_epoch, train_cfg["max_steps_per_epoch"])
+    epochs = train_cfg["epochs"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_factor(
+            step,
+            schedule=train_cfg["schedule"],
+            total_steps=epochs * steps_per_epoch,
+            steps_per_epoch=steps_per_epoch,
+            step_size=train_cfg["step_size"],
+            gamma=train_cfg["gamma"],
+            warmup_steps=train_cfg["warmup_epochs"] * steps_per_epoch,
+        ),
+    )
+    centroid_loss = None
+    if train_cfg["centroid_loss"] != "none":
+        if net.meta_embedding is None:
+            raise InputError(
+                "train.centroid_loss needs model.meta_embedding: true (the centroids live there)",
+                value=train_cfg["centroid_loss"],
+            )
+        centroid_loss = build_centroid_loss(train_cfg["centroid_loss"], margin=train_cfg["centroid_margin"])
+
+    start_epoch, best_epoch, best_acc = 0, -1, -1.0
+    if state is not None:
+        if state["config"] != cfg:
+            raise InputError(
+                "the checkpoint was written with a different config; resume with the same "
+                "command, or start a new --out",
+                path=checkpoint_path,
+            )
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best_epoch, best_acc = state["epoch"], state["best_epoch"], state["best_acc"]
+        print(f"[{cfg['stage']}] resuming after epoch {start_epoch} of {epochs}", flush=True)
+    save_config(cfg, stage_dir / "config.yaml")
+    model_info = {
+        "model": cfg["model"],
+        "num_classes": bench.num_classes,
+        "in_chans": data_cfg["channels"],
+        "data": {k: data_cfg[k] for k in ("image_size", "channels", "mean", "std", "transform")},
+        "class_names": bench.class_names,
+        "train_counts": bench.train_counts.tolist(),
+        "stage": cfg["stage"],
+        "seed": cfg["seed"],
+    }
+    if start_epoch == 0 and epochs == 0:
+        save_model(stage_dir, net, model_info | {"epoch": 0, "val_accuracy": None})
+
+    val_loader = eval_loader(val_set, cfg["eval"]["batch_size"], workers)
+    history = _read_history(stage_dir)[:start_epoch]
+    for epoch in range(start_epoch, epochs):
+        torch.manual_seed(epoch_seed(cfg["seed"], epoch))
+        epoch_start = time.perf_counter()
+        loss_sum, correct, seen = _train_one_epoch(
+            net, train_loader(train_set, cfg, epoch), optimizer, scheduler, centroid_loss,
+            cfg, device, steps_per_epoch,
+            description=f"[{cfg['stage']}] epoch {epoch + 1}/{epochs}" if progress else None,
+        )
+        train_seconds = time.perf_counter() - epoch_start
+        val = collect_outputs(net, val_loader, device, amp=train_cfg["amp"],
+                              channels_last=train_cfg["channels_last"])
+        val_acc = float((val["logits"].argmax(1) == val["labels"]).mean())
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / max(1, seen),
+            "train_accuracy": correct / max(1, seen),
+            "val_accuracy": val_acc,
+            "lr": optimizer.param_groups[-1]["lr"],
+            "images_per_second": seen / train_seconds,
+            "seconds": time.perf_counter() - epoch_start,
+        }
+        history.append(record)
+        improved = val_acc > best_acc
+        if improved:
+            best_epoch, best_acc = epoch + 1, val_acc
+            save_model(stage_dir, net, model_info | {"epoch": epoch + 1, "val_accuracy": val_acc})
+        atomic_write_text(stage_dir / HISTORY, "".join(json.dumps(r) + "\n" for r in history))
+        save_checkpoint(
+            checkpoint_path,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "config": cfg,
+                "model": net.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch + 1,
+                "best_epoch": best_epoch,
+                "best_acc": best_acc,
+            },
+        )
+        print(
+            f"[{cfg['stage']}] epoch {epoch + 1}/{epochs}  loss {record['train_loss']:.4f}  "
+            f"train acc {record['train_accuracy']:.3f}  val acc {val_acc:.3f}"
+            f"{' *' if improved else ''}  {record['images_per_second']:.0f} img/s",
+            flush=True,
+        )
+    return StageResult(stage_dir, best_epoch, best_acc, epochs - start_epoch,
+                       time.perf_counter() - started)
+
+
+def _batches(loader: DataLoader, limit: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for index, batch in enumerate(loader):
+        if index >= limit:
+            return
+        yield batch
+
+
+def _train_one_epoch(
+    net: OLTRNetwork,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    centroid_loss: nn.Module | None,
+    cfg: dict[str, Any],
+    device: torch.device,
+    steps: int,
+    description: str | None,
+) -> tuple[float, int, int]:
+    train_cfg = cfg["train"]
+    net.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    bar = tqdm(_batches(loader, steps), total=steps, desc=description, leave=False,
+               disable=description is None or None)
+    for step, (images, labels) in enumerate(bar, start=1):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if train_cfg["channels_last"]:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast_context(train_cfg["amp"], device):
+            out = net(images)
+            loss = F.cross_entropy(out["logits"].float(), labels,
+                                   label_smoothing=train_cfg["label_smoothing"])
+            if centroid_loss is not None:
+                feature = out["features"] if train_cfg["centroid_feature"] == "direct" else out["meta"]
+                loss = loss + train_cfg["centroid_weight"] * centroid_loss(
+                    feature.float(), labels, net.meta_embedding.centroids
+                )
+        if not torch.isfinite(loss):
+            raise OltrError(
+                f"non-finite training loss ({loss.item()}) in stage '{cfg['stage']}'; the last "
+                "good checkpoint is kept. Lower train.lr or set train.grad_clip."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if train_cfg["grad_clip"]:
+            nn.utils.clip_grad_norm_(net.parameters(), train_cfg["grad_clip"])
+        optimizer.step()
+        scheduler.step()
+        batch = labels.numel()
+        loss_sum += loss.item() * batch
+        correct += int((out["logits"].argmax(1) == labels).sum())
+        seen += batch
+        if step % max(1, train_cfg["log_every"]) == 0:
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+    return loss_sum, correct, seen
+
+
+# --------------------------------------------------------------------------- a run of stages
+def final_stage_dir(run_dir: str | Path) -> Path:
+    """The directory of a run's last stage (what ``evaluate`` and ``predict`` load)."""
+    run_dir = Path(run_dir)
+    info_path = run_dir / RUN_INFO
+    if info_path.exists():
+        return run_dir / json.loads(info_path.read_text())["final_stage"]
+    if (run_dir / MODEL_INFO).exists():
+        return run_dir
+    raise InputError(f"not an oltr run directory (no {RUN_INFO} or {MODEL_INFO})", path=run_dir)
+
+
+def train_run(
+    config: dict[str, Any],
+    data_dir: str | Path,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> list[StageResult]:
+    """Train every stage of ``config`` in order; stage *k* starts from stage *k-1*'s weights."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        raise InputError("run directory is not empty; pass --resume to continue it or choose "
+                         "another --out", path=run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = run_dir / "config.yaml"
+    if resume and saved.exists():
+        import yaml  # local: only needed here
+
+        if yaml.safe_load(saved.read_text()) != config:
+            raise InputError("--resume with a config that differs from the saved one", path=saved)
+    save_config(config, saved)
+    stage_names = [stage["name"] for stage in config["stages"]]
+    atomic_write_text(
+        run_dir / RUN_INFO,
+        json.dumps({"method": config["method"], "stages": stage_names,
+                    "final_stage": stage_names[-1], "data": str(data_dir)}, indent=2) + "\n",
+    )
+    results, previous = [], None
+    for name in stage_names:
+        cfg = stage_config(config, name)
+        init = cfg["train"]["init_from"]
+        init_from = None
+        if init == "previous":
+            init_from = previous
+        elif init not in (None, "none"):
+            init_from = Path(init)
+        results.append(
+            train_stage(cfg, data_dir, run_dir / name, init_from=init_from, resume=resume,
+                        progress=progress)
+        )
+        previous = run_dir / name
+    return results

@@ -1,0 +1,40 @@
+"""Model components of OLTR: backbones, modulated attention, memory, classifiers, the network."""
+from oltr.models.attention import ModulatedAttention, ModulationMap, SelfAttention
+from oltr.models.backbones import (
+    ResNetBackbone,
+    create_backbone,
+    list_backbones,
+    load_pretrained,
+    register_backbone,
+)
+from oltr.models.classifiers import CosineClassifier, LinearClassifier, squash
+from oltr.models.memory import MetaEmbedding, class_means, reachability
+from oltr.models.network import (
+    NETWORK_DEFAULTS,
+    OLTRNetwork,
+    create_network,
+    freeze_backbone,
+    load_stage1_into_stage2,
+)
+
+__all__ = [
+    "NETWORK_DEFAULTS",
+    "CosineClassifier",
+    "LinearClassifier",
+    "MetaEmbedding",
+    "ModulatedAttention",
+    "ModulationMap",
+    "OLTRNetwork",
+    "ResNetBackbone",
+    "SelfAttention",
+    "class_means",
+    "create_backbone",
+    "create_network",
+    "freeze_backbone",
+    "list_backbones",
+    "load_pretrained",
+    "load_stage1_into_stage2",
+    "reachability",
+    "register_backbone",
+    "squash",
+]

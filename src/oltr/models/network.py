@@ -1,0 +1,249 @@
+"""The OLTR network: backbone → [modulated attention] → pool [→ embed] → [meta-embedding] → classifier.
+
+One class serves every method: the plain model (stage 1) is the backbone with a linear
+classifier; OLTR stage 2 adds attention (Eq. 5), the dynamic meta-embedding (Eq. 1–4) and the
+cosine classifier (Eq. 6). The interface follows timm/torchvision: ``forward_features`` gives
+the feature map, ``pool`` the direct feature, ``forward_head`` the logits.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from oltr.errors import InputError
+from oltr.models.attention import ModulatedAttention
+from oltr.models.backbones import create_backbone
+from oltr.models.classifiers import SQUASH_FORMS, CosineClassifier, LinearClassifier
+from oltr.models.memory import MetaEmbedding
+
+CLASSIFIERS = ("linear", "cosine")
+
+
+class OLTRNetwork(nn.Module):
+    """Backbone + optional modulated attention, embedding, meta-embedding; linear or cosine head.
+
+    ``forward`` (and ``forward_head``) return a dict:
+    ``logits`` (B, K), ``features`` = v_direct (B, d), ``meta`` = v_meta (B, d) or None,
+    ``reachability`` = γ (B,) or None (both None without a meta-embedding).
+    Dropout (if any) acts on the classifier's input only, never on ``features`` or γ.
+    ``backbone`` is any module with ``feature_dim`` and ``forward_features(x)`` (e.g.
+    :class:`~oltr.models.backbones.ResNetBackbone`).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        *,
+        classifier: str = "linear",
+        cosine_scale: float = 16.0,
+        squash_form: str = "paper",
+        learn_cosine_scale: bool = False,
+        attention: bool = False,
+        modulation: bool = True,
+        meta_embedding: bool = False,
+        use_memory: bool = True,
+        use_selector: bool = True,
+        use_reachability: bool = True,
+        reachability_scale: float = 10.0,
+        learn_reachability_scale: bool = False,
+        embed_dim: int | None = None,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if classifier not in CLASSIFIERS:
+            raise InputError(f"unknown classifier (valid: {', '.join(CLASSIFIERS)})", value=classifier)
+        if squash_form not in SQUASH_FORMS:
+            raise InputError(f"unknown squash_form (valid: {', '.join(SQUASH_FORMS)})", value=squash_form)
+        if not 0.0 <= dropout < 1.0:
+            raise InputError("dropout must lie in [0, 1)", value=dropout)
+        if embed_dim is not None and (not isinstance(embed_dim, int) or embed_dim < 1):
+            raise InputError("embed_dim must be a positive integer or null", value=embed_dim)
+        if num_classes < 1:
+            raise InputError("num_classes must be >= 1", value=num_classes)
+        self.num_classes = num_classes
+        self.backbone = backbone
+        self.attention = (
+            ModulatedAttention(backbone.feature_dim, use_modulation=modulation) if attention else None
+        )
+        self.embed = (
+            nn.Sequential(nn.Linear(backbone.feature_dim, embed_dim), nn.ReLU(inplace=True))
+            if embed_dim is not None
+            else None
+        )
+        self.feature_dim = embed_dim if embed_dim is not None else backbone.feature_dim
+        self.meta_embedding = (
+            MetaEmbedding(
+                self.feature_dim,
+                num_classes,
+                use_memory=use_memory,
+                use_selector=use_selector,
+                use_reachability=use_reachability,
+                reachability_scale=reachability_scale,
+                learn_reachability_scale=learn_reachability_scale,
+            )
+            if meta_embedding
+            else None
+        )
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        if classifier == "linear":
+            self.classifier: nn.Module = LinearClassifier(self.feature_dim, num_classes)
+        else:
+            self.classifier = CosineClassifier(
+                self.feature_dim,
+                num_classes,
+                scale=cosine_scale,
+                squash_form=squash_form,
+                learn_scale=learn_cosine_scale,
+            )
+        self.backbone_frozen = False
+        self.backbone_bn_frozen = False
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Last feature map (B, C, h, w), after modulated attention when enabled."""
+        fmap = self.backbone.forward_features(x)
+        if self.attention is not None:
+            fmap = self.attention(fmap)
+        return fmap
+
+    def pool(self, fmap: torch.Tensor) -> torch.Tensor:
+        """Direct feature v_direct (B, d): global average pool, then the embedding if any."""
+        v = F.adaptive_avg_pool2d(fmap, 1).flatten(1)
+        return self.embed(v) if self.embed is not None else v
+
+    def forward_head(self, v_direct: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        meta = gamma = None
+        head_input = v_direct
+        if self.meta_embedding is not None:
+            out = self.meta_embedding(v_direct)
+            meta, gamma = out["meta"], out["reachability"]
+            head_input = meta
+        if self.dropout is not None:
+            head_input = self.dropout(head_input)
+        return {
+            "logits": self.classifier(head_input),
+            "features": v_direct,
+            "meta": meta,
+            "reachability": gamma,
+        }
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        return self.forward_head(self.pool(self.forward_features(x)))
+
+    def train(self, mode: bool = True) -> OLTRNetwork:
+        """As ``nn.Module.train``, but a frozen backbone's BatchNorm layers stay in eval mode."""
+        super().train(mode)
+        if mode and self.backbone_bn_frozen:
+            for module in self.backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
+
+NETWORK_DEFAULTS: dict[str, Any] = {
+    "backbone": "resnet10",
+    "width": None,
+    "pretrained_path": None,
+    "classifier": "linear",
+    "cosine_scale": 16.0,
+    "squash_form": "paper",
+    "learn_cosine_scale": False,
+    "attention": False,
+    "modulation": True,
+    "meta_embedding": False,
+    "use_memory": True,
+    "use_selector": True,
+    "use_reachability": True,
+    "reachability_scale": 10.0,
+    "learn_reachability_scale": False,
+    "embed_dim": None,
+    "dropout": 0.0,
+}
+
+
+def create_network(cfg: Mapping[str, Any], num_classes: int, in_chans: int) -> OLTRNetwork:
+    """Build an :class:`OLTRNetwork` from a flat dict (keys of ``NETWORK_DEFAULTS``).
+
+    Missing keys take the defaults; unknown keys raise ``InputError`` naming them.
+    """
+    unknown = sorted(set(cfg) - set(NETWORK_DEFAULTS))
+    if unknown:
+        raise InputError(
+            f"unknown model config keys: {', '.join(unknown)} "
+            f"(valid: {', '.join(NETWORK_DEFAULTS)})"
+        )
+    options = {**NETWORK_DEFAULTS, **cfg}
+    backbone = create_backbone(
+        options.pop("backbone"),
+        in_chans=in_chans,
+        width=options.pop("width"),
+        pretrained_path=options.pop("pretrained_path"),
+    )
+    return OLTRNetwork(backbone, num_classes, **options)
+
+
+def load_stage1_into_stage2(
+    stage2_net: OLTRNetwork, stage1_state_dict: Mapping[str, torch.Tensor]
+) -> list[str]:
+    """Initialise a stage-2 network from a stage-1 state dict (paper §3.3, original code).
+
+    Copies every ``backbone.*`` and ``embed.*`` entry (all must be present with equal shapes);
+    if ``stage2_net`` has a memory and stage 1 had a linear classifier (``classifier.bias``
+    exists), T_hal is initialised from that classifier. Returns the state-dict names set.
+    """
+    target = stage2_net.state_dict()
+    wanted = [k for k in target if k.startswith(("backbone.", "embed."))]
+    missing = [k for k in wanted if k not in stage1_state_dict]
+    if missing:
+        raise InputError(
+            f"stage-1 weights lack {len(missing)} backbone/embed entries (first: {missing[:5]})"
+        )
+    extra = [
+        k for k in stage1_state_dict if k.startswith(("backbone.", "embed.")) and k not in target
+    ]
+    if extra:
+        raise InputError(
+            f"stage-1 weights have {len(extra)} backbone/embed entries the stage-2 network "
+            f"lacks (first: {extra[:5]})"
+        )
+    for key in wanted:
+        if tuple(stage1_state_dict[key].shape) != tuple(target[key].shape):
+            raise InputError(
+                f"stage-1 weight '{key}' has shape {tuple(stage1_state_dict[key].shape)}, "
+                f"stage 2 expects {tuple(target[key].shape)}"
+            )
+    copied = {k: stage1_state_dict[k] for k in wanted}
+    memory = stage2_net.meta_embedding
+    if (
+        memory is not None
+        and memory.hallucinator is not None
+        and "classifier.bias" in stage1_state_dict
+    ):
+        for name in ("weight", "bias"):
+            source = stage1_state_dict[f"classifier.{name}"]
+            key = f"meta_embedding.hallucinator.{name}"
+            if tuple(source.shape) != tuple(target[key].shape):
+                raise InputError(
+                    f"stage-1 classifier.{name} has shape {tuple(source.shape)}, "
+                    f"the hallucinator expects {tuple(target[key].shape)}"
+                )
+            copied[key] = source
+    stage2_net.load_state_dict(copied, strict=False)
+    return list(copied)
+
+
+def freeze_backbone(net: OLTRNetwork, freeze_bn: bool = True) -> None:
+    """Stop training the backbone: ``requires_grad=False`` on its parameters and, with
+    ``freeze_bn``, its BatchNorm layers kept in eval mode (running statistics fixed) even
+    after ``net.train()`` (the original code let them drift). Attention, embedding, memory
+    and classifier stay trainable.
+    """
+    for parameter in net.backbone.parameters():
+        parameter.requires_grad_(False)
+    net.backbone_frozen = True
+    net.backbone_bn_frozen = freeze_bn
+    net.train(net.training)

@@ -1,0 +1,156 @@
+"""Open scores from stored logits or features: **higher = more likely open**.
+
+This module is the one place that fixes the score direction (DESIGN.md §1); every detector
+here returns a score that grows as the input looks less like a known class, so that
+``oltr.metrics.reject`` rejects ``score > threshold`` and ``oltr.metrics.auroc`` treats open as
+positive. No model forward happens here: the functions take logits ``(N, K)`` or features
+``(N, d)`` and centroids ``(K, d)``.
+
+Each function accepts a ``torch.Tensor`` or a numpy array and returns the same kind (a tensor
+stays on its device); :func:`compute_open_score` always returns a float64 numpy array.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from oltr.errors import InputError
+
+TensorOrArray = TypeVar("TensorOrArray", torch.Tensor, np.ndarray)
+
+
+def _as_float_tensor(name: str, values: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A 2-D, finite, floating tensor (half precision is computed in float32)."""
+    tensor = torch.as_tensor(values)
+    if tensor.ndim != 2:
+        raise InputError(f"{name} must be 2-D, got shape {tuple(tensor.shape)}")
+    if tensor.shape[0] == 0 or tensor.shape[1] == 0:
+        raise InputError(f"{name} is empty, got shape {tuple(tensor.shape)}")
+    if not tensor.is_floating_point():
+        tensor = tensor.to(torch.float64)
+    elif tensor.dtype in (torch.float16, torch.bfloat16):
+        tensor = tensor.float()
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        row, column = (int(i) for i in torch.nonzero(~finite)[0])
+        raise InputError(f"{name} must be finite; entry [{row}, {column}] is not",
+                         value=float(tensor[row, column]))
+    return tensor
+
+
+def _like_input(score: torch.Tensor, original: torch.Tensor | np.ndarray) -> Any:
+    return score if isinstance(original, torch.Tensor) else score.detach().cpu().numpy()
+
+
+def _check_temperature(temperature: float) -> float:
+    temperature = float(temperature)
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise InputError("temperature must be a finite number > 0", value=temperature)
+    return temperature
+
+
+def msp_score(logits: TensorOrArray, temperature: float = 1.0) -> TensorOrArray:
+    """1 - max softmax probability (Hendrycks & Gimpel, ICLR 2017; the paper's rule, §4).
+
+    score = 1 - max_k softmax(z / T)_k, computed as -expm1(max_k log_softmax(z / T)_k) so
+    that confident inputs keep distinct scores even when the probability rounds to 1.
+    """
+    z = _as_float_tensor("logits", logits) / _check_temperature(temperature)
+    score = -torch.expm1(torch.log_softmax(z, dim=1).max(dim=1).values)
+    return _like_input(score, logits)
+
+
+def max_logit_score(logits: TensorOrArray) -> TensorOrArray:
+    """-max_k z_k, the negated maximum logit (Hendrycks et al., ICML 2022)."""
+    score = -_as_float_tensor("logits", logits).max(dim=1).values
+    return _like_input(score, logits)
+
+
+def energy_score(logits: TensorOrArray, temperature: float = 1.0) -> TensorOrArray:
+    """Free energy E(x) = -T logsumexp_k(z_k / T) (Liu et al., NeurIPS 2020)."""
+    temperature = _check_temperature(temperature)
+    z = _as_float_tensor("logits", logits)
+    score = -temperature * torch.logsumexp(z / temperature, dim=1)
+    return _like_input(score, logits)
+
+
+def reachability_score(features: TensorOrArray, centroids: TensorOrArray) -> TensorOrArray:
+    """Reachability gamma = min_i ||v - c_i||_2 to the visual memory (OLTR, Eq. 3).
+
+    Computed with ``torch.cdist`` (no N x K x d intermediate); far from every centroid means
+    more likely open.
+    """
+    v = _as_float_tensor("features", features)
+    c = _as_float_tensor("centroids", centroids)
+    if v.shape[1] != c.shape[1]:
+        raise InputError(f"features have dimension {v.shape[1]} but centroids have "
+                         f"{c.shape[1]}")
+    dtype = torch.promote_types(v.dtype, c.dtype)
+    score = torch.cdist(v.to(dtype), c.to(device=v.device, dtype=dtype)).min(dim=1).values
+    return _like_input(score, features)
+
+
+def probability_threshold_to_msp_score(probability: float) -> float:
+    """MSP-score threshold equivalent to "reject if max softmax < ``probability``": 1 - p.
+
+    The paper's p = 0.1 (§4) never rejects anything with K <= 10 classes, since the max
+    softmax is at least 1/K; prefer ``oltr.metrics.calibrate_threshold`` there.
+    """
+    probability = float(probability)
+    if not 0.0 <= probability <= 1.0:
+        raise InputError("probability must lie in [0, 1]", value=probability)
+    return 1.0 - probability
+
+
+@dataclass(frozen=True)
+class OpenScore:
+    """A registered open score: its function, the arrays it needs, whether it takes T."""
+
+    function: Callable[..., Any]
+    inputs: tuple[str, ...]
+    takes_temperature: bool
+
+
+OPEN_SCORES: dict[str, OpenScore] = {
+    "msp": OpenScore(msp_score, ("logits",), takes_temperature=True),
+    "max_logit": OpenScore(max_logit_score, ("logits",), takes_temperature=False),
+    "energy": OpenScore(energy_score, ("logits",), takes_temperature=True),
+    "reachability": OpenScore(reachability_score, ("features", "centroids"),
+                              takes_temperature=False),
+}
+
+
+def compute_open_score(
+    name: str,
+    *,
+    logits: torch.Tensor | np.ndarray | None = None,
+    features: torch.Tensor | np.ndarray | None = None,
+    centroids: torch.Tensor | np.ndarray | None = None,
+    temperature: float | None = None,
+) -> np.ndarray:
+    """Open score ``name`` (a key of :data:`OPEN_SCORES`) as a float64 numpy array.
+
+    Inputs the score does not use are ignored; a missing one, an unknown name, or a
+    temperature given to a score without one raises an ``InputError`` (a ``ValueError``).
+    """
+    if name not in OPEN_SCORES:
+        raise InputError(f"unknown open score; valid names: {', '.join(OPEN_SCORES)}",
+                         value=name)
+    entry = OPEN_SCORES[name]
+    given = {"logits": logits, "features": features, "centroids": centroids}
+    missing = [input_name for input_name in entry.inputs if given[input_name] is None]
+    if missing:
+        raise InputError(f"open score {name!r} needs {' and '.join(missing)}")
+    arguments = {input_name: given[input_name] for input_name in entry.inputs}
+    if temperature is not None:
+        if not entry.takes_temperature:
+            raise InputError(f"open score {name!r} takes no temperature", value=temperature)
+        arguments["temperature"] = temperature
+    score = entry.function(**arguments)
+    if isinstance(score, torch.Tensor):
+        score = score.detach().cpu().numpy()
+    return np.asarray(score, dtype=np.float64)

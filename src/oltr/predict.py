@@ -1,0 +1,108 @@
+"""Predict the class of new images, or answer "unknown" (label -1) when the open score is too high.
+
+The threshold comes from the run's evaluation report (calibrated on the known-only val split) or
+is given explicitly; the open score follows the package convention (higher = more open).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from oltr.data import build_transform
+from oltr.engine import autocast_context, final_stage_dir, load_model, select_device
+from oltr.errors import InputError
+from oltr.openset import compute_open_score
+
+UNKNOWN = "unknown"
+
+
+class Predictor:
+    """A trained network + its eval transform + an open-set rejection rule."""
+
+    def __init__(self, net: torch.nn.Module, info: dict[str, Any], *, open_score: str,
+                 threshold: float, device: torch.device) -> None:
+        self.net, self.info, self.device = net, info, device
+        self.open_score, self.threshold = open_score, threshold
+        data = info["data"]
+        self.mode = "L" if data["channels"] == 1 else "RGB"
+        self.transform = build_transform(data["transform"], train=False,
+                                         image_size=data["image_size"], channels=data["channels"],
+                                         mean=data["mean"], std=data["std"])
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, *, device: str = "auto", open_score: str | None = None,
+                 threshold: float | None = None) -> Predictor:
+        """Load a run; the threshold defaults to the one in ``RUN/report.json``."""
+        torch_device = select_device(device)
+        net, info = load_model(final_stage_dir(run_dir), torch_device)
+        report_path = Path(run_dir) / "report.json"
+        if threshold is None:
+            if not report_path.exists():
+                raise InputError("no open-set threshold: evaluate the run first "
+                                 "(`oltr evaluate RUN --data DIR --open`) or pass --threshold",
+                                 path=report_path)
+            report = json.loads(report_path.read_text())
+            if "open" not in report:
+                raise InputError("the report has no open-set section; re-run evaluate with --open",
+                                 path=report_path)
+            if open_score not in (None, report["open"]["open_score"]):
+                raise InputError(f"the report's threshold belongs to the open score "
+                                 f"'{report['open']['open_score']}'; pass --threshold for "
+                                 f"'{open_score}'", value=open_score)
+            open_score = report["open"]["open_score"]
+            threshold = float(report["open"]["threshold"])
+        return cls(net, info, open_score=open_score or "msp", threshold=threshold,
+                   device=torch_device)
+
+    def _load(self, path: str | Path) -> torch.Tensor:
+        try:
+            with Image.open(path) as image:
+                return self.transform(image.convert(self.mode))
+        except FileNotFoundError as exc:
+            raise InputError("image not found", path=path) from exc
+        except (UnidentifiedImageError, OSError) as exc:
+            raise InputError(f"cannot read image: {exc}", path=path) from exc
+
+    @torch.no_grad()
+    def predict_tensor(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        """Logits-level prediction of a preprocessed batch: labels (-1 = unknown) and scores."""
+        self.net.eval()
+        with autocast_context("auto", self.device):
+            out = self.net(images.to(self.device))
+        logits = out["logits"].float().cpu().numpy()
+        features = out["features"].float().cpu().numpy()
+        centroids = None
+        if getattr(self.net, "meta_embedding", None) is not None:
+            centroids = self.net.meta_embedding.centroids.detach().float().cpu().numpy()
+        scores = compute_open_score(self.open_score, logits=logits, features=features,
+                                    centroids=centroids)
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+        labels = np.where(scores > self.threshold, -1, logits.argmax(axis=1))
+        return {"labels": labels, "open_scores": scores,
+                "confidence": probabilities.max(axis=1), "closed_labels": logits.argmax(axis=1)}
+
+    def predict_paths(self, paths: Sequence[str | Path], batch_size: int = 64) -> list[dict]:
+        """One dict per image: path, label (-1 = unknown), label_name, confidence, open_score."""
+        rows: list[dict[str, Any]] = []
+        names = self.info["class_names"]
+        for start in range(0, len(paths), batch_size):
+            chunk = list(paths[start:start + batch_size])
+            result = self.predict_tensor(torch.stack([self._load(p) for p in chunk]))
+            for i, path in enumerate(chunk):
+                label = int(result["labels"][i])
+                rows.append({
+                    "path": str(path),
+                    "label": label,
+                    "label_name": UNKNOWN if label == -1 else names[label],
+                    "closed_set_label": names[int(result["closed_labels"][i])],
+                    "confidence": float(result["confidence"][i]),
+                    "open_score": float(result["open_scores"][i]),
+                })
+        return rows

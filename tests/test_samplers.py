@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from oltr.data.samplers import ClassAwareSampler
+from oltr.errors import InputError
+
+# long-tailed toy labels: class 0: 100 images, 1: 10, 2: 3, 3: none, 4: 1
+LABELS = np.array([0] * 100 + [1] * 10 + [2] * 3 + [4] * 1)
+np.random.default_rng(0).shuffle(LABELS)
+
+
+def _groups(indices: list[int], n: int) -> np.ndarray:
+    return np.asarray(indices).reshape(-1, n)
+
+
+def test_every_class_gets_the_same_number_of_groups():
+    sampler = ClassAwareSampler(LABELS, samples_per_class=4, num_samples=400)
+    assert len(sampler) == 400
+    groups = LABELS[_groups(list(sampler), 4)]
+    assert (groups == groups[:, :1]).all()  # each group of 4 shares a class
+    assert Counter(groups[:, 0].tolist()) == {0: 25, 1: 25, 2: 25, 4: 25}  # class 3 skipped
+
+
+def test_class_counts_differ_by_at_most_one_group():
+    sampler = ClassAwareSampler(LABELS, samples_per_class=2, num_samples=2 * 103)
+    counts = Counter(LABELS[list(sampler)[::2]].tolist())
+    assert sum(counts.values()) == 103 and max(counts.values()) - min(counts.values()) <= 1
+
+
+def test_classes_are_drawn_in_shuffled_passes():
+    sampler = ClassAwareSampler(LABELS, samples_per_class=1, num_samples=40)
+    classes = LABELS[list(sampler)].reshape(10, 4)
+    assert all(sorted(row) == [0, 1, 2, 4] for row in classes.tolist())
+
+
+def test_images_of_a_class_are_all_used_before_any_repeats():
+    sampler = ClassAwareSampler(LABELS, samples_per_class=4, num_samples=400)
+    indices = np.asarray(list(sampler))
+    of_class_1 = indices[LABELS[indices] == 1]  # 100 draws from 10 images
+    members = set(np.flatnonzero(LABELS == 1).tolist())
+    for start in range(0, 100, 10):
+        assert set(of_class_1[start : start + 10].tolist()) == members
+
+
+def test_length_is_num_samples_even_when_not_a_multiple_of_the_group():
+    sampler = ClassAwareSampler(LABELS, samples_per_class=4, num_samples=10)
+    indices = list(sampler)
+    assert len(indices) == len(sampler) == 10
+    assert len(ClassAwareSampler(LABELS)) == len(LABELS)
+
+
+def test_deterministic_per_seed_and_epoch():
+    a = ClassAwareSampler(LABELS, seed=3)
+    b = ClassAwareSampler(LABELS, seed=3)
+    assert list(a) == list(b) == list(a)
+    a.set_epoch(1)
+    assert list(a) != list(b)
+    b.set_epoch(1)
+    assert list(a) == list(b)
+    assert list(ClassAwareSampler(LABELS, seed=4)) != list(ClassAwareSampler(LABELS, seed=3))
+    assert list(ClassAwareSampler(torch.tensor(LABELS), seed=3)) == list(ClassAwareSampler(LABELS, seed=3))
+
+
+@pytest.mark.parametrize("num_samples", [240, 250])
+def test_distributed_ranks_are_disjoint_slices_of_the_global_sequence(num_samples):
+    replicas, n = 3, 4
+    ranks = [
+        ClassAwareSampler(LABELS, samples_per_class=n, num_samples=num_samples, seed=1,
+                          num_replicas=replicas, rank=r)
+        for r in range(replicas)
+    ]
+    for sampler in ranks:
+        sampler.set_epoch(2)
+    streams = [list(s) for s in ranks]
+    per_rank = -(-num_samples // replicas)
+    assert all(len(s) == len(stream) == per_rank for s, stream in zip(ranks, streams))
+    global_groups = ranks[0].global_groups()
+    for r, stream in enumerate(streams):
+        own = global_groups[r::replicas].reshape(-1)[:per_rank]  # groups r, r + R, …
+        assert stream == own.tolist()
+        whole_groups = LABELS[np.asarray(stream[: len(stream) // n * n])].reshape(-1, n)
+        assert (whole_groups == whole_groups[:, :1]).all()
+    if num_samples % (replicas * n) == 0:  # then the ranks cover the global sequence exactly
+        interleaved = np.stack([_groups(s, n) for s in streams], axis=1).reshape(-1)
+        single = ClassAwareSampler(LABELS, samples_per_class=n, num_samples=num_samples, seed=1)
+        single.set_epoch(2)
+        assert interleaved.tolist() == list(single)
+
+
+def test_bad_arguments():
+    with pytest.raises(InputError, match=">= 0"):
+        ClassAwareSampler([0, 1, -1])
+    with pytest.raises(InputError, match="non-empty"):
+        ClassAwareSampler([])
+    with pytest.raises(InputError, match="samples_per_class"):
+        ClassAwareSampler([0, 1], samples_per_class=0)
+    with pytest.raises(InputError, match="rank"):
+        ClassAwareSampler([0, 1], num_replicas=2, rank=2)
+    with pytest.raises(InputError, match="integers"):
+        ClassAwareSampler([0.5, 1.0])
