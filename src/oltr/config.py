@@ -9,6 +9,7 @@ Unknown keys are errors, never silently ignored.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from oltr.errors import InputError
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 BASE_CONFIG = CONFIG_DIR / "base.yaml"
 DEFAULT_BENCHMARK = "fmnist_lt"
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -91,6 +93,8 @@ def parse_override(text: str) -> dict[str, Any]:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
         raise InputError(f"cannot parse the value of override: {exc}", value=text) from exc
+    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e-3 as a string
     nested: dict[str, Any] = {}
     cursor = nested
     for key in keys[:-1]:

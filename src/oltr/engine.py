@@ -182,7 +182,8 @@ def collect_outputs(
     """Run ``net`` over ``loader``: logits, direct features, reachability (if any) and labels."""
     net.eval()
     chunks: dict[str, list[torch.Tensor]] = {}
-    for images, labels in tqdm(loader, desc=description, leave=False, disable=description is None):
+    for images, labels in tqdm(loader, desc=description, leave=False,
+                               disable=True if description is None else None):
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -489,7 +490,7 @@ def _train_one_epoch(
     net.train()
     loss_sum, correct, seen = 0.0, 0, 0
     bar = tqdm(_batches(loader, steps), total=steps, desc=description, leave=False,
-               disable=description is None or None)
+               disable=True if description is None else None)
     for step, (images, labels) in enumerate(bar, start=1):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if train_cfg["channels_last"]:

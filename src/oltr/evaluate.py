@@ -79,6 +79,8 @@ def evaluate_run(
     """Evaluate a trained run on ``data_dir``; write the report to ``output`` if given."""
     started = time.perf_counter()
     stage_dir = final_stage_dir(run_dir)
+    torch_device = select_device(device)
+    net, info = load_model(stage_dir, torch_device)
     stage_cfg = yaml.safe_load((stage_dir / "config.yaml").read_text())
     eval_cfg = stage_cfg["eval"]
     open_score = open_score or eval_cfg["open_score"]
@@ -86,8 +88,6 @@ def evaluate_run(
     accept_rate = eval_cfg["accept_rate"] if accept_rate is None else accept_rate
     if not 0.0 < accept_rate <= 1.0:
         raise InputError("accept rate must lie in (0, 1]", value=accept_rate)
-    torch_device = select_device(device)
-    net, info = load_model(stage_dir, torch_device)
     bench = load_benchmark(data_dir)
     if bench.num_classes != info["num_classes"]:
         raise InputError(

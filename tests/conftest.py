@@ -1,0 +1,30 @@
+"""Shared fixtures: a small real Fashion-MNIST-LT benchmark curated once per test session."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from oltr.data import curate
+from oltr.data.sources import FASHION_MNIST_SYSTEM_DIR
+
+# A tiny network and a few steps: the smoke tests check plumbing on real data, not accuracy.
+TINY_OVERRIDES = ["model.width=8", "train.batch_size=32", "train.max_steps_per_epoch=3",
+        "eval.batch_size=256", "train.log_every=1"]
+
+
+@pytest.fixture(scope="session")
+def fmnist_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 known classes (200 → 5, exp), 1 open class, 30 test images per class."""
+    if not FASHION_MNIST_SYSTEM_DIR.exists():
+        pytest.skip("real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    out = tmp_path_factory.mktemp("bench") / "fmnist-small"
+    curate("fashion-mnist", out, seed=0, known=4, open=1, profile="exp", max_count=200,
+           min_count=5, val_per_class=5, test_per_class=30)
+    return out
+
+
+@pytest.fixture
+def tiny() -> list[str]:
+    """Config overrides for smoke runs: width-8 ResNet, batch 32, 3 steps per epoch."""
+    return list(TINY_OVERRIDES)

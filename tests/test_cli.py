@@ -1,0 +1,96 @@
+"""The command line: help, the user's commands end to end, and one-line errors for bad input."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from oltr.cli import build_parser, main
+
+
+def test_help_lists_commands(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("curate", "train", "evaluate", "predict"):
+        assert command in out
+    for command in ("curate", "train", "evaluate", "predict"):
+        parser = build_parser()
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--help"])
+
+
+def _tree(root: Path, counts: list[int]) -> Path:
+    for index, count in enumerate(counts):
+        folder = root / f"class{index:02d}"
+        folder.mkdir(parents=True)
+        for i in range(count):
+            Image.new("L", (8, 8), (index * 20 + i) % 256).save(folder / f"{i:03d}.png")
+    return root
+
+
+def test_curate_folder_imagenet_lt_profile(tmp_path, capsys) -> None:
+    """ImageNet-LT's parameters (Pareto α = 6) scaled down to a generated folder tree."""
+    source = _tree(tmp_path / "tree", [80] * 10)
+    args = ["curate", f"folder:{source}", "--known", "8", "--profile", "pareto", "--alpha", "6",
+            "--max-count", "60", "--min-count", "5", "--val-per-class", "4",
+            "--test-per-class", "6", "--seed", "3"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    # n_r = 60 · x_r^-7 on an even grid of x ∈ [1, 12^(1/7)], rounded (hand-computed).
+    assert manifest["counts"]["train"] == [60, 40, 27, 19, 13, 9, 7, 5]
+    for name in ("train.txt", "val.txt", "test.txt", "open.txt", "manifest.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert "8 known classes" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("make", "args", "message"),
+    [
+        (lambda p: None, ["curate", "folder:{p}/missing", "--out", "{p}/out"], "missing"),
+        (lambda p: (p / "tree" / "empty").mkdir(parents=True) or _tree(p / "tree2", [3]),
+         ["curate", "folder:{p}/tree", "--out", "{p}/out"], "empty"),
+        (lambda p: (p / "bad.txt").write_text("a.png 0\nb.png\n"),
+         ["curate", "splits:{p}/bad.txt", "--out", "{p}/out"], "bad.txt:2"),
+        (lambda p: (p / "lab.txt").write_text("a.png 0\nb.png 7\n"),
+         ["curate", "splits:{p}/lab.txt", "--out", "{p}/out"], "lab.txt"),
+        (lambda p: None, ["train", "--method", "nope", "--data", "{p}", "--out", "{p}/r"],
+         "unknown method 'nope'"),
+        (lambda p: None, ["train", "--method", "plain", "--data", "{p}/nodata", "--out", "{p}/r",
+                          "train.epochs=1"], "nodata"),
+        (lambda p: None, ["train", "--method", "plain", "--data", "{p}", "--out", "{p}/r",
+                          "train.nope=1"], "unknown config key 'train.nope'"),
+        (lambda p: None, ["evaluate", "{p}/norun", "--data", "{p}"], "norun"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, make, args, message) -> None:
+    make(tmp_path)
+    code = main([a.replace("{p}", str(tmp_path)) for a in args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # no partial output
+
+
+def test_train_evaluate_predict_commands(fmnist_small, tiny, tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--method", "plain", "--data", str(fmnist_small), "--out", str(run),
+                 "--no-progress", *tiny, "train.epochs=1"]) == 0
+    assert main(["evaluate", str(run), "--data", str(fmnist_small), "--open",
+                 "--threshold", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "closed" in out and "open" in out and "probability 0.5" in out
+    report = json.loads((run / "report.json").read_text())
+    assert report["open"]["threshold"] == pytest.approx(0.5)
+    image = next((fmnist_small / "images").rglob("*.png"))
+    assert main(["predict", str(run), str(image), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["path"] == str(image)
+    # --resume of a finished run trains nothing more and succeeds.
+    assert main(["train", "--method", "plain", "--data", str(fmnist_small), "--out", str(run),
+                 "--no-progress", "--resume", *tiny, "train.epochs=1"]) == 0

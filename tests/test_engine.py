@@ -1,0 +1,139 @@
+"""The shared training loop on real Fashion-MNIST: smoke runs, two stages, resume, checkpoints."""
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from oltr import engine
+from oltr.config import load_config
+from oltr.engine import final_stage_dir, load_checkpoint, lr_factor, train_run
+from oltr.errors import InputError, OltrError
+from oltr.evaluate import evaluate_run
+from oltr.predict import Predictor
+
+
+def test_lr_factor_schedules() -> None:
+    kw = {"total_steps": 100, "steps_per_epoch": 10, "step_size": 3, "gamma": 0.1,
+          "warmup_steps": 0}
+    assert lr_factor(0, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert lr_factor(50, schedule="cosine", **kw) == pytest.approx(0.5)
+    assert lr_factor(100, schedule="cosine", **kw) == pytest.approx(0.0)
+    assert lr_factor(29, schedule="step", **kw) == pytest.approx(1.0)
+    assert lr_factor(30, schedule="step", **kw) == pytest.approx(0.1)
+    assert lr_factor(60, schedule="step", **kw) == pytest.approx(0.01)
+    assert lr_factor(4, schedule="constant", **(kw | {"warmup_steps": 10})) == pytest.approx(0.5)
+
+
+def test_plain_train_evaluate_predict(fmnist_small, tiny, tmp_path) -> None:
+    run = tmp_path / "plain"
+    config = load_config("plain", overrides=[*tiny, "train.epochs=2"])
+    (result,) = train_run(config, fmnist_small, run, progress=False)
+    assert result.epochs_run == 2 and 1 <= result.best_epoch <= 2
+    history = [json.loads(line) for line in (run / "main" / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    report = evaluate_run(run, fmnist_small, open_set=True, output=run / "report.json")
+    assert set(report["closed"]) >= {"overall", "many", "medium", "few", "counts"}
+    assert set(report["open"]) >= {"overall", "many", "medium", "few", "f_measure", "auroc",
+                                   "fpr95", "threshold"}
+    assert report["open"]["num_known"] == 4 * 30 and report["open"]["num_open"] == 30
+    assert 0.0 <= report["closed"]["overall"] <= 1.0
+    # Calibrated on val: at least 95 % of the known val images are accepted by construction.
+    assert "calibrated on val" in report["open"]["threshold_source"]
+    saved = json.loads((run / "report.json").read_text())
+    assert saved["closed"] == report["closed"]
+
+    images = sorted((fmnist_small / "images").rglob("*.png"))[:3]
+    rows = Predictor.from_run(run).predict_paths(images)
+    assert [r["path"] for r in rows] == [str(p) for p in images]
+    for row in rows:
+        assert row["label"] == -1 or row["label_name"] == row["closed_set_label"]
+        assert (row["label"] == -1) == (row["open_score"] > saved["open"]["threshold"])
+
+
+def test_oltr_two_stages_initialise_memory(fmnist_small, tiny, tmp_path) -> None:
+    run = tmp_path / "oltr"
+    config = load_config("oltr", overrides=[*tiny, "stage1.train.epochs=1",
+                                            "stage2.train.epochs=1"])
+    results = train_run(config, fmnist_small, run, progress=False)
+    assert [r.stage_dir.name for r in results] == ["stage1", "stage2"]
+    assert final_stage_dir(run) == run / "stage2"
+    stage1 = load_file(str(run / "stage1" / "model.safetensors"))
+    stage2 = load_file(str(run / "stage2" / "model.safetensors"))
+    centroids = stage2["meta_embedding.centroids"]
+    assert centroids.shape == (4, 64) and torch.isfinite(centroids).all()
+    assert centroids.abs().sum() > 0  # initialised as class means, then learned
+    assert not torch.equal(stage1["backbone.conv1.weight"], stage2["backbone.conv1.weight"])
+    report = evaluate_run(run, fmnist_small, open_set=True, open_score="reachability")
+    assert report["open"]["open_score"] == "reachability"
+
+
+def test_resume_after_crash_matches_uninterrupted(fmnist_small, tiny, tmp_path, monkeypatch) -> None:
+    overrides = [*tiny, "train.epochs=3", "deterministic=true"]
+    reference = tmp_path / "reference"
+    train_run(load_config("plain", overrides=overrides), fmnist_small, reference, progress=False)
+
+    crashed = tmp_path / "crashed"
+    original = engine._train_one_epoch
+    calls = {"n": 0}
+
+    def crash_in_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # a kill in the middle of epoch 2
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_train_one_epoch", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(load_config("plain", overrides=overrides), fmnist_small, crashed, progress=False)
+    assert load_checkpoint(crashed / "main" / "checkpoint.pt")["epoch"] == 1
+    monkeypatch.setattr(engine, "_train_one_epoch", original)
+    (result,) = train_run(load_config("plain", overrides=overrides), fmnist_small, crashed,
+                          resume=True, progress=False)
+    assert result.epochs_run == 2
+    final = torch.load(crashed / "main" / "checkpoint.pt", weights_only=True)["model"]
+    expected = torch.load(reference / "main" / "checkpoint.pt", weights_only=True)["model"]
+    for key, value in expected.items():
+        assert torch.equal(final[key], value), key
+
+
+def test_run_dir_not_empty_without_resume(fmnist_small, tiny, tmp_path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "something").write_text("x")
+    with pytest.raises(InputError, match="--resume"):
+        train_run(load_config("plain", overrides=tiny), fmnist_small, run, progress=False)
+
+
+def test_resume_with_different_config_is_refused(fmnist_small, tiny, tmp_path) -> None:
+    run = tmp_path / "run"
+    train_run(load_config("plain", overrides=[*tiny, "train.epochs=1"]), fmnist_small, run,
+              progress=False)
+    with pytest.raises(InputError, match="differs from the saved one"):
+        train_run(load_config("plain", overrides=[*tiny, "train.epochs=2"]), fmnist_small, run,
+                  resume=True, progress=False)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+
+def test_pickle_checkpoint_that_runs_code_is_refused(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "checkpoint.pt"
+    with open(path, "wb") as handle:
+        pickle.dump({"format": 1, "model": _RunsCode()}, handle)
+    with pytest.raises(InputError, match="checkpoint"):
+        load_checkpoint(path)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(fmnist_small, tiny, tmp_path) -> None:
+    run = tmp_path / "run"
+    overrides = [*tiny, "train.epochs=2", "train.lr=1e30", "train.schedule=constant"]
+    with pytest.raises(OltrError, match="non-finite training loss"):
+        train_run(load_config("plain", overrides=overrides), fmnist_small, run, progress=False)
