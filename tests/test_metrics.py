@@ -71,6 +71,7 @@ def test_closed_set_accuracy_is_mean_of_per_class_accuracy_per_group():
     assert result["counts"] == {
         "many": 2, "medium": 2, "few": 1, "samples": {"many": 6, "medium": 1, "few": 0},
     }
+    assert result["per_class"] == [1.0, 0.25, 1.0, None, None]
 
 
 def test_closed_set_accuracy_requires_known_labels_and_valid_predictions():

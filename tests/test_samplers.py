@@ -103,3 +103,23 @@ def test_bad_arguments():
         ClassAwareSampler([0, 1], num_replicas=2, rank=2)
     with pytest.raises(InputError, match="integers"):
         ClassAwareSampler([0.5, 1.0])
+
+
+def test_balance_power_allocates_groups_by_count_power():
+    # counts 400, 100, 4 → q = 0.5: weights 20, 10, 2 → 64 groups split 40 / 20 / 4 exactly.
+    labels = np.repeat([0, 1, 2], [400, 100, 4])
+    sampler = ClassAwareSampler(labels, samples_per_class=4, num_samples=256, seed=3,
+                                balance_power=0.5)
+    groups = sampler.global_groups()
+    group_classes = labels[groups[:, 0]]
+    assert (labels[groups] == group_classes[:, None]).all()  # groups stay within one class
+    assert np.bincount(group_classes, minlength=3).tolist() == [40, 20, 4]
+    # q = 1 follows the instance proportions (400:100:4 of 64 groups → 51 / 13 / 0, rounded).
+    sampler = ClassAwareSampler(labels, samples_per_class=4, num_samples=256, seed=3,
+                                balance_power=1.0)
+    assert np.bincount(labels[sampler.global_groups()[:, 0]], minlength=3).tolist() == [51, 13, 0]
+
+
+def test_balance_power_out_of_range_is_refused():
+    with pytest.raises(InputError, match="balance_power"):
+        ClassAwareSampler([0, 1], balance_power=1.5)

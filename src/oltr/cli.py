@@ -69,7 +69,8 @@ def cmd_curate(args: argparse.Namespace) -> int:
         settings["known"], str) else settings["known"]
     settings["open"] = _names_or_count(settings["open"]) if isinstance(
         settings["open"], str) else settings["open"]
-    source = parse_source(args.source, image_root=args.image_root)
+    source = parse_source(args.source, image_root=args.image_root,
+                          allow_outside_root=args.allow_outside_root)
     started = time.perf_counter()
     manifest = curate(source, args.out, force=args.force, **settings)
     counts = manifest["counts"]
@@ -90,6 +91,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"seed={args.seed}")
     if args.device is not None:
         overrides.append(f"device={args.device}")
+    if args.skip_bad_images:
+        overrides.append("data.skip_bad_images=true")
     config = load_config(args.method, config_file=args.config, benchmark=args.benchmark,
                          overrides=overrides)
     started = time.perf_counter()
@@ -98,6 +101,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     for result in results:
         print(f"stage {result.stage_dir.name}: best val accuracy {result.best_val_accuracy:.4f} "
               f"at epoch {result.best_epoch} ({result.seconds:.0f} s)")
+        if any(result.skipped_images.values()):
+            per_split = ", ".join(f"{k} {v}" for k, v in result.skipped_images.items())
+            print(f"stage {result.stage_dir.name}: skipped "
+                  f"{sum(result.skipped_images.values())} unreadable images ({per_split})")
     print(f"trained {args.out} in {time.perf_counter() - started:.0f} s")
     if args.evaluate:
         return _evaluate(args.out, args.data, open_set=True, output=Path(args.out) / "report.json")
@@ -119,7 +126,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     output = args.output or Path(args.run) / "report.json"
     return _evaluate(args.run, args.data, open_set=args.open, open_score=args.open_score,
                      threshold=args.threshold, accept_rate=args.accept_rate, device=args.device,
-                     output=output)
+                     output=output, skip_bad_images=args.skip_bad_images or None)
 
 
 # --------------------------------------------------------------------------- predict
@@ -176,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-per-class", type=int, dest="test_per_class")
     p.add_argument("--open-per-class", type=int, dest="open_per_class")
     p.add_argument("--image-root", help="image root of a splits: source")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="let a splits: source list absolute paths or paths with '..'")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=cmd_curate)
 
@@ -200,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--evaluate", action="store_true", help="evaluate (open set) when done")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="skip unreadable images (counted, reported) instead of stopping; the "
+                        "same as data.skip_bad_images=true")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_train)
 
@@ -220,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibrated threshold accepts this fraction of known val images (0.95)")
     p.add_argument("--device", default="auto")
     p.add_argument("--output", help="report path (default RUN/report.json)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="skip unreadable images (counted in the report) instead of stopping "
+                        "(default: the run's data.skip_bad_images)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(

@@ -4,12 +4,16 @@ A config is a nested dict with the sections ``data``, ``model``, ``train`` and `
 and its default lives in ``configs/base.yaml``). A method preset may list ``stages``; each stage
 is a partial config applied on top of the method's own sections (OLTR: stage 1 = the plain model,
 stage 2 = attention + meta-embedding + cosine classifier, paper §3.3 / DESIGN.md §2).
-Unknown keys are errors, never silently ignored.
+Unknown keys are errors, never silently ignored; every value is checked in one place
+(`validate_config`), so a bad value fails before any data is read, naming its key.
 """
 from __future__ import annotations
 
 import copy
+import math
+import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -123,8 +127,10 @@ def list_benchmarks() -> list[str]:
 
 
 def list_methods(benchmark: str = DEFAULT_BENCHMARK) -> list[str]:
+    """Method presets of ``benchmark`` (not ``_base.yaml`` nor the curation ``protocol.yaml``)."""
     return sorted(
-        p.stem for p in (CONFIG_DIR / benchmark).glob("*.yaml") if not p.stem.startswith("_")
+        p.stem for p in (CONFIG_DIR / benchmark).glob("*.yaml")
+        if not p.stem.startswith("_") and p.stem != "protocol"
     )
 
 
@@ -170,6 +176,7 @@ def load_config(
     config["stages"] = resolved_stages
     if config.get("method") is None:
         config["method"] = method or Path(config_file).stem  # type: ignore[arg-type]
+    validate_config(config)
     return config
 
 
@@ -183,5 +190,191 @@ def stage_config(config: dict[str, Any], stage_name: str) -> dict[str, Any]:
     raise InputError(f"no stage named '{stage_name}'", value=[s["name"] for s in config["stages"]])
 
 
+def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with the keys it lacks taken from ``configs/base.yaml`` (a run or stage config
+    saved before a key was added compares equal to one resolved now)."""
+    reference = _read_yaml(BASE_CONFIG)
+    if "stages" not in config:  # a stage's flat config
+        del reference["stages"]
+    return deep_merge(reference, config)
+
+
 def save_config(config: dict[str, Any], path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
+    """Write ``config`` as YAML atomically (temp file + rename): a kill leaves old or new."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- value checks
+Check = tuple[str, Callable[[Any], bool]]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int(minimum: int) -> Check:
+    return f"an integer >= {minimum}", lambda v: _is_int(v) and v >= minimum
+
+
+def _number(description: str, test: Callable[[float], bool]) -> Check:
+    return f"a number {description}", lambda v: _is_number(v) and test(v)
+
+
+def _choice(*choices: str) -> Check:
+    return f"one of {', '.join(choices)}", lambda v: isinstance(v, str) and v in choices
+
+
+def _or_null(check: Check) -> Check:
+    description, test = check
+    return f"null or {description}", lambda v: v is None or test(v)
+
+
+_BOOL: Check = ("true or false", lambda v: isinstance(v, bool))
+_TEXT: Check = ("a non-empty string", lambda v: isinstance(v, str) and bool(v.strip()))
+_NUMBERS: Check = ("a list of numbers", lambda v: isinstance(v, list) and bool(v)
+                   and all(_is_number(x) for x in v))
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+#: What every config value must be, by dotted key (keys of ``configs/base.yaml``).
+CHECKS: dict[str, Check] = {
+    "method": _TEXT,
+    "seed": _int(0),
+    "deterministic": _BOOL,
+    "device": ("auto, cpu, mps, cuda or cuda:N",
+               lambda v: isinstance(v, str) and _DEVICE.fullmatch(v) is not None),
+    "data.image_root": _or_null(_TEXT),
+    "data.image_size": _int(1),
+    "data.channels": ("1 or 3", lambda v: _is_int(v) and v in (1, 3)),
+    "data.mean": _NUMBERS,
+    "data.std": ("a list of numbers > 0", lambda v: _NUMBERS[1](v) and min(v) > 0),
+    "data.transform": _choice("small", "imagenet", "none"),
+    "data.cache_images": _BOOL,
+    "data.num_workers": _int(0),
+    "data.skip_bad_images": _BOOL,
+    "data.allow_outside_root": _BOOL,
+    "model.backbone": _TEXT,
+    "model.width": _or_null(_int(1)),
+    "model.pretrained_path": _or_null(_TEXT),
+    "model.embed_dim": _or_null(_int(1)),
+    "model.dropout": _number("in [0, 1)", lambda v: 0 <= v < 1),
+    "model.classifier": _choice("linear", "cosine"),
+    "model.cosine_scale": _number("> 0", lambda v: v > 0),
+    "model.squash_form": _choice("paper", "original"),
+    "model.attention": _BOOL,
+    "model.modulation": _BOOL,
+    "model.meta_embedding": _BOOL,
+    "model.use_memory": _BOOL,
+    "model.use_selector": _BOOL,
+    "model.use_reachability": _BOOL,
+    "model.reachability_scale": _number("> 0", lambda v: v > 0),
+    "train.epochs": _int(0),
+    "train.batch_size": _int(1),
+    "train.sampler": _choice("instance", "class_aware"),
+    "train.samples_per_class": _int(1),
+    "train.epoch_samples": _or_null(_int(1)),
+    "train.lr": _number("> 0", lambda v: v > 0),
+    "train.lr_backbone": _or_null(_number("> 0", lambda v: v > 0)),
+    "train.lr_centroids": _or_null(_number("> 0", lambda v: v > 0)),
+    "train.momentum": _number("in [0, 1)", lambda v: 0 <= v < 1),
+    "train.weight_decay": _number(">= 0", lambda v: v >= 0),
+    "train.nesterov": _BOOL,
+    "train.schedule": _choice("cosine", "step", "constant"),
+    "train.step_size": _int(1),
+    "train.gamma": _number("> 0", lambda v: v > 0),
+    "train.warmup_epochs": _int(0),
+    "train.label_smoothing": _number("in [0, 1)", lambda v: 0 <= v < 1),
+    "train.centroid_loss": _choice("none", "paper", "original"),
+    "train.centroid_weight": _number(">= 0", lambda v: v >= 0),
+    "train.centroid_margin": _number(">= 0", lambda v: v >= 0),
+    "train.centroid_feature": _choice("direct", "meta"),
+    "train.freeze_backbone": _BOOL,
+    "train.init_from": _or_null(_TEXT),
+    "train.amp": _choice("auto", "bf16", "off"),
+    "train.channels_last": _BOOL,
+    "train.grad_clip": _or_null(_number("> 0", lambda v: v > 0)),
+    "train.max_steps_per_epoch": _or_null(_int(1)),
+    "train.log_every": _int(1),
+    "train.nonfinite": _choice("stop", "skip"),
+    "eval.batch_size": _int(1),
+    "eval.open_score": _choice("msp", "max_logit", "energy", "reachability"),
+    "eval.threshold": _or_null(_number("in [0, 1] (a probability)", lambda v: 0 <= v <= 1)),
+    "eval.accept_rate": _number("in (0, 1]", lambda v: 0 < v <= 1),
+    "eval.many_threshold": _int(0),
+    "eval.few_threshold": _int(0),
+    "eval.strict_shots": _BOOL,
+}
+# YAML 1.1 reads the words off/on/yes/no as booleans; a choice that is one of them is meant.
+_YAML_BOOLEAN_WORDS = {False: ("off", "no"), True: ("on", "yes")}
+
+
+def _restore_boolean_words(section: dict[str, Any], prefix: str) -> None:
+    """``amp: off`` reads as ``False``; put the word back where the key expects a word."""
+    for key, value in section.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            _restore_boolean_words(value, f"{name}.")
+        elif isinstance(value, bool) and name in CHECKS:
+            words = [w for w in _YAML_BOOLEAN_WORDS[value] if CHECKS[name][1](w)]
+            if len(words) == 1:
+                section[key] = words[0]
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _check_flat(config: dict[str, Any], name_of: Callable[[str], str]) -> None:
+    values = _flatten({k: v for k, v in config.items() if k not in ("stages", "stage")})
+    for key, value in values.items():
+        if key in CHECKS:
+            description, test = CHECKS[key]
+            if not test(value):
+                hint = ""
+                if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+                    hint = " (YAML 1.1 reads 1e-3 as text: write 1.0e-3)"
+                raise InputError(f"config key '{name_of(key)}' must be {description}{hint}",
+                                 value=value)
+    data, train, evaluation = config["data"], config["train"], config["eval"]
+    for key in ("mean", "std"):
+        if len(data[key]) != data["channels"]:
+            raise InputError(f"config key '{name_of('data.' + key)}' needs one value per channel "
+                             f"(data.channels = {data['channels']})", value=data[key])
+    if train["nesterov"] and train["momentum"] == 0:
+        raise InputError(f"config key '{name_of('train.nesterov')}' needs train.momentum > 0",
+                         value=train["momentum"])
+    if evaluation["few_threshold"] > evaluation["many_threshold"]:
+        raise InputError(f"config key '{name_of('eval.few_threshold')}' must be <= "
+                         "eval.many_threshold", value=evaluation["few_threshold"])
+
+
+def validate_config(config: dict[str, Any]) -> None:
+    """Check every value of a resolved config (and each stage as it will run); InputError naming
+    the key (``stage2.train.lr`` when a stage sets it) and the value. YAML words read as
+    booleans (``amp: off``) are turned back into the word first."""
+    _restore_boolean_words(config, "")
+    for stage in config["stages"]:
+        _restore_boolean_words(stage, "")
+    _check_flat(config, lambda key: key)
+    for stage in config["stages"]:
+        own = _flatten({k: v for k, v in stage.items() if k != "name"})
+
+        def name_of(key: str, stage_name: str = stage["name"], own: dict = own) -> str:
+            return f"{stage_name}.{key}" if key in own else key
+
+        _check_flat(stage_config(config, stage["name"]), name_of)

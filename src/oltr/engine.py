@@ -7,6 +7,17 @@ checkpoint every epoch atomically, keep the best-on-val weights. A *run* is a se
 completed epoch; each epoch's randomness is derived from ``(seed, epoch)`` so a resumed run sees
 the same data order and augmentations as an uninterrupted one.
 
+Crash safety: every file is written to a temporary name, fsynced and renamed, so ``kill -9`` at
+any moment leaves the previous or the new file, never a broken one (a killed writer's temporary
+file is never read, and is removed when the stage starts again). The checkpoint holds the model
+(BatchNorm statistics and the memory's centroids included), optimiser and scheduler states, the
+epoch and the best-so-far record. It holds no generator states because none carry over between
+epochs: the torch generator is reseeded with ``epoch_seed(seed, epoch)`` at every epoch start, the
+sampler (and the loader's workers) are seeded from the same value, and nothing draws from the
+numpy or Python generators. With ``deterministic: true`` a resumed run therefore ends with the
+same weights as an uninterrupted one. Checkpoints are read with ``weights_only=True`` and
+selected weights are safetensors, so loading never runs code from a file.
+
 Run directory::
 
     RUN/run.json            method, stages, the final stage
@@ -14,6 +25,7 @@ Run directory::
     RUN/<stage>/config.yaml the flat config of the stage
     RUN/<stage>/checkpoint.pt   last epoch: model, optimiser, scheduler, history (weights_only-safe)
     RUN/<stage>/model.safetensors + model.json   the best-on-val weights and what rebuilds them
+                                (model.json also counts the images skipped by data.skip_bad_images)
     RUN/<stage>/history.jsonl   one line per epoch
 """
 from __future__ import annotations
@@ -25,7 +37,7 @@ import random
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +49,10 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
-from oltr.config import save_config, stage_config
+from oltr.config import save_config, stage_config, with_defaults
 from oltr.data import Benchmark, ImageListDataset, build_transform, load_benchmark
 from oltr.data.samplers import ClassAwareSampler
+from oltr.data.splits import leaves_root
 from oltr.errors import InputError, OltrError
 from oltr.losses import build_centroid_loss
 from oltr.models import (
@@ -56,6 +69,10 @@ MODEL_INFO = "model.json"
 HISTORY = "history.jsonl"
 RUN_INFO = "run.json"
 CHECKPOINT_FORMAT = 1
+CHECKPOINT_KEYS = ("config", "model", "optimizer", "scheduler", "epoch", "best_epoch", "best_acc")
+MODEL_INFO_KEYS = {"model": dict, "num_classes": int, "in_chans": int, "data": dict,
+                   "class_names": list, "stage": str}
+MODEL_DATA_KEYS = ("image_size", "channels", "mean", "std", "transform")
 
 
 # --------------------------------------------------------------------------- utilities
@@ -63,7 +80,10 @@ def select_device(name: str) -> torch.device:
     """``auto`` picks CUDA when available, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError("unknown device (auto, cpu, cuda or cuda:N)", value=name) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("device 'cuda' requested but CUDA is not available", value=name)
     return device
@@ -111,6 +131,27 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Delete the temporary files of `atomic_write_bytes` whose writer is dead (a killed run)."""
+    removed = []
+    for tmp in directory.glob(".*.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 # --------------------------------------------------------------------------- data
 def dataset_for(
     bench: Benchmark, split: str, data_cfg: dict[str, Any], *, train: bool
@@ -154,6 +195,7 @@ def train_loader(
             samples_per_class=train_cfg["samples_per_class"],
             num_samples=num_samples,
             seed=cfg["seed"],
+            balance_power=train_cfg["balance_power"],
         )
         sampler.set_epoch(epoch)
     else:
@@ -246,6 +288,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise InputError(f"refusing or unable to read checkpoint: {exc}", path=path) from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise InputError("not an oltr training checkpoint (wrong format tag)", path=path)
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise InputError(f"checkpoint lacks keys {missing} (tampered or truncated)", path=path)
     return state
 
 
@@ -256,19 +301,50 @@ def save_model(stage_dir: Path, net: nn.Module, info: dict[str, Any]) -> None:
     atomic_write_text(stage_dir / MODEL_INFO, json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
+def _read_model_info(path: Path) -> dict[str, Any]:
+    """``model.json``, checked: valid JSON with every key `load_model` and `Predictor` use."""
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InputError(f"not valid JSON ({exc.msg})", path=path, line=exc.lineno) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read model description ({exc})", path=path) from None
+    if not isinstance(info, dict):
+        raise InputError("must hold a JSON object", path=path)
+    for key, kind in MODEL_INFO_KEYS.items():
+        if key not in info:
+            raise InputError(f"lacks key '{key}' (tampered, or not written by oltr)", path=path)
+        if not isinstance(info[key], kind) or isinstance(info[key], bool):
+            raise InputError(f"key '{key}' must be a {kind.__name__}", path=path, value=info[key])
+    missing = [key for key in MODEL_DATA_KEYS if key not in info["data"]]
+    if missing:
+        raise InputError(f"key 'data' lacks {missing}", path=path)
+    if len(info["class_names"]) != info["num_classes"]:
+        raise InputError(f"{len(info['class_names'])} class names for num_classes "
+                         f"{info['num_classes']}", path=path)
+    return info
+
+
 def load_model(stage_dir: Path, device: torch.device | str = "cpu") -> tuple[OLTRNetwork, dict]:
     """Rebuild the network of a trained stage from ``model.json`` + ``model.safetensors``."""
     info_path, weights_path = stage_dir / MODEL_INFO, stage_dir / WEIGHTS
     for path in (info_path, weights_path):
         if not path.exists():
             raise InputError("trained model not found (has the stage finished an epoch?)", path=path)
-    info = json.loads(info_path.read_text())
-    net = create_network(info["model"], info["num_classes"], info["in_chans"])
+    info = _read_model_info(info_path)
+    try:
+        net = create_network(info["model"], info["num_classes"], info["in_chans"])
+    except (InputError, TypeError, ValueError) as exc:
+        raise InputError(f"describes no valid model: {exc}", path=info_path) from None
     try:
         state = load_file(str(weights_path))
     except Exception as exc:
         raise InputError(f"cannot read weights: {exc}", path=weights_path) from exc
-    missing, unexpected = net.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise InputError(f"weights do not fit the model in {MODEL_INFO}: "
+                         f"{str(exc).strip().splitlines()[-1].strip()}", path=weights_path) from None
     if missing or unexpected:
         raise InputError(
             f"weights do not match the model in {MODEL_INFO}: missing {missing[:3]}, "
@@ -286,6 +362,7 @@ class StageResult:
     best_val_accuracy: float
     epochs_run: int
     seconds: float
+    skipped_images: dict[str, int] = field(default_factory=dict)
 
 
 def _read_history(stage_dir: Path) -> list[dict[str, Any]]:
@@ -303,7 +380,11 @@ def _init_from_previous(
     weights = init_from / WEIGHTS if init_from.is_dir() else init_from
     if not weights.exists():
         raise InputError("train.init_from: no weights found", path=weights)
-    copied = load_stage1_into_stage2(net, load_file(str(weights)))
+    try:
+        previous = load_file(str(weights))
+    except Exception as exc:
+        raise InputError(f"cannot read weights: {exc}", path=weights) from exc
+    copied = load_stage1_into_stage2(net, previous)
     if net.meta_embedding is not None:
         outputs = collect_outputs(
             net, loader, device, amp=cfg["train"]["amp"],
@@ -331,13 +412,21 @@ def train_stage(
     started = time.perf_counter()
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(stage_dir)
     train_cfg, data_cfg = cfg["train"], cfg["data"]
     device = select_device(cfg["device"])
     if cfg["deterministic"]:
         torch.use_deterministic_algorithms(True)
     seed_everything(cfg["seed"])
 
-    bench = load_benchmark(data_dir)
+    bench = load_benchmark(data_dir, image_root=data_cfg["image_root"],
+                           allow_outside_root=data_cfg["allow_outside_root"])
+    skipped: dict[str, int] = {}
+    if data_cfg["skip_bad_images"]:
+        dropped = bench.drop_unreadable_images(("train", "val"),
+                                               num_workers=data_cfg["num_workers"])
+        skipped = {split: len(messages) for split, messages in dropped.items()}
+        report_skipped_images(f"[{cfg['stage']}]", dropped)
     train_set = dataset_for(bench, "train", data_cfg, train=True)
     train_eval_set = dataset_for(bench, "train", data_cfg, train=False)
     val_set = dataset_for(bench, "val", data_cfg, train=False)
@@ -391,15 +480,29 @@ def train_stage(
 
     start_epoch, best_epoch, best_acc = 0, -1, -1.0
     if state is not None:
-        if state["config"] != cfg:
+        if with_defaults(state["config"]) != cfg:
             raise InputError(
                 "the checkpoint was written with a different config; resume with the same "
                 "command, or start a new --out",
                 path=checkpoint_path,
             )
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        if state.get("class_names", bench.class_names) != bench.class_names:
+            raise InputError(
+                f"the checkpoint was written for {len(state['class_names'])} classes "
+                f"{state['class_names'][:5]} but the data has {bench.num_classes} "
+                f"{bench.class_names[:5]}; resume with the same --data",
+                path=checkpoint_path,
+            )
+        try:
+            net.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise InputError(
+                "the checkpoint does not fit this model and data (tampered, or other data?): "
+                f"{str(exc).strip().splitlines()[-1].strip()}",
+                path=checkpoint_path,
+            ) from None
         start_epoch, best_epoch, best_acc = state["epoch"], state["best_epoch"], state["best_acc"]
         print(f"[{cfg['stage']}] resuming after epoch {start_epoch} of {epochs}", flush=True)
     save_config(cfg, stage_dir / "config.yaml")
@@ -412,16 +515,20 @@ def train_stage(
         "train_counts": bench.train_counts.tolist(),
         "stage": cfg["stage"],
         "seed": cfg["seed"],
+        "skipped_images": skipped,
     }
     if start_epoch == 0 and epochs == 0:
         save_model(stage_dir, net, model_info | {"epoch": 0, "val_accuracy": None})
 
     val_loader = eval_loader(val_set, cfg["eval"]["batch_size"], workers)
     history = _read_history(stage_dir)[:start_epoch]
+    if start_epoch < epochs:
+        print(f"[{cfg['stage']}] training epochs {start_epoch + 1}..{epochs} "
+              f"({steps_per_epoch} steps each) into {stage_dir}", flush=True)
     for epoch in range(start_epoch, epochs):
         torch.manual_seed(epoch_seed(cfg["seed"], epoch))
         epoch_start = time.perf_counter()
-        loss_sum, correct, seen = _train_one_epoch(
+        loss_sum, correct, seen, skipped_steps = _train_one_epoch(
             net, train_loader(train_set, cfg, epoch), optimizer, scheduler, centroid_loss,
             cfg, device, steps_per_epoch,
             description=f"[{cfg['stage']}] epoch {epoch + 1}/{epochs}" if progress else None,
@@ -438,6 +545,7 @@ def train_stage(
             "lr": optimizer.param_groups[-1]["lr"],
             "images_per_second": seen / train_seconds,
             "seconds": time.perf_counter() - epoch_start,
+            "skipped_steps": skipped_steps,
         }
         history.append(record)
         improved = val_acc > best_acc
@@ -456,16 +564,29 @@ def train_stage(
                 "epoch": epoch + 1,
                 "best_epoch": best_epoch,
                 "best_acc": best_acc,
+                "class_names": bench.class_names,
             },
         )
         print(
             f"[{cfg['stage']}] epoch {epoch + 1}/{epochs}  loss {record['train_loss']:.4f}  "
             f"train acc {record['train_accuracy']:.3f}  val acc {val_acc:.3f}"
-            f"{' *' if improved else ''}  {record['images_per_second']:.0f} img/s",
+            f"{' *' if improved else ''}  {record['images_per_second']:.0f} img/s"
+            f"{f'  ({skipped_steps} non-finite steps skipped)' if skipped_steps else ''}",
             flush=True,
         )
     return StageResult(stage_dir, best_epoch, best_acc, epochs - start_epoch,
-                       time.perf_counter() - started)
+                       time.perf_counter() - started, skipped)
+
+
+def report_skipped_images(prefix: str, dropped: dict[str, list[str]]) -> None:
+    """Print how many unreadable images were skipped per split, and the first few of them."""
+    messages = [message for split_messages in dropped.values() for message in split_messages]
+    if not messages:
+        return
+    counts = ", ".join(f"{split} {len(m)}" for split, m in dropped.items())
+    print(f"{prefix} skipping {len(messages)} unreadable images ({counts}):", flush=True)
+    for message in messages[:5]:
+        print(f"{prefix}   {message}", flush=True)
 
 
 def _batches(loader: DataLoader, limit: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -485,10 +606,11 @@ def _train_one_epoch(
     device: torch.device,
     steps: int,
     description: str | None,
-) -> tuple[float, int, int]:
+) -> tuple[float, int, int, int]:
+    """One epoch of SGD; returns the loss sum, correct and seen counts, and skipped steps."""
     train_cfg = cfg["train"]
     net.train()
-    loss_sum, correct, seen = 0.0, 0, 0
+    loss_sum, correct, seen, skipped = 0.0, 0, 0, 0
     bar = tqdm(_batches(loader, steps), total=steps, desc=description, leave=False,
                disable=True if description is None else None)
     for step, (images, labels) in enumerate(bar, start=1):
@@ -505,10 +627,14 @@ def _train_one_epoch(
                     feature.float(), labels, net.meta_embedding.centroids
                 )
         if not torch.isfinite(loss):
-            raise OltrError(
-                f"non-finite training loss ({loss.item()}) in stage '{cfg['stage']}'; the last "
-                "good checkpoint is kept. Lower train.lr or set train.grad_clip."
-            )
+            if train_cfg["nonfinite"] == "stop":
+                raise OltrError(
+                    f"non-finite training loss ({loss.item()}) in stage '{cfg['stage']}'; the "
+                    "last good checkpoint is kept. Lower train.lr, set train.grad_clip, or set "
+                    "train.nonfinite=skip to skip such steps."
+                )
+            skipped += 1  # train.nonfinite: skip — no optimiser (nor scheduler) step
+            continue
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if train_cfg["grad_clip"]:
@@ -520,8 +646,12 @@ def _train_one_epoch(
         correct += int((out["logits"].argmax(1) == labels).sum())
         seen += batch
         if step % max(1, train_cfg["log_every"]) == 0:
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-    return loss_sum, correct, seen
+            bar.set_postfix(loss=f"{loss_sum / max(1, seen):.3f}",
+                            acc=f"{correct / max(1, seen):.3f}")
+    if seen == 0 and skipped:
+        raise OltrError(f"every step of an epoch had a non-finite loss in stage "
+                        f"'{cfg['stage']}'; lower train.lr")
+    return loss_sum, correct, seen, skipped
 
 
 # --------------------------------------------------------------------------- a run of stages
@@ -530,7 +660,14 @@ def final_stage_dir(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     info_path = run_dir / RUN_INFO
     if info_path.exists():
-        return run_dir / json.loads(info_path.read_text())["final_stage"]
+        try:
+            final = json.loads(info_path.read_text())["final_stage"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise InputError(f"unreadable run description ({exc!r})", path=info_path) from None
+        if not isinstance(final, str) or leaves_root(final) or "/" in final:
+            raise InputError("final_stage must name a stage folder of the run", path=info_path,
+                             value=final)
+        return run_dir / final
     if (run_dir / MODEL_INFO).exists():
         return run_dir
     raise InputError(f"not an oltr run directory (no {RUN_INFO} or {MODEL_INFO})", path=run_dir)
@@ -550,11 +687,12 @@ def train_run(
         raise InputError("run directory is not empty; pass --resume to continue it or choose "
                          "another --out", path=run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(run_dir)
     saved = run_dir / "config.yaml"
     if resume and saved.exists():
         import yaml  # local: only needed here
 
-        if yaml.safe_load(saved.read_text()) != config:
+        if with_defaults(yaml.safe_load(saved.read_text())) != config:
             raise InputError("--resume with a config that differs from the saved one", path=saved)
     save_config(config, saved)
     stage_names = [stage["name"] for stage in config["stages"]]

@@ -18,6 +18,7 @@ import numpy as np
 import yaml
 
 from oltr import metrics
+from oltr.config import with_defaults
 from oltr.data import load_benchmark
 from oltr.engine import (
     atomic_write_text,
@@ -26,6 +27,7 @@ from oltr.engine import (
     eval_loader,
     final_stage_dir,
     load_model,
+    report_skipped_images,
     select_device,
 )
 from oltr.errors import InputError
@@ -75,25 +77,50 @@ def evaluate_run(
     accept_rate: float | None = None,
     device: str = "auto",
     output: str | Path | None = None,
+    skip_bad_images: bool | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a trained run on ``data_dir``; write the report to ``output`` if given."""
+    """Evaluate a trained run on ``data_dir``; write the report to ``output`` if given.
+
+    ``skip_bad_images`` (default: the run's ``data.skip_bad_images``) drops unreadable images
+    of the evaluated splits instead of stopping; the report counts them (``skipped_images``).
+    """
     started = time.perf_counter()
     stage_dir = final_stage_dir(run_dir)
     torch_device = select_device(device)
     net, info = load_model(stage_dir, torch_device)
-    stage_cfg = yaml.safe_load((stage_dir / "config.yaml").read_text())
+    stage_config_path = stage_dir / "config.yaml"
+    if not stage_config_path.is_file():
+        raise InputError("the run's stage config is missing", path=stage_config_path)
+    stage_cfg = with_defaults(yaml.safe_load(stage_config_path.read_text()))
     eval_cfg = stage_cfg["eval"]
     open_score = open_score or eval_cfg["open_score"]
     threshold = eval_cfg["threshold"] if threshold is None else threshold
     accept_rate = eval_cfg["accept_rate"] if accept_rate is None else accept_rate
     if not 0.0 < accept_rate <= 1.0:
         raise InputError("accept rate must lie in (0, 1]", value=accept_rate)
-    bench = load_benchmark(data_dir)
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise InputError("a probability threshold must lie in [0, 1]", value=threshold)
+    bench = load_benchmark(data_dir, image_root=stage_cfg["data"]["image_root"],
+                           allow_outside_root=stage_cfg["data"]["allow_outside_root"])
     if bench.num_classes != info["num_classes"]:
         raise InputError(
             f"the model was trained on {info['num_classes']} classes but the data has "
             f"{bench.num_classes}", path=Path(data_dir),
         )
+    if bench.class_names != info["class_names"]:
+        raise InputError(
+            f"the model was trained on the classes {info['class_names'][:5]} but the data has "
+            f"{bench.class_names[:5]}", path=Path(data_dir),
+        )
+    if skip_bad_images is None:
+        skip_bad_images = stage_cfg["data"]["skip_bad_images"]
+    evaluated = ("test", "val", "open") if open_set else ("test",)
+    skipped = {split: 0 for split in evaluated}
+    if skip_bad_images:
+        dropped = bench.drop_unreadable_images(evaluated,
+                                               num_workers=stage_cfg["data"]["num_workers"])
+        report_skipped_images("[evaluate]", dropped)
+        skipped |= {split: len(messages) for split, messages in dropped.items()}
 
     group_kw = {
         "many_threshold": eval_cfg["many_threshold"],
@@ -168,6 +195,7 @@ def evaluate_run(
             "num_known": int((~is_open).sum()),
             "num_open": int(is_open.sum()),
         }
+    report["skipped_images"] = skipped
     report["seconds"] = time.perf_counter() - started
     report = _round(report)
     if output is not None:
@@ -206,4 +234,8 @@ def format_report(report: dict[str, Any]) -> str:
     if counts:
         lines.append(f"classes per group: many {counts.get('many')}, medium "
                      f"{counts.get('medium')}, few {counts.get('few')}")
+    skipped = report.get("skipped_images") or {}
+    if any(skipped.values()):
+        per_split = ", ".join(f"{split} {count}" for split, count in skipped.items())
+        lines.append(f"skipped {sum(skipped.values())} unreadable images ({per_split})")
     return "\n".join(lines)

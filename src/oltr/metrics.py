@@ -166,6 +166,9 @@ def _group_report(
         samples[group] = int(samples_per_class[in_group].sum())
     counts["samples"] = samples
     report["counts"] = counts
+    report["per_class"] = [
+        float(c / n) if n else None for c, n in zip(correct_per_class, samples_per_class)
+    ]
     return report
 
 
@@ -187,7 +190,7 @@ def closed_set_accuracy(
     ``medium``, ``few`` are the means of per-class accuracies over the group's classes that
     have test samples (``None`` when there is none). A prediction of -1 counts as an error.
     ``counts`` holds the number of classes per group and, under ``samples``, the number of
-    test samples per group.
+    test samples per group; ``per_class`` the accuracy of each class (``None`` if untested).
     """
     predictions = _integers("predictions", predictions)
     labels = _integers("labels", labels)

@@ -66,7 +66,8 @@ class Predictor:
                 return self.transform(image.convert(self.mode))
         except FileNotFoundError as exc:
             raise InputError("image not found", path=path) from exc
-        except (UnidentifiedImageError, OSError) as exc:
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+                Image.DecompressionBombError) as exc:
             raise InputError(f"cannot read image: {exc}", path=path) from exc
 
     @torch.no_grad()

@@ -249,14 +249,17 @@ def curate(
 
     rng = np.random.Generator(np.random.PCG64(seed))
     known_classes, open_classes = choose_classes(source.class_names, known, open, rng)
-    counts = class_counts(
-        profile,
-        len(known_classes),
-        max_count=max_count,
-        min_count=min_count,
-        alpha=alpha,
-        ratio=ratio,
-    )
+    try:
+        counts = class_counts(
+            profile,
+            len(known_classes),
+            max_count=max_count,
+            min_count=min_count,
+            alpha=alpha,
+            ratio=ratio,
+        )
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"invalid long-tail profile: {exc}") from None
     rank_order = [known_classes[i] for i in rng.permutation(len(known_classes))]
     num_source_classes = len(source.class_names)
     train_pools = _by_class(source.train, num_source_classes)

@@ -96,7 +96,7 @@ class ImageListDataset(Dataset):
             return self.line_numbers[index]
         assert self.source_file is not None
         try:
-            entries, lines = read_split_lines(self.source_file)
+            entries, lines = read_split_lines(self.source_file, allow_outside_root=True)
         except InputError:
             return index + 1
         wanted = self.entries[index][0]
@@ -111,6 +111,23 @@ class ImageListDataset(Dataset):
         image = self.load_image(index)
         tensor = self.transform(image) if self.transform is not None else TF.to_tensor(image)
         return tensor, self.entries[index][1]
+
+
+class _ReadabilityProbe(Dataset):
+    """Item ``i``: None if image ``i`` of ``dataset`` decodes, else the InputError's message."""
+
+    def __init__(self, dataset: ImageListDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> str | None:
+        try:
+            self.dataset.load_image(index)
+        except InputError as exc:
+            return str(exc)
+        return None
 
 
 @dataclass
@@ -145,6 +162,45 @@ class Benchmark:
         if name not in self._entries:
             raise InputError(f"benchmark has no {name} split", path=self.data_dir)
         return list(self._entries[name])
+
+    def drop_unreadable_images(
+        self, splits: Sequence[str], *, num_workers: int = 0
+    ) -> dict[str, list[str]]:
+        """Decode every image of ``splits`` once and drop the unreadable ones from this benchmark.
+
+        Returns, per split, the messages of the dropped images (each names split file, line
+        and image). Train counts are recomputed; a class left without train images, or a split
+        left empty, is an InputError. Used by ``data.skip_bad_images`` / ``--skip-bad-images``.
+        """
+        from torch.utils.data import DataLoader
+
+        dropped: dict[str, list[str]] = {}
+        for name in splits:
+            if name not in self._entries:
+                continue
+            probe = DataLoader(_ReadabilityProbe(self.dataset(name)), batch_size=64,
+                               num_workers=num_workers, collate_fn=list)
+            errors = [message for batch in probe for message in batch]
+            dropped[name] = [message for message in errors if message is not None]
+            if not dropped[name]:
+                continue
+            keep = [index for index, message in enumerate(errors) if message is None]
+            if not keep:
+                raise InputError(f"no image of the {name} split is readable "
+                                 f"(first: {dropped[name][0]})", path=self.split_files[name])
+            self._entries[name] = [self._entries[name][i] for i in keep]
+            self._line_numbers[name] = [self._line_numbers[name][i] for i in keep]
+        if dropped.get("train"):
+            labels = np.array([label for _, label in self._entries["train"]], dtype=np.int64)
+            self.train_counts = np.bincount(labels, minlength=self.num_classes)
+            empty = np.flatnonzero(self.train_counts == 0)
+            if empty.size:
+                raise InputError(
+                    f"class {int(empty[0])} ({self.class_names[empty[0]]!r}) has no readable "
+                    f"train image left (first unreadable: {dropped['train'][0]})",
+                    path=self.split_files["train"],
+                )
+        return dropped
 
     def dataset(
         self,
@@ -184,14 +240,16 @@ def load_benchmark(
     *,
     verify: bool = True,
     image_root: str | os.PathLike[str] | None = None,
+    allow_outside_root: bool = False,
 ) -> Benchmark:
     """Load and validate a benchmark directory.
 
     ``verify`` re-hashes the files listed in the manifest. ``image_root`` overrides where images
     are looked up (default: the manifest's ``image_root``, relative to ``data_dir`` if relative;
     for a plain directory, ``data_dir``). Raises InputError for a label out of range, a class
-    without train images, ``-1`` outside the open split, a known label in the open split, or an
-    image listed in two splits.
+    without train images, ``-1`` outside the open split, a known label in the open split, an
+    image listed in two splits, or a path that leaves the image root (absolute, or with a
+    ``..`` component) unless ``allow_outside_root``.
     """
     data_dir = Path(data_dir).expanduser()
     if not data_dir.is_dir():
@@ -217,10 +275,19 @@ def load_benchmark(
         if name not in split_files:
             continue
         entries[name], line_numbers[name] = read_split_lines(
-            split_files[name], num_classes=num_classes, allow_open=name == "open"
+            split_files[name], num_classes=num_classes, allow_open=name == "open",
+            allow_outside_root=allow_outside_root,
         )
         if name == "train" and num_classes is None:
-            num_classes = max(label for _, label in entries["train"]) + 1
+            present = {label for _, label in entries["train"]}
+            num_classes = next(label for label in range(len(present) + 1) if label not in present)
+            if num_classes <= max(present):
+                raise InputError(
+                    f"labels must be contiguous from 0 (without a classes.txt): label "
+                    f"{num_classes} has no train image but {max(present)} does",
+                    path=split_files["train"],
+                    value=num_classes,
+                )
     assert num_classes is not None
     class_names = named[0] if named is not None else [f"class_{i}" for i in range(num_classes)]
 

@@ -25,6 +25,11 @@ class ClassAwareSampler(Sampler[int]):
     (R = ``num_replicas``), so each rank's stream still consists of whole same-class groups,
     the ranks' positions in the global sequence are disjoint and, together, cover it. Each
     rank yields ``ceil(num_samples / R)`` indices (``num_samples`` defaults to ``len(labels)``).
+
+    ``balance_power`` q softens the balancing: class c receives a share n_c^q / Σ_k n_k^q of the
+    epoch's groups (largest-remainder rounding, then shuffled), n_c being its image count.
+    q = 0 is class-aware sampling (every class alike), q = 0.5 square-root sampling, q = 1 the
+    instance-balanced proportions.
     """
 
     def __init__(
@@ -36,6 +41,7 @@ class ClassAwareSampler(Sampler[int]):
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
+        balance_power: float = 0.0,
     ) -> None:
         labels_array = np.asarray(labels)
         if labels_array.ndim != 1 or labels_array.size == 0:
@@ -48,12 +54,16 @@ class ClassAwareSampler(Sampler[int]):
             raise InputError("samples_per_class must be >= 1", value=samples_per_class)
         if num_samples is not None and num_samples < 1:
             raise InputError("num_samples must be >= 1", value=num_samples)
+        if not 0.0 <= balance_power <= 1.0:
+            raise InputError("balance_power must lie in [0, 1]", value=balance_power)
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise InputError("need num_replicas >= 1 and 0 <= rank < num_replicas",
                              value=(num_replicas, rank))
         order = np.argsort(labels_array, kind="stable")
         classes, counts = np.unique(labels_array[order], return_counts=True)
         self.classes = classes
+        self.balance_power = balance_power
+        self.class_counts = counts
         self.class_indices = np.split(order, np.cumsum(counts)[:-1])
         self.samples_per_class = samples_per_class
         self.num_samples = len(labels_array) if num_samples is None else num_samples
@@ -72,9 +82,13 @@ class ClassAwareSampler(Sampler[int]):
         rng = np.random.default_rng([self.seed, self.epoch])
         num_groups = self.groups_per_rank * self.num_replicas
         num_classes = len(self.classes)
-        passes = math.ceil(num_groups / num_classes)
-        class_order = np.concatenate([rng.permutation(num_classes) for _ in range(passes)])
-        class_order = class_order[:num_groups]
+        if self.balance_power == 0.0:
+            passes = math.ceil(num_groups / num_classes)
+            class_order = np.concatenate([rng.permutation(num_classes) for _ in range(passes)])
+            class_order = class_order[:num_groups]
+        else:
+            class_order = rng.permutation(np.repeat(np.arange(num_classes), self._group_shares(
+                num_groups)))
         groups = np.empty((num_groups, self.samples_per_class), dtype=np.int64)
         slots_by_class = np.argsort(class_order, kind="stable")
         slot_counts = np.bincount(class_order, minlength=num_classes)
@@ -88,6 +102,15 @@ class ClassAwareSampler(Sampler[int]):
             stream = np.concatenate([rng.permutation(pool) for _ in range(cycles)])
             groups[slots] = stream[:need].reshape(len(slots), self.samples_per_class)
         return groups
+
+    def _group_shares(self, num_groups: int) -> np.ndarray:
+        """Groups per class ∝ n_c^q, rounded by largest remainder so they sum to num_groups."""
+        weights = self.class_counts.astype(np.float64) ** self.balance_power
+        exact = num_groups * weights / weights.sum()
+        shares = np.floor(exact).astype(np.int64)
+        remainder_order = np.argsort(-(exact - shares), kind="stable")
+        shares[remainder_order[: num_groups - shares.sum()]] += 1
+        return shares
 
     def __iter__(self) -> Iterator[int]:
         mine = self.global_groups()[self.rank :: self.num_replicas].reshape(-1)

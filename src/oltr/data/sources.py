@@ -343,7 +343,12 @@ def read_class_names(directory: Path) -> tuple[list[str], Path] | None:
     return None
 
 
-def _load_splits(spec: str, path_text: str, image_root: str | os.PathLike[str] | None) -> Source:
+def _load_splits(
+    spec: str,
+    path_text: str,
+    image_root: str | os.PathLike[str] | None,
+    allow_outside_root: bool,
+) -> Source:
     path = Path(path_text).expanduser()
     if not path.exists():
         raise InputError("split file or directory not found", path=path)
@@ -356,20 +361,22 @@ def _load_splits(spec: str, path_text: str, image_root: str | os.PathLike[str] |
     assert train_file is not None
     named = read_class_names(directory)
     num_classes = len(named[0]) if named is not None else None
-    train = read_split_file(train_file, num_classes=num_classes, allow_open=False)
-    if num_classes is None:
-        num_classes = max(label for _, label in train) + 1
+    train = read_split_file(train_file, num_classes=num_classes, allow_open=False,
+                            allow_outside_root=allow_outside_root)
     present = {label for _, label in train}
-    missing = [label for label in range(num_classes) if label not in present]
-    if missing:
+    if num_classes is None:
+        num_classes = max(present) + 1
+    if len(present) < num_classes:
+        first_missing = next(label for label in range(num_classes) if label not in present)
         raise InputError(
-            f"labels must cover 0..{num_classes - 1}; label {missing[0]} has no image "
-            f"({len(missing)} labels missing)",
+            f"labels must cover 0..{num_classes - 1}; label {first_missing} has no image "
+            f"({num_classes - len(present)} labels missing)",
             path=train_file,
-            value=missing[0],
+            value=first_missing,
         )
     test = (
-        read_split_file(test_file, num_classes=num_classes, allow_open=False)
+        read_split_file(test_file, num_classes=num_classes, allow_open=False,
+                        allow_outside_root=allow_outside_root)
         if test_file is not None
         else None
     )
@@ -386,10 +393,16 @@ def _load_splits(spec: str, path_text: str, image_root: str | os.PathLike[str] |
     )
 
 
-def parse_source(spec: str, *, image_root: str | os.PathLike[str] | None = None) -> Source:
+def parse_source(
+    spec: str,
+    *,
+    image_root: str | os.PathLike[str] | None = None,
+    allow_outside_root: bool = False,
+) -> Source:
     """Load the source named by ``spec`` (see the module docstring for the accepted forms).
 
-    ``image_root`` applies to ``splits:`` sources only (default: the split file's directory).
+    ``image_root`` applies to ``splits:`` sources only (default: the split file's directory);
+    so does ``allow_outside_root`` (split-file paths may be absolute or contain ``..``).
     """
     kind, _, argument = spec.partition(":")
     if image_root is not None and kind != "splits":
@@ -401,5 +414,5 @@ def parse_source(spec: str, *, image_root: str | os.PathLike[str] | None = None)
     if kind == "folder":
         return _load_folder(spec, argument)
     if kind == "splits":
-        return _load_splits(spec, argument, image_root)
+        return _load_splits(spec, argument, image_root, allow_outside_root)
     raise InputError(f"unknown source; expected one of {', '.join(SOURCE_KINDS)}", value=spec)

@@ -3,20 +3,30 @@
 One line per image: ``relative/path label``; the open label is ``-1``. The label is the last
 whitespace-separated field, so a path that contains spaces still reads back. Blank lines are
 tolerated; anything else that is not ``path label`` is an error naming the file and line.
+Paths are relative to the image root: an absolute path or a ``..`` component (which would
+leave it) is refused unless ``allow_outside_root`` is set (config ``data.allow_outside_root``).
 """
 from __future__ import annotations
 
 import hashlib
+import operator
 import os
 import re
 import tempfile
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from oltr.errors import InputError
 
 OPEN_LABEL = -1
-_INTEGER = re.compile(r"[+-]?\d+")
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_MAX_LABEL_DIGITS = 9
+
+
+def leaves_root(image_path: str) -> bool:
+    """True if ``image_path`` is absolute or has a ``..`` component (it can leave the root)."""
+    pure = PurePosixPath(image_path)
+    return pure.is_absolute() or ".." in pure.parts
 
 
 def read_split_lines(
@@ -24,16 +34,18 @@ def read_split_lines(
     *,
     num_classes: int | None = None,
     allow_open: bool = True,
+    allow_outside_root: bool = False,
 ) -> tuple[list[tuple[str, int]], list[int]]:
     """Read a split file; return its ``(path, label)`` entries and their 1-based line numbers.
 
     Raises InputError (naming file, line and value) for a malformed line, a non-integer label,
     a label below -1 or ``>= num_classes``, ``-1`` when ``allow_open`` is false, a path listed
-    twice, an empty file, or a missing / unreadable file.
+    twice, a path that leaves the image root (unless ``allow_outside_root``), an empty file,
+    or a missing / unreadable file. A UTF-8 byte-order mark is ignored.
     """
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")
     except FileNotFoundError:
         raise InputError("split file not found", path=path) from None
     except UnicodeDecodeError as exc:
@@ -55,6 +67,8 @@ def read_split_lines(
             raise InputError(
                 "label is not an integer", path=path, line=line_number, value=label_text
             )
+        if len(label_text.lstrip("+-").lstrip("0")) > _MAX_LABEL_DIGITS:
+            raise InputError("label is too large", path=path, line=line_number, value=label_text)
         label = int(label_text)
         if label < OPEN_LABEL:
             raise InputError(
@@ -73,6 +87,14 @@ def read_split_lines(
                 path=path,
                 line=line_number,
                 value=label_text,
+            )
+        if not allow_outside_root and leaves_root(image_path):
+            raise InputError(
+                "path leaves the image root (absolute or with a '..' component); set "
+                "data.allow_outside_root: true to allow it",
+                path=path,
+                line=line_number,
+                value=image_path,
             )
         if image_path in first_line_of:
             raise InputError(
@@ -94,30 +116,52 @@ def read_split_file(
     *,
     num_classes: int | None = None,
     allow_open: bool = True,
+    allow_outside_root: bool = False,
 ) -> list[tuple[str, int]]:
     """Read a split file into ``(path, label)`` entries (validation as in `read_split_lines`)."""
-    entries, _ = read_split_lines(path, num_classes=num_classes, allow_open=allow_open)
+    entries, _ = read_split_lines(
+        path, num_classes=num_classes, allow_open=allow_open,
+        allow_outside_root=allow_outside_root,
+    )
     return entries
 
 
 def format_split(entries: Iterable[tuple[str, int]]) -> bytes:
-    """Render entries as split-file bytes (``path label\\n`` per entry), validating each one."""
+    """Render entries as split-file bytes (``path label\\n`` per entry), validating each one.
+
+    A path must read back unchanged: not empty, no surrounding whitespace, no line boundary
+    (any that ``str.splitlines`` knows), no leading byte-order mark, encodable as UTF-8.
+    """
     lines = []
     for index, (image_path, label) in enumerate(entries):
         if (
-            not image_path
+            not isinstance(image_path, str)
+            or not image_path
             or image_path != image_path.strip()
-            or "\n" in image_path
-            or "\r" in image_path
+            or image_path.splitlines() != [image_path]
+            or image_path.startswith("\ufeff")
         ):
             raise InputError(
                 f"entry {index}: path cannot be written to a split file "
-                "(empty, surrounding whitespace or a line break)",
+                "(empty, surrounding whitespace, a line break or a byte-order mark)",
                 value=image_path,
             )
-        if isinstance(label, bool) or int(label) != label or label < OPEN_LABEL:
-            raise InputError(f"entry {index}: label must be an integer >= -1", value=label)
-        lines.append(f"{image_path} {int(label)}\n")
+        try:
+            image_path.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(
+                f"entry {index}: path is not encodable as UTF-8", value=image_path
+            ) from None
+        try:
+            number = None if isinstance(label, bool) else operator.index(label)
+        except TypeError:
+            number = None
+        if number is None or not OPEN_LABEL <= number < 10**_MAX_LABEL_DIGITS:
+            raise InputError(
+                f"entry {index}: label must be an integer >= -1 and < 10**{_MAX_LABEL_DIGITS}",
+                value=label,
+            )
+        lines.append(f"{image_path} {number}\n")
     return "".join(lines).encode("utf-8")
 
 

@@ -1,0 +1,432 @@
+"""Every bad input, one row each: the error names the file, line and value (issue 5).
+
+Rows run the real entry point (split-file reader, benchmark loader, dataset, config resolver,
+curation, trainer with --resume, evaluation, prediction) on a small generated benchmark, or on a
+copy of a tiny run trained once on the real Fashion-MNIST-LT fixture, tampered with.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import pickle
+import shutil
+from collections.abc import Callable
+from functools import cached_property
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from oltr.cli import main
+from oltr.config import load_config
+from oltr.data import curate, load_benchmark, parse_source, read_idx
+from oltr.engine import train_run
+from oltr.errors import InputError
+from oltr.evaluate import evaluate_run
+
+TRAINED = ["model.width=8", "train.batch_size=32", "train.max_steps_per_epoch=2",
+           "eval.batch_size=256", "train.epochs=1"]
+SPLITS = {
+    "train": "i/t0.png 0\ni/t1.png 1\ni/t2.png 2\ni/t3.png 0\n",
+    "val": "i/v0.png 0\ni/v1.png 2\n",
+    "test": "i/s0.png 1\n",
+    "open": "i/o0.png -1\n",
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained_run(fmnist_small, tmp_path_factory) -> Path:
+    """A one-epoch tiny plain run on the Fashion-MNIST-LT fixture (4 known classes)."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_run(load_config("plain", overrides=TRAINED), fmnist_small, run, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return run
+
+
+class Case:
+    """What a row gets: a scratch directory, and (lazily) the fixture data and a trained run."""
+
+    def __init__(self, tmp: Path, request: pytest.FixtureRequest) -> None:
+        self.tmp, self.request = tmp, request
+
+    @cached_property
+    def fmnist(self) -> Path:
+        return self.request.getfixturevalue("fmnist_small")
+
+    @cached_property
+    def run(self) -> Path:
+        """A private copy of the trained run, free to tamper with."""
+        return Path(shutil.copytree(self.request.getfixturevalue("trained_run"), self.tmp / "run"))
+
+    def bench(self, *, classes: str | None = "a\nb\nc\n", **splits: str | None) -> Path:
+        """A plain ImageNet-LT-style benchmark with real 8x8 PNGs; ``splits`` replace texts."""
+        root = self.tmp / "bench"
+        root.mkdir()
+        texts = SPLITS | splits
+        for name, text in texts.items():
+            if text is not None:
+                (root / f"{name}.txt").write_text(text)
+        for text in SPLITS.values():
+            for line in text.splitlines():
+                image = root / line.split()[0]
+                image.parent.mkdir(exist_ok=True)
+                Image.new("L", (8, 8), 100).save(image)
+        if classes is not None:
+            (root / "classes.txt").write_text(classes)
+        return root
+
+    def fmnist_like(self, class_names: list[str]) -> Path:
+        """The fixture's images as a plain benchmark of the first ``len(class_names)`` classes."""
+        root = self.tmp / "other"
+        root.mkdir()
+        for folder in ("train", "test"):
+            (root / folder).symlink_to(self.fmnist / "images" / folder)
+        for split in ("train", "val", "test", "open"):
+            lines = (self.fmnist / f"{split}.txt").read_text().splitlines()
+            kept = [line for line in lines if int(line.split()[-1]) < len(class_names)]
+            (root / f"{split}.txt").write_text("\n".join(kept) + "\n")
+        (root / "classes.txt").write_text("\n".join(class_names) + "\n")
+        return root
+
+    def fmnist_names(self) -> list[str]:
+        return (self.fmnist / "classes.txt").read_text().split()
+
+
+# --------------------------------------------------------------------------- row actions
+def load(**splits: str | None) -> Callable[[Case], object]:
+    return lambda case: load_benchmark(case.bench(**splits))
+
+
+def load_bytes(split: str, data: bytes) -> Callable[[Case], object]:
+    def action(case: Case) -> None:
+        root = case.bench()
+        (root / f"{split}.txt").write_bytes(data)
+        load_benchmark(root)
+    return action
+
+
+def splits_source(train: str) -> Callable[[Case], object]:
+    return lambda case: parse_source(f"splits:{case.bench(train=train)}")
+
+
+def load_without_classes(**splits: str | None) -> Callable[[Case], object]:
+    return lambda case: load_benchmark(case.bench(classes=None, **splits))
+
+
+def read_train_images(damage: Callable[[Path], object], *, skip: bool = False,
+                      **splits: str) -> Callable[[Case], object]:
+    def action(case: Case) -> None:
+        root = case.bench(**splits)
+        damage(root / "i" / "t0.png")
+        bench = load_benchmark(root)
+        if skip:
+            bench.drop_unreadable_images(["train", "val"])
+        dataset = bench.dataset("train")
+        for index in range(len(dataset)):
+            dataset[index]
+    return action
+
+
+def truncate(path: Path) -> None:
+    """Cut an image in half (after making it big enough that the header survives)."""
+    Image.effect_noise((64, 64), 50).save(path, format=Image.open(path).format)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def config(*overrides: str) -> Callable[[Case], object]:
+    return lambda case: load_config("oltr", overrides=list(overrides))
+
+
+def config_file(text: str) -> Callable[[Case], object]:
+    def action(case: Case) -> None:
+        (case.tmp / "mine.yaml").write_text(text)
+        load_config(config_file=case.tmp / "mine.yaml")
+    return action
+
+
+def idx(data: bytes) -> Callable[[Case], object]:
+    def action(case: Case) -> None:
+        (case.tmp / "images.gz").write_bytes(gzip.compress(data))
+        read_idx(case.tmp / "images.gz", expected_magic=2051)
+    return action
+
+
+def curate_counts(**kwargs: object) -> Callable[[Case], object]:
+    def action(case: Case) -> None:
+        for label in range(3):
+            folder = case.tmp / "tree" / f"c{label}"
+            folder.mkdir(parents=True)
+            for i in range(12):
+                Image.new("L", (4, 4), i).save(folder / f"{i}.png")
+        curate(f"folder:{case.tmp / 'tree'}", case.tmp / "out",
+               **({"max_count": 5, "min_count": 1, "val_per_class": 1, "test_per_class": 1}
+                  | kwargs))
+    return action
+
+
+def evaluate_on(names: Callable[[list[str]], list[str]]) -> Callable[[Case], object]:
+    return lambda case: evaluate_run(case.run, case.fmnist_like(names(case.fmnist_names())))
+
+
+def resume_on_three_classes(case: Case) -> None:
+    train_run(load_config("plain", overrides=TRAINED), case.fmnist_like(case.fmnist_names()[:3]),
+              case.run, resume=True, progress=False)
+
+
+def tampered_checkpoint(tamper: Callable[[Path], object]) -> Callable[[Case], object]:
+    def action(case: Case) -> None:
+        tamper(case.run / "main" / "checkpoint.pt")
+        train_run(load_config("plain", overrides=TRAINED), case.fmnist, case.run, resume=True,
+                  progress=False)
+    return action
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+
+def pickled_code(path: Path) -> None:
+    with open(path, "wb") as handle:
+        pickle.dump({"format": 1, "model": RunsCode()}, handle)
+
+
+def without_optimizer(path: Path) -> None:
+    state = torch.load(path, weights_only=True)
+    del state["optimizer"]
+    torch.save(state, path)
+
+
+def wrong_shape(path: Path) -> None:
+    state = torch.load(path, weights_only=True)
+    state["model"]["classifier.weight"] = torch.zeros(7, 3)
+    torch.save(state, path)
+
+
+def tampered_model(tamper: Callable[[Path], object]) -> Callable[[Case], object]:
+    def action(case: Case) -> None:
+        tamper(case.run / "main")
+        evaluate_run(case.run, case.fmnist, open_set=False)
+    return action
+
+
+def edit_model_json(edit: Callable[[dict], object]) -> Callable[[Path], None]:
+    def tamper(stage: Path) -> None:
+        info = json.loads((stage / "model.json").read_text())
+        edit(info)
+        (stage / "model.json").write_text(json.dumps(info))
+    return tamper
+
+
+ROWS = [
+    # split files and benchmark directories
+    ("malformed line", load(train="i/t0.png 0\ni/t1.png\n"),
+     r"train\.txt:2: expected 'path label' \(value: 'i/t1\.png'\)"),
+    ("label not an integer", load(val="i/v0.png zero\n"),
+     r"val\.txt:1: label is not an integer \(value: 'zero'\)"),
+    ("label in non-ASCII digits", load(val="i/v0.png ٣\n"),
+     r"val\.txt:1: label is not an integer \(value: '٣'\)"),
+    ("label too large", load(val="i/v0.png 99999999999999999999\n"),
+     r"val\.txt:1: label is too large"),
+    ("label out of range", load(val="i/v0.png 0\ni/v1.png 3\n"),
+     r"val\.txt:2: label out of range: there are 3 classes \(labels 0\.\.2\) \(value: '3'\)"),
+    ("label below -1", load(test="i/s0.png -2\n"), r"test\.txt:1: label below -1"),
+    ("labels not contiguous", load_without_classes(train="i/t0.png 0\ni/t2.png 2\n"),
+     r"train\.txt: labels must be contiguous from 0 .*label 1 has no train image but 2 does"),
+    ("class without train images", load(train="i/t0.png 0\ni/t2.png 2\n"),
+     r"train\.txt: class 1 \('b'\) has no train image"),
+    ("open label in train", load(train="i/t0.png 0\ni/t1.png -1\ni/t2.png 2\n"),
+     r"train\.txt:2: open label -1 is not allowed in this split \(value: '-1'\)"),
+    ("known label in open split", load(open="i/o0.png 1\n"),
+     r"open\.txt:1: open split holds only label -1 \(value: 1\)"),
+    ("path twice in a split", load(test="i/s0.png 1\n\ni/s0.png 0\n"),
+     r"test\.txt:3: path listed twice \(first on line 1\) \(value: 'i/s0\.png'\)"),
+    ("path in two splits", load(test="i/v1.png 2\n"),
+     r"test\.txt:1: image also listed in .*val\.txt line 2; splits must not share images"),
+    ("absolute path", load(train="i/t0.png 0\n/etc/passwd 1\ni/t2.png 2\n"),
+     r"train\.txt:2: path leaves the image root .*allow_outside_root.* \(value: '/etc/passwd'\)"),
+    ("'..' path", load(val="i/../../secret.png 0\n"),
+     r"val\.txt:1: path leaves the image root .* \(value: 'i/\.\./\.\./secret\.png'\)"),
+    ("empty split file", load(val="\n  \n"), r"val\.txt: split file is empty"),
+    ("split file not UTF-8", load_bytes("val", "i/v0.png 0\n".encode("utf-16")),
+     r"val\.txt: split file is not UTF-8"),
+    ("no train split", load(train=None), r"no file matches '\*train\*\.txt'"),
+    ("splits: source with '..'", splits_source("i/t0.png 0\n../x.png 1\n"),
+     r"train\.txt:2: path leaves the image root"),
+    ("folder class without images",
+     lambda case: (case.tmp.joinpath("f", "empty").mkdir(parents=True),
+                   parse_source(f"folder:{case.tmp / 'f'}")),
+     r"class folder 'empty' holds no images"),
+    # images
+    ("missing image", read_train_images(Path.unlink),
+     r"train\.txt:1: image not found: .*/i/t0\.png"),
+    ("truncated PNG", read_train_images(truncate),
+     r"train\.txt:1: cannot read image .*/i/t0\.png \(image file is truncated"),
+    ("garbage image", read_train_images(lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\nnonsense")),
+     r"train\.txt:1: cannot read image .*/i/t0\.png"),
+    ("skipping empties a class",
+     read_train_images(Path.unlink, skip=True, train="i/t0.png 0\ni/t1.png 1\ni/t2.png 2\n"),
+     (r"train\.txt: class 0 \('a'\) has no readable train image left \(first unreadable: "
+     r".*train\.txt:1: image not found")),
+    ("skipping empties a split",
+     read_train_images(Path.unlink, skip=True, val="i/t0.png 0\n",
+                       train="i/t1.png 1\ni/t2.png 2\ni/t3.png 0\n"),
+     r"val\.txt: no image of the val split is readable"),
+    ("truncated IDX file", idx((2051).to_bytes(4, "big") + (3).to_bytes(4, "big") * 3 + b"x"),
+     r"images\.gz: IDX file truncated: 17 bytes, header \(3, 3, 3\) needs 43"),
+    ("IDX of the wrong kind", idx((2049).to_bytes(4, "big") + b"\0" * 12),
+     r"images\.gz: not an IDX file of the expected kind: magic number 2049"),
+    # curation
+    ("profile min above max", curate_counts(max_count=3, min_count=5),
+     r"invalid long-tail profile: max_count \(3\) must be >= min_count \(5\)"),
+    ("class too small for the profile", curate_counts(max_count=11),
+     r"class has 12 images, needs 13 \(train 11 \+ val 1 \+ test 1\)"),
+    # config values
+    ("negative lr", config("train.lr=-0.1"),
+     r"config key 'train\.lr' must be a number > 0 \(value: -0\.1\)"),
+    ("epochs not an integer", config("train.epochs=2.5"),
+     r"config key 'train\.epochs' must be an integer >= 0 \(value: 2\.5\)"),
+    ("unknown sampler", config("stage2.train.sampler=balanced"),
+     (r"config key 'stage2\.train\.sampler' must be one of instance, class_aware "
+     r"\(value: 'balanced'\)")),
+    ("unknown non-finite policy", config("train.nonfinite=ignore"),
+     r"config key 'train\.nonfinite' must be one of stop, skip \(value: 'ignore'\)"),
+    ("batch size zero", config("train.batch_size=0"),
+     r"config key 'train\.batch_size' must be an integer >= 1 \(value: 0\)"),
+    ("boolean as text", config("data.skip_bad_images=maybe"),
+     r"config key 'data\.skip_bad_images' must be true or false \(value: 'maybe'\)"),
+    ("accept rate above 1", config("eval.accept_rate=1.5"),
+     r"config key 'eval\.accept_rate' must be a number in \(0, 1\] \(value: 1\.5\)"),
+    ("bad device", config("device=gpu"), r"config key 'device' must be auto, cpu, mps, cuda"),
+    ("mean per channel", config("data.mean=[0.5,0.5]"),
+     r"config key 'data\.mean' needs one value per channel \(data\.channels = 1\)"),
+    ("number as YAML text", config_file("train:\n  lr: 1e-3\n"),
+     (r"config key 'train\.lr' must be a number > 0 \(YAML 1\.1 reads 1e-3 as text: write "
+     r"1\.0e-3\) \(value: '1e-3'\)")),
+    ("unknown key", config("train.lrr=0.1"), r"unknown config key 'train\.lrr'"),
+    # a trained run against other data
+    ("evaluate on fewer classes", evaluate_on(lambda names: names[:3]),
+     r"other: the model was trained on 4 classes but the data has 3"),
+    ("evaluate on other classes", evaluate_on(lambda names: names[::-1]),
+     r"other: the model was trained on the classes \['Pullover'"),
+    ("resume on fewer classes", resume_on_three_classes,
+     r"checkpoint\.pt: the checkpoint was written for 4 classes .* but the data has 3"),
+    # untrusted checkpoint and model files
+    ("pickle that runs code", tampered_checkpoint(pickled_code),
+     r"checkpoint\.pt: refusing or unable to read checkpoint"),
+    ("checkpoint of garbage", tampered_checkpoint(lambda p: p.write_bytes(b"\0garbage" * 9)),
+     r"checkpoint\.pt: refusing or unable to read checkpoint"),
+    ("foreign torch file", tampered_checkpoint(lambda p: torch.save({"w": torch.ones(2)}, p)),
+     r"checkpoint\.pt: not an oltr training checkpoint \(wrong format tag\)"),
+    ("checkpoint without optimiser", tampered_checkpoint(without_optimizer),
+     r"checkpoint\.pt: checkpoint lacks keys \['optimizer'\] \(tampered or truncated\)"),
+    ("checkpoint tensor of the wrong shape", tampered_checkpoint(wrong_shape),
+     r"checkpoint\.pt: the checkpoint does not fit this model and data .*size mismatch"),
+    ("weights of garbage", tampered_model(lambda s: (s / "model.safetensors").write_bytes(b"x" * 64)),
+     r"model\.safetensors: cannot read weights"),
+    ("weights of another tensor", tampered_model(
+        lambda s: save_file({"classifier.weight": torch.zeros(2, 2)}, s / "model.safetensors")),
+     r"model\.safetensors: weights do not fit the model in model\.json: .*size mismatch"),
+    ("model.json not JSON", tampered_model(lambda s: (s / "model.json").write_text("{\n oops")),
+     r"model\.json:2: not valid JSON"),
+    ("model.json lacks a key", tampered_model(edit_model_json(lambda i: i.pop("num_classes"))),
+     r"model\.json: lacks key 'num_classes' \(tampered, or not written by oltr\)"),
+    ("model.json names a missing tensor", tampered_model(
+        edit_model_json(lambda i: i["model"].update(meta_embedding=True))),
+     (r"model\.safetensors: weights do not match the model in model\.json: missing "
+     r"\['meta_embedding\.")),
+    ("model.json wider model", tampered_model(edit_model_json(lambda i: i["model"].update(width=16))),
+     r"model\.safetensors: weights do not fit the model in model\.json: .*size mismatch"),
+    ("model.json unknown backbone", tampered_model(
+        edit_model_json(lambda i: i["model"].update(backbone="resnet9000"))),
+     r"model\.json: describes no valid model: unknown backbone"),
+    ("run.json leads out of the run", tampered_model(
+        lambda s: (s.parent / "run.json").write_text('{"final_stage": "../../elsewhere"}')),
+     r"run\.json: final_stage must name a stage folder of the run"),
+    ("run.json not JSON", tampered_model(lambda s: (s.parent / "run.json").write_text("{")),
+     r"run\.json: unreadable run description"),
+    ("model.json class names", tampered_model(edit_model_json(lambda i: i["class_names"].pop())),
+     r"model\.json: 3 class names for num_classes 4"),
+]
+
+
+@pytest.mark.parametrize(("action", "message"), [pytest.param(a, m, id=i) for i, a, m in ROWS])
+def test_bad_input_is_named(action, message, tmp_path, request, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match=message):
+        action(Case(tmp_path, request))
+    assert not (tmp_path / "PWNED").exists()  # nothing in a tampered file ran
+    assert not (tmp_path / "out").exists()  # a failed curation leaves nothing
+
+
+def predict_truncated(case: Case) -> list[str]:
+    image = Path(shutil.copy(next((case.fmnist / "images" / "test").glob("*.png")),
+                             case.tmp / "copy.png"))
+    truncate(image)
+    return ["predict", str(case.run), str(image), "--threshold", "0.5"]
+
+
+CLI_ROWS = [
+    ("train with a negative lr", lambda case: ["train", "--method", "plain", "--data",
+                                               str(case.tmp), "--out", str(case.tmp / "r"),
+                                               "train.lr=-1"],
+     "oltr train: error: config key 'train.lr' must be a number > 0 (value: -1)"),
+    ("amp=off passes (YAML's false), the missing data is named", lambda case: ["train", "--method", "plain", "--data",
+                                                        str(case.tmp / "none"), "--out",
+                                                        str(case.tmp / "r"), "train.amp=off"],
+     "benchmark directory not found"),
+    ("evaluate with a threshold above 1",
+     lambda case: ["evaluate", str(case.run), "--data", str(case.fmnist), "--open",
+                   "--threshold", "1.5"],
+     "oltr evaluate: error: a probability threshold must lie in [0, 1] (value: 1.5)"),
+    ("predict a truncated image", predict_truncated, "copy.png: cannot read image"),
+    ("evaluate on an unknown device",
+     lambda case: ["evaluate", str(case.run), "--data", str(case.fmnist), "--device", "gpu"],
+     "oltr evaluate: error: unknown device (auto, cpu, cuda or cuda:N) (value: 'gpu')"),
+    ("curate with min above max",
+     lambda case: ["curate", "fashion-mnist", "--out", str(case.tmp / "out"), "--max-count",
+                   "3", "--min-count", "5"],
+     "oltr curate: error: invalid long-tail profile: max_count (3) must be >= min_count (5)"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), [pytest.param(a, m, id=i) for i, a, m in CLI_ROWS])
+def test_cli_exits_2_with_one_line(argv, message, tmp_path, request, capsys) -> None:
+    code = main(argv(Case(tmp_path, request)))
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_paths_inside_the_root_work_and_outside_ones_only_when_allowed(tmp_path) -> None:
+    case = Case(tmp_path, None)  # type: ignore[arg-type]
+    root = case.bench(train="train/n01440764/x.JPEG 0\ni/t1.png 1\ni/t2.png 2\n")
+    (root / "train" / "n01440764").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(root / "train" / "n01440764" / "x.JPEG", "JPEG")
+    bench = load_benchmark(root)  # the published ImageNet-LT layout: relative paths
+    assert bench.dataset("train")[0][1] == 0
+
+    outside = tmp_path / "elsewhere.png"
+    Image.new("L", (8, 8), 7).save(outside)
+    (root / "test.txt").write_text(f"{outside} 1\n../elsewhere.png 2\n")
+    with pytest.raises(InputError, match="path leaves the image root"):
+        load_benchmark(root)
+    allowed = load_benchmark(root, allow_outside_root=True)
+    dataset = allowed.dataset("test", mode="L")
+    assert [dataset[i][1] for i in range(2)] == [1, 2]
+    assert round(dataset[0][0][0, 0, 0].item() * 255) == 7
