@@ -22,7 +22,7 @@ def test_plain_preset_resolves_base_and_benchmark() -> None:
     assert [s["name"] for s in config["stages"]] == ["main"]
     flat = stage_config(config, "main")
     assert flat["model"]["backbone"] == "resnet10_small"  # fmnist_lt/_base.yaml
-    assert flat["train"]["epochs"] == 30  # plain.yaml: equal to OLTR's 15 + 15
+    assert flat["train"]["epochs"] == 30  # plain.yaml: equal to OLTR's 22 + 8
     assert flat["train"]["momentum"] == 0.9  # base.yaml
 
 
@@ -32,7 +32,7 @@ def test_oltr_stages_and_stage_overrides() -> None:
     assert stage1["model"]["classifier"] == "linear" and stage1["train"]["sampler"] == "instance"
     assert stage2["model"]["classifier"] == "cosine" and stage2["model"]["meta_embedding"]
     assert stage2["train"]["sampler"] == "class_aware"
-    assert stage2["train"]["epochs"] == 3 and stage1["train"]["epochs"] == 15
+    assert stage2["train"]["epochs"] == 3 and stage1["train"]["epochs"] == 22
     assert stage1["train"]["batch_size"] == stage2["train"]["batch_size"] == 64
 
 
@@ -60,3 +60,20 @@ def test_config_file_with_bad_yaml_names_file_and_line(tmp_path) -> None:
     path.write_text("train:\n  lr: [0.1\n")
     with pytest.raises(InputError, match=r"bad\.yaml:\d+: invalid YAML"):
         load_config(config_file=path)
+
+
+def test_every_base_key_has_a_value_check() -> None:
+    import yaml
+
+    from oltr.config import BASE_CONFIG, CHECKS
+
+    def keys(section: dict, prefix: str = "") -> list[str]:
+        out = []
+        for key, value in section.items():
+            if isinstance(value, dict):
+                out += keys(value, f"{prefix}{key}.")
+            elif key != "stages":
+                out.append(prefix + key)
+        return out
+
+    assert sorted(keys(yaml.safe_load(BASE_CONFIG.read_text()))) == sorted(CHECKS)

@@ -137,3 +137,18 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(fmnist_small, tiny, tmp_path
     overrides = [*tiny, "train.epochs=2", "train.lr=1e30", "train.schedule=constant"]
     with pytest.raises(OltrError, match="non-finite training loss"):
         train_run(load_config("plain", overrides=overrides), fmnist_small, run, progress=False)
+
+
+def test_auto_reachability_scale_puts_median_meta_norm_at_one() -> None:
+    from oltr.engine import calibrate_reachability_scale
+    from oltr.models import create_network
+
+    torch.manual_seed(0)
+    net = create_network({"backbone": "resnet10_small", "width": 8, "classifier": "cosine",
+                          "meta_embedding": True, "reachability_scale": "auto"}, 3, 1)
+    features = torch.randn(101, net.meta_embedding.feat_dim) * 5
+    net.meta_embedding.init_centroids(torch.randn(3, net.meta_embedding.feat_dim))
+    scale = calibrate_reachability_scale(net, features)
+    norms = net.meta_embedding(features)["meta"].norm(dim=1)
+    assert float(net.meta_embedding.reachability_scale) == pytest.approx(scale)
+    assert float(norms.median()) == pytest.approx(1.0, rel=1e-5)

@@ -330,3 +330,30 @@ def test_calibrate_threshold_picks_smallest_score_reaching_rate():
         calibrate_threshold(scores, 1.5)
     with pytest.raises(InputError, match="known_val_scores is empty"):
         calibrate_threshold([], 0.9)
+
+
+def test_adjust_logits_adds_tau_times_log_prior():
+    from oltr.evaluate import adjust_logits
+
+    logits = np.array([[1.0, 1.0], [0.0, 2.0]], dtype=np.float32)
+    counts = np.array([300, 100])  # prior 0.75 / 0.25
+    adjusted = adjust_logits(logits, counts, 0.5)
+    expected = logits + 0.5 * np.log([0.75, 0.25])
+    assert np.allclose(adjusted, expected)
+    assert adjusted.argmax(1).tolist() == [0, 1]  # a tie goes to the head class
+    assert adjust_logits(logits, counts, 0.0) is logits
+
+
+def test_select_logit_adjustment_smallest_tau_keeping_head_accuracy():
+    from oltr.evaluate import select_logit_adjustment
+
+    counts = np.array([1000, 10])  # class 0 many-shot, class 1 few-shot
+    # Class-0 images: margins 1.0 and 3.0 over class 1; log prior gap ln(100) ≈ 4.6.
+    logits = np.array([[0.0, 1.0], [0.0, 3.0], [0.0, 5.0]])
+    labels = np.array([0, 0, 1])
+    kw = {"many_threshold": 100, "few_threshold": 20, "strict": True}
+    # τ = 1 gets both class-0 images right (many = 1.0); τ needs 3.0 / 4.6 ≈ 0.65 for the second,
+    # so the grid's first τ reaching many = 1.0 is 0.75.
+    assert select_logit_adjustment(logits, labels, counts, kw) == 0.75
+    # Without many-shot classes there is nothing to keep: τ = 0.
+    assert select_logit_adjustment(logits, labels, np.array([50, 10]), kw) == 0.0

@@ -126,6 +126,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     output = args.output or Path(args.run) / "report.json"
     return _evaluate(args.run, args.data, open_set=args.open, open_score=args.open_score,
                      threshold=args.threshold, accept_rate=args.accept_rate, device=args.device,
+                     logit_adjustment=args.logit_adjustment,
                      output=output, skip_bad_images=args.skip_bad_images or None)
 
 
@@ -230,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probability threshold for msp (paper: 0.1); default: calibrate on val")
     p.add_argument("--accept-rate", type=float, dest="accept_rate",
                    help="calibrated threshold accepts this fraction of known val images (0.95)")
+    p.add_argument("--logit-adjustment", type=lambda v: v if v == "auto" else float(v),
+                   dest="logit_adjustment",
+                   help="τ: decide on logits + τ·log(train class frequency) (default: config)")
     p.add_argument("--device", default="auto")
     p.add_argument("--output", help="report path (default RUN/report.json)")
     p.add_argument("--skip-bad-images", action="store_true",

@@ -396,7 +396,26 @@ def _init_from_previous(
             net.num_classes,
         )
         net.meta_embedding.init_centroids(means.to(device))
+        if cfg["model"]["reachability_scale"] == "auto":
+            calibrate_reachability_scale(net, torch.from_numpy(outputs["features"]).to(device))
     return copied
+
+
+@torch.no_grad()
+def calibrate_reachability_scale(net: OLTRNetwork, features: torch.Tensor) -> float:
+    """Set s in v_meta = (s/γ)·(v_direct + e ⊙ v_memory) (Eq. 2) so that the median ‖v_meta‖
+    over the train set is 1, the middle of the squashing function (Eq. 6: ‖v‖²/(1+‖v‖²) = ½).
+
+    With a fixed s (the original's 10) ‖v_meta‖ can sit far into the flat part of the squash,
+    where 1/γ no longer changes the logits and reachability cannot lower an open input's
+    confidence; this keeps the scaling where it acts.
+    """
+    memory = net.meta_embedding
+    memory.reachability_scale.fill_(1.0)
+    norms = torch.cat([memory(chunk)["meta"].norm(dim=1) for chunk in features.split(1024)])
+    scale = 1.0 / float(norms.median().clamp_min(1e-12))
+    memory.reachability_scale.fill_(scale)
+    return scale
 
 
 def train_stage(

@@ -55,6 +55,40 @@ def _round(value: Any) -> Any:
     return value
 
 
+def adjust_logits(logits: np.ndarray, train_counts: np.ndarray, tau: float) -> np.ndarray:
+    """Prior-corrected decision rule: logits + τ · log π, π the train class frequencies.
+
+    A model trained class-balanced (OLTR stage 2) decides as if every class were equally
+    likely (τ = 0); τ > 0 puts back part of the head classes' prior, τ = 1 all of it (trading
+    tail for head accuracy, Menon et al. 2021's logit adjustment read in reverse).
+    """
+    if tau == 0:
+        return logits
+    prior = np.asarray(train_counts, dtype=np.float64)
+    return (logits + tau * np.log(prior / prior.sum())).astype(logits.dtype)
+
+
+TAU_GRID = tuple(i / 8 for i in range(9))
+
+
+def select_logit_adjustment(
+    val_logits: np.ndarray, val_labels: np.ndarray, train_counts: np.ndarray,
+    group_kw: dict[str, Any], grid: tuple[float, ...] = TAU_GRID,
+) -> float:
+    """The smallest τ in ``grid`` whose many-shot accuracy on the known-only *val* split reaches
+    that of τ = 1 (the full train prior): the tail gains as much as it can while the head
+    classes stay as accurate as under the instance-balanced decision rule. Never uses test."""
+    def many(tau: float) -> float | None:
+        predictions = adjust_logits(val_logits, train_counts, tau).argmax(axis=1)
+        return metrics.closed_set_accuracy(predictions, val_labels, train_counts,
+                                           **group_kw)["many"]
+
+    target = many(1.0)
+    if target is None:  # no many-shot class: nothing to preserve
+        return 0.0
+    return next(tau for tau in (*grid, 1.0) if many(tau) >= target)
+
+
 def open_scores(
     name: str, outputs: dict[str, np.ndarray], centroids: np.ndarray | None
 ) -> np.ndarray:
@@ -78,9 +112,12 @@ def evaluate_run(
     device: str = "auto",
     output: str | Path | None = None,
     skip_bad_images: bool | None = None,
+    logit_adjustment: float | None = None,
 ) -> dict[str, Any]:
     """Evaluate a trained run on ``data_dir``; write the report to ``output`` if given.
 
+    ``logit_adjustment`` τ (default: the run's ``eval.logit_adjustment``) decides on
+    logits + τ·log(train class frequency), see :func:`adjust_logits`.
     ``skip_bad_images`` (default: the run's ``data.skip_bad_images``) drops unreadable images
     of the evaluated splits instead of stopping; the report counts them (``skipped_images``).
     """
@@ -130,11 +167,30 @@ def evaluate_run(
     train_counts = np.asarray(bench.train_counts)
     amp, channels_last = stage_cfg["train"]["amp"], stage_cfg["train"]["channels_last"]
 
-    def run(split: str) -> dict[str, np.ndarray]:
+    def raw(split: str) -> dict[str, np.ndarray]:
         loader = eval_loader(dataset_for(bench, split, stage_cfg["data"], train=False),
                              eval_cfg["batch_size"], stage_cfg["data"]["num_workers"])
         return collect_outputs(net, loader, torch_device, amp=amp, channels_last=channels_last,
                                description=split)
+
+    if logit_adjustment is None:
+        logit_adjustment = eval_cfg["logit_adjustment"]
+    raw_val = None
+    if logit_adjustment == "auto":
+        raw_val = raw("val")
+        logit_adjustment = select_logit_adjustment(raw_val["logits"], raw_val["labels"],
+                                                   train_counts, group_kw)
+        tau_source = "selected on val: smallest τ keeping the many-shot accuracy of τ = 1"
+    else:
+        tau_source = "given"
+    if not (isinstance(logit_adjustment, (int, float)) and logit_adjustment >= 0):
+        raise InputError("logit adjustment τ must be a number >= 0 or auto",
+                         value=logit_adjustment)
+
+    def run(split: str) -> dict[str, np.ndarray]:
+        outputs = raw_val if split == "val" and raw_val is not None else raw(split)
+        adjusted = adjust_logits(outputs["logits"], train_counts, logit_adjustment)
+        return {**outputs, "logits": adjusted}
 
     test = run("test")
     predictions = test["logits"].argmax(axis=1)
@@ -148,6 +204,8 @@ def evaluate_run(
         "seed": stage_cfg["seed"],
         "selected_epoch": info.get("epoch"),
         "val_accuracy": info.get("val_accuracy"),
+        "logit_adjustment": logit_adjustment,
+        "logit_adjustment_source": tau_source,
         "shot_rule": {
             "many": f"{'>' if group_kw['strict'] else '>='} {group_kw['many_threshold']}",
             "few": f"{'<' if group_kw['strict'] else '<='} {group_kw['few_threshold']}",

@@ -12,11 +12,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image, UnidentifiedImageError
 
+from oltr.config import with_defaults
 from oltr.data import build_transform
 from oltr.engine import autocast_context, final_stage_dir, load_model, select_device
 from oltr.errors import InputError
+from oltr.evaluate import adjust_logits
 from oltr.openset import compute_open_score
 
 UNKNOWN = "unknown"
@@ -26,8 +29,9 @@ class Predictor:
     """A trained network + its eval transform + an open-set rejection rule."""
 
     def __init__(self, net: torch.nn.Module, info: dict[str, Any], *, open_score: str,
-                 threshold: float, device: torch.device) -> None:
+                 threshold: float, device: torch.device, logit_adjustment: float = 0.0) -> None:
         self.net, self.info, self.device = net, info, device
+        self.logit_adjustment = logit_adjustment
         self.open_score, self.threshold = open_score, threshold
         data = info["data"]
         self.mode = "L" if data["channels"] == 1 else "RGB"
@@ -57,8 +61,16 @@ class Predictor:
                                  f"'{open_score}'", value=open_score)
             open_score = report["open"]["open_score"]
             threshold = float(report["open"]["threshold"])
+        stage_cfg = with_defaults(
+            yaml.safe_load((final_stage_dir(run_dir) / "config.yaml").read_text()))
+        tau = stage_cfg["eval"]["logit_adjustment"]
+        if tau == "auto":  # selected on val by `oltr evaluate`, stored in its report
+            if not report_path.exists():
+                raise InputError("logit_adjustment is auto: evaluate the run first so that τ "
+                                 "is selected on val", path=report_path)
+            tau = float(json.loads(report_path.read_text())["logit_adjustment"])
         return cls(net, info, open_score=open_score or "msp", threshold=threshold,
-                   device=torch_device)
+                   device=torch_device, logit_adjustment=tau)
 
     def _load(self, path: str | Path) -> torch.Tensor:
         try:
@@ -76,7 +88,8 @@ class Predictor:
         self.net.eval()
         with autocast_context("auto", self.device):
             out = self.net(images.to(self.device))
-        logits = out["logits"].float().cpu().numpy()
+        logits = adjust_logits(out["logits"].float().cpu().numpy(),
+                               np.asarray(self.info["train_counts"]), self.logit_adjustment)
         features = out["features"].float().cpu().numpy()
         centroids = None
         if getattr(self.net, "meta_embedding", None) is not None:

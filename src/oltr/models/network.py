@@ -177,6 +177,8 @@ def create_network(cfg: Mapping[str, Any], num_classes: int, in_chans: int) -> O
             f"(valid: {', '.join(NETWORK_DEFAULTS)})"
         )
     options = {**NETWORK_DEFAULTS, **cfg}
+    if options["reachability_scale"] == "auto":  # calibrated by the engine at stage start
+        options["reachability_scale"] = 1.0
     backbone = create_backbone(
         options.pop("backbone"),
         in_chans=in_chans,
