@@ -1,15 +1,22 @@
-"""Losses between features and the visual memory's centroids (paper Eq. 7, 9; DESIGN.md §3).
+"""Losses: OLTR's centroid losses, and the competing methods' losses (paper §4, issue 4).
 
-Each loss is an ``nn.Module`` called as ``loss(features, labels, centroids)``: the centroids
-belong to the network's memory (``MetaEmbedding.centroids``), not to the loss, so the memory
-and the loss always see the same tensor. Which features to pass (``v_direct``, where the
-centroids live, or ``v_meta`` as Eq. 9 is printed) is the caller's choice.
+Centroid losses (Eq. 7, 9; DESIGN.md §3) are called as ``loss(features, labels, centroids)``:
+the centroids belong to the network's memory (``MetaEmbedding.centroids``), not to the loss,
+so the memory and the loss always see the same tensor. Which features to pass (``v_direct``,
+where the centroids live, or ``v_meta`` as Eq. 9 is printed) is the caller's choice.
+
+The competing methods' losses are called as ``loss(logits, labels)`` (classification losses,
+see :func:`build_classification_loss`) or ``loss(features, labels)`` (metric losses added to
+the cross-entropy, see :func:`build_feature_loss`). All of them average over the batch.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from oltr.errors import InputError
@@ -156,3 +163,310 @@ def build_centroid_loss(form: str = "paper", **kwargs) -> nn.Module:
     raise InputError(
         f"unknown centroid loss form (valid: {', '.join(CENTROID_LOSS_FORMS)})", value=form
     )
+
+
+# --------------------------------------------------------------- competing methods' losses
+
+
+def _check_logits(logits: torch.Tensor, labels: torch.Tensor, num_classes: int | None) -> None:
+    if logits.ndim != 2 or labels.shape != (logits.shape[0],):
+        raise InputError("classification losses need logits (B, K) and labels (B,)",
+                         value=(tuple(logits.shape), tuple(labels.shape)))
+    if num_classes is not None and logits.shape[1] != num_classes:
+        raise InputError(f"logits have {logits.shape[1]} classes but the loss was built for "
+                         f"{num_classes}", value=tuple(logits.shape))
+
+
+def _check_features(features: torch.Tensor, labels: torch.Tensor) -> None:
+    if features.ndim != 2 or labels.shape != (features.shape[0],):
+        raise InputError("metric losses need features (B, d) and labels (B,)",
+                         value=(tuple(features.shape), tuple(labels.shape)))
+
+
+def _class_counts(class_counts: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Per-class train counts as a float64 tensor (K,); every count an integer >= 1."""
+    counts = torch.as_tensor(class_counts).detach().cpu().to(torch.float64)
+    if counts.ndim != 1 or counts.numel() == 0:
+        raise InputError("class_counts must be a non-empty 1-D sequence",
+                         value=tuple(counts.shape))
+    bad = (~torch.isfinite(counts)) | (counts < 1) | (counts != counts.round())
+    if bool(bad.any()):
+        index = int(torch.nonzero(bad)[0])
+        raise InputError(f"class_counts must be integers >= 1; class {index} is not",
+                         value=float(counts[index]))
+    return counts
+
+
+class FocalLoss(nn.Module):
+    """Focal loss (Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017, Eq. 5):
+
+    ``FL = mean_b −α_{y_b} (1 − p_{b,y_b})^γ log p_{b,y_b}``,  p = softmax(logits).
+
+    γ = 0 and no α is the cross-entropy. ``alpha`` is None (α = 1), one number for every
+    class, or one weight per class (the multi-class form of the paper's α-balancing).
+    """
+
+    def __init__(self, gamma: float = 2.0, alpha: float | Sequence[float] | None = None) -> None:
+        super().__init__()
+        if not (np.isfinite(gamma) and gamma >= 0):
+            raise InputError("focal loss gamma must be a finite number >= 0", value=gamma)
+        self.gamma = float(gamma)
+        alpha_tensor = None if alpha is None else torch.as_tensor(alpha, dtype=torch.float32)
+        if alpha_tensor is not None and (alpha_tensor.ndim > 1 or bool((alpha_tensor < 0).any())):
+            raise InputError("focal loss alpha must be a number or 1-D weights, all >= 0",
+                             value=alpha)
+        self.register_buffer("alpha", alpha_tensor)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        num_classes = self.alpha.numel() if self.alpha is not None and self.alpha.ndim else None
+        _check_logits(logits, labels, num_classes)
+        labels = labels.long().unsqueeze(1)
+        log_true = torch.log_softmax(logits.float(), dim=1).gather(1, labels).squeeze(1)
+        loss = -(-torch.expm1(log_true)).pow(self.gamma) * log_true  # (1 − p)^γ · (−log p)
+        if self.alpha is not None:
+            loss = loss * (self.alpha[labels.squeeze(1)] if self.alpha.ndim else self.alpha)
+        return loss.mean()
+
+    def extra_repr(self) -> str:
+        return f"gamma={self.gamma:g}"
+
+
+class RangeLoss(nn.Module):
+    """Range loss (Zhang et al., "Range Loss for Deep Face Recognition with Long-Tailed
+    Training Data", ICCV 2017, Eq. 2–4), on features; added to the cross-entropy by the caller:
+
+    ``L_intra = Σ_{classes c in the batch} k / Σ_{j=1}^{k} 1/D_{c,j}``  (harmonic mean of
+    the k largest squared distances between two samples of class c),
+    ``L_inter = max(0, m − D_center)``  (D_center: smallest squared distance between two
+    class centres of the batch),
+    ``L = intra_weight · L_intra + inter_weight · L_inter``  (the paper's α, β).
+
+    Distances are squared Euclidean, as printed. A class with fewer than k sample pairs in
+    the batch uses all its pairs; a class with one sample adds nothing, and a batch with one
+    class has no inter-class term.
+    """
+
+    def __init__(
+        self, margin: float, k: int = 2, *, intra_weight: float = 1.0, inter_weight: float = 1.0
+    ) -> None:
+        super().__init__()
+        if not (np.isfinite(margin) and margin >= 0):
+            raise InputError("range loss margin must be a finite number >= 0", value=margin)
+        if int(k) != k or k < 1:
+            raise InputError("range loss k must be an integer >= 1", value=k)
+        if intra_weight < 0 or inter_weight < 0:
+            raise InputError("range loss weights must be >= 0", value=(intra_weight, inter_weight))
+        self.margin, self.k = float(margin), int(k)
+        self.intra_weight, self.inter_weight = float(intra_weight), float(inter_weight)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        _check_features(features, labels)
+        features, labels = features.float(), labels.long()
+        classes = labels.unique()
+        intra = features.new_zeros(())
+        for label in classes:
+            members = features[labels == label]
+            if members.shape[0] < 2:
+                continue
+            rows, columns = torch.triu_indices(members.shape[0], members.shape[0], offset=1)
+            pair_distances = (members[rows] - members[columns]).pow(2).sum(dim=1)
+            largest = pair_distances.topk(min(self.k, pair_distances.numel())).values
+            intra = intra + largest.numel() / largest.clamp_min(1e-12).reciprocal().sum()
+        inter = features.new_zeros(())
+        if classes.numel() > 1:
+            one_hot = (labels.unsqueeze(0) == classes.unsqueeze(1)).float()  # (C, B)
+            centres = one_hot @ features / one_hot.sum(dim=1, keepdim=True)
+            rows, columns = torch.triu_indices(centres.shape[0], centres.shape[0], offset=1)
+            nearest = (centres[rows] - centres[columns]).pow(2).sum(dim=1).min()
+            inter = (self.margin - nearest).clamp_min(0)
+        return self.intra_weight * intra + self.inter_weight * inter
+
+    def extra_repr(self) -> str:
+        return (f"margin={self.margin:g}, k={self.k}, intra_weight={self.intra_weight:g}, "
+                f"inter_weight={self.inter_weight:g}")
+
+
+class LiftedStructureLoss(nn.Module):
+    """Lifted structured embedding loss, smooth form (Oh Song et al., "Deep Metric Learning
+    via Lifted Structured Feature Embedding", CVPR 2016, Eq. 4), on features:
+
+    ``J_ij = log(Σ_{(i,k)∈N} exp(m − D_ik) + Σ_{(j,l)∈N} exp(m − D_jl)) + D_ij``,
+    ``L = 1/(2|P|) Σ_{(i,j)∈P} max(0, J_ij)²``,
+
+    with D Euclidean (not squared), P the unordered same-class pairs of the batch and N the
+    different-class pairs. A batch without a positive or a negative pair gives 0.
+    """
+
+    def __init__(self, margin: float = 1.0) -> None:
+        super().__init__()
+        if not np.isfinite(margin):
+            raise InputError("lifted structure margin must be finite", value=margin)
+        self.margin = float(margin)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        _check_features(features, labels)
+        features, labels = features.float(), labels.long()
+        same = labels.unsqueeze(0) == labels.unsqueeze(1)
+        rows, columns = torch.triu_indices(len(labels), len(labels), offset=1)
+        positive = same[rows, columns]
+        if not bool(positive.any()) or bool(same.all()):
+            return features.sum() * 0.0
+        squared = features.pow(2).sum(dim=1)
+        distances = (squared.unsqueeze(0) + squared.unsqueeze(1) - 2.0 * features @ features.t())
+        distances = distances.clamp_min(1e-12).sqrt()
+        negative_terms = (self.margin - distances).masked_fill(same, float("-inf"))
+        negative_lse = torch.logsumexp(negative_terms, dim=1)  # finite: every row has a negative
+        rows, columns = rows[positive], columns[positive]
+        objective = torch.logaddexp(negative_lse[rows], negative_lse[columns])
+        objective = objective + distances[rows, columns]
+        return objective.clamp_min(0).pow(2).sum() / (2 * rows.numel())
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin:g}"
+
+
+class BalancedSoftmaxLoss(nn.Module):
+    """Balanced softmax (Ren et al., "Balanced Meta-Softmax for Long-Tailed Visual
+    Recognition", NeurIPS 2020, Eq. 4): ``L = CE(z + log n, y)``, n the train count per class.
+
+    Only the loss sees the shift: predict with the plain logits z.
+    """
+
+    def __init__(self, class_counts: Sequence[int] | np.ndarray | torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("log_counts", _class_counts(class_counts).log().float())
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        _check_logits(logits, labels, self.log_counts.numel())
+        return F.cross_entropy(logits.float() + self.log_counts, labels.long())
+
+
+class LogitAdjustedLoss(nn.Module):
+    """Logit-adjusted loss (Menon et al., "Long-tail learning via logit adjustment", ICLR
+    2021, Eq. 10): ``L = CE(z + τ log π, y)``, π the train class prior n / Σn.
+
+    τ = 1 gives the same loss as :class:`BalancedSoftmaxLoss` (a softmax ignores the constant
+    log Σn). Only the loss sees the shift: predict with the plain logits z.
+    """
+
+    def __init__(
+        self, class_counts: Sequence[int] | np.ndarray | torch.Tensor, tau: float = 1.0
+    ) -> None:
+        super().__init__()
+        if not np.isfinite(tau):
+            raise InputError("logit adjustment tau must be finite", value=tau)
+        counts = _class_counts(class_counts)
+        self.tau = float(tau)
+        self.register_buffer("adjustment", (self.tau * (counts / counts.sum()).log()).float())
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        _check_logits(logits, labels, self.adjustment.numel())
+        return F.cross_entropy(logits.float() + self.adjustment, labels.long())
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau:g}"
+
+
+class LDAMLoss(nn.Module):
+    """Label-distribution-aware margin loss (Cao et al., "Learning Imbalanced Datasets with
+    Label-Distribution-Aware Margin Loss", NeurIPS 2019, Eq. 13):
+
+    ``Δ_c = C / n_c^{1/4}``, C chosen so that max_c Δ_c = ``max_margin``;
+    ``L = CE(s · (z − Δ_y e_y), y; weight)``  (the margin is taken off the true class' logit).
+
+    Cao et al. use logits from a normalised linear layer (cosines, |z| ≤ 1) with s = 30; with
+    a plain linear classifier use ``scale=1``. ``weight`` is the per-class CE weight that the
+    deferred re-weighting schedule (DRW) sets later in training, see :func:`drw_class_weights`;
+    assign a new one with ``loss.weight = tensor``.
+    """
+
+    def __init__(
+        self,
+        class_counts: Sequence[int] | np.ndarray | torch.Tensor,
+        max_margin: float = 0.5,
+        scale: float = 30.0,
+        weight: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if not (np.isfinite(max_margin) and max_margin > 0):
+            raise InputError("LDAM max_margin must be a finite number > 0", value=max_margin)
+        if not (np.isfinite(scale) and scale > 0):
+            raise InputError("LDAM scale must be a finite number > 0", value=scale)
+        counts = _class_counts(class_counts)
+        margins = counts.pow(-0.25)
+        self.max_margin, self.scale = float(max_margin), float(scale)
+        self.register_buffer("margins", (margins * (self.max_margin / margins.max())).float())
+        if weight is not None:
+            weight = torch.as_tensor(weight, dtype=torch.float32)
+            if weight.shape != (counts.numel(),):
+                raise InputError(f"LDAM weight must have one entry per class ({counts.numel()})",
+                                 value=tuple(weight.shape))
+        self.register_buffer("weight", weight)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        _check_logits(logits, labels, self.margins.numel())
+        labels = labels.long()
+        true_class = F.one_hot(labels, self.margins.numel()).to(torch.float32)
+        shifted = logits.float() - true_class * self.margins[labels].unsqueeze(1)
+        return F.cross_entropy(self.scale * shifted, labels, weight=self.weight)
+
+    def extra_repr(self) -> str:
+        return f"max_margin={self.max_margin:g}, scale={self.scale:g}"
+
+
+def drw_class_weights(
+    class_counts: Sequence[int] | np.ndarray | torch.Tensor, beta: float = 0.9999
+) -> torch.Tensor:
+    """Class-balanced weights from the effective number of samples (Cui et al., CVPR 2019,
+    Eq. 4), as used by LDAM-DRW (Cao et al., 2019, Alg. 1):
+
+    ``w_c = (1 − β) / (1 − β^{n_c})``, normalised so that Σ_c w_c = K. Float32, (K,).
+    """
+    if not 0.0 <= beta < 1.0:
+        raise InputError("beta must lie in [0, 1)", value=beta)
+    counts = _class_counts(class_counts)
+    weights = (1.0 - beta) / (1.0 - beta**counts)  # float64: exact enough at β = 0.9999
+    return (weights * (counts.numel() / weights.sum())).float()
+
+
+CLASSIFICATION_LOSSES = ("ce", "focal", "balanced_softmax", "logit_adjusted", "ldam")
+FEATURE_LOSSES = ("range", "lifted")
+
+
+def build_classification_loss(
+    name: str,
+    *,
+    class_counts: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """A loss ``loss(logits, labels)`` by name (:data:`CLASSIFICATION_LOSSES`).
+
+    ``balanced_softmax``, ``logit_adjusted`` and ``ldam`` need ``class_counts`` (train count
+    per class); ``kwargs`` go to the loss' constructor (``ce``: ``nn.CrossEntropyLoss``).
+    """
+    if name not in CLASSIFICATION_LOSSES:
+        raise InputError(
+            f"unknown classification loss (valid: {', '.join(CLASSIFICATION_LOSSES)})", value=name
+        )
+    if name == "ce":
+        return nn.CrossEntropyLoss(**kwargs)
+    if name == "focal":
+        return FocalLoss(**kwargs)
+    if class_counts is None:
+        raise InputError(f"classification loss {name!r} needs class_counts")
+    if name == "balanced_softmax":
+        return BalancedSoftmaxLoss(class_counts, **kwargs)
+    if name == "logit_adjusted":
+        return LogitAdjustedLoss(class_counts, **kwargs)
+    return LDAMLoss(class_counts, **kwargs)
+
+
+def build_feature_loss(name: str, **kwargs: Any) -> nn.Module:
+    """A metric loss ``loss(features, labels)`` by name (:data:`FEATURE_LOSSES`), to be added
+    to the cross-entropy with a weight: ``range`` → :class:`RangeLoss`, ``lifted`` →
+    :class:`LiftedStructureLoss`."""
+    if name == "range":
+        return RangeLoss(**kwargs)
+    if name == "lifted":
+        return LiftedStructureLoss(**kwargs)
+    raise InputError(f"unknown feature loss (valid: {', '.join(FEATURE_LOSSES)})", value=name)

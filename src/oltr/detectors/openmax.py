@@ -1,0 +1,138 @@
+"""OpenMax (Bendale & Boult, "Towards Open Set Deep Networks", CVPR 2016, Alg. 1–2)."""
+from __future__ import annotations
+
+import warnings
+from typing import ClassVar
+
+import numpy as np
+from scipy.spatial.distance import cdist
+from scipy.special import softmax
+from scipy.stats import weibull_min
+
+from oltr.detectors.base import ArrayLike, Detector, as_labels
+from oltr.errors import InputError
+from oltr.openset import _as_float_tensor
+
+OPENMAX_DISTANCES = ("euclidean", "eucos")
+
+
+def openmax_distances(
+    activations: np.ndarray, mean_activations: np.ndarray, distance: str = "euclidean"
+) -> np.ndarray:
+    """Distances (N, K) of activation vectors (N, K) to the class means (K, K).
+
+    ``euclidean``: ‖v − μ_k‖; ``eucos``: ‖v − μ_k‖ / 200 + (1 − cos(v, μ_k)), the authors'
+    code's choice for ImageNet.
+    """
+    if distance not in OPENMAX_DISTANCES:
+        raise InputError(f"unknown OpenMax distance (valid: {', '.join(OPENMAX_DISTANCES)})",
+                         value=distance)
+    euclidean = cdist(activations, mean_activations)
+    if distance == "euclidean":
+        return euclidean
+    norms = np.linalg.norm(activations, axis=1)[:, None] * np.linalg.norm(mean_activations, axis=1)
+    cosine = (activations @ mean_activations.T) / np.maximum(norms, np.finfo(np.float64).tiny)
+    return euclidean / 200.0 + (1.0 - cosine)
+
+
+def fit_weibull_tail(distances: np.ndarray, tail_size: int) -> tuple[float, float]:
+    """Weibull (shape κ, scale λ; location 0) fitted by maximum likelihood to the
+    ``tail_size`` largest ``distances`` (``scipy.stats.weibull_min.fit``; Alg. 1's FitHigh).
+
+    A tail with fewer than two distinct positive distances (a class with one or two samples)
+    cannot be fitted; it gets the exponential (κ = 1) with λ = the mean positive tail
+    distance, or the smallest positive float when all distances are 0.
+    """
+    tail = np.sort(np.asarray(distances, dtype=np.float64))[-tail_size:]
+    tail = tail[tail > 0]
+    if np.unique(tail).size < 2:
+        return 1.0, float(tail.mean()) if tail.size else float(np.finfo(np.float64).tiny)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        shape, _, scale = weibull_min.fit(tail, floc=0.0)
+    return float(shape), float(scale)
+
+
+def openmax_probabilities(
+    logits: np.ndarray,
+    mean_activations: np.ndarray,
+    shapes: np.ndarray,
+    scales: np.ndarray,
+    alpha: int,
+    distance: str = "euclidean",
+) -> np.ndarray:
+    """OpenMax recalibration (Alg. 2) → probabilities (N, K + 1), the unknown class **last**.
+
+    For the α top-ranked classes of each activation vector v (rank r = 0 … α − 1):
+    ``ω_k = 1 − ((α − r)/α) · WeibullCDF_k(dist(v, μ_k))``, ω = 1 elsewhere;
+    ``v̂ = v ⊙ ω``, ``v̂_unknown = Σ_k v_k (1 − ω_k)``; ``P = softmax(v̂, v̂_unknown)``.
+    The rank weights (α − r)/α follow the authors' code (the top class gets weight 1).
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    num_classes = logits.shape[1]
+    cdf = weibull_min.cdf(openmax_distances(logits, mean_activations, distance),
+                          np.asarray(shapes)[None, :], scale=np.asarray(scales)[None, :])
+    alpha = min(int(alpha), num_classes)
+    rank_weights = np.zeros(num_classes)
+    rank_weights[:alpha] = (alpha - np.arange(alpha)) / alpha
+    order = np.argsort(-logits, axis=1, kind="stable")
+    ranks = np.argsort(order, axis=1)  # rank of each class, 0 = the largest logit
+    omega = 1.0 - rank_weights[ranks] * cdf
+    revised = logits * omega
+    unknown = (logits - revised).sum(axis=1, keepdims=True)
+    return softmax(np.concatenate([revised, unknown], axis=1), axis=1)
+
+
+class OpenMax(Detector):
+    """``score = P(unknown | x)`` of :func:`openmax_probabilities` on the logits (the
+    activation vectors, AV).
+
+    ``fit(logits=..., labels=...)`` on training data (Alg. 1): per class, the mean activation
+    vector μ_k of the correctly classified samples (all of the class' samples when none is
+    correct) and a Weibull fit to the ``tail_size`` largest distances to μ_k. ``alpha`` (the
+    number of top classes recalibrated; 10 in the paper) is capped at K.
+    """
+
+    name: ClassVar[str] = "openmax"
+    inputs: ClassVar[tuple[str, ...]] = ("logits",)
+    fit_inputs = ("logits", "labels")
+
+    def __init__(self, tail_size: int = 20, alpha: int = 10, distance: str = "euclidean") -> None:
+        if int(tail_size) != tail_size or tail_size < 1:
+            raise InputError("OpenMax tail_size must be an integer >= 1", value=tail_size)
+        if int(alpha) != alpha or alpha < 1:
+            raise InputError("OpenMax alpha must be an integer >= 1", value=alpha)
+        if distance not in OPENMAX_DISTANCES:
+            raise InputError(f"unknown OpenMax distance (valid: {', '.join(OPENMAX_DISTANCES)})",
+                             value=distance)
+        self.tail_size, self.alpha, self.distance = int(tail_size), int(alpha), distance
+
+    def _fit(self, logits: ArrayLike, labels: ArrayLike) -> None:
+        activations = _as_float_tensor("logits", logits).double().cpu().numpy()
+        labels = as_labels(labels, len(activations)).cpu().numpy()
+        num_classes = activations.shape[1]
+        if labels.max() >= num_classes:
+            raise InputError(f"labels must lie in 0..{num_classes - 1}", value=int(labels.max()))
+        predictions = activations.argmax(axis=1)
+        self.mean_activations = np.empty((num_classes, num_classes))
+        self.shapes, self.scales = np.empty(num_classes), np.empty(num_classes)
+        for label in range(num_classes):
+            members = labels == label
+            if not members.any():
+                raise InputError(f"OpenMax needs training samples of every class; class "
+                                 f"{label} has none")
+            correct = members & (predictions == label)
+            chosen = activations[correct if correct.any() else members]
+            self.mean_activations[label] = chosen.mean(axis=0)
+            distances = openmax_distances(chosen, self.mean_activations[label:label + 1],
+                                          self.distance)[:, 0]
+            self.shapes[label], self.scales[label] = fit_weibull_tail(distances, self.tail_size)
+
+    def _score(self, logits: ArrayLike) -> np.ndarray:
+        activations = _as_float_tensor("logits", logits).double().cpu().numpy()
+        if activations.shape[1] != self.mean_activations.shape[0]:
+            raise InputError(f"logits have {activations.shape[1]} classes but OpenMax was "
+                             f"fitted on {self.mean_activations.shape[0]}")
+        probabilities = openmax_probabilities(activations, self.mean_activations, self.shapes,
+                                              self.scales, self.alpha, self.distance)
+        return probabilities[:, -1]
