@@ -343,7 +343,7 @@ ROWS = [
         lambda s: save_file({"classifier.weight": torch.zeros(2, 2)}, s / "model.safetensors")),
      r"model\.safetensors: weights do not fit the model in model\.json: .*size mismatch"),
     ("model.json not JSON", tampered_model(lambda s: (s / "model.json").write_text("{\n oops")),
-     r"model\.json:2: not valid JSON"),
+     r"model\.json:2: model description is not valid JSON"),
     ("model.json lacks a key", tampered_model(edit_model_json(lambda i: i.pop("num_classes"))),
      r"model\.json: lacks key 'num_classes' \(tampered, or not written by oltr\)"),
     ("model.json names a missing tensor", tampered_model(
@@ -359,7 +359,7 @@ ROWS = [
         lambda s: (s.parent / "run.json").write_text('{"final_stage": "../../elsewhere"}')),
      r"run\.json: final_stage must name a stage folder of the run"),
     ("run.json not JSON", tampered_model(lambda s: (s.parent / "run.json").write_text("{")),
-     r"run\.json: unreadable run description"),
+     r"run\.json:1: run description is not valid JSON"),
     ("model.json class names", tampered_model(edit_model_json(lambda i: i["class_names"].pop())),
      r"model\.json: 3 class names for num_classes 4"),
 ]

@@ -152,3 +152,38 @@ def test_auto_reachability_scale_puts_median_meta_norm_at_one() -> None:
     norms = net.meta_embedding(features)["meta"].norm(dim=1)
     assert float(net.meta_embedding.reachability_scale) == pytest.approx(scale)
     assert float(norms.median()) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_stages_one_at_a_time_and_centroids_start_as_class_means(fmnist_small, tiny,
+                                                                 tmp_path) -> None:
+    """`--stage stage1`, then `--stage stage2` with 0 epochs: the saved memory holds the class
+    means of direct train features computed with the stage-2 feature model (one pass)."""
+    import numpy as np
+
+    from oltr.config import stage_config
+    from oltr.data import load_benchmark
+    from oltr.engine import collect_outputs, dataset_for, eval_loader, load_model
+
+    run = tmp_path / "oltr"
+    overrides = [*tiny, "stage1.train.epochs=1", "stage2.train.epochs=0"]
+    config = load_config("oltr", overrides=overrides)
+    (first,) = train_run(config, fmnist_small, run, progress=False, stages=["stage1"])
+    assert first.stage_dir.name == "stage1" and not (run / "stage2").exists()
+    (second,) = train_run(config, fmnist_small, run, progress=False, stages=["stage2"])
+    assert second.stage_dir.name == "stage2"
+    with pytest.raises(InputError, match="no stage named stage3"):
+        train_run(config, fmnist_small, run, progress=False, stages=["stage3"])
+
+    net, _ = load_model(run / "stage2")
+    cfg = stage_config(config, "stage2")
+    bench = load_benchmark(fmnist_small)
+    outputs = collect_outputs(net, eval_loader(dataset_for(bench, "train", cfg["data"],
+                                                           train=False), 256, 0),
+                              torch.device("cpu"))
+    expected = np.stack([outputs["features"][outputs["labels"] == k].mean(axis=0)
+                         for k in range(bench.num_classes)])
+    centroids = net.meta_embedding.centroids.detach().numpy()
+    assert np.allclose(centroids, expected, atol=1e-4)
+    # auto reachability scale: the median |v_meta| over the train set is 1 at the start.
+    meta = net.meta_embedding(torch.from_numpy(outputs["features"]))["meta"]
+    assert float(meta.norm(dim=1).median()) == pytest.approx(1.0, rel=1e-3)

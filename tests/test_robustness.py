@@ -22,9 +22,10 @@ from safetensors.torch import load_file
 from oltr.cli import main
 from oltr.config import load_config
 from oltr.data import load_benchmark
-from oltr.engine import F, load_checkpoint, remove_stale_temporaries, train_run
+from oltr.engine import F, load_checkpoint, train_run
 from oltr.errors import InputError, OltrError
 from oltr.evaluate import evaluate_run
+from oltr.io import remove_stale_temporaries
 
 EPOCHS = 12
 # One OpenMP thread: the runs compared must use the same thread count, and on a busy 2-core
@@ -139,11 +140,11 @@ def test_sigkill_while_writing_leaves_the_previous_file_and_a_removable_temporar
     script = (
         "import os, signal, sys\n"
         "from pathlib import Path\n"
-        "from oltr.engine import atomic_write_bytes\n"
+        "from oltr.io import atomic_write\n"
         "def half_then_killed(tmp):\n"
         "    Path(tmp).write_bytes(b'new checkp')\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        "atomic_write_bytes(Path(sys.argv[1]), half_then_killed)\n"
+        "atomic_write(Path(sys.argv[1]), half_then_killed)\n"
     )
     killed = subprocess.run([sys.executable, "-c", script, str(target)], check=False,
                             env=CHILD_ENV, timeout=120)

@@ -97,7 +97,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                          overrides=overrides)
     started = time.perf_counter()
     results = train_run(config, args.data, args.out, resume=args.resume,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, stages=args.stage)
     for result in results:
         print(f"stage {result.stage_dir.name}: best val accuracy {result.best_val_accuracy:.4f} "
               f"at epoch {result.best_epoch} ({result.seconds:.0f} s)")
@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto | cpu | cuda")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--stage", action="append", metavar="NAME",
+                   help="train only this stage (repeatable), e.g. --stage stage2 of a run whose "
+                        "stage 1 is done; default: every stage")
     p.add_argument("--evaluate", action="store_true", help="evaluate (open set) when done")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--skip-bad-images", action="store_true",

@@ -32,10 +32,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +53,7 @@ from oltr.data import Benchmark, ImageListDataset, build_transform, load_benchma
 from oltr.data.samplers import ClassAwareSampler
 from oltr.data.splits import leaves_root
 from oltr.errors import InputError, OltrError
+from oltr.io import atomic_write, atomic_write_text, read_json_object, remove_stale_temporaries
 from oltr.losses import build_centroid_loss
 from oltr.models import (
     OLTRNetwork,
@@ -107,49 +107,6 @@ def autocast_context(amp: str, device: torch.device):
     if amp == "off":
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)``, fsync, then rename over ``path``: readers see old or new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temporaries(directory: Path) -> list[Path]:
-    """Delete the temporary files of `atomic_write_bytes` whose writer is dead (a killed run)."""
-    removed = []
-    for tmp in directory.glob(".*.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
-            tmp.unlink(missing_ok=True)
-            removed.append(tmp)
-    return removed
 
 
 # --------------------------------------------------------------------------- data
@@ -277,7 +234,7 @@ def lr_factor(step: int, *, schedule: str, total_steps: int, steps_per_epoch: in
 
 # --------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    atomic_write_bytes(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -297,20 +254,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 def save_model(stage_dir: Path, net: nn.Module, info: dict[str, Any]) -> None:
     """The selected weights as safetensors (no pickle) + the JSON that rebuilds the network."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    atomic_write_bytes(stage_dir / WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(stage_dir / WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
     atomic_write_text(stage_dir / MODEL_INFO, json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
 def _read_model_info(path: Path) -> dict[str, Any]:
     """``model.json``, checked: valid JSON with every key `load_model` and `Predictor` use."""
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise InputError(f"not valid JSON ({exc.msg})", path=path, line=exc.lineno) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read model description ({exc})", path=path) from None
-    if not isinstance(info, dict):
-        raise InputError("must hold a JSON object", path=path)
+    info = read_json_object(path, "model description")
     for key, kind in MODEL_INFO_KEYS.items():
         if key not in info:
             raise InputError(f"lacks key '{key}' (tampered, or not written by oltr)", path=path)
@@ -679,10 +629,7 @@ def final_stage_dir(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     info_path = run_dir / RUN_INFO
     if info_path.exists():
-        try:
-            final = json.loads(info_path.read_text())["final_stage"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-            raise InputError(f"unreadable run description ({exc!r})", path=info_path) from None
+        final = read_json_object(info_path, "run description").get("final_stage")
         if not isinstance(final, str) or leaves_root(final) or "/" in final:
             raise InputError("final_stage must name a stage folder of the run", path=info_path,
                              value=final)
@@ -699,22 +646,28 @@ def train_run(
     *,
     resume: bool = False,
     progress: bool = True,
+    stages: Sequence[str] | None = None,
 ) -> list[StageResult]:
-    """Train every stage of ``config`` in order; stage *k* starts from stage *k-1*'s weights."""
+    """Train the stages of ``config`` in order (``stages``: only these, e.g. ``["stage2"]`` of a
+    run whose stage 1 is done); stage *k* starts from stage *k-1*'s selected weights."""
     run_dir = Path(run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+    stage_names = [stage["name"] for stage in config["stages"]]
+    unknown = sorted(set(stages or ()) - set(stage_names))
+    if unknown:
+        raise InputError(f"no stage named {', '.join(unknown)} in this method "
+                         f"(stages: {', '.join(stage_names)})")
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume and stages is None:
         raise InputError("run directory is not empty; pass --resume to continue it or choose "
                          "another --out", path=run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(run_dir)
     saved = run_dir / "config.yaml"
-    if resume and saved.exists():
+    if (resume or stages is not None) and saved.exists():
         import yaml  # local: only needed here
 
         if with_defaults(yaml.safe_load(saved.read_text())) != config:
             raise InputError("--resume with a config that differs from the saved one", path=saved)
     save_config(config, saved)
-    stage_names = [stage["name"] for stage in config["stages"]]
     atomic_write_text(
         run_dir / RUN_INFO,
         json.dumps({"method": config["method"], "stages": stage_names,
@@ -722,6 +675,9 @@ def train_run(
     )
     results, previous = [], None
     for name in stage_names:
+        if stages is not None and name not in stages:
+            previous = run_dir / name
+            continue
         cfg = stage_config(config, name)
         init = cfg["train"]["init_from"]
         init_from = None

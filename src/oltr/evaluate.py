@@ -21,7 +21,6 @@ from oltr import metrics
 from oltr.config import with_defaults
 from oltr.data import load_benchmark
 from oltr.engine import (
-    atomic_write_text,
     collect_outputs,
     dataset_for,
     eval_loader,
@@ -31,6 +30,7 @@ from oltr.engine import (
     select_device,
 )
 from oltr.errors import InputError
+from oltr.io import atomic_write_text
 from oltr.openset import compute_open_score, probability_threshold_to_msp_score
 
 REPORT_VERSION = 1

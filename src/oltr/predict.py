@@ -5,7 +5,6 @@ is given explicitly; the open score follows the package convention (higher = mor
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from oltr.data import build_transform
 from oltr.engine import autocast_context, final_stage_dir, load_model, select_device
 from oltr.errors import InputError
 from oltr.evaluate import adjust_logits
+from oltr.io import read_json_object
 from oltr.openset import compute_open_score
 
 UNKNOWN = "unknown"
@@ -46,12 +46,13 @@ class Predictor:
         torch_device = select_device(device)
         net, info = load_model(final_stage_dir(run_dir), torch_device)
         report_path = Path(run_dir) / "report.json"
+        report = (read_json_object(report_path, "evaluation report")
+                  if report_path.exists() else None)
         if threshold is None:
-            if not report_path.exists():
+            if report is None:
                 raise InputError("no open-set threshold: evaluate the run first "
                                  "(`oltr evaluate RUN --data DIR --open`) or pass --threshold",
                                  path=report_path)
-            report = json.loads(report_path.read_text())
             if "open" not in report:
                 raise InputError("the report has no open-set section; re-run evaluate with --open",
                                  path=report_path)
@@ -65,10 +66,10 @@ class Predictor:
             yaml.safe_load((final_stage_dir(run_dir) / "config.yaml").read_text()))
         tau = stage_cfg["eval"]["logit_adjustment"]
         if tau == "auto":  # selected on val by `oltr evaluate`, stored in its report
-            if not report_path.exists():
+            if report is None or "logit_adjustment" not in report:
                 raise InputError("logit_adjustment is auto: evaluate the run first so that τ "
                                  "is selected on val", path=report_path)
-            tau = float(json.loads(report_path.read_text())["logit_adjustment"])
+            tau = float(report["logit_adjustment"])
         return cls(net, info, open_score=open_score or "msp", threshold=threshold,
                    device=torch_device, logit_adjustment=tau)
 

@@ -27,8 +27,9 @@ from PIL import Image
 
 from oltr.data.profiles import class_counts
 from oltr.data.sources import Source, parse_source
-from oltr.data.splits import OPEN_LABEL, atomic_write_bytes, sha256_file, write_split_file
+from oltr.data.splits import OPEN_LABEL, sha256_file, write_split_file
 from oltr.errors import InputError
+from oltr.io import atomic_write_bytes, read_json_object
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -388,16 +389,7 @@ def curate(
 def load_manifest(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and check ``data_dir/manifest.json`` (required keys, format version)."""
     path = Path(data_dir) / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError("manifest not found", path=path) from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"manifest is not valid JSON ({exc.msg})", path=path, line=exc.lineno) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read manifest ({exc})", path=path) from None
-    if not isinstance(manifest, dict):
-        raise InputError("manifest must be a JSON object", path=path)
+    manifest = read_json_object(path, "manifest")
     missing = [key for key in MANIFEST_KEYS if key not in manifest]
     if missing:
         raise InputError(f"manifest lacks keys: {', '.join(missing)}", path=path)

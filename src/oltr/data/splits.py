@@ -12,11 +12,11 @@ import hashlib
 import operator
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
 from oltr.errors import InputError
+from oltr.io import atomic_write_bytes
 
 OPEN_LABEL = -1
 _INTEGER = re.compile(r"[+-]?[0-9]+")
@@ -163,29 +163,6 @@ def format_split(entries: Iterable[tuple[str, int]]) -> bytes:
             )
         lines.append(f"{image_path} {number}\n")
     return "".join(lines).encode("utf-8")
-
-
-def _default_file_mode() -> int:
-    """The mode ``open()`` would give a new file under the current umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, rename."""
-    path = Path(path)
-    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp_name, _default_file_mode())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
 
 
 def write_split_file(path: str | os.PathLike[str], entries: Iterable[tuple[str, int]]) -> None:
