@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from oltr.data import curate
 from oltr.data.sources import FASHION_MNIST_SYSTEM_DIR
@@ -28,3 +29,13 @@ def fmnist_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny() -> list[str]:
     """Config overrides for smoke runs: width-8 ResNet, batch 32, 3 steps per epoch."""
     return list(TINY_OVERRIDES)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine extra threads only contend, and runs
+    compared for equal weights must use the same thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

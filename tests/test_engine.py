@@ -149,7 +149,7 @@ def test_auto_reachability_scale_puts_median_meta_norm_at_one() -> None:
     features = torch.randn(101, net.meta_embedding.feat_dim) * 5
     net.meta_embedding.init_centroids(torch.randn(3, net.meta_embedding.feat_dim))
     scale = calibrate_reachability_scale(net, features)
-    norms = net.meta_embedding(features)["meta"].norm(dim=1)
+    norms = net.meta_embedding(features)["meta"].detach().norm(dim=1)
     assert float(net.meta_embedding.reachability_scale) == pytest.approx(scale)
     assert float(norms.median()) == pytest.approx(1.0, rel=1e-5)
 

@@ -33,13 +33,7 @@ EPOCHS = 12
 CHILD_ENV = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process runs use one thread too (2 contending threads are much slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train_command(data: Path, out: Path, tiny: list[str], *, resume: bool) -> list[str]:
