@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import yaml
 
 from oltr.errors import InputError
+from oltr.io import atomic_write_text
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 BASE_CONFIG = CONFIG_DIR / "base.yaml"
@@ -199,15 +199,17 @@ def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
     return deep_merge(reference, config)
 
 
+def load_saved_config(path: str | Path) -> dict[str, Any]:
+    """A config saved with a run (whole run or one stage), completed by :func:`with_defaults`."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("the run's saved config is missing", path=path)
+    return with_defaults(_read_yaml(path))
+
+
 def save_config(config: dict[str, Any], path: str | Path) -> None:
     """Write ``config`` as YAML atomically (temp file + rename): a kill leaves old or new."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
 
 
 # --------------------------------------------------------------------------- value checks

@@ -48,7 +48,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
-from oltr.config import save_config, stage_config, with_defaults
+from oltr.config import load_saved_config, save_config, stage_config, with_defaults
 from oltr.data import Benchmark, ImageListDataset, build_transform, load_benchmark
 from oltr.data.samplers import ClassAwareSampler
 from oltr.data.splits import leaves_root
@@ -662,11 +662,9 @@ def train_run(
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(run_dir)
     saved = run_dir / "config.yaml"
-    if (resume or stages is not None) and saved.exists():
-        import yaml  # local: only needed here
-
-        if with_defaults(yaml.safe_load(saved.read_text())) != config:
-            raise InputError("--resume with a config that differs from the saved one", path=saved)
+    checks_saved = resume or stages is not None
+    if checks_saved and saved.exists() and load_saved_config(saved) != config:
+        raise InputError("--resume with a config that differs from the saved one", path=saved)
     save_config(config, saved)
     atomic_write_text(
         run_dir / RUN_INFO,

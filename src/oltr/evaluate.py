@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from oltr import metrics
-from oltr.config import with_defaults
+from oltr.config import load_saved_config
 from oltr.data import load_benchmark
 from oltr.engine import (
     collect_outputs,
@@ -31,15 +30,9 @@ from oltr.engine import (
 )
 from oltr.errors import InputError
 from oltr.io import atomic_write_text
-from oltr.openset import compute_open_score, probability_threshold_to_msp_score
+from oltr.openset import compute_open_score, msp_score, probability_threshold_to_msp_score
 
 REPORT_VERSION = 1
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
 
 
 def _round(value: Any) -> Any:
@@ -125,10 +118,7 @@ def evaluate_run(
     stage_dir = final_stage_dir(run_dir)
     torch_device = select_device(device)
     net, info = load_model(stage_dir, torch_device)
-    stage_config_path = stage_dir / "config.yaml"
-    if not stage_config_path.is_file():
-        raise InputError("the run's stage config is missing", path=stage_config_path)
-    stage_cfg = with_defaults(yaml.safe_load(stage_config_path.read_text()))
+    stage_cfg = load_saved_config(stage_dir / "config.yaml")
     eval_cfg = stage_cfg["eval"]
     open_score = open_score or eval_cfg["open_score"]
     threshold = eval_cfg["threshold"] if threshold is None else threshold
@@ -194,7 +184,7 @@ def evaluate_run(
 
     test = run("test")
     predictions = test["logits"].argmax(axis=1)
-    confidence = _softmax(test["logits"]).max(axis=1)
+    confidence = 1.0 - msp_score(test["logits"])  # max softmax probability
     report: dict[str, Any] = {
         "report_version": REPORT_VERSION,
         "run": str(run_dir),

@@ -11,16 +11,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image, UnidentifiedImageError
 
-from oltr.config import with_defaults
+from oltr.config import load_saved_config
 from oltr.data import build_transform
 from oltr.engine import autocast_context, final_stage_dir, load_model, select_device
 from oltr.errors import InputError
 from oltr.evaluate import adjust_logits
 from oltr.io import read_json_object
-from oltr.openset import compute_open_score
+from oltr.openset import compute_open_score, msp_score
 
 UNKNOWN = "unknown"
 
@@ -44,7 +43,8 @@ class Predictor:
                  threshold: float | None = None) -> Predictor:
         """Load a run; the threshold defaults to the one in ``RUN/report.json``."""
         torch_device = select_device(device)
-        net, info = load_model(final_stage_dir(run_dir), torch_device)
+        stage_dir = final_stage_dir(run_dir)
+        net, info = load_model(stage_dir, torch_device)
         report_path = Path(run_dir) / "report.json"
         report = (read_json_object(report_path, "evaluation report")
                   if report_path.exists() else None)
@@ -62,9 +62,7 @@ class Predictor:
                                  f"'{open_score}'", value=open_score)
             open_score = report["open"]["open_score"]
             threshold = float(report["open"]["threshold"])
-        stage_cfg = with_defaults(
-            yaml.safe_load((final_stage_dir(run_dir) / "config.yaml").read_text()))
-        tau = stage_cfg["eval"]["logit_adjustment"]
+        tau = load_saved_config(stage_dir / "config.yaml")["eval"]["logit_adjustment"]
         if tau == "auto":  # selected on val by `oltr evaluate`, stored in its report
             if report is None or "logit_adjustment" not in report:
                 raise InputError("logit_adjustment is auto: evaluate the run first so that τ "
@@ -97,11 +95,9 @@ class Predictor:
             centroids = self.net.meta_embedding.centroids.detach().float().cpu().numpy()
         scores = compute_open_score(self.open_score, logits=logits, features=features,
                                     centroids=centroids)
-        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probabilities = shifted / shifted.sum(axis=1, keepdims=True)
         labels = np.where(scores > self.threshold, -1, logits.argmax(axis=1))
         return {"labels": labels, "open_scores": scores,
-                "confidence": probabilities.max(axis=1), "closed_labels": logits.argmax(axis=1)}
+                "confidence": 1.0 - msp_score(logits), "closed_labels": logits.argmax(axis=1)}
 
     def predict_paths(self, paths: Sequence[str | Path], batch_size: int = 64) -> list[dict]:
         """One dict per image: path, label (-1 = unknown), label_name, confidence, open_score."""
