@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import oltr.data.curation as curate_module
-from oltr.data.curation import curate, load_manifest, verify_manifest
+from oltr.data.curation import curate, load_manifest, load_open_classes, verify_manifest
 from oltr.data.datasets import load_benchmark
 from oltr.data.profiles import class_counts
 from oltr.data.sources import FASHION_MNIST_SYSTEM_DIR, parse_source
@@ -93,7 +93,8 @@ def test_manifest_file_checksums_and_tamper_detection(curated, tmp_path):
     text = (out / "manifest.json").read_text()
     assert text == json.dumps(manifest, sort_keys=True, indent=2) + "\n"
     assert load_manifest(out) == manifest
-    assert set(manifest["files"]) == {"train.txt", "val.txt", "test.txt", "open.txt", "classes.txt"}
+    assert set(manifest["files"]) == {"train.txt", "val.txt", "test.txt", "open.txt",
+                                      "open_classes.txt", "classes.txt"}
     for name, digest in manifest["files"].items():
         assert sha256_file(out / name) == digest
     verify_manifest(out)
@@ -107,6 +108,40 @@ def test_manifest_file_checksums_and_tamper_detection(curated, tmp_path):
         verify_manifest(copy)
     with pytest.raises(InputError, match=r"val.txt: sha256"):
         load_benchmark(copy)
+
+
+def test_open_classes_file_names_the_class_of_each_open_image(curated, tmp_path):
+    out, manifest = curated
+    names, index = load_open_classes(out)
+    assert names == manifest["open_classes"]
+    opened = read_split_file(out / "open.txt")
+    lines = read_split_file(out / "open_classes.txt")
+    assert [path for path, _ in lines] == [path for path, _ in opened]
+    assert len(index) == len(opened) == manifest["counts"]["open"]
+    # a folder source's path starts with its class folder: the recorded class must be that one
+    assert [path.split("/")[0] for path, _ in opened] == [names[i] for i in index]
+    assert np.bincount(index, minlength=OPEN).tolist() == [TEST] * OPEN
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in out.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    (copy / "open_classes.txt").unlink()
+    with pytest.raises(InputError, match=r"open_classes.txt is missing.*re-curate"):
+        load_open_classes(copy)
+
+
+def test_open_classes_file_leaves_the_split_files_unchanged(tree, curated, tmp_path):
+    """open_classes.txt is extra: without open classes it is not written, and the split files
+    hash as the manifest says (the same bytes as before the file existed)."""
+    out, manifest = curated
+    for name in ("train.txt", "val.txt", "test.txt", "open.txt", "classes.txt"):
+        assert sha256_file(out / name) == manifest["files"][name]
+    closed = tmp_path / "closed"
+    result = curate(f"folder:{tree}", closed, seed=3, known=KNOWN, open=0, max_count=MAX,
+                    min_count=MIN, val_per_class=VAL, test_per_class=TEST)
+    assert "open_classes.txt" not in result["files"]
+    assert not (closed / "open_classes.txt").exists()
 
 
 def test_same_arguments_give_byte_identical_output(tree, curated, tmp_path):

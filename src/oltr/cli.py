@@ -15,7 +15,15 @@ from typing import Any
 
 import yaml
 
-from oltr.config import CONFIG_DIR, DEFAULT_BENCHMARK, list_benchmarks, list_methods, load_config
+from oltr.config import (
+    COMPARISON_DETECTORS,
+    COMPARISON_METHODS,
+    CONFIG_DIR,
+    DEFAULT_BENCHMARK,
+    list_benchmarks,
+    list_methods,
+    load_config,
+)
 from oltr.errors import InputError, OltrError
 
 EXAMPLES = """\
@@ -127,7 +135,49 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return _evaluate(args.run, args.data, open_set=args.open, open_score=args.open_score,
                      threshold=args.threshold, accept_rate=args.accept_rate, device=args.device,
                      logit_adjustment=args.logit_adjustment,
+                     tau_normalization=args.tau_normalization, detectors=args.detectors,
+                     open_sets=_named_paths(args.open_sets),
                      output=output, skip_bad_images=args.skip_bad_images or None)
+
+
+def _named_paths(items: list[str] | None) -> dict[str, str] | None:
+    """``NAME=PATH`` arguments (or a bare PATH, named by its last component) as a dict."""
+    if not items:
+        return None
+    named: dict[str, str] = {}
+    for item in items:
+        name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
+        name = name or Path(path).stem or Path(path).name
+        if name in named:
+            raise InputError(f"open set named twice: {name!r} (use NAME=PATH)", value=item)
+        named[name] = path
+    return named
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+# --------------------------------------------------------------------------- bench
+def cmd_bench(args: argparse.Namespace) -> int:
+    from oltr.bench import run_bench
+
+    try:
+        seeds = [int(seed) for seed in _comma_list(args.seeds)]
+    except ValueError:
+        raise InputError("--seeds must be comma-separated integers", value=args.seeds) from None
+    epochs = args.epochs if args.epochs is not None else (2 if args.quick else None)
+    results = run_bench(
+        args.data, args.out, methods=_comma_list(args.methods),
+        detectors=_comma_list(args.detectors), seeds=seeds, epochs=epochs,
+        overrides=args.overrides, benchmark=args.benchmark,
+        open_sets=_named_paths(args.open_sets), quick=args.quick,
+        progress=not args.no_progress,
+    )
+    print((Path(args.out) / "results.md").read_text())
+    print(f"bench finished in {results['wall_seconds'] / 60:.1f} min; tables in "
+          f"{Path(args.out) / 'results.md'}, every figure in {Path(args.out) / 'results.json'}")
+    return 0
 
 
 # --------------------------------------------------------------------------- predict
@@ -237,6 +287,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logit-adjustment", type=lambda v: v if v == "auto" else float(v),
                    dest="logit_adjustment",
                    help="τ: decide on logits + τ·log(train class frequency) (default: config)")
+    p.add_argument("--tau-normalization", type=lambda v: v if v == "auto" else float(v),
+                   dest="tau_normalization",
+                   help="τ-normalise a linear classifier: w/‖w‖^τ, or auto (best val accuracy) "
+                        "(default: config)")
+    p.add_argument("--detector", action="append", dest="detectors", metavar="NAME",
+                   help="also score with this open-set detector (repeatable): "
+                        "msp, max_logit, energy, odin, openmax, knn, reachability")
+    p.add_argument("--open-set", action="append", dest="open_sets", metavar="NAME=PATH",
+                   help="an external open set (a folder of images or a split file), evaluated "
+                        "against the known test images (repeatable)")
     p.add_argument("--device", default="auto")
     p.add_argument("--output", help="report path (default RUN/report.json)")
     p.add_argument("--skip-bad-images", action="store_true",
@@ -257,6 +317,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "bench", help="compare methods × open-set detectors × seeds → Markdown + JSON tables",
+        description="Train (or reuse) and evaluate every method preset for every seed on one "
+                    "curated benchmark; write OUT/results.md (Tab. 3- and Tab. 2-style tables, "
+                    "mean ± std over seeds) and OUT/results.json. Identical stages (the plain "
+                    "stage 1 of two-stage methods) train once; a killed bench resumes.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", required=True, help="a curated benchmark directory")
+    p.add_argument("--out", required=True, help="bench directory (runs, stage cache, results)")
+    p.add_argument("--methods", default=",".join(COMPARISON_METHODS),
+                   help="comma-separated method presets")
+    p.add_argument("--detectors", default=",".join(COMPARISON_DETECTORS),
+                   help="comma-separated open-set detectors")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    p.add_argument("--epochs", type=int,
+                   help="total epochs of every method (stages keep their shares); default: "
+                        "each preset's own (30 on fmnist_lt), 2 with --quick")
+    p.add_argument("--benchmark", default=DEFAULT_BENCHMARK,
+                   help=f"preset family ({', '.join(list_benchmarks())})")
+    p.add_argument("--open-set", action="append", dest="open_sets", metavar="NAME=PATH",
+                   help="an external open set (folder or split file), repeatable")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: width-8 networks, 3 steps per epoch, 2 epochs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides applied to every method")
+    p.set_defaults(func=cmd_bench)
+
+    from oltr.analysis import add_analysis_command
+
+    add_analysis_command(sub)
     return parser
 
 

@@ -24,6 +24,13 @@ from oltr.io import atomic_write_text
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 BASE_CONFIG = CONFIG_DIR / "base.yaml"
 DEFAULT_BENCHMARK = "fmnist_lt"
+#: ``oltr bench``'s default matrix: the paper's Tab. 3 methods plus later long-tail methods
+#: (presets in configs/<benchmark>/), in table order, and the open-set detectors.
+COMPARISON_METHODS = (
+    "plain", "class_aware", "focal", "range_loss", "lifted_loss", "fslwf",
+    "crt", "tau_norm", "lws", "balanced_softmax", "logit_adjustment", "ldam_drw", "oltr",
+)
+COMPARISON_DETECTORS = ("msp", "max_logit", "energy", "odin", "openmax", "knn", "reachability")
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
 
 
@@ -269,9 +276,10 @@ CHECKS: dict[str, Check] = {
     "model.pretrained_path": _or_null(_TEXT),
     "model.embed_dim": _or_null(_int(1)),
     "model.dropout": _number("in [0, 1)", lambda v: 0 <= v < 1),
-    "model.classifier": _choice("linear", "cosine"),
+    "model.classifier": _choice("linear", "cosine", "lws", "fslwf"),
+    "model.fslwf_novel_max": _int(0),
     "model.cosine_scale": _number("> 0", lambda v: v > 0),
-    "model.squash_form": _choice("paper", "original"),
+    "model.squash_form": _choice("paper", "original", "unit"),
     "model.attention": _BOOL,
     "model.modulation": _BOOL,
     "model.meta_embedding": _BOOL,
@@ -298,6 +306,16 @@ CHECKS: dict[str, Check] = {
     "train.gamma": _number("> 0", lambda v: v > 0),
     "train.warmup_epochs": _int(0),
     "train.label_smoothing": _number("in [0, 1)", lambda v: 0 <= v < 1),
+    "train.loss": _choice("ce", "focal", "balanced_softmax", "logit_adjusted", "ldam"),
+    "train.focal_gamma": _number(">= 0", lambda v: v >= 0),
+    "train.logit_adjust_tau": _number(">= 0", lambda v: v >= 0),
+    "train.ldam_max_margin": _number("> 0", lambda v: v > 0),
+    "train.ldam_scale": _number("> 0", lambda v: v > 0),
+    "train.drw_epoch": _or_null(_int(1)),
+    "train.drw_beta": _number("in [0, 1)", lambda v: 0 <= v < 1),
+    "train.feature_loss": _choice("none", "range", "lifted"),
+    "train.feature_loss_weight": _number(">= 0", lambda v: v >= 0),
+    "train.feature_loss_margin": _number(">= 0", lambda v: v >= 0),
     "train.centroid_loss": _choice("none", "paper", "original"),
     "train.centroid_weight": _number(">= 0", lambda v: v >= 0),
     "train.centroid_margin": _number(">= 0", lambda v: v >= 0),
@@ -313,8 +331,10 @@ CHECKS: dict[str, Check] = {
     "eval.batch_size": _int(1),
     "eval.open_score": _choice("msp", "max_logit", "energy", "reachability"),
     "eval.threshold": _or_null(_number("in [0, 1] (a probability)", lambda v: 0 <= v <= 1)),
-    "eval.logit_adjustment": ("a number >= 0 or auto",
-                              lambda v: v == "auto" or (_is_number(v) and v >= 0)),
+    "eval.logit_adjustment": ("a number or auto",
+                              lambda v: v == "auto" or (_is_number(v) and math.isfinite(v))),
+    "eval.tau_normalization": ("a number >= 0 or auto",
+                               lambda v: v == "auto" or (_is_number(v) and v >= 0)),
     "eval.accept_rate": _number("in (0, 1]", lambda v: 0 < v <= 1),
     "eval.many_threshold": _int(0),
     "eval.few_threshold": _int(0),

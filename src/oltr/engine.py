@@ -54,9 +54,15 @@ from oltr.data.samplers import ClassAwareSampler
 from oltr.data.splits import leaves_root
 from oltr.errors import InputError, OltrError
 from oltr.io import atomic_write, atomic_write_text, read_json_object, remove_stale_temporaries
-from oltr.losses import build_centroid_loss
+from oltr.losses import (
+    build_centroid_loss,
+    build_classification_loss,
+    build_feature_loss,
+    drw_class_weights,
+)
 from oltr.models import (
     OLTRNetwork,
+    FSLwFClassifier,
     class_means,
     create_network,
     freeze_backbone,
@@ -110,6 +116,13 @@ def autocast_context(amp: str, device: torch.device):
 
 
 # --------------------------------------------------------------------------- data
+def eval_transform(data_cfg: dict[str, Any]) -> Any:
+    """The evaluation transform of ``data_cfg`` (no augmentation)."""
+    return build_transform(data_cfg["transform"], train=False, image_size=data_cfg["image_size"],
+                           channels=data_cfg["channels"], mean=data_cfg["mean"],
+                           std=data_cfg["std"])
+
+
 def dataset_for(
     bench: Benchmark, split: str, data_cfg: dict[str, Any], *, train: bool
 ) -> ImageListDataset:
@@ -283,7 +296,8 @@ def load_model(stage_dir: Path, device: torch.device | str = "cpu") -> tuple[OLT
             raise InputError("trained model not found (has the stage finished an epoch?)", path=path)
     info = _read_model_info(info_path)
     try:
-        net = create_network(info["model"], info["num_classes"], info["in_chans"])
+        net = create_network(info["model"], info["num_classes"], info["in_chans"],
+                             class_counts=info.get("train_counts"))
     except (InputError, TypeError, ValueError) as exc:
         raise InputError(f"describes no valid model: {exc}", path=info_path) from None
     try:
@@ -322,11 +336,51 @@ def _read_history(stage_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def build_stage_losses(
+    train_cfg: dict[str, Any], train_counts: Any, device: torch.device
+) -> tuple[nn.Module, nn.Module | None]:
+    """The classification loss (``train.loss``) and the feature loss (``train.feature_loss``,
+    None for none) of a stage; deferred re-weighting sets the former's ``weight`` later."""
+    name = train_cfg["loss"]
+    options: dict[str, Any] = {
+        "ce": {"label_smoothing": train_cfg["label_smoothing"]},
+        "focal": {"gamma": train_cfg["focal_gamma"]},
+        "balanced_softmax": {},
+        "logit_adjusted": {"tau": train_cfg["logit_adjust_tau"]},
+        "ldam": {"max_margin": train_cfg["ldam_max_margin"], "scale": train_cfg["ldam_scale"]},
+    }[name]
+    if train_cfg["label_smoothing"] and name != "ce":
+        raise InputError("train.label_smoothing applies to train.loss: ce only", value=name)
+    if train_cfg["drw_epoch"] is not None and name not in ("ce", "ldam"):
+        raise InputError("deferred re-weighting (train.drw_epoch) needs train.loss ce or ldam",
+                         value=name)
+    classification = build_classification_loss(name, class_counts=np.asarray(train_counts),
+                                                **options).to(device)
+    feature = None
+    if train_cfg["feature_loss"] != "none":
+        feature = build_feature_loss(train_cfg["feature_loss"],
+                                     margin=train_cfg["feature_loss_margin"]).to(device)
+    return classification, feature
+
+
+def deferred_reweighting(
+    train_cfg: dict[str, Any], train_counts: Any, epoch: int
+) -> torch.Tensor | None:
+    """DRW (Cao et al. 2019, Alg. 1): the class weights of 0-based ``epoch`` — the
+    effective-number weights (:func:`~oltr.losses.drw_class_weights`) from the 1-based epoch
+    ``train.drw_epoch`` on, None before it (or without DRW)."""
+    start = train_cfg["drw_epoch"]
+    if start is None or epoch + 1 < start:
+        return None
+    return drw_class_weights(np.asarray(train_counts), train_cfg["drw_beta"])
+
+
 def _init_from_previous(
     net: OLTRNetwork, init_from: Path, loader: DataLoader, device: torch.device, cfg: dict
 ) -> list[str]:
     """Load a previous stage's weights; then initialise the memory's centroids as class means of
-    direct features over the train set, computed with *this* stage's feature model (DESIGN §2)."""
+    direct features over the train set, computed with *this* stage's feature model (DESIGN §2),
+    and an FSLwF head's novel-class prototypes from the same pass."""
     weights = init_from / WEIGHTS if init_from.is_dir() else init_from
     if not weights.exists():
         raise InputError("train.init_from: no weights found", path=weights)
@@ -335,11 +389,16 @@ def _init_from_previous(
     except Exception as exc:
         raise InputError(f"cannot read weights: {exc}", path=weights) from exc
     copied = load_stage1_into_stage2(net, previous)
-    if net.meta_embedding is not None:
+    fslwf = net.classifier if isinstance(net.classifier, FSLwFClassifier) else None
+    if net.meta_embedding is not None or fslwf is not None:
         outputs = collect_outputs(
             net, loader, device, amp=cfg["train"]["amp"],
-            channels_last=cfg["train"]["channels_last"], description="centroids",
+            channels_last=cfg["train"]["channels_last"], description="class means",
         )
+    if fslwf is not None:  # FSLwF's w_avg of each novel class (Gidaris & Komodakis §3.2)
+        fslwf.update_prototypes(torch.from_numpy(outputs["features"]).to(device),
+                                torch.from_numpy(outputs["labels"]).to(device))
+    if net.meta_embedding is not None:
         means = class_means(
             torch.from_numpy(outputs["features"]),
             torch.from_numpy(outputs["labels"]).long(),
@@ -401,7 +460,8 @@ def train_stage(
     val_set = dataset_for(bench, "val", data_cfg, train=False)
     workers = data_cfg["num_workers"]
 
-    net = create_network(cfg["model"], bench.num_classes, data_cfg["channels"]).to(device)
+    net = create_network(cfg["model"], bench.num_classes, data_cfg["channels"],
+                         class_counts=bench.train_counts.tolist()).to(device)
     if train_cfg["channels_last"]:
         net = net.to(memory_format=torch.channels_last)
     checkpoint_path = stage_dir / CHECKPOINT
@@ -438,6 +498,7 @@ def train_stage(
             warmup_steps=train_cfg["warmup_epochs"] * steps_per_epoch,
         ),
     )
+    classification_loss, feature_loss = build_stage_losses(train_cfg, bench.train_counts, device)
     centroid_loss = None
     if train_cfg["centroid_loss"] != "none":
         if net.meta_embedding is None:
@@ -497,8 +558,13 @@ def train_stage(
     for epoch in range(start_epoch, epochs):
         torch.manual_seed(epoch_seed(cfg["seed"], epoch))
         epoch_start = time.perf_counter()
+        weights = deferred_reweighting(train_cfg, bench.train_counts, epoch)
+        if weights is not None:
+            classification_loss.weight = weights.to(device)
+        losses = {"classification": classification_loss, "feature": feature_loss,
+                  "centroid": centroid_loss}
         loss_sum, correct, seen, skipped_steps = _train_one_epoch(
-            net, train_loader(train_set, cfg, epoch), optimizer, scheduler, centroid_loss,
+            net, train_loader(train_set, cfg, epoch), optimizer, scheduler, losses,
             cfg, device, steps_per_epoch,
             description=f"[{cfg['stage']}] epoch {epoch + 1}/{epochs}" if progress else None,
         )
@@ -570,14 +636,17 @@ def _train_one_epoch(
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    centroid_loss: nn.Module | None,
+    losses: dict[str, nn.Module | None],
     cfg: dict[str, Any],
     device: torch.device,
     steps: int,
     description: str | None,
 ) -> tuple[float, int, int, int]:
-    """One epoch of SGD; returns the loss sum, correct and seen counts, and skipped steps."""
+    """One epoch of SGD; returns the loss sum, correct and seen counts, and skipped steps.
+    ``losses``: the classification loss on the logits, and optionally a feature loss on v_direct
+    and the centroid loss (Eq. 7: L_CE + λ L_LM)."""
     train_cfg = cfg["train"]
+    centroid_loss, feature_loss = losses["centroid"], losses["feature"]
     net.train()
     loss_sum, correct, seen, skipped = 0.0, 0, 0, 0
     bar = tqdm(_batches(loader, steps), total=steps, desc=description, leave=False,
@@ -588,8 +657,10 @@ def _train_one_epoch(
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast_context(train_cfg["amp"], device):
             out = net(images)
-            loss = F.cross_entropy(out["logits"].float(), labels,
-                                   label_smoothing=train_cfg["label_smoothing"])
+            loss = losses["classification"](out["logits"].float(), labels)
+            if feature_loss is not None:
+                loss = loss + train_cfg["feature_loss_weight"] * feature_loss(
+                    out["features"].float(), labels)
             if centroid_loss is not None:
                 feature = out["features"] if train_cfg["centroid_feature"] == "direct" else out["meta"]
                 loss = loss + train_cfg["centroid_weight"] * centroid_loss(

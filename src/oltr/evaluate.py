@@ -11,17 +11,25 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
 from oltr import metrics
-from oltr.config import load_saved_config
+from oltr.config import load_saved_config, stage_config, with_defaults
 from oltr.data import load_benchmark
+from oltr.data.datasets import ImageListDataset
+from oltr.data.sources import IMAGE_EXTENSIONS, images_under
+from oltr.data.splits import read_split_lines
+from oltr.detectors import create_detector, list_detectors
 from oltr.engine import (
     collect_outputs,
     dataset_for,
+    eval_transform,
     eval_loader,
     final_stage_dir,
     load_model,
@@ -30,6 +38,7 @@ from oltr.engine import (
 )
 from oltr.errors import InputError
 from oltr.io import atomic_write_text
+from oltr.models.classifiers import tau_normalize
 from oltr.openset import compute_open_score, msp_score, probability_threshold_to_msp_score
 
 REPORT_VERSION = 1
@@ -50,6 +59,8 @@ def _round(value: Any) -> Any:
 
 def adjust_logits(logits: np.ndarray, train_counts: np.ndarray, tau: float) -> np.ndarray:
     """Prior-corrected decision rule: logits + τ · log π, π the train class frequencies.
+    τ < 0 is Menon et al. (ICLR 2021)'s post-hoc logit adjustment of an instance-trained model
+    (τ = −1: decide as if the classes were balanced).
 
     A model trained class-balanced (OLTR stage 2) decides as if every class were equally
     likely (τ = 0); τ > 0 puts back part of the head classes' prior, τ = 1 all of it (trading
@@ -94,39 +105,111 @@ def open_scores(
     )
 
 
-def evaluate_run(
+TAU_NORM_GRID = tuple(i / 10 for i in range(21))
+
+
+def tau_normalized_logits(
+    features: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, tau: float
+) -> np.ndarray:
+    """Logits of a linear classifier whose rows are τ-normalised (Kang et al. 2020, §4):
+    ``v · (w_k / ‖w_k‖^τ) + b_k``. τ = 0 gives the classifier's own logits."""
+    normalized = tau_normalize(torch.from_numpy(weight).double(), tau).numpy()
+    logits = features.astype(np.float64) @ normalized.T
+    if bias is not None:
+        logits = logits + bias
+    return logits.astype(np.float32)
+
+
+def select_tau_normalization(
+    val_features: np.ndarray, val_labels: np.ndarray, weight: np.ndarray,
+    bias: np.ndarray | None, grid: tuple[float, ...] = TAU_NORM_GRID,
+) -> float:
+    """τ of the τ-normalised classifier with the highest accuracy on the balanced *val* split
+    (Kang et al. select τ on a validation set); ties go to the smaller τ. Never uses test."""
+    accuracies = [
+        float((tau_normalized_logits(val_features, weight, bias, tau).argmax(1)
+               == val_labels).mean())
+        for tau in grid
+    ]
+    return grid[int(np.argmax(accuracies))]
+
+
+def open_set_entries(spec: str | Path) -> tuple[list[tuple[str, int]], Path, Path | None]:
+    """An external open set (paper Tab. 2's far-away images): a folder (every image under it)
+    or a split file (``path [label]`` per line, paths relative to the file's folder; labels
+    are ignored — every image counts as open). Returns entries, image root and the split file.
+    """
+    path = Path(spec)
+    if path.is_dir():
+        images = images_under(path)
+        if not images:
+            raise InputError("the open-set folder holds no image "
+                             f"({', '.join(sorted(IMAGE_EXTENSIONS))})", path=path)
+        return [(str(image.relative_to(path)), -1) for image in images], path, None
+    if not path.exists():
+        raise InputError("open set not found (give a folder of images or a split file)",
+                         path=path)
+    entries, _ = read_split_lines(path, allow_open=True)
+    return [(image, -1) for image, _ in entries], path.parent, path
+
+
+def run_stage_config(run_dir: str | Path) -> dict[str, Any]:
+    """The resolved config of a run's final stage, as the *run* saved it (``RUN/config.yaml``):
+    a stage folder shared by several runs (``oltr bench``'s cache: plain, τ-norm and post-hoc
+    logit adjustment train the same stage) keeps the config of the run that trained it, but
+    each run decides with its own ``eval`` settings. Falls back to the stage's own config."""
+    stage_dir = final_stage_dir(run_dir)
+    run_config = Path(run_dir) / "config.yaml"
+    stage_cfg = load_saved_config(stage_dir / "config.yaml")
+    if run_config.exists() and stage_dir.parent == Path(run_dir):
+        config = load_saved_config(run_config)
+        if "stages" in config and stage_dir.name in [s["name"] for s in config["stages"]]:
+            return stage_config(with_defaults(config), stage_dir.name)
+    return stage_cfg
+
+
+@dataclass
+class RunOutputs:
+    """What one forward pass per split gives, for every metric and detector: per split the
+    *decision* logits (after τ-normalisation and logit adjustment), direct features, labels
+    (and γ where the model has a memory); plus what the decision rule was."""
+
+    splits: dict[str, dict[str, np.ndarray]]
+    train_counts: np.ndarray
+    group_kw: dict[str, Any]
+    centroids: np.ndarray | None
+    logit_adjustment: float
+    logit_adjustment_source: str
+    tau_normalization: float
+    tau_normalization_source: str | None
+    info: dict[str, Any]
+    stage_cfg: dict[str, Any]
+    skipped: dict[str, int]
+
+
+def collect_run_outputs(
     run_dir: str | Path,
     data_dir: str | Path,
+    splits: tuple[str, ...] = ("test", "val", "open"),
     *,
-    open_set: bool = True,
-    open_score: str | None = None,
-    threshold: float | None = None,
-    accept_rate: float | None = None,
+    open_sets: dict[str, str | Path] | None = None,
     device: str = "auto",
-    output: str | Path | None = None,
     skip_bad_images: bool | None = None,
-    logit_adjustment: float | None = None,
-) -> dict[str, Any]:
-    """Evaluate a trained run on ``data_dir``; write the report to ``output`` if given.
+    logit_adjustment: float | str | None = None,
+    tau_normalization: float | str | None = None,
+) -> RunOutputs:
+    """Run a trained model once over ``splits`` of ``data_dir`` (and each external open set of
+    ``open_sets``, stored under ``"open:<name>"``) and return the decision logits and features.
 
-    ``logit_adjustment`` τ (default: the run's ``eval.logit_adjustment``) decides on
-    logits + τ·log(train class frequency), see :func:`adjust_logits`.
-    ``skip_bad_images`` (default: the run's ``data.skip_bad_images``) drops unreadable images
-    of the evaluated splits instead of stopping; the report counts them (``skipped_images``).
+    ``tau_normalization`` (default: the run's ``eval.tau_normalization``) and
+    ``logit_adjustment`` (default: ``eval.logit_adjustment``) are applied in this order; an
+    ``auto`` value is selected on the val split, never on test.
     """
-    started = time.perf_counter()
     stage_dir = final_stage_dir(run_dir)
     torch_device = select_device(device)
     net, info = load_model(stage_dir, torch_device)
-    stage_cfg = load_saved_config(stage_dir / "config.yaml")
+    stage_cfg = run_stage_config(run_dir)
     eval_cfg = stage_cfg["eval"]
-    open_score = open_score or eval_cfg["open_score"]
-    threshold = eval_cfg["threshold"] if threshold is None else threshold
-    accept_rate = eval_cfg["accept_rate"] if accept_rate is None else accept_rate
-    if not 0.0 < accept_rate <= 1.0:
-        raise InputError("accept rate must lie in (0, 1]", value=accept_rate)
-    if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise InputError("a probability threshold must lie in [0, 1]", value=threshold)
     bench = load_benchmark(data_dir, image_root=stage_cfg["data"]["image_root"],
                            allow_outside_root=stage_cfg["data"]["allow_outside_root"])
     if bench.num_classes != info["num_classes"]:
@@ -139,50 +222,204 @@ def evaluate_run(
             f"the model was trained on the classes {info['class_names'][:5]} but the data has "
             f"{bench.class_names[:5]}", path=Path(data_dir),
         )
+    if tau_normalization is None:
+        tau_normalization = eval_cfg["tau_normalization"]
+    if logit_adjustment is None:
+        logit_adjustment = eval_cfg["logit_adjustment"]
+    for name, value, minimum in (("logit adjustment", logit_adjustment, -np.inf),
+                                 ("τ-normalisation", tau_normalization, 0.0)):
+        if not (value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                    and np.isfinite(value) and value >= minimum)):
+            raise InputError(f"{name} τ must be a finite number{' >= 0' if minimum == 0 else ''}"
+                             " or auto", value=value)
+    needs_val = "auto" in (logit_adjustment, tau_normalization)
+    wanted = list(dict.fromkeys([*splits, *(["val"] if needs_val else [])]))
     if skip_bad_images is None:
         skip_bad_images = stage_cfg["data"]["skip_bad_images"]
-    evaluated = ("test", "val", "open") if open_set else ("test",)
-    skipped = {split: 0 for split in evaluated}
+    skipped = {split: 0 for split in wanted}
     if skip_bad_images:
-        dropped = bench.drop_unreadable_images(evaluated,
+        dropped = bench.drop_unreadable_images(tuple(wanted),
                                                num_workers=stage_cfg["data"]["num_workers"])
         report_skipped_images("[evaluate]", dropped)
         skipped |= {split: len(messages) for split, messages in dropped.items()}
 
+    amp, channels_last = stage_cfg["train"]["amp"], stage_cfg["train"]["channels_last"]
+
+    def forward(dataset: ImageListDataset, description: str) -> dict[str, np.ndarray]:
+        loader = eval_loader(dataset, eval_cfg["batch_size"], stage_cfg["data"]["num_workers"])
+        return collect_outputs(net, loader, torch_device, amp=amp, channels_last=channels_last,
+                               description=description)
+
+    outputs = {split: forward(dataset_for(bench, split, stage_cfg["data"], train=False), split)
+               for split in wanted}
+    for name, spec in (open_sets or {}).items():
+        entries, root, source_file = open_set_entries(spec)
+        dataset = ImageListDataset(
+            entries, root, transform=eval_transform(stage_cfg["data"]), source_file=source_file,
+            mode="L" if stage_cfg["data"]["channels"] == 1 else "RGB",
+        )
+        outputs[f"open:{name}"] = forward(dataset, f"open:{name}")
+
+    tau_source = None
+    if tau_normalization == "auto" or tau_normalization > 0:
+        classifier = net.classifier
+        if not isinstance(classifier, nn.Linear) or net.meta_embedding is not None:
+            raise InputError("τ-normalisation needs a model with a linear classifier on the "
+                             "direct feature (no meta-embedding)", value=tau_normalization)
+        weight = classifier.weight.detach().float().cpu().numpy()
+        bias = None if classifier.bias is None else classifier.bias.detach().float().cpu().numpy()
+        if tau_normalization == "auto":
+            tau_normalization = select_tau_normalization(
+                outputs["val"]["features"], outputs["val"]["labels"], weight, bias)
+            tau_source = "selected on val: highest balanced val accuracy"
+        else:
+            tau_source = "given"
+        for split_outputs in outputs.values():
+            split_outputs["logits"] = tau_normalized_logits(
+                split_outputs["features"], weight, bias, tau_normalization)
+
+    train_counts = np.asarray(bench.train_counts)
     group_kw = {
         "many_threshold": eval_cfg["many_threshold"],
         "few_threshold": eval_cfg["few_threshold"],
         "strict": eval_cfg["strict_shots"],
     }
-    train_counts = np.asarray(bench.train_counts)
-    amp, channels_last = stage_cfg["train"]["amp"], stage_cfg["train"]["channels_last"]
-
-    def raw(split: str) -> dict[str, np.ndarray]:
-        loader = eval_loader(dataset_for(bench, split, stage_cfg["data"], train=False),
-                             eval_cfg["batch_size"], stage_cfg["data"]["num_workers"])
-        return collect_outputs(net, loader, torch_device, amp=amp, channels_last=channels_last,
-                               description=split)
-
-    if logit_adjustment is None:
-        logit_adjustment = eval_cfg["logit_adjustment"]
-    raw_val = None
     if logit_adjustment == "auto":
-        raw_val = raw("val")
-        logit_adjustment = select_logit_adjustment(raw_val["logits"], raw_val["labels"],
-                                                   train_counts, group_kw)
-        tau_source = "selected on val: smallest τ keeping the many-shot accuracy of τ = 1"
+        logit_adjustment = select_logit_adjustment(outputs["val"]["logits"],
+                                                   outputs["val"]["labels"], train_counts,
+                                                   group_kw)
+        la_source = "selected on val: smallest τ keeping the many-shot accuracy of τ = 1"
     else:
-        tau_source = "given"
-    if not (isinstance(logit_adjustment, (int, float)) and logit_adjustment >= 0):
-        raise InputError("logit adjustment τ must be a number >= 0 or auto",
-                         value=logit_adjustment)
+        la_source = "given"
+    for split_outputs in outputs.values():
+        split_outputs["logits"] = adjust_logits(split_outputs["logits"], train_counts,
+                                                logit_adjustment)
+    centroids = None
+    if net.meta_embedding is not None:
+        centroids = net.meta_embedding.centroids.detach().float().cpu().numpy()
+    return RunOutputs(
+        splits=outputs, train_counts=train_counts, group_kw=group_kw, centroids=centroids,
+        logit_adjustment=float(logit_adjustment), logit_adjustment_source=la_source,
+        tau_normalization=float(tau_normalization), tau_normalization_source=tau_source,
+        info=info, stage_cfg=stage_cfg, skipped=skipped,
+    )
 
-    def run(split: str) -> dict[str, np.ndarray]:
-        outputs = raw_val if split == "val" and raw_val is not None else raw(split)
-        adjusted = adjust_logits(outputs["logits"], train_counts, logit_adjustment)
-        return {**outputs, "logits": adjusted}
 
-    test = run("test")
+def open_set_figures(
+    known: dict[str, np.ndarray], opened: dict[str, np.ndarray], known_scores: np.ndarray,
+    open_scores_: np.ndarray, threshold: float, train_counts: np.ndarray,
+    group_kw: dict[str, Any],
+) -> dict[str, Any]:
+    """Open-set accuracies and F-measure at ``threshold`` and the threshold-free detection
+    figures, for the known test outputs plus one open split's (scores: higher = more open)."""
+    scores = np.concatenate([known_scores, open_scores_])
+    labels = np.concatenate([known["labels"], np.full(len(open_scores_), -1)])
+    predictions = np.concatenate([known["logits"].argmax(axis=1),
+                                  opened["logits"].argmax(axis=1)])
+    is_open = labels == -1
+    rejected = metrics.reject(predictions, scores, threshold)
+    known_correct = (predictions == labels) & ~is_open
+    return {
+        **metrics.open_set_accuracy(rejected, labels, train_counts, **group_kw),
+        **metrics.f_measure(rejected, labels),
+        "auroc": metrics.auroc(scores, is_open),
+        "fpr95": metrics.fpr_at_tpr(scores, is_open, 0.95),
+        "aupr_open": metrics.aupr(scores, is_open, positive="open"),
+        "aupr_known": metrics.aupr(scores, is_open, positive="known"),
+        "oscr": metrics.oscr(scores, known_correct, is_open),
+        "detection_error": metrics.detection_error(scores, is_open),
+        "threshold": threshold,
+        "num_known": int((~is_open).sum()),
+        "num_open": int(is_open.sum()),
+    }
+
+
+def detector_scores(
+    names: list[str], outputs: RunOutputs, splits: list[str],
+    options: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Open scores of each detector in ``names`` on each of ``splits``; detectors that learn
+    are fitted on the *train* split's outputs (features, logits, labels). Reachability uses
+    the model's own memory where it has one, else class means of train features."""
+    options = options or {}
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    for name in names:
+        kwargs = dict(options.get(name, {}))
+        if name == "reachability" and outputs.centroids is not None:
+            kwargs.setdefault("centroids", outputs.centroids)
+        detector = create_detector(name, **kwargs)
+        if not detector.is_fitted:
+            train = outputs.splits["train"]
+            detector.fit(logits=train["logits"], features=train["features"],
+                         labels=train["labels"])
+        scores[name] = {split: detector.score(logits=outputs.splits[split]["logits"],
+                                              features=outputs.splits[split]["features"])
+                        for split in splits}
+    return scores
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    data_dir: str | Path,
+    *,
+    open_set: bool = True,
+    open_score: str | None = None,
+    threshold: float | None = None,
+    accept_rate: float | None = None,
+    device: str = "auto",
+    output: str | Path | None = None,
+    skip_bad_images: bool | None = None,
+    logit_adjustment: float | str | None = None,
+    tau_normalization: float | str | None = None,
+    detectors: list[str] | None = None,
+    detector_options: dict[str, dict[str, Any]] | None = None,
+    open_sets: dict[str, str | Path] | None = None,
+) -> dict[str, Any]:
+    """Evaluate a trained run on ``data_dir``; write the report to ``output`` if given.
+
+    ``logit_adjustment`` τ (default: the run's ``eval.logit_adjustment``) decides on
+    logits + τ·log(train class frequency), see :func:`adjust_logits`; ``tau_normalization``
+    (default ``eval.tau_normalization``) τ-normalises a linear classifier first.
+    ``skip_bad_images`` (default: the run's ``data.skip_bad_images``) drops unreadable images
+    of the evaluated splits instead of stopping; the report counts them (``skipped_images``).
+    ``detectors`` (names of :mod:`oltr.detectors`) adds one open-set entry per detector under
+    ``report["detectors"]``, each with its own threshold calibrated on val; ``open_sets``
+    (name → folder or split file) adds the same figures per external open set under
+    ``report["open_sets"]``.
+    """
+    started = time.perf_counter()
+    stage_cfg = run_stage_config(run_dir)
+    eval_cfg = stage_cfg["eval"]
+    open_score = open_score or eval_cfg["open_score"]
+    threshold = eval_cfg["threshold"] if threshold is None else threshold
+    accept_rate = eval_cfg["accept_rate"] if accept_rate is None else accept_rate
+    if not 0.0 < accept_rate <= 1.0:
+        raise InputError("accept rate must lie in (0, 1]", value=accept_rate)
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise InputError("a probability threshold must lie in [0, 1]", value=threshold)
+    if threshold is not None and open_score != "msp":
+        raise InputError("a probability threshold applies to the msp open score only; "
+                         "leave it out to calibrate on val", value=threshold)
+    if open_sets and not open_set:
+        raise InputError("external open sets need the open-set evaluation (drop --closed-only)")
+    detectors = list(dict.fromkeys(detectors or []))
+    unknown = [name for name in detectors if name not in list_detectors()]
+    if unknown:
+        raise InputError(f"unknown detector (valid: {', '.join(list_detectors())})",
+                         value=unknown[0])
+    splits = ("test", "val", "open") if open_set else ("test",)
+    # detectors that learn are fitted on train outputs (reachability: unless the model has a
+    # memory; the train pass is then spent for nothing, a few seconds)
+    if any(create_detector(name, **(detector_options or {}).get(name, {})).fit_inputs
+           for name in detectors):
+        splits = (*splits, "train")
+    outputs = collect_run_outputs(
+        run_dir, data_dir, splits, open_sets=open_sets, device=device,
+        skip_bad_images=skip_bad_images, logit_adjustment=logit_adjustment,
+        tau_normalization=tau_normalization,
+    )
+    info, group_kw, train_counts = outputs.info, outputs.group_kw, outputs.train_counts
+    test = outputs.splits["test"]
     predictions = test["logits"].argmax(axis=1)
     confidence = 1.0 - msp_score(test["logits"])  # max softmax probability
     report: dict[str, Any] = {
@@ -194,8 +431,10 @@ def evaluate_run(
         "seed": stage_cfg["seed"],
         "selected_epoch": info.get("epoch"),
         "val_accuracy": info.get("val_accuracy"),
-        "logit_adjustment": logit_adjustment,
-        "logit_adjustment_source": tau_source,
+        "logit_adjustment": outputs.logit_adjustment,
+        "logit_adjustment_source": outputs.logit_adjustment_source,
+        "tau_normalization": outputs.tau_normalization,
+        "tau_normalization_source": outputs.tau_normalization_source,
         "shot_rule": {
             "many": f"{'>' if group_kw['strict'] else '>='} {group_kw['many_threshold']}",
             "few": f"{'<' if group_kw['strict'] else '<='} {group_kw['few_threshold']}",
@@ -207,43 +446,45 @@ def evaluate_run(
     }
 
     if open_set:
-        centroids = None
-        if net.meta_embedding is not None:
-            centroids = net.meta_embedding.centroids.detach().float().cpu().numpy()
-        val, opened = run("val"), run("open")
-        val_scores = open_scores(open_score, val, centroids)
+        val, opened = outputs.splits["val"], outputs.splits["open"]
+        external = [split for split in outputs.splits if split.startswith("open:")]
+        val_scores = open_scores(open_score, val, outputs.centroids)
         if threshold is not None:
-            if open_score != "msp":
-                raise InputError("a probability threshold applies to the msp open score only; "
-                                 "leave it out to calibrate on val", value=threshold)
             score_threshold = probability_threshold_to_msp_score(threshold)
             source = f"probability {threshold}: reject when max softmax < {threshold}"
         else:
             score_threshold = metrics.calibrate_threshold(val_scores, accept_rate)
             source = f"calibrated on val: accepts {accept_rate:.0%} of known val images"
-        scores = np.concatenate([open_scores(open_score, test, centroids),
-                                 open_scores(open_score, opened, centroids)])
-        labels = np.concatenate([test["labels"], opened["labels"]])
-        all_predictions = np.concatenate([predictions, opened["logits"].argmax(axis=1)])
-        is_open = labels == -1
-        rejected = metrics.reject(all_predictions, scores, score_threshold)
-        known_correct = (all_predictions == labels) & ~is_open
+        test_scores = open_scores(open_score, test, outputs.centroids)
         report["open"] = {
-            **metrics.open_set_accuracy(rejected, labels, train_counts, **group_kw),
-            **metrics.f_measure(rejected, labels),
-            "auroc": metrics.auroc(scores, is_open),
-            "fpr95": metrics.fpr_at_tpr(scores, is_open, 0.95),
-            "aupr_open": metrics.aupr(scores, is_open, positive="open"),
-            "aupr_known": metrics.aupr(scores, is_open, positive="known"),
-            "oscr": metrics.oscr(scores, known_correct, is_open),
-            "detection_error": metrics.detection_error(scores, is_open),
-            "threshold": score_threshold,
+            **open_set_figures(test, opened, test_scores,
+                               open_scores(open_score, opened, outputs.centroids),
+                               score_threshold, train_counts, group_kw),
             "threshold_source": source,
             "open_score": open_score,
-            "num_known": int((~is_open).sum()),
-            "num_open": int(is_open.sum()),
         }
-    report["skipped_images"] = skipped
+        if external:
+            report["open_sets"] = {
+                split.removeprefix("open:"): open_set_figures(
+                    test, outputs.splits[split], test_scores,
+                    open_scores(open_score, outputs.splits[split], outputs.centroids),
+                    score_threshold, train_counts, group_kw)
+                for split in external
+            }
+        if detectors:
+            scored = detector_scores(detectors, outputs, ["val", "test", "open", *external],
+                                     detector_options)
+            report["detectors"] = {}
+            for name, by_split in scored.items():
+                cut = metrics.calibrate_threshold(by_split["val"], accept_rate)
+                entry = open_set_figures(test, opened, by_split["test"], by_split["open"], cut,
+                                         train_counts, group_kw)
+                for split in external:
+                    entry[split] = open_set_figures(test, outputs.splits[split],
+                                                    by_split["test"], by_split[split], cut,
+                                                    train_counts, group_kw)
+                report["detectors"][name] = entry
+    report["skipped_images"] = outputs.skipped
     report["seconds"] = time.perf_counter() - started
     report = _round(report)
     if output is not None:

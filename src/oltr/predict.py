@@ -13,11 +13,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from oltr.config import load_saved_config
 from oltr.data import build_transform
 from oltr.engine import autocast_context, final_stage_dir, load_model, select_device
 from oltr.errors import InputError
-from oltr.evaluate import adjust_logits
+from oltr.evaluate import adjust_logits, run_stage_config, tau_normalized_logits
 from oltr.io import read_json_object
 from oltr.openset import compute_open_score, msp_score
 
@@ -28,9 +27,10 @@ class Predictor:
     """A trained network + its eval transform + an open-set rejection rule."""
 
     def __init__(self, net: torch.nn.Module, info: dict[str, Any], *, open_score: str,
-                 threshold: float, device: torch.device, logit_adjustment: float = 0.0) -> None:
+                 threshold: float, device: torch.device, logit_adjustment: float = 0.0,
+                 tau_normalization: float = 0.0) -> None:
         self.net, self.info, self.device = net, info, device
-        self.logit_adjustment = logit_adjustment
+        self.logit_adjustment, self.tau_normalization = logit_adjustment, tau_normalization
         self.open_score, self.threshold = open_score, threshold
         data = info["data"]
         self.mode = "L" if data["channels"] == 1 else "RGB"
@@ -62,14 +62,18 @@ class Predictor:
                                  f"'{open_score}'", value=open_score)
             open_score = report["open"]["open_score"]
             threshold = float(report["open"]["threshold"])
-        tau = load_saved_config(stage_dir / "config.yaml")["eval"]["logit_adjustment"]
-        if tau == "auto":  # selected on val by `oltr evaluate`, stored in its report
-            if report is None or "logit_adjustment" not in report:
-                raise InputError("logit_adjustment is auto: evaluate the run first so that τ "
-                                 "is selected on val", path=report_path)
-            tau = float(report["logit_adjustment"])
+        eval_cfg = run_stage_config(run_dir)["eval"]
+        rule = {}
+        for key in ("logit_adjustment", "tau_normalization"):
+            value = eval_cfg[key]
+            if report is not None and key in report:  # what the evaluation decided with
+                value = report[key]
+            if value == "auto":  # selected on val by `oltr evaluate`, stored in its report
+                raise InputError(f"{key} is auto: evaluate the run first so that its τ is "
+                                 "selected on val", path=report_path)
+            rule[key] = float(value)
         return cls(net, info, open_score=open_score or "msp", threshold=threshold,
-                   device=torch_device, logit_adjustment=tau)
+                   device=torch_device, **rule)
 
     def _load(self, path: str | Path) -> torch.Tensor:
         try:
@@ -87,9 +91,15 @@ class Predictor:
         self.net.eval()
         with autocast_context("auto", self.device):
             out = self.net(images.to(self.device))
-        logits = adjust_logits(out["logits"].float().cpu().numpy(),
-                               np.asarray(self.info["train_counts"]), self.logit_adjustment)
         features = out["features"].float().cpu().numpy()
+        logits = out["logits"].float().cpu().numpy()
+        if self.tau_normalization:
+            classifier = self.net.classifier
+            logits = tau_normalized_logits(
+                features, classifier.weight.detach().float().cpu().numpy(),
+                classifier.bias.detach().float().cpu().numpy(), self.tau_normalization)
+        logits = adjust_logits(logits, np.asarray(self.info["train_counts"]),
+                               self.logit_adjustment)
         centroids = None
         if getattr(self.net, "meta_embedding", None) is not None:
             centroids = self.net.meta_embedding.centroids.detach().float().cpu().numpy()

@@ -6,7 +6,13 @@ train images are sampled without replacement; a balanced val split is held out o
 train images, the test split is balanced, and the open classes' test images form the open
 split (label -1). Output (ImageNet-LT format plus a manifest)::
 
-    out_dir/train.txt val.txt test.txt [open.txt] classes.txt manifest.json [images/...]
+    out_dir/train.txt val.txt test.txt [open.txt open_classes.txt] classes.txt manifest.json
+            [images/...]
+
+``open_classes.txt`` says which open class each open image comes from (the paper's Fig. 8c
+varies the number of open classes): one line per line of ``open.txt``, in the same order, in
+the split-file format ``path k`` with ``k`` the index of the class in the manifest's
+``open_classes`` list (an index, not the name: class names may contain spaces).
 
 Everything is written to a temporary sibling directory that is renamed to ``out_dir`` at the
 end, so a failed run leaves nothing behind; the same arguments give byte-identical files.
@@ -27,7 +33,7 @@ from PIL import Image
 
 from oltr.data.profiles import class_counts
 from oltr.data.sources import Source, parse_source
-from oltr.data.splits import OPEN_LABEL, sha256_file, write_split_file
+from oltr.data.splits import OPEN_LABEL, read_split_lines, sha256_file, write_split_file
 from oltr.errors import InputError
 from oltr.io import atomic_write_bytes, read_json_object
 
@@ -35,6 +41,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 CLASSES_NAME = "classes.txt"
 EXPORT_DIR = "images"
+OPEN_CLASSES_NAME = "open_classes.txt"
 DEFAULT_TEST_PER_CLASS = 50  # ImageNet-LT's 50 test images per class
 MANIFEST_KEYS = (
     "format_version",
@@ -310,6 +317,7 @@ def curate(
         )
 
     splits: dict[str, list[tuple[str, int]]] = {"train": [], "val": [], "test": [], "open": []}
+    open_class_of: list[int] = []  # per open image, its index in open_classes
     for label, index in enumerate(rank_order):
         pool = train_pools[index]
         if test_pools is None:
@@ -321,10 +329,11 @@ def curate(
         splits["train"] += [(key, label) for key in train_keys]
         splits["val"] += [(key, label) for key in val_keys]
         splits["test"] += [(key, label) for key in test_keys]
-    for index in open_classes:
+    for position, index in enumerate(open_classes):
         pool = train_pools[index] if test_pools is None else test_pools[index]
         open_keys, _ = _pick(rng, pool, min(open_per_class, len(pool)))
         splits["open"] += [(key, OPEN_LABEL) for key in open_keys]
+        open_class_of += [position] * len(open_keys)
 
     used_keys = [key for entries in splits.values() for key, _ in entries]
     if verify_images and not source.needs_export:
@@ -346,6 +355,11 @@ def curate(
             if entries:
                 write_split_file(staging / f"{name}.txt", entries)
                 files[f"{name}.txt"] = sha256_file(staging / f"{name}.txt")
+        if splits["open"]:
+            write_split_file(staging / OPEN_CLASSES_NAME,
+                             [(key, position) for (key, _), position
+                              in zip(splits["open"], open_class_of)])
+            files[OPEN_CLASSES_NAME] = sha256_file(staging / OPEN_CLASSES_NAME)
         known_names = [source.class_names[index] for index in rank_order]
         atomic_write_bytes(
             staging / CLASSES_NAME, "".join(f"{name}\n" for name in known_names).encode("utf-8")
@@ -407,6 +421,30 @@ def load_manifest(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
     ):
         raise InputError("manifest 'files' must map plain file names to sha256 digests", path=path)
     return manifest
+
+
+def load_open_classes(data_dir: str | os.PathLike[str]) -> tuple[list[str], np.ndarray]:
+    """The open class names and, per line of ``open.txt``, the index of its image's class
+    (read from ``open_classes.txt``; paper Fig. 8c). InputError when the file is missing (a
+    benchmark curated before it existed: re-curate) or does not match ``open.txt``."""
+    data_dir = Path(data_dir)
+    manifest = load_manifest(data_dir)
+    path = data_dir / OPEN_CLASSES_NAME
+    if OPEN_CLASSES_NAME not in manifest["files"] or not path.is_file():
+        raise InputError(f"{OPEN_CLASSES_NAME} is missing: the benchmark was curated by an "
+                         "older oltr; re-curate it with this version (same arguments give the "
+                         "same splits)", path=path)
+    names = list(manifest["open_classes"])
+    entries, lines = read_split_lines(path, allow_open=False, allow_outside_root=True)
+    opened, _ = read_split_lines(data_dir / "open.txt", allow_outside_root=True)
+    if [image for image, _ in entries] != [image for image, _ in opened]:
+        raise InputError(f"{OPEN_CLASSES_NAME} does not list the images of open.txt in the "
+                         "same order", path=path)
+    for (_, index), line in zip(entries, lines):
+        if index >= len(names):
+            raise InputError(f"open class index out of range: the manifest lists {len(names)} "
+                             "open classes", path=path, line=line, value=index)
+    return names, np.array([index for _, index in entries], dtype=np.int64)
 
 
 def verify_manifest(data_dir: str | os.PathLike[str]) -> None:

@@ -252,7 +252,7 @@ def _load_fashion_mnist(spec: str, root: str | None) -> Source:
 # --- folder per class ----------------------------------------------------------------------
 
 
-def _images_under(folder: Path) -> list[Path]:
+def images_under(folder: Path) -> list[Path]:
     found = []
     for directory, subdirectories, files in os.walk(folder, followlinks=True):
         subdirectories[:] = sorted(name for name in subdirectories if not name.startswith("."))
@@ -275,7 +275,7 @@ def _load_folder(spec: str, root_text: str) -> Source:
         raise InputError("no class folders (folder:PATH wants one sub-folder per class)", path=root)
     train: list[tuple[str, int]] = []
     for label, class_dir in enumerate(class_dirs):
-        images = _images_under(class_dir)
+        images = images_under(class_dir)
         if not images:
             raise InputError(
                 f"class folder {class_dir.name!r} holds no images "

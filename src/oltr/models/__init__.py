@@ -7,7 +7,13 @@ from oltr.models.backbones import (
     load_pretrained,
     register_backbone,
 )
-from oltr.models.classifiers import CosineClassifier, LinearClassifier, squash
+from oltr.models.classifiers import (
+    CosineClassifier,
+    FSLwFClassifier,
+    LearnableWeightScaling,
+    LinearClassifier,
+    squash,
+)
 from oltr.models.memory import MetaEmbedding, class_means, reachability
 from oltr.models.network import (
     NETWORK_DEFAULTS,
@@ -20,6 +26,8 @@ from oltr.models.network import (
 __all__ = [
     "NETWORK_DEFAULTS",
     "CosineClassifier",
+    "FSLwFClassifier",
+    "LearnableWeightScaling",
     "LinearClassifier",
     "MetaEmbedding",
     "ModulatedAttention",

@@ -12,7 +12,7 @@ from torch import nn
 
 from oltr.errors import InputError
 
-SQUASH_FORMS = ("paper", "original")
+SQUASH_FORMS = ("paper", "original", "unit")
 
 
 class LinearClassifier(nn.Linear):
@@ -27,13 +27,16 @@ def squash(v: torch.Tensor, form: str = "paper") -> torch.Tensor:
 
     ``paper`` (Eq. 6):    (‖v‖²/(1+‖v‖²)) · v/‖v‖  =  v · ‖v‖/(1+‖v‖²)
     ``original`` (code):  (‖v‖/(1+‖v‖)) · v/‖v‖    =  v / (1+‖v‖)
-    Both are written without dividing by ‖v‖, so v = 0 maps to 0 with finite gradients.
+    ``unit``:             v/‖v‖  (no squashing: a plain cosine classifier, e.g. LDAM's)
+    The first two are written without dividing by ‖v‖, so v = 0 maps to 0 with finite gradients.
     """
     norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
     if form == "paper":
         return v * (norm / (1.0 + norm * norm))
     if form == "original":
         return v / (1.0 + norm)
+    if form == "unit":
+        return F.normalize(v, dim=-1)
     raise InputError(f"unknown squash form (valid: {', '.join(SQUASH_FORMS)})", value=form)
 
 

@@ -7,7 +7,7 @@ the feature map, ``pool`` the direct feature, ``forward_head`` the logits.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,10 +17,16 @@ from torch import nn
 from oltr.errors import InputError
 from oltr.models.attention import ModulatedAttention
 from oltr.models.backbones import create_backbone
-from oltr.models.classifiers import SQUASH_FORMS, CosineClassifier, LinearClassifier
+from oltr.models.classifiers import (
+    SQUASH_FORMS,
+    CosineClassifier,
+    FSLwFClassifier,
+    LearnableWeightScaling,
+    LinearClassifier,
+)
 from oltr.models.memory import MetaEmbedding
 
-CLASSIFIERS = ("linear", "cosine")
+CLASSIFIERS = ("linear", "cosine", "lws", "fslwf")
 
 
 class OLTRNetwork(nn.Module):
@@ -53,6 +59,7 @@ class OLTRNetwork(nn.Module):
         learn_reachability_scale: bool = False,
         embed_dim: int | None = None,
         dropout: float = 0.0,
+        novel_classes: list[int] | None = None,
     ) -> None:
         super().__init__()
         if classifier not in CLASSIFIERS:
@@ -92,6 +99,14 @@ class OLTRNetwork(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         if classifier == "linear":
             self.classifier: nn.Module = LinearClassifier(self.feature_dim, num_classes)
+        elif classifier == "lws":
+            self.classifier = LearnableWeightScaling(LinearClassifier(self.feature_dim, num_classes))
+        elif classifier == "fslwf":
+            if not novel_classes:
+                raise InputError("the fslwf classifier needs novel (tail) classes: no class has "
+                                 "at most model.fslwf_novel_max train images")
+            self.classifier = FSLwFClassifier(self.feature_dim, num_classes, novel_classes,
+                                              scale=cosine_scale)
         else:
             self.classifier = CosineClassifier(
                 self.feature_dim,
@@ -162,13 +177,21 @@ NETWORK_DEFAULTS: dict[str, Any] = {
     "learn_reachability_scale": False,
     "embed_dim": None,
     "dropout": 0.0,
+    "fslwf_novel_max": 100,
 }
 
 
-def create_network(cfg: Mapping[str, Any], num_classes: int, in_chans: int) -> OLTRNetwork:
+def create_network(
+    cfg: Mapping[str, Any],
+    num_classes: int,
+    in_chans: int,
+    class_counts: Sequence[int] | None = None,
+) -> OLTRNetwork:
     """Build an :class:`OLTRNetwork` from a flat dict (keys of ``NETWORK_DEFAULTS``).
 
     Missing keys take the defaults; unknown keys raise ``InputError`` naming them.
+    ``class_counts`` (train images per class) is needed by the ``fslwf`` classifier only: its
+    novel classes are those with at most ``fslwf_novel_max`` images.
     """
     unknown = sorted(set(cfg) - set(NETWORK_DEFAULTS))
     if unknown:
@@ -179,6 +202,11 @@ def create_network(cfg: Mapping[str, Any], num_classes: int, in_chans: int) -> O
     options = {**NETWORK_DEFAULTS, **cfg}
     if options["reachability_scale"] == "auto":  # calibrated by the engine at stage start
         options["reachability_scale"] = 1.0
+    novel_max = options.pop("fslwf_novel_max")
+    if options["classifier"] == "fslwf":
+        if class_counts is None or len(class_counts) != num_classes:
+            raise InputError("the fslwf classifier needs the train count of every class")
+        options["novel_classes"] = [k for k, n in enumerate(class_counts) if n <= novel_max]
     backbone = create_backbone(
         options.pop("backbone"),
         in_chans=in_chans,
@@ -219,6 +247,7 @@ def load_stage1_into_stage2(
                 f"stage 2 expects {tuple(target[key].shape)}"
             )
     copied = {k: stage1_state_dict[k] for k in wanted}
+    copied |= _classifier_from_stage1(stage2_net, stage1_state_dict, target)
     memory = stage2_net.meta_embedding
     if (
         memory is not None
@@ -236,6 +265,34 @@ def load_stage1_into_stage2(
             copied[key] = source
     stage2_net.load_state_dict(copied, strict=False)
     return list(copied)
+
+
+def _classifier_from_stage1(
+    stage2_net: OLTRNetwork,
+    stage1_state_dict: Mapping[str, torch.Tensor],
+    target: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """The stage-1 linear classifier's entries a stage-2 head starts from: LWS wraps it
+    (frozen, Kang et al. 2020); FSLwF starts its learned rows from its weight rows. Other
+    heads (cRT's, OLTR's cosine classifier) start afresh."""
+    classifier = stage2_net.classifier
+    if isinstance(classifier, LearnableWeightScaling):
+        names = {f"classifier.classifier.{n}": f"classifier.{n}" for n in ("weight", "bias")}
+    elif isinstance(classifier, FSLwFClassifier):
+        names = {"classifier.weight": "classifier.weight"}
+    else:
+        return {}
+    copied = {}
+    for key, source in names.items():
+        if source not in stage1_state_dict:
+            raise InputError(f"the {type(classifier).__name__} head starts from a stage-1 "
+                             f"linear classifier, but the stage-1 weights lack '{source}'")
+        if tuple(stage1_state_dict[source].shape) != tuple(target[key].shape):
+            raise InputError(f"stage-1 {source} has shape "
+                             f"{tuple(stage1_state_dict[source].shape)}, the stage-2 head "
+                             f"expects {tuple(target[key].shape)}")
+        copied[key] = stage1_state_dict[source]
+    return copied
 
 
 def freeze_backbone(net: OLTRNetwork, freeze_bn: bool = True) -> None:
