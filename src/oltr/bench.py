@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import time
@@ -31,8 +32,10 @@ from oltr.config import (
     COMPARISON_METHODS as DEFAULT_METHODS,
     DEFAULT_BENCHMARK,
     load_config,
+    load_saved_config,
     save_config,
     stage_config,
+    with_defaults,
 )
 from oltr.detectors import list_detectors
 from oltr.engine import RUN_INFO, train_stage
@@ -49,20 +52,27 @@ DETECTION_COLUMNS = ("detection_error", "auroc", "fpr95")
 
 
 def scale_epochs(config: dict[str, Any], total: int) -> dict[str, Any]:
-    """``config`` with its stages' epochs rescaled to ``total`` in all, each stage keeping its
-    share (rounded, at least 1; the last stage takes the rounding rest) and a deferred
-    re-weighting start (``train.drw_epoch``) moved with its stage."""
+    """``config`` (changed in place and returned) with its stages' epochs rescaled to exactly
+    ``total`` in all, each stage keeping its share (largest-remainder rounding, at least 1
+    epoch each) and a deferred re-weighting start (``train.drw_epoch``) moved with its stage
+    (``round(drw · new / old)``, within 1 … new)."""
     if total < len(config["stages"]):
         raise InputError(f"--epochs must be at least the number of stages "
                          f"({len(config['stages'])})", value=total)
     epochs = [stage_config(config, s["name"])["train"]["epochs"] for s in config["stages"]]
-    old_total = sum(epochs)
-    scaled = [max(1, round(e * total / old_total)) for e in epochs[:-1]]
-    scaled.append(max(1, total - sum(scaled)))
+    shares = [e * total / sum(epochs) for e in epochs]
+    scaled = [max(1, math.floor(share)) for share in shares]
+    while sum(scaled) < total:  # give the epochs left to the largest remainders
+        i = max(range(len(scaled)), key=lambda k: shares[k] - scaled[k])
+        scaled[i] += 1
+    while sum(scaled) > total:  # the minimum of 1 overshot: take from the most overfull
+        i = max((k for k in range(len(scaled)) if scaled[k] > 1),
+                key=lambda k: scaled[k] - shares[k])
+        scaled[i] -= 1
     for stage, old, new in zip(config["stages"], epochs, scaled):
         train = stage.setdefault("train", {})
-        train["epochs"] = new
         drw = stage_config(config, stage["name"])["train"]["drw_epoch"]
+        train["epochs"] = new
         if drw is not None:
             train["drw_epoch"] = min(new, max(1, round(drw * new / old)))
     return config
@@ -97,6 +107,7 @@ def train_cached(
         key = stage_key(cfg, previous_key if start is not None else None)
         stage_dir = out / "stages" / f"{name}-{key}"
         done = stage_dir / DONE
+        cfg = _config_of_started_stage(stage_dir, cfg)
         if done.exists():
             seconds[name] = 0.0
         else:
@@ -117,6 +128,21 @@ def train_cached(
         {"method": config["method"], "stages": names, "final_stage": names[-1],
          "data": str(data_dir)}, indent=2) + "\n")
     return seconds
+
+
+def _config_of_started_stage(stage_dir: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config a cached stage was started with, when another method started it: it differs
+    from ``cfg`` at most in what the cache key leaves out (method name, eval settings), and
+    resuming needs the very config of the checkpoint."""
+    saved = stage_dir / "config.yaml"
+    if not saved.exists():
+        return cfg
+    started = with_defaults(load_saved_config(saved))
+    if {k: v for k, v in started.items() if k not in ("method", "eval")} != {
+            k: v for k, v in cfg.items() if k not in ("method", "eval")}:
+        raise InputError("a cached stage folder holds another config (hash collision, or "
+                         "edited by hand); remove it", path=stage_dir)
+    return started
 
 
 def _stage_seconds(run_dir: Path, names: Sequence[str]) -> float:
@@ -140,6 +166,7 @@ def run_bench(
     overrides: Sequence[str] = (),
     benchmark: str = DEFAULT_BENCHMARK,
     open_sets: dict[str, str] | None = None,
+    detector_options: dict[str, dict[str, Any]] | None = None,
     quick: bool = False,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -169,10 +196,11 @@ def run_bench(
             report_path = run_dir / "report.json"
             report = read_json_object(report_path, "report") if report_path.exists() else None
             if report is None or sorted(report.get("detectors", {})) != sorted(detectors) or (
-                    sorted(report.get("open_sets", {})) != sorted(open_sets or {})):
+                    sorted(report.get("open_sets", {})) != sorted(open_sets or {})) or (
+                    report.get("detector_options", {}) != (detector_options or {})):
                 report = evaluate_run(run_dir, data_dir, open_set=True,
                                       detectors=list(detectors), open_sets=open_sets,
-                                      output=report_path)
+                                      detector_options=detector_options, output=report_path)
             names = [stage["name"] for stage in config["stages"]]
             report["train_seconds"] = _stage_seconds(run_dir, names)
             report["epochs"] = {name: stage_config(config, name)["train"]["epochs"]
@@ -186,6 +214,7 @@ def run_bench(
         "seeds": list(seeds),
         "epochs": epochs,
         "overrides": extra,
+        "detector_options": detector_options or {},
         "quick": quick,
         "machine": machine_description(),
         "wall_seconds": time.perf_counter() - started,

@@ -25,7 +25,7 @@ from oltr.data import load_benchmark
 from oltr.data.datasets import ImageListDataset
 from oltr.data.sources import IMAGE_EXTENSIONS, images_under
 from oltr.data.splits import read_split_lines
-from oltr.detectors import create_detector, list_detectors
+from oltr.detectors import create_detector, list_detectors, odin_perturb
 from oltr.engine import (
     collect_outputs,
     dataset_for,
@@ -197,13 +197,16 @@ def collect_run_outputs(
     skip_bad_images: bool | None = None,
     logit_adjustment: float | str | None = None,
     tau_normalization: float | str | None = None,
+    odin_perturbation: tuple[float, float] | None = None,
 ) -> RunOutputs:
     """Run a trained model once over ``splits`` of ``data_dir`` (and each external open set of
     ``open_sets``, stored under ``"open:<name>"``) and return the decision logits and features.
 
     ``tau_normalization`` (default: the run's ``eval.tau_normalization``) and
     ``logit_adjustment`` (default: ``eval.logit_adjustment``) are applied in this order; an
-    ``auto`` value is selected on the val split, never on test.
+    ``auto`` value is selected on the val split, never on test. ``odin_perturbation``
+    (temperature, ε) adds ``odin_logits`` / ``odin_features``: the outputs of ODIN's perturbed
+    inputs (:func:`oltr.detectors.odin_perturb`), for every split but train.
     """
     stage_dir = final_stage_dir(run_dir)
     torch_device = select_device(device)
@@ -250,15 +253,23 @@ def collect_run_outputs(
         return collect_outputs(net, loader, torch_device, amp=amp, channels_last=channels_last,
                                description=description)
 
-    outputs = {split: forward(dataset_for(bench, split, stage_cfg["data"], train=False), split)
-               for split in wanted}
+    datasets = {split: dataset_for(bench, split, stage_cfg["data"], train=False)
+                for split in wanted}
     for name, spec in (open_sets or {}).items():
         entries, root, source_file = open_set_entries(spec)
-        dataset = ImageListDataset(
+        datasets[f"open:{name}"] = ImageListDataset(
             entries, root, transform=eval_transform(stage_cfg["data"]), source_file=source_file,
             mode="L" if stage_cfg["data"]["channels"] == 1 else "RGB",
         )
-        outputs[f"open:{name}"] = forward(dataset, f"open:{name}")
+    outputs = {split: forward(dataset, split) for split, dataset in datasets.items()}
+    if odin_perturbation is not None:  # ODIN's input pre-processing: one backward pass each
+        temperature, epsilon = odin_perturbation
+        for split, dataset in datasets.items():
+            if split != "train":
+                loader = eval_loader(dataset, eval_cfg["batch_size"],
+                                     stage_cfg["data"]["num_workers"])
+                perturbed = perturbed_outputs(net, loader, torch_device, temperature, epsilon)
+                outputs[split] |= {f"odin_{key}": value for key, value in perturbed.items()}
 
     tau_source = None
     if tau_normalization == "auto" or tau_normalization > 0:
@@ -275,8 +286,10 @@ def collect_run_outputs(
         else:
             tau_source = "given"
         for split_outputs in outputs.values():
-            split_outputs["logits"] = tau_normalized_logits(
-                split_outputs["features"], weight, bias, tau_normalization)
+            for prefix in ("", "odin_"):
+                if f"{prefix}logits" in split_outputs:
+                    split_outputs[f"{prefix}logits"] = tau_normalized_logits(
+                        split_outputs[f"{prefix}features"], weight, bias, tau_normalization)
 
     train_counts = np.asarray(bench.train_counts)
     group_kw = {
@@ -292,8 +305,10 @@ def collect_run_outputs(
     else:
         la_source = "given"
     for split_outputs in outputs.values():
-        split_outputs["logits"] = adjust_logits(split_outputs["logits"], train_counts,
-                                                logit_adjustment)
+        for key in ("logits", "odin_logits"):
+            if key in split_outputs:
+                split_outputs[key] = adjust_logits(split_outputs[key], train_counts,
+                                                   logit_adjustment)
     centroids = None
     if net.meta_embedding is not None:
         centroids = net.meta_embedding.centroids.detach().float().cpu().numpy()
@@ -303,6 +318,23 @@ def collect_run_outputs(
         tau_normalization=float(tau_normalization), tau_normalization_source=tau_source,
         info=info, stage_cfg=stage_cfg, skipped=skipped,
     )
+
+
+def perturbed_outputs(
+    net: nn.Module, loader: Any, device: torch.device, temperature: float, epsilon: float
+) -> dict[str, np.ndarray]:
+    """Logits and features of ODIN's perturbed inputs (Liang et al. 2018, Eq. 2), float32; ε in
+    the units of the normalised images."""
+    net.eval()
+    chunks: dict[str, list[np.ndarray]] = {"logits": [], "features": []}
+    for images, _ in loader:
+        perturbed = odin_perturb(lambda x: net(x)["logits"], images.to(device), temperature,
+                                 epsilon)
+        with torch.no_grad():
+            out = net(perturbed)
+        chunks["logits"].append(out["logits"].float().cpu().numpy())
+        chunks["features"].append(out["features"].float().cpu().numpy())
+    return {key: np.concatenate(parts) for key, parts in chunks.items()}
 
 
 def open_set_figures(
@@ -352,9 +384,13 @@ def detector_scores(
             train = outputs.splits["train"]
             detector.fit(logits=train["logits"], features=train["features"],
                          labels=train["labels"])
-        scores[name] = {split: detector.score(logits=outputs.splits[split]["logits"],
-                                              features=outputs.splits[split]["features"])
-                        for split in splits}
+        logits_key = "odin_logits" if name == "odin" else "logits"  # perturbed, when computed
+        scores[name] = {
+            split: detector.score(logits=outputs.splits[split].get(
+                                      logits_key, outputs.splits[split]["logits"]),
+                                  features=outputs.splits[split]["features"])
+            for split in splits
+        }
     return scores
 
 
@@ -383,7 +419,9 @@ def evaluate_run(
     ``skip_bad_images`` (default: the run's ``data.skip_bad_images``) drops unreadable images
     of the evaluated splits instead of stopping; the report counts them (``skipped_images``).
     ``detectors`` (names of :mod:`oltr.detectors`) adds one open-set entry per detector under
-    ``report["detectors"]``, each with its own threshold calibrated on val; ``open_sets``
+    ``report["detectors"]``, each with its own threshold calibrated on val
+    (``detector_options``: constructor arguments per detector; ODIN with ``epsilon`` > 0 runs
+    its input perturbation, a backward pass per image); ``open_sets``
     (name → folder or split file) adds the same figures per external open set under
     ``report["open_sets"]``.
     """
@@ -413,10 +451,14 @@ def evaluate_run(
     if any(create_detector(name, **(detector_options or {}).get(name, {})).fit_inputs
            for name in detectors):
         splits = (*splits, "train")
+    odin = (detector_options or {}).get("odin", {})
+    odin_perturbation = None
+    if "odin" in detectors and odin.get("epsilon", 0.0) > 0:
+        odin_perturbation = (odin.get("temperature", 1000.0), odin["epsilon"])
     outputs = collect_run_outputs(
         run_dir, data_dir, splits, open_sets=open_sets, device=device,
         skip_bad_images=skip_bad_images, logit_adjustment=logit_adjustment,
-        tau_normalization=tau_normalization,
+        tau_normalization=tau_normalization, odin_perturbation=odin_perturbation,
     )
     info, group_kw, train_counts = outputs.info, outputs.group_kw, outputs.train_counts
     test = outputs.splits["test"]
@@ -475,6 +517,7 @@ def evaluate_run(
             scored = detector_scores(detectors, outputs, ["val", "test", "open", *external],
                                      detector_options)
             report["detectors"] = {}
+            report["detector_options"] = detector_options or {}
             for name, by_split in scored.items():
                 cut = metrics.calibrate_threshold(by_split["val"], accept_rate)
                 entry = open_set_figures(test, opened, by_split["test"], by_split["open"], cut,

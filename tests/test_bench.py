@@ -1,0 +1,302 @@
+"""``oltr bench``: epoch rescaling, the stage cache's keys, a small real bench (shared stages,
+reuse on a second call, tables), and the command line."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from oltr import bench as bench_module
+from oltr.bench import DONE, run_bench, scale_epochs, stage_key
+from oltr.cli import main
+from oltr.config import load_config, stage_config
+from oltr.errors import InputError
+from oltr.evaluate import evaluate_run
+
+
+def _epochs(config: dict) -> list[int]:
+    return [stage_config(config, s["name"])["train"]["epochs"] for s in config["stages"]]
+
+
+# ------------------------------------------------------------------ 8. scale_epochs
+def test_scale_epochs_keeps_each_stage_share():
+    oltr = load_config("oltr")
+    assert _epochs(oltr) == [22, 8]
+    scaled = scale_epochs(oltr, 15)
+    assert _epochs(scaled) == [11, 4]  # round(22 · 15/30) = 11, the rest 4
+    assert _epochs(scale_epochs(load_config("crt"), 2)) == [1, 1]  # round(1.47) = 1, rest 1
+    assert _epochs(scale_epochs(load_config("plain"), 15)) == [15]
+    assert _epochs(scale_epochs(load_config("plain"), 1)) == [1]
+
+
+def test_scale_epochs_moves_the_drw_start_with_its_stage():
+    config = load_config("ldam_drw")
+    assert _epochs(config) == [30] and config["train"]["drw_epoch"] == 25
+    scaled = scale_epochs(config, 15)
+    main_stage = stage_config(scaled, "main")["train"]
+    assert main_stage["epochs"] == 15
+    # the docstring's rule: round(drw · new / old), within 1..new
+    assert main_stage["drw_epoch"] == min(15, max(1, round(25 * 15 / 30))) == 12
+    assert stage_config(scale_epochs(load_config("ldam_drw"), 60), "main")["train"][
+        "drw_epoch"] == 50
+    # presets without DRW keep none
+    assert stage_config(scale_epochs(load_config("plain"), 5), "main")["train"][
+        "drw_epoch"] is None
+
+
+def test_scale_epochs_below_one_epoch_per_stage_is_refused():
+    with pytest.raises(InputError, match="number of stages"):
+        scale_epochs(load_config("oltr"), 1)
+    with pytest.raises(InputError):
+        scale_epochs(load_config("plain"), 0)
+
+
+def test_scale_epochs_total_is_exact_when_a_late_stage_is_small():
+    config = load_config("crt", overrides=["stage1.train.epochs=29", "stage2.train.epochs=1"])
+    # 29 + 1 → 2 in all, at least 1 each: the only answer is 1 + 1
+    assert _epochs(scale_epochs(config, 2)) == [1, 1]
+
+
+# ------------------------------------------------------------------ 9. stage_key
+def _key(method: str, stage: str = "main", previous: str | None = None, overrides=()) -> str:
+    return stage_key(stage_config(load_config(method, overrides=list(overrides)), stage), previous)
+
+
+def test_stage_key_ignores_method_and_eval_only():
+    plain = _key("plain")
+    assert len(plain) == 16 and int(plain, 16) >= 0
+    assert _key("tau_norm") == plain  # differs in method and eval.tau_normalization
+    assert _key("logit_adjustment") == plain  # eval.logit_adjustment
+    assert _key("plain", overrides=["eval.accept_rate=0.9", "eval.open_score=energy"]) == plain
+    assert _key("plain", overrides=["seed=1"]) != plain
+    assert _key("plain", overrides=["train.lr=0.05"]) != plain
+    assert _key("class_aware") != plain
+    # the plain stage 1 of the two-stage methods is one training
+    stage1 = {_key(m, "stage1") for m in ("crt", "lws", "fslwf", "oltr")}
+    assert len(stage1) == 1
+    # a stage's key depends on the stage it starts from
+    assert _key("crt", "stage2", "a" * 16) != _key("crt", "stage2", "b" * 16)
+    assert _key("crt", "stage2", "a" * 16) != _key("crt", "stage2", None)
+    assert _key("crt", "stage2", "a" * 16) != _key("lws", "stage2", "a" * 16)
+
+
+# ------------------------------------------------------------------ 10. run_bench
+METHODS = ["plain", "tau_norm", "crt", "oltr"]
+DETECTORS = ["msp", "knn"]
+
+
+def _bench(data: Path, out: Path, **kwargs):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_bench(data, out, **({"methods": METHODS, "detectors": DETECTORS,
+                                        "seeds": [0], "epochs": 2, "quick": True} | kwargs))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bench_run(fmnist_small, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "out"
+    return out, _bench(fmnist_small, out)
+
+
+def _stage_state(out: Path) -> dict[str, tuple[bytes, int]]:
+    return {path.parent.name: (path.read_bytes(), path.stat().st_mtime_ns)
+            for path in sorted((out / "stages").glob(f"*/{DONE}"))}
+
+
+def test_bench_writes_tables_with_every_method_and_detector(bench_run):
+    out, results = bench_run
+    assert (out / "results.md").is_file() and (out / "results.json").is_file()
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert saved["methods"] == METHODS and saved["detectors"] == DETECTORS
+    assert saved["seeds"] == [0] and saved["epochs"] == 2 and saved["quick"] is True
+    table = (out / "results.md").read_text()
+    for method in METHODS:
+        assert f"| {method} |" in table
+        entry = saved["summary"][method]
+        assert sorted(entry["detectors"]) == sorted(DETECTORS)
+        assert entry["closed"]["overall"]["n"] == 1
+        report = saved["reports"][method][0]
+        assert entry["closed"]["overall"]["mean"] == pytest.approx(report["closed"]["overall"])
+        assert entry["closed"]["overall"]["std"] == 0.0
+        assert sorted(report["detectors"]) == sorted(DETECTORS)
+    assert table.count("| method | msp | knn |") == 3  # AUROC, FPR95, detection error
+    # epochs rescaled to 2 in all: 1 + 1 for the two-stage methods
+    assert saved["reports"]["crt"][0]["epochs"] == {"stage1": 1, "stage2": 1}
+    assert saved["reports"]["plain"][0]["epochs"] == {"main": 2}
+    # the summary's msp figures are each run's own open-score figures (msp, val-calibrated)
+    for method in METHODS:
+        report = saved["reports"][method][0]
+        assert report["detectors"]["msp"]["auroc"] == report["open"]["auroc"]
+
+
+def test_bench_shares_identical_stages(bench_run):
+    out, _ = bench_run
+    runs = out / "runs"
+
+    def target(method: str, stage: str) -> Path:
+        link = runs / f"{method}-seed0" / stage
+        assert link.is_symlink()
+        return (link.parent / os.readlink(link)).resolve()
+
+    assert target("plain", "main") == target("tau_norm", "main")
+    assert target("crt", "stage1") == target("oltr", "stage1")
+    assert target("crt", "stage2") != target("oltr", "stage2")
+    # plain/tau_norm main, the shared stage1, crt stage2, oltr stage2: four trainings
+    linked = {target(m, s) for m, s in (("plain", "main"), ("crt", "stage1"),
+                                        ("crt", "stage2"), ("oltr", "stage2"))}
+    assert {p.resolve() for p in (out / "stages").iterdir()} == linked
+    for stage_dir in linked:
+        assert (stage_dir / DONE).is_file()
+    # the cache key of a stage is the one stage_key gives for the method's (rescaled) stage
+    config = scale_epochs(load_config("crt", overrides=["seed=0", *bench_module.QUICK_OVERRIDES]),
+                          2)
+    first = stage_key(stage_config(config, "stage1"), None)
+    second = stage_key(stage_config(config, "stage2"), first)
+    assert target("crt", "stage1").name == f"stage1-{first}"
+    assert target("crt", "stage2").name == f"stage2-{second}"
+
+
+def test_bench_reports_use_each_methods_own_decision_rule(bench_run):
+    _, results = bench_run
+    tau_norm = results["reports"]["tau_norm"][0]
+    plain = results["reports"]["plain"][0]
+    assert tau_norm["tau_normalization_source"].startswith("selected on val")
+    assert plain["tau_normalization"] == 0.0 and plain["tau_normalization_source"] is None
+    assert "selected on val" in results["reports"]["oltr"][0]["logit_adjustment_source"]
+
+
+def test_bench_report_names_its_method(bench_run):
+    """A cached stage shared by plain and tau_norm keeps the config of the run that trained
+    it (plain); each run's report still names its own method."""
+    _, results = bench_run
+    for method in METHODS:
+        assert results["reports"][method][0]["method"] == method
+
+
+def test_second_bench_call_trains_nothing_and_gives_the_same_summary(bench_run, fmnist_small,
+                                                                     monkeypatch):
+    out, first = bench_run
+    folders = sorted(p.name for p in (out / "stages").iterdir())
+    done = _stage_state(out)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached stage was trained again")
+
+    monkeypatch.setattr(bench_module, "train_stage", no_training)
+    second = _bench(fmnist_small, out)
+    assert sorted(p.name for p in (out / "stages").iterdir()) == folders
+    assert _stage_state(out) == done
+    assert second["summary"] == first["summary"]
+
+
+def test_bench_run_folders_evaluate_directly(bench_run, fmnist_small):
+    out, results = bench_run
+    for method in ("plain", "crt", "oltr"):
+        report = evaluate_run(out / "runs" / f"{method}-seed0", fmnist_small, open_set=True,
+                              detectors=DETECTORS)
+        expected = results["reports"][method][0]
+        assert report["closed"] == expected["closed"], method
+        assert report["open"]["auroc"] == expected["open"]["auroc"], method
+        assert report["detectors"]["knn"]["auroc"] == expected["detectors"]["knn"]["auroc"]
+
+
+def test_tau_norm_run_folder_evaluates_with_its_own_rule(bench_run, fmnist_small):
+    """The shared stage's own config.yaml is plain's (no τ-normalisation); evaluating the
+    tau_norm run folder must still decide with tau_norm's rule (the run's config.yaml)."""
+    out, results = bench_run
+    (stage_method,) = [line for line in (out / "runs" / "tau_norm-seed0" / "main" /
+                                         "config.yaml").read_text().splitlines()
+                       if line.startswith("method:")]
+    assert stage_method == "method: plain"
+    from oltr.predict import Predictor
+
+    predictor = Predictor.from_run(out / "runs" / "tau_norm-seed0")
+    assert predictor.tau_normalization == results["reports"]["tau_norm"][0]["tau_normalization"]
+    report = evaluate_run(out / "runs" / "tau_norm-seed0", fmnist_small, open_set=True)
+    expected = results["reports"]["tau_norm"][0]
+    assert report["tau_normalization_source"] == expected["tau_normalization_source"]
+    assert report["closed"] == expected["closed"]
+
+
+def test_unfinished_shared_stage_is_finished_by_another_method(bench_run, fmnist_small,
+                                                               tmp_path):
+    out, _ = bench_run
+    other = tmp_path / "out"
+    (stage,) = [p for p in (out / "stages").iterdir() if p.name.startswith("main-")]
+    shutil.copytree(stage, other / "stages" / stage.name)
+    (other / "stages" / stage.name / DONE).unlink()  # killed before the stage was recorded
+    results = _bench(fmnist_small, other, methods=["tau_norm"])
+    assert (other / "stages" / stage.name / DONE).is_file()
+    assert results["reports"]["tau_norm"][0]["tau_normalization_source"].startswith("selected")
+
+
+@pytest.mark.parametrize(("methods", "detectors"), [(["plain", "nope"], ["msp"]),
+                                                    (["plain"], ["msp", "nope"]),
+                                                    ([], ["msp"])])
+def test_unknown_method_or_detector_fails_before_training(fmnist_small, tmp_path, methods,
+                                                         detectors):
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match="nope|at least one method"):
+        run_bench(fmnist_small, out, methods=methods, detectors=detectors, seeds=[0], epochs=2,
+                  quick=True)
+    assert not (out / "stages").exists()
+    assert not (out / "runs").exists()
+
+
+# ------------------------------------------------------------------ 11. command line
+def test_bench_and_evaluate_commands(fmnist_small, tmp_path, capsys, one_thread):
+    out = tmp_path / "out"
+    code = main(["bench", "--quick", "--seeds", "0", "--methods", "plain", "--detectors",
+                 "msp,energy", "--data", str(fmnist_small), "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "| plain |" in printed and "| method | msp | energy |" in printed
+    assert (out / "results.md").read_text() in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["epochs"] == 2 and results["quick"] is True
+    assert results["overrides"][:2] == ["model.width=8", "train.max_steps_per_epoch=3"]
+
+    noise = tmp_path / "noise"
+    noise.mkdir()
+    rng = np.random.default_rng(1)
+    for index in range(4):
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), mode="L").save(
+            noise / f"{index}.png")
+    report_path = tmp_path / "report.json"
+    code = main(["evaluate", str(out / "runs" / "plain-seed0"), "--data", str(fmnist_small),
+                 "--open", "--detector", "energy", "--open-set", f"noise={noise}",
+                 "--output", str(report_path)])
+    assert code == 0
+    report = json.loads(report_path.read_text())
+    assert set(report["detectors"]) == {"energy"}
+    assert report["open_sets"]["noise"]["num_open"] == 4
+    assert report["detectors"]["energy"]["open:noise"]["num_open"] == 4
+    # the bench's own report (msp + energy) is left as it was
+    bench_report = json.loads((out / "runs" / "plain-seed0" / "report.json").read_text())
+    assert set(bench_report["detectors"]) == {"msp", "energy"}
+    assert bench_report["detectors"]["energy"]["auroc"] == report["detectors"]["energy"]["auroc"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--seeds", "a,b"], "--seeds must be comma-separated integers"),
+    (["--seeds", "0", "--methods", "plain,nope"], "unknown method 'nope'"),
+    (["--seeds", "0", "--detectors", "msp,nope"], "unknown detector"),
+    (["--seeds", "0", "--methods", "oltr", "--epochs", "1"], "--epochs must be at least"),
+])
+def test_bench_command_bad_input_exits_2(fmnist_small, tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    code = main(["bench", "--quick", "--data", str(fmnist_small), "--out", str(out), *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert not (out / "stages").exists()
