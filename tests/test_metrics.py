@@ -357,3 +357,17 @@ def test_select_logit_adjustment_smallest_tau_keeping_head_accuracy():
     assert select_logit_adjustment(logits, labels, counts, kw) == 0.75
     # Without many-shot classes there is nothing to keep: τ = 0.
     assert select_logit_adjustment(logits, labels, np.array([50, 10]), kw) == 0.0
+
+
+def test_select_logit_adjustment_takes_the_best_head_accuracy_not_that_of_tau_one():
+    from oltr.evaluate import select_logit_adjustment
+
+    counts = np.array([1000, 200, 10])  # classes 0 and 1 many-shot, class 2 few-shot
+    # Image of class 0: needs τ·ln(1000/10) > 1, i.e. τ > 0.217, to beat class 2.
+    # Image of class 1: beats class 0 while 0.5 > τ·ln(1000/200), i.e. τ < 0.311.
+    logits = np.array([[0.0, 0.0, 1.0], [0.0, 0.5, 0.0]])
+    labels = np.array([0, 1])
+    kw = {"many_threshold": 100, "few_threshold": 20, "strict": True}
+    # many-shot accuracy over τ = 0, 1/8, 1/4, 3/8, …, 1: 0.5, 0.5, 1.0, 0.5, …, 0.5 —
+    # τ = 1 reaches only 0.5 (so "keep τ = 1's accuracy" would give τ = 0); the best is τ = 1/4.
+    assert select_logit_adjustment(logits, labels, counts, kw) == 0.25
