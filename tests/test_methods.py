@@ -529,3 +529,31 @@ def test_negative_logit_adjustment_is_accepted(plain_run, fmnist_small):
     assert minus.logit_adjustment == -1.0
     with pytest.raises(InputError):
         collect_run_outputs(plain_run, fmnist_small, ("val",), tau_normalization=-0.5)
+
+
+def test_open_scores_use_the_models_logits_unless_told_otherwise(plain_run, fmnist_small):
+    """eval.open_score_logits: the logit adjustment moves the closed-set decision only (model),
+    or the open score too (decision)."""
+    from oltr.evaluate import score_logits
+
+    base = evaluate_run(plain_run, fmnist_small, open_set=True, logit_adjustment=0.0)
+    moved = evaluate_run(plain_run, fmnist_small, open_set=True, logit_adjustment=-1.0)
+    assert moved["open_score_logits"] == "model"
+    for key in ("auroc", "fpr95", "detection_error", "threshold"):
+        assert moved["open"][key] == base["open"][key]
+    assert moved["closed"] != base["closed"]  # the decision did move
+    outputs = collect_run_outputs(plain_run, fmnist_small, ("val",), logit_adjustment=-1.0)
+    val = outputs.splits["val"]
+    prior = outputs.train_counts / outputs.train_counts.sum()
+    assert np.allclose(score_logits(val), val["logits"] + np.log(prior), atol=1e-4)
+    # decision: the open score sees the adjusted logits
+    config_path = plain_run / "config.yaml"
+    saved = config_path.read_text()
+    try:
+        config_path.write_text(saved.replace("open_score_logits: model",
+                                             "open_score_logits: decision"))
+        decided = collect_run_outputs(plain_run, fmnist_small, ("val",), logit_adjustment=-1.0)
+        assert np.array_equal(score_logits(decided.splits["val"]),
+                              decided.splits["val"]["logits"])
+    finally:
+        config_path.write_text(saved)

@@ -85,6 +85,7 @@ def threshold_curve(
     plus ``closed_overall`` (the closed-set accuracy, the p = 0 limit on known images) and
     ``num_classes``.
     """
+    from oltr.evaluate import score_logits
     from oltr.openset import msp_score, probability_threshold_to_msp_score
 
     grid = sorted({float(p) for p in probabilities})
@@ -93,8 +94,8 @@ def threshold_curve(
     test, opened = _split(outputs, "test"), _split(outputs, "open")
     known_predictions = test["logits"].argmax(axis=1)
     open_predictions = opened["logits"].argmax(axis=1)
-    known_scores = np.asarray(msp_score(test["logits"]), dtype=np.float64)
-    open_scores = np.asarray(msp_score(opened["logits"]), dtype=np.float64)
+    known_scores = np.asarray(msp_score(score_logits(test)), dtype=np.float64)
+    open_scores = np.asarray(msp_score(score_logits(opened)), dtype=np.float64)
     curve: dict[str, Any] = {"probability": grid, "score_threshold": []}
     curve |= {key: [] for key in POINT_KEYS}
     for probability in grid:

@@ -197,7 +197,8 @@ def run_bench(
             report = read_json_object(report_path, "report") if report_path.exists() else None
             if report is None or sorted(report.get("detectors", {})) != sorted(detectors) or (
                     sorted(report.get("open_sets", {})) != sorted(open_sets or {})) or (
-                    report.get("detector_options", {}) != (detector_options or {})):
+                    report.get("detector_options", {}) != (detector_options or {})) or (
+                    "open_score_logits" not in report):  # written before that choice existed
                 report = evaluate_run(run_dir, data_dir, open_set=True,
                                       detectors=list(detectors), open_sets=open_sets,
                                       detector_options=detector_options, output=report_path)

@@ -333,6 +333,7 @@ CHECKS: dict[str, Check] = {
     "eval.threshold": _or_null(_number("in [0, 1] (a probability)", lambda v: 0 <= v <= 1)),
     "eval.logit_adjustment": ("a number or auto",
                               lambda v: v == "auto" or (_is_number(v) and math.isfinite(v))),
+    "eval.open_score_logits": _choice("model", "decision"),
     "eval.tau_normalization": ("a number >= 0 or auto",
                                lambda v: v == "auto" or (_is_number(v) and v >= 0)),
     "eval.accept_rate": _number("in (0, 1]", lambda v: 0 < v <= 1),

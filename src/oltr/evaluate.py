@@ -100,13 +100,20 @@ def select_logit_adjustment(
 def open_scores(
     name: str, outputs: dict[str, np.ndarray], centroids: np.ndarray | None
 ) -> np.ndarray:
-    """The open score (higher = more open) of one split's stored outputs."""
+    """The open score (higher = more open) of one split's stored outputs (on
+    :func:`score_logits`)."""
     if name == "reachability" and centroids is None:
         raise InputError("open score 'reachability' needs a model with a visual memory "
                          "(model.meta_embedding: true)", value=name)
-    return compute_open_score(
-        name, logits=outputs["logits"], features=outputs.get("features"), centroids=centroids
-    )
+    return compute_open_score(name, logits=score_logits(outputs), features=outputs.get("features"),
+                              centroids=centroids)
+
+
+def score_logits(outputs: dict[str, np.ndarray]) -> np.ndarray:
+    """The logits open scores are computed on: the model's own (``score_logits``: before the
+    logit adjustment, which moves the closed-set decision only) where stored, else the
+    decision logits."""
+    return outputs.get("score_logits", outputs["logits"])
 
 
 TAU_NORM_GRID = tuple(i / 10 for i in range(21))
@@ -308,9 +315,11 @@ def collect_run_outputs(
         la_source = "selected on val: smallest τ with the best many-shot accuracy"
     else:
         la_source = "given"
+    adjusted_for_scores = eval_cfg["open_score_logits"] == "decision"
     for split_outputs in outputs.values():
-        for key in ("logits", "odin_logits"):
-            if key in split_outputs:
+        split_outputs["score_logits"] = split_outputs["logits"]
+        for key in ("logits", "score_logits", "odin_logits"):
+            if key in split_outputs and (key == "logits" or adjusted_for_scores):
                 split_outputs[key] = adjust_logits(split_outputs[key], train_counts,
                                                    logit_adjustment)
     centroids = None
@@ -386,13 +395,13 @@ def detector_scores(
         detector = create_detector(name, **kwargs)
         if not detector.is_fitted:
             train = outputs.splits["train"]
-            detector.fit(logits=train["logits"], features=train["features"],
+            detector.fit(logits=score_logits(train), features=train["features"],
                          labels=train["labels"])
-        logits_key = "odin_logits" if name == "odin" else "logits"  # perturbed, when computed
         scores[name] = {
-            split: detector.score(logits=outputs.splits[split].get(
-                                      logits_key, outputs.splits[split]["logits"]),
-                                  features=outputs.splits[split]["features"])
+            split: detector.score(
+                logits=outputs.splits[split].get("odin_logits", score_logits(outputs.splits[split]))
+                if name == "odin" else score_logits(outputs.splits[split]),  # perturbed for ODIN
+                features=outputs.splits[split]["features"])
             for split in splits
         }
     return scores
@@ -481,6 +490,7 @@ def evaluate_run(
         "logit_adjustment_source": outputs.logit_adjustment_source,
         "tau_normalization": outputs.tau_normalization,
         "tau_normalization_source": outputs.tau_normalization_source,
+        "open_score_logits": eval_cfg["open_score_logits"],
         "shot_rule": {
             "many": f"{'>' if group_kw['strict'] else '>='} {group_kw['many_threshold']}",
             "few": f"{'<' if group_kw['strict'] else '<='} {group_kw['few_threshold']}",

@@ -28,8 +28,9 @@ class Predictor:
 
     def __init__(self, net: torch.nn.Module, info: dict[str, Any], *, open_score: str,
                  threshold: float, device: torch.device, logit_adjustment: float = 0.0,
-                 tau_normalization: float = 0.0) -> None:
+                 tau_normalization: float = 0.0, open_score_logits: str = "model") -> None:
         self.net, self.info, self.device = net, info, device
+        self.open_score_logits = open_score_logits
         self.logit_adjustment, self.tau_normalization = logit_adjustment, tau_normalization
         self.open_score, self.threshold = open_score, threshold
         data = info["data"]
@@ -72,8 +73,10 @@ class Predictor:
                 raise InputError(f"{key} is auto: evaluate the run first so that its τ is "
                                  "selected on val", path=report_path)
             rule[key] = float(value)
+        open_score_logits = (report or {}).get("open_score_logits",
+                                               eval_cfg["open_score_logits"])
         return cls(net, info, open_score=open_score or "msp", threshold=threshold,
-                   device=torch_device, **rule)
+                   device=torch_device, open_score_logits=open_score_logits, **rule)
 
     def _load(self, path: str | Path) -> torch.Tensor:
         try:
@@ -98,12 +101,15 @@ class Predictor:
             logits = tau_normalized_logits(
                 features, classifier.weight.detach().float().cpu().numpy(),
                 classifier.bias.detach().float().cpu().numpy(), self.tau_normalization)
+        model_logits = logits
         logits = adjust_logits(logits, np.asarray(self.info["train_counts"]),
                                self.logit_adjustment)
+        if self.open_score_logits == "decision":
+            model_logits = logits
         centroids = None
         if getattr(self.net, "meta_embedding", None) is not None:
             centroids = self.net.meta_embedding.centroids.detach().float().cpu().numpy()
-        scores = compute_open_score(self.open_score, logits=logits, features=features,
+        scores = compute_open_score(self.open_score, logits=model_logits, features=features,
                                     centroids=centroids)
         labels = np.where(scores > self.threshold, -1, logits.argmax(axis=1))
         return {"labels": labels, "open_scores": scores,
