@@ -36,7 +36,7 @@ run: setup data
 	$(BIN)/oltr train --method $(METHOD) --data $(DATA) --out $(RUN) --seed $(SEED) --resume --no-progress
 	$(BIN)/oltr evaluate $(RUN) --data $(DATA) --open --output $(RUN)/report.json
 
-# OLTR vs plain (equal epochs) and OLTR's ablations, 3 seeds (about an hour on 2 CPU cores).
+# OLTR vs plain (equal epochs) and OLTR's four ablations, 3 seeds (about 55 min on 2 CPU cores).
 bench: setup data
 	$(BIN)/python benchmarks/fmnist_lt_oltr.py --data $(DATA)
 
