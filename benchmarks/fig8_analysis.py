@@ -4,13 +4,13 @@
     python benchmarks/fig8_analysis.py --quick    # a smoke run: tiny model, a few steps, ~25 s
 
 The default run trains 6 models, ~22 000 train images per epoch over the three levels
-(estimated 12-15 min on 2 CPU cores, from ~9 s per epoch of 6 500 images).
+(estimated 8-10 min on 2 CPU cores, from ~9 s per epoch of 6 500 images).
 
 1. Curates Fashion-MNIST-LT at three longtail levels under ``OUT/data/``: 6 known + 4 open
    classes (curation seed 0, so the same classes at every level), exp profile 4000 → 400 / 40 /
    5 train images per class (imbalance ratio 10 / 100 / 800), 100 val images per class, all test
    images (1 000 per known and per open class).
-2. Trains the plain model (12 epochs) and OLTR (stage 1 9 epochs + stage 2 3 epochs with the
+2. Trains the plain model (8 epochs) and OLTR (stage 1 6 epochs + stage 2 2 epochs with the
    backbone frozen, as the paper does for this analysis "for faster investigating") on each
    level, one training seed. Finished runs are reused, killed ones resumed.
 3. Evaluates every run (closed + open set, threshold calibrated on val) and draws
@@ -144,9 +144,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="training seed")
     parser.add_argument("--min-counts", type=int, nargs="+", dest="min_counts",
                         help=f"tail-class train images per level (default {MIN_COUNTS})")
-    parser.add_argument("--plain-epochs", type=int, default=12, dest="plain_epochs")
-    parser.add_argument("--stage1-epochs", type=int, default=9, dest="stage1_epochs")
-    parser.add_argument("--stage2-epochs", type=int, default=3, dest="stage2_epochs")
+    parser.add_argument("--plain-epochs", type=int, default=8, dest="plain_epochs")
+    parser.add_argument("--stage1-epochs", type=int, default=6, dest="stage1_epochs")
+    parser.add_argument("--stage2-epochs", type=int, default=2, dest="stage2_epochs")
     parser.add_argument("--quick", action="store_true", help="tiny model, a few steps, a small "
                                                              "benchmark (a smoke run)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
