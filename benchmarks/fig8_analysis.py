@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from oltr.analysis import PLOT_FILES, RunSpec, analyze, imbalance_ratio
+from oltr.bench import machine_description
 from oltr.config import load_config, load_saved_config
 from oltr.data import curate, load_manifest
 from oltr.data.curation import OPEN_CLASSES_NAME
@@ -179,8 +177,7 @@ def main() -> None:
     result = analyze(specs, args.out, plots=["longtail", "threshold", "open-classes"],
                      reports=reports)
     minutes = (time.perf_counter() - started) / 60
-    machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-               f"threads, torch {torch.__version__}")
+    machine = machine_description()
     header = (f"# Fig. 8 analysis on Fashion-MNIST-LT (6 known + 4 open classes, exp profile "
               f"max {CURATION['max_count'] if not args.quick else QUICK_CURATION['max_count']} "
               f"→ min {', '.join(map(str, min_counts))}), training seed {args.seed}"

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from oltr.bench import machine_description
 from oltr.config import load_config, stage_config
 from oltr.data import curate
 from oltr.engine import train_run
@@ -169,8 +168,7 @@ def main() -> None:
                   f"{np.mean([r['f_measure'] for r in reach]):.3f} ± "
                   f"{np.std([r['f_measure'] for r in reach]):.3f}")
     minutes = (time.perf_counter() - started) / 60
-    machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-               f"torch {torch.__version__}")
+    machine = machine_description()
     text = (f"Fashion-MNIST-LT, seeds {args.seeds}, open score msp (threshold calibrated on val), "
             f"percent, mean ± std over seeds.\n\n{table}\n\nwall time {minutes:.1f} min "
             f"({'re-evaluation only' if args.reevaluate else 'reused runs count 0'}) on "

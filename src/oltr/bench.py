@@ -29,7 +29,11 @@ import torch
 
 from oltr.config import (
     COMPARISON_DETECTORS as DEFAULT_DETECTORS,
+)
+from oltr.config import (
     COMPARISON_METHODS as DEFAULT_METHODS,
+)
+from oltr.config import (
     DEFAULT_BENCHMARK,
     load_config,
     load_saved_config,
@@ -229,9 +233,10 @@ def run_bench(
 
 
 def machine_description() -> str:
+    """The machine a benchmark ran on, for its results (one line)."""
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {device}, "
-            f"torch {torch.__version__}")
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}")
 
 
 def _mean_std(values: list[float | None]) -> dict[str, float | None]:

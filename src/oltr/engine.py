@@ -42,7 +42,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
@@ -61,8 +60,8 @@ from oltr.losses import (
     drw_class_weights,
 )
 from oltr.models import (
-    OLTRNetwork,
     FSLwFClassifier,
+    OLTRNetwork,
     class_means,
     create_network,
     freeze_backbone,

@@ -29,8 +29,8 @@ from oltr.detectors import create_detector, list_detectors, odin_perturb
 from oltr.engine import (
     collect_outputs,
     dataset_for,
-    eval_transform,
     eval_loader,
+    eval_transform,
     final_stage_dir,
     load_model,
     report_skipped_images,
