@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
@@ -22,7 +23,7 @@ from safetensors.torch import load_file
 from oltr.cli import main
 from oltr.config import load_config
 from oltr.data import load_benchmark
-from oltr.engine import F, load_checkpoint, train_run
+from oltr.engine import load_checkpoint, train_run
 from oltr.errors import InputError, OltrError
 from oltr.evaluate import evaluate_run
 from oltr.io import remove_stale_temporaries
