@@ -198,3 +198,14 @@ def test_load_stage1_rejects_a_different_backbone():
     del state["backbone.layer1.0.bn1.weight"]
     with pytest.raises(InputError, match="lack 1 .*layer1.0.bn1.weight"):
         load_stage1_into_stage2(stage2, state)
+
+
+def test_narrow_networks_keep_the_default_memory_format() -> None:
+    """A 1×1 stride-2 convolution with 2–7 input channels corrupts the heap in its
+    channels-last backward pass (oneDNN, torch 2.14.1 on AVX2-only CPUs): such networks
+    train in the default format."""
+    from oltr.models import create_network
+
+    narrow = create_network({"backbone": "resnet10_small", "width": 4}, 4, 1)
+    assert not narrow.supports_channels_last
+    assert create_network({"backbone": "resnet10_small", "width": 8}, 4, 1).supports_channels_last

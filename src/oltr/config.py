@@ -329,6 +329,7 @@ CHECKS: dict[str, Check] = {
     "train.log_every": _int(1),
     "train.nonfinite": _choice("stop", "skip"),
     "eval.batch_size": _int(1),
+    "eval.amp": _choice("off", "bf16"),
     "eval.open_score": _choice("msp", "max_logit", "energy", "reachability"),
     "eval.threshold": _or_null(_number("in [0, 1] (a probability)", lambda v: 0 <= v <= 1)),
     "eval.logit_adjustment": ("a number or auto",

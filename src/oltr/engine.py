@@ -186,7 +186,7 @@ def collect_outputs(
     loader: DataLoader,
     device: torch.device,
     *,
-    amp: str = "auto",
+    amp: str = "off",
     channels_last: bool = True,
     description: str | None = None,
 ) -> dict[str, np.ndarray]:
@@ -196,7 +196,7 @@ def collect_outputs(
     for images, labels in tqdm(loader, desc=description, leave=False,
                                disable=True if description is None else None):
         images = images.to(device, non_blocking=True)
-        if channels_last:
+        if channels_last and net.supports_channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast_context(amp, device):
             out = net(images)
@@ -391,7 +391,7 @@ def _init_from_previous(
     fslwf = net.classifier if isinstance(net.classifier, FSLwFClassifier) else None
     if net.meta_embedding is not None or fslwf is not None:
         outputs = collect_outputs(
-            net, loader, device, amp=cfg["train"]["amp"],
+            net, loader, device, amp=cfg["eval"]["amp"],
             channels_last=cfg["train"]["channels_last"], description="class means",
         )
     if fslwf is not None:  # FSLwF's w_avg of each novel class (Gidaris & Komodakis §3.2)
@@ -461,7 +461,7 @@ def train_stage(
 
     net = create_network(cfg["model"], bench.num_classes, data_cfg["channels"],
                          class_counts=bench.train_counts.tolist()).to(device)
-    if train_cfg["channels_last"]:
+    if train_cfg["channels_last"] and net.supports_channels_last:
         net = net.to(memory_format=torch.channels_last)
     checkpoint_path = stage_dir / CHECKPOINT
     state = load_checkpoint(checkpoint_path) if resume and checkpoint_path.exists() else None
@@ -568,7 +568,7 @@ def train_stage(
             description=f"[{cfg['stage']}] epoch {epoch + 1}/{epochs}" if progress else None,
         )
         train_seconds = time.perf_counter() - epoch_start
-        val = collect_outputs(net, val_loader, device, amp=train_cfg["amp"],
+        val = collect_outputs(net, val_loader, device, amp=cfg["eval"]["amp"],
                               channels_last=train_cfg["channels_last"])
         val_acc = float((val["logits"].argmax(1) == val["labels"]).mean())
         record = {
@@ -652,7 +652,7 @@ def _train_one_epoch(
                disable=True if description is None else None)
     for step, (images, labels) in enumerate(bar, start=1):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if train_cfg["channels_last"]:
+        if train_cfg["channels_last"] and net.supports_channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast_context(train_cfg["amp"], device):
             out = net(images)

@@ -257,7 +257,7 @@ def collect_run_outputs(
         report_skipped_images("[evaluate]", dropped)
         skipped |= {split: len(messages) for split, messages in dropped.items()}
 
-    amp, channels_last = stage_cfg["train"]["amp"], stage_cfg["train"]["channels_last"]
+    amp, channels_last = eval_cfg["amp"], stage_cfg["train"]["channels_last"]
 
     def forward(dataset: ImageListDataset, description: str) -> dict[str, np.ndarray]:
         loader = eval_loader(dataset, eval_cfg["batch_size"], stage_cfg["data"]["num_workers"])

@@ -28,9 +28,11 @@ class Predictor:
 
     def __init__(self, net: torch.nn.Module, info: dict[str, Any], *, open_score: str,
                  threshold: float, device: torch.device, logit_adjustment: float = 0.0,
-                 tau_normalization: float = 0.0, open_score_logits: str = "model") -> None:
+                 tau_normalization: float = 0.0, open_score_logits: str = "model",
+                 amp: str = "off") -> None:
         self.net, self.info, self.device = net, info, device
         self.open_score_logits = open_score_logits
+        self.amp = amp
         self.logit_adjustment, self.tau_normalization = logit_adjustment, tau_normalization
         self.open_score, self.threshold = open_score, threshold
         data = info["data"]
@@ -76,7 +78,8 @@ class Predictor:
         open_score_logits = (report or {}).get("open_score_logits",
                                                eval_cfg["open_score_logits"])
         return cls(net, info, open_score=open_score or "msp", threshold=threshold,
-                   device=torch_device, open_score_logits=open_score_logits, **rule)
+                   device=torch_device, open_score_logits=open_score_logits,
+                   amp=eval_cfg["amp"], **rule)
 
     def _load(self, path: str | Path) -> torch.Tensor:
         try:
@@ -92,7 +95,7 @@ class Predictor:
     def predict_tensor(self, images: torch.Tensor) -> dict[str, np.ndarray]:
         """Logits-level prediction of a preprocessed batch: labels (-1 = unknown) and scores."""
         self.net.eval()
-        with autocast_context("auto", self.device):
+        with autocast_context(self.amp, self.device):
             out = self.net(images.to(self.device))
         features = out["features"].float().cpu().numpy()
         logits = out["logits"].float().cpu().numpy()

@@ -118,6 +118,17 @@ class OLTRNetwork(nn.Module):
         self.backbone_frozen = False
         self.backbone_bn_frozen = False
 
+    @property
+    def supports_channels_last(self) -> bool:
+        """False when a layer would hit a known oneDNN fault in channels-last format: the
+        backward pass of a 1×1 stride-2 convolution with 2–7 input channels corrupts the heap
+        (torch 2.14.1, x86-64 CPUs with AVX2 only; a width-4 small ResNet has one). Training and
+        evaluation then keep the default memory format."""
+        return not any(
+            isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1
+            and 1 < m.in_channels < 8 for m in self.modules()
+        )
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Last feature map (B, C, h, w), after modulated attention when enabled."""
         fmap = self.backbone.forward_features(x)
