@@ -65,7 +65,8 @@ def cmd_curate(args: argparse.Namespace) -> int:
     settings: dict[str, Any] = {
         "seed": 0, "profile": "pareto", "alpha": 6.0, "ratio": None, "max_count": 1280,
         "min_count": 5, "known": None, "open": None, "val_per_class": 20,
-        "test_per_class": None, "open_per_class": None,
+        "test_per_class": None, "open_per_class": None, "val_open": 0,
+        "val_open_per_class": None,
     }
     if args.protocol:
         settings.update(protocol_defaults(args.protocol))
@@ -77,6 +78,8 @@ def cmd_curate(args: argparse.Namespace) -> int:
         settings["known"], str) else settings["known"]
     settings["open"] = _names_or_count(settings["open"]) if isinstance(
         settings["open"], str) else settings["open"]
+    settings["val_open"] = _names_or_count(settings["val_open"]) if isinstance(
+        settings["val_open"], str) else settings["val_open"]
     source = parse_source(args.source, image_root=args.image_root,
                           allow_outside_root=args.allow_outside_root)
     started = time.perf_counter()
@@ -84,7 +87,10 @@ def cmd_curate(args: argparse.Namespace) -> int:
     counts = manifest["counts"]
     print(f"wrote {args.out}: {len(manifest['known_classes'])} known classes "
           f"({sum(counts['train'])} train, {sum(counts['val'])} val, {sum(counts['test'])} test), "
-          f"{len(manifest['open_classes'])} open classes ({counts['open']} open test images) "
+          f"{len(manifest['open_classes'])} open classes ({counts['open']} open test images)"
+          + (f", {len(manifest['val_open_classes'])} validation open classes "
+             f"({counts['val_open']} val_open images)" if manifest.get("val_open_classes") else "")
+          + " "
           f"in {time.perf_counter() - started:.1f} s")
     print(f"train images per class (label 0 = head): {counts['train']}")
     return 0
@@ -243,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-per-class", type=int, dest="val_per_class", help="default 20")
     p.add_argument("--test-per-class", type=int, dest="test_per_class")
     p.add_argument("--open-per-class", type=int, dest="open_per_class")
+    p.add_argument("--val-open", dest="val_open",
+                   help="validation open classes: a number (drawn by seed) or a comma list of "
+                        "classes, disjoint from the known and the test open classes; their "
+                        "images form val_open.txt, on which open-set choices are selected "
+                        "(default 0)")
+    p.add_argument("--val-open-per-class", type=int, dest="val_open_per_class",
+                   help="images per validation open class (default: --val-per-class)")
     p.add_argument("--image-root", help="image root of a splits: source")
     p.add_argument("--allow-outside-root", action="store_true",
                    help="let a splits: source list absolute paths or paths with '..'")

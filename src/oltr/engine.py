@@ -505,7 +505,9 @@ def train_stage(
                 "train.centroid_loss needs model.meta_embedding: true (the centroids live there)",
                 value=train_cfg["centroid_loss"],
             )
-        centroid_loss = build_centroid_loss(train_cfg["centroid_loss"], margin=train_cfg["centroid_margin"])
+        centroid_loss = build_centroid_loss(train_cfg["centroid_loss"],
+                                            margin=train_cfg["centroid_margin"],
+                                            relative=train_cfg["centroid_relative_margin"])
 
     start_epoch, best_epoch, best_acc = 0, -1, -1.0
     if state is not None:

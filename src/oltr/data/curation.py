@@ -6,8 +6,13 @@ train images are sampled without replacement; a balanced val split is held out o
 train images, the test split is balanced, and the open classes' test images form the open
 split (label -1). Output (ImageNet-LT format plus a manifest)::
 
-    out_dir/train.txt val.txt test.txt [open.txt open_classes.txt] classes.txt manifest.json
-            [images/...]
+    out_dir/train.txt val.txt test.txt [open.txt open_classes.txt] [val_open.txt]
+            classes.txt manifest.json [images/...]
+
+``val_open.txt`` (label -1) holds images of the *validation open classes* (``val_open``): classes
+disjoint from both the known and the test open classes, reserved so that open-set choices
+(the open score, its threshold, OLTR's open-set settings) can be selected on val without
+seeing a test open class. Its images come from the source's train split.
 
 ``open_classes.txt`` says which open class each open image comes from (the paper's Fig. 8c
 varies the number of open classes): one line per line of ``open.txt``, in the same order, in
@@ -88,11 +93,14 @@ def choose_classes(
     known: ClassSelection,
     open_: ClassSelection,
     rng: np.random.Generator,
-) -> tuple[list[int], list[int]]:
-    """Known and open class indices (each sorted), from counts or explicit name lists.
+    val_open: ClassSelection = 0,
+) -> tuple[list[int], list[int], list[int]]:
+    """Known, open and validation-open class indices (each sorted), from counts or names.
 
     A count draws that many classes at random among those not named explicitly; ``None``
-    means "all remaining classes" (both ``None``: every class is known, none open).
+    means "all remaining classes" (known and open both ``None``: every class is known, none
+    open). ``val_open`` (a count, default 0, or names) is drawn after the known classes and
+    before the open ones, so with ``val_open=0`` the draw is the one of earlier versions.
     """
     index_of = {name: index for index, name in enumerate(class_names)}
     known_list = None if known is None or not isinstance(known, Sequence) else (
@@ -101,13 +109,19 @@ def choose_classes(
     open_list = None if open_ is None or not isinstance(open_, Sequence) else (
         _named_classes("open", open_, index_of)
     )
-    if known_list is not None and open_list is not None:
-        overlap = sorted(set(known_list) & set(open_list))
-        if overlap:
-            raise InputError(
-                "a class cannot be both known and open", value=class_names[overlap[0]]
-            )
-    fixed = set(known_list or ()) | set(open_list or ())
+    val_open_list = None if val_open is None or not isinstance(val_open, Sequence) else (
+        _named_classes("val_open", val_open, index_of)
+    )
+    named = {"known": known_list, "open": open_list, "val_open": val_open_list}
+    for first, second in (("known", "open"), ("known", "val_open"), ("open", "val_open")):
+        if named[first] is not None and named[second] is not None:
+            overlap = sorted(set(named[first]) & set(named[second]))  # type: ignore[arg-type]
+            if overlap:
+                raise InputError(
+                    f"a class cannot be both {first} and {second}",
+                    value=class_names[overlap[0]],
+                )
+    fixed = set(known_list or ()) | set(open_list or ()) | set(val_open_list or ())
     remaining = [index for index in range(len(class_names)) if index not in fixed]
     order = [int(index) for index in rng.permutation(np.array(remaining, dtype=np.int64))]
     known_count = None if known is None or known_list is not None else (
@@ -116,7 +130,10 @@ def choose_classes(
     open_count = None if open_ is None or open_list is not None else (
         _count_argument("open", open_, minimum=0)
     )
-    wanted = (known_count or 0) + (open_count or 0)
+    val_open_count = 0 if val_open is None or val_open_list is not None else (
+        _count_argument("val_open", val_open, minimum=0)
+    )
+    wanted = (known_count or 0) + (open_count or 0) + val_open_count
     if wanted > len(remaining):
         raise InputError(
             f"asked for {wanted} randomly drawn known + open classes, "
@@ -128,15 +145,22 @@ def choose_classes(
             known_list = order[:known_count]
             order = order[known_count:]
         elif open_count is not None:
-            known_list = order[open_count:]
-            order = order[:open_count]
+            reserved = open_count + val_open_count
+            known_list = order[reserved:]
+            order = order[:reserved]
         else:
             known_list, order = order, []
+    if val_open_list is None:
+        if val_open_count > len(order):
+            raise InputError(f"asked for {val_open_count} validation open classes, but only "
+                             f"{len(order)} classes are left", value=val_open_count)
+        val_open_list = order[:val_open_count]
+        order = order[val_open_count:]
     if open_list is None:
         open_list = order[:open_count] if open_count is not None else order
     if not known_list:
         raise InputError("no known classes left", value=known)
-    return sorted(known_list), sorted(open_list)
+    return sorted(known_list), sorted(open_list), sorted(val_open_list)
 
 
 def _pick(rng: np.random.Generator, keys: list[str], count: int) -> tuple[list[str], list[str]]:
@@ -206,6 +230,7 @@ def curate(
     seed: int = 0,
     known: ClassSelection = None,
     open: ClassSelection = None,
+    val_open: ClassSelection = 0,
     profile: str = "pareto",
     max_count: int,
     min_count: int | None = None,
@@ -214,6 +239,7 @@ def curate(
     val_per_class: int = 20,
     test_per_class: int | None = None,
     open_per_class: int | None = None,
+    val_open_per_class: int | None = None,
     force: bool = False,
     verify_images: bool = True,
 ) -> dict[str, Any]:
@@ -231,6 +257,11 @@ def curate(
       (paper: 20).
     - Open: ``open_per_class`` (default ``test_per_class``) test / held-out images of each open
       class, or all of them if it has fewer, labelled -1.
+    - Validation open (``val_open``: a count or names, default 0): classes disjoint from the
+      known and the open ones whose ``val_open_per_class`` images (default ``val_per_class``,
+      so val keeps the test split's open:known ratio when ``open_per_class`` equals
+      ``test_per_class``) form ``val_open.txt`` (label -1), drawn from the source's train
+      images of those classes.
     - ``verify_images``: open each used file's header (file sources), so a corrupt image fails
       curation rather than training.
 
@@ -247,6 +278,8 @@ def curate(
         test_per_class = _count_argument("test_per_class", test_per_class, minimum=1)
     if open_per_class is not None:
         open_per_class = _count_argument("open_per_class", open_per_class, minimum=1)
+    val_open_per_class = val_per_class if val_open_per_class is None else _count_argument(
+        "val_open_per_class", val_open_per_class, minimum=1)
     for name in source.class_names:
         if not name or name != name.strip() or "\n" in name or "\r" in name:
             raise InputError(
@@ -256,7 +289,8 @@ def curate(
             )
 
     rng = np.random.Generator(np.random.PCG64(seed))
-    known_classes, open_classes = choose_classes(source.class_names, known, open, rng)
+    known_classes, open_classes, val_open_classes = choose_classes(
+        source.class_names, known, open, rng, val_open)
     try:
         counts = class_counts(
             profile,
@@ -316,7 +350,8 @@ def curate(
             value=source.class_names[index],
         )
 
-    splits: dict[str, list[tuple[str, int]]] = {"train": [], "val": [], "test": [], "open": []}
+    splits: dict[str, list[tuple[str, int]]] = {"train": [], "val": [], "test": [], "open": [],
+                                                "val_open": []}
     open_class_of: list[int] = []  # per open image, its index in open_classes
     for label, index in enumerate(rank_order):
         pool = train_pools[index]
@@ -334,6 +369,14 @@ def curate(
         open_keys, _ = _pick(rng, pool, min(open_per_class, len(pool)))
         splits["open"] += [(key, OPEN_LABEL) for key in open_keys]
         open_class_of += [position] * len(open_keys)
+    for index in val_open_classes:
+        pool = train_pools[index]
+        if len(pool) < val_open_per_class:
+            raise InputError(f"validation open class has {len(pool)} images, needs "
+                             f"val_open_per_class={val_open_per_class}",
+                             value=source.class_names[index])
+        val_open_keys, _ = _pick(rng, pool, val_open_per_class)
+        splits["val_open"] += [(key, OPEN_LABEL) for key in val_open_keys]
 
     used_keys = [key for entries in splits.values() for key, _ in entries]
     if verify_images and not source.needs_export:
@@ -384,6 +427,7 @@ def curate(
             "open_per_class": open_per_class,
             "known_classes": known_names,
             "open_classes": [source.class_names[index] for index in open_classes],
+
             "counts": {
                 "train": [int(count) for count in counts],
                 "val": [val_per_class] * len(rank_order),
@@ -392,6 +436,10 @@ def curate(
             },
             "files": files,
         }
+        if val_open_classes:
+            manifest["val_open_classes"] = [source.class_names[i] for i in val_open_classes]
+            manifest["val_open_per_class"] = val_open_per_class
+            manifest["counts"]["val_open"] = len(splits["val_open"])
         atomic_write_bytes(staging / MANIFEST_NAME, _json_bytes(manifest))
         _install(staging, out_dir, force)
     except BaseException:

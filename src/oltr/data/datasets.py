@@ -21,11 +21,13 @@ from torch.utils.data import Dataset
 from torchvision.transforms import functional as TF
 
 from oltr.data.curation import CLASSES_NAME, MANIFEST_NAME, load_manifest, verify_manifest
-from oltr.data.sources import read_class_names, single_match
+from oltr.data.sources import read_class_names
 from oltr.data.splits import OPEN_LABEL, read_split_lines
 from oltr.errors import InputError
 
-SPLITS = ("train", "val", "test", "open")
+SPLITS = ("train", "val", "test", "open", "val_open")
+#: splits whose every image is of an unknown class (label -1)
+OPEN_SPLITS = ("open", "val_open")
 IMAGE_MODES = ("RGB", "L")
 
 
@@ -156,7 +158,7 @@ class Benchmark:
         return self.split_files[name]
 
     def split(self, name: str) -> list[tuple[str, int]]:
-        """``(path, label)`` entries of split ``name`` (train, val, test or open)."""
+        """``(path, label)`` entries of split ``name`` (train, val, test, open or val_open)."""
         if name not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {name!r}")
         if name not in self._entries:
@@ -229,10 +231,23 @@ def _split_files(data_dir: Path, manifest: dict[str, Any] | None) -> dict[str, P
         if "train" not in present:
             raise InputError(f"{MANIFEST_NAME} lists no train.txt", path=data_dir / MANIFEST_NAME)
         return present
-    found = {
-        name: single_match(data_dir, f"*{name}*.txt", required=name == "train") for name in SPLITS
-    }
+    found = {name: _published_split_file(data_dir, name) for name in SPLITS}
     return {name: path for name, path in found.items() if path is not None}
+
+
+def _published_split_file(data_dir: Path, name: str) -> Path | None:
+    """The split file of ``name`` in a directory without a manifest (``*train*.txt``, e.g.
+    ``ImageNet_LT_train.txt``); ``*open*.txt`` leaves out ``*val_open*`` and
+    ``*open_classes*`` files, ``*val*.txt`` leaves out ``*val_open*``."""
+    excluded = {"open": ("val_open", "open_classes"), "val": ("val_open",)}.get(name, ())
+    matches = sorted(path for path in data_dir.glob(f"*{name}*.txt") if path.is_file()
+                     and not any(word in path.name for word in excluded))
+    if len(matches) > 1:
+        raise InputError(f"several files match '*{name}*.txt': "
+                         f"{', '.join(path.name for path in matches)}", path=data_dir)
+    if not matches and name == "train":
+        raise InputError("no file matches '*train*.txt'", path=data_dir)
+    return matches[0] if matches else None
 
 
 def load_benchmark(
@@ -275,7 +290,7 @@ def load_benchmark(
         if name not in split_files:
             continue
         entries[name], line_numbers[name] = read_split_lines(
-            split_files[name], num_classes=num_classes, allow_open=name == "open",
+            split_files[name], num_classes=num_classes, allow_open=name in OPEN_SPLITS,
             allow_outside_root=allow_outside_root,
         )
         if name == "train" and num_classes is None:
@@ -291,11 +306,11 @@ def load_benchmark(
     assert num_classes is not None
     class_names = named[0] if named is not None else [f"class_{i}" for i in range(num_classes)]
 
-    if "open" in entries:
-        for (path, label), line in zip(entries["open"], line_numbers["open"]):
+    for name in OPEN_SPLITS:
+        for (path, label), line in zip(entries.get(name, ()), line_numbers.get(name, ())):
             if label != OPEN_LABEL:
                 raise InputError(
-                    "open split holds only label -1", path=split_files["open"], line=line,
+                    f"{name} split holds only label -1", path=split_files[name], line=line,
                     value=label,
                 )
     train_counts = np.bincount(

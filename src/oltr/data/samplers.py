@@ -118,3 +118,58 @@ class ClassAwareSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.samples_per_rank
+
+
+class InstanceSampler(Sampler[int]):
+    """Instance-balanced sampling: every image equally likely, each epoch a fresh permutation
+    (the stage-1 sampler of OLTR, paper §3.3), DDP-aware like :class:`ClassAwareSampler`.
+
+    The global stream of an epoch is ``ceil(num_samples / N)`` permutations of the N dataset
+    indices drawn from ``numpy.random.default_rng([seed, epoch])`` and concatenated, cut to
+    ``num_replicas · ceil(num_samples / num_replicas)`` entries; rank r takes entries r, r + R,
+    r + 2R, … (R = ``num_replicas``). The ranks' streams are disjoint positions of one global
+    stream, so each image appears once per epoch over all ranks (while ``num_samples <= N``),
+    and one process with the same ``seed`` sees the same images as R ranks together. Call
+    :meth:`set_epoch` before each epoch (the order depends only on ``(seed, epoch)``, so a
+    resumed run sees the same order). ``num_samples`` defaults to the dataset size.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        *,
+        num_samples: int | None = None,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if num_items < 1:
+            raise InputError("cannot sample from an empty dataset", value=num_items)
+        if num_samples is not None and num_samples < 1:
+            raise InputError("num_samples must be >= 1", value=num_samples)
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise InputError("need num_replicas >= 1 and 0 <= rank < num_replicas",
+                             value=(num_replicas, rank))
+        self.num_items = num_items
+        self.num_samples = num_items if num_samples is None else num_samples
+        self.seed = seed
+        self.epoch = 0
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.samples_per_rank = math.ceil(self.num_samples / num_replicas)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def global_order(self) -> np.ndarray:
+        """This epoch's global index stream, ``num_replicas · samples_per_rank`` entries."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        total = self.samples_per_rank * self.num_replicas
+        passes = math.ceil(total / self.num_items)
+        return np.concatenate([rng.permutation(self.num_items) for _ in range(passes)])[:total]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.global_order()[self.rank :: self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.samples_per_rank

@@ -52,6 +52,10 @@ class MetaEmbedding(nn.Module):
     - meta-embedding (Eq. 2): ``v_meta = (s/γ)·(v + e ⊙ v_memory)`` with s = 10 as in the
       original code (the paper writes 1/γ); γ is clamped at ``eps``.
 
+    ``detach_memory=True`` computes v_memory and γ with detached centroids, so the classifier's
+    loss does not move the memory and only the centroid loss does (the original code passes
+    ``centroids.data``).
+
     Ablations: ``use_memory=False`` → ``(s/γ)·v`` (no T_hal, no T_sel); ``use_selector=False``
     → e = 1; ``use_reachability=False`` → ``v + e ⊙ v_memory`` (neither s nor 1/γ).
 
@@ -70,6 +74,7 @@ class MetaEmbedding(nn.Module):
         use_reachability: bool = True,
         reachability_scale: float = 10.0,
         learn_reachability_scale: bool = False,
+        detach_memory: bool = False,
         eps: float = 1e-6,
     ) -> None:
         super().__init__()
@@ -80,6 +85,7 @@ class MetaEmbedding(nn.Module):
         self.use_memory = use_memory
         self.use_selector = use_memory and use_selector
         self.use_reachability = use_reachability
+        self.detach_memory = detach_memory
         self.eps = eps
         self.centroids = nn.Parameter(torch.zeros(num_classes, feat_dim))
         self.register_buffer("initialized", torch.tensor(False))
@@ -121,12 +127,13 @@ class MetaEmbedding(nn.Module):
         """Return ``meta`` (B, d), ``reachability`` γ (B,), and ``memory``, ``selector``,
         ``coefficients`` (None where an ablation switch removes them; e = 1 without a selector).
         """
-        gamma = reachability(v_direct, self.centroids)
+        centroids = self.centroids.detach() if self.detach_memory else self.centroids
+        gamma = reachability(v_direct, centroids)
         memory = selector = coefficients = None
         combined = v_direct
         if self.hallucinator is not None:
             coefficients = self.hallucinator(v_direct).softmax(dim=1)
-            memory = coefficients @ self.centroids
+            memory = coefficients @ centroids
             if self.selector is not None:
                 selector = torch.tanh(self.selector(v_direct))
                 combined = v_direct + selector * memory

@@ -57,6 +57,7 @@ class OLTRNetwork(nn.Module):
         use_reachability: bool = True,
         reachability_scale: float = 10.0,
         learn_reachability_scale: bool = False,
+        detach_memory: bool = False,
         embed_dim: int | None = None,
         dropout: float = 0.0,
         novel_classes: list[int] | None = None,
@@ -92,6 +93,7 @@ class OLTRNetwork(nn.Module):
                 use_reachability=use_reachability,
                 reachability_scale=reachability_scale,
                 learn_reachability_scale=learn_reachability_scale,
+                detach_memory=detach_memory,
             )
             if meta_embedding
             else None
@@ -186,6 +188,7 @@ NETWORK_DEFAULTS: dict[str, Any] = {
     "use_reachability": True,
     "reachability_scale": 10.0,
     "learn_reachability_scale": False,
+    "detach_memory": False,
     "embed_dim": None,
     "dropout": 0.0,
     "fslwf_novel_max": 100,

@@ -1,0 +1,505 @@
+"""The decision rule: everything between a network's outputs and its answer — a class, or
+"unknown" (label -1).
+
+A :class:`DecisionRule` holds every choice that is made on the validation split once a model
+is trained, and applies them, in torch, in this order:
+
+1. **τ-normalisation** of a linear classifier (Kang et al., ICLR 2020, §4): logits
+   ``v · w_k / ‖w_k‖^τ + b_k`` (τ = 0: the classifier's own logits);
+2. **logit adjustment** of the closed-set decision (Menon et al., ICLR 2021):
+   ``z + τ · log π`` with π the train class frequencies (τ < 0: the post-hoc correction of
+   an instance-trained model, τ = −1 deciding as if classes were balanced; τ > 0 puts back
+   part of the prior of a class-balanced model; τ = 0: as trained);
+3. an **open score** (any registered detector of :mod:`oltr.detectors`, with its fitted
+   state), computed on the model's logits (``open_score_logits: model``; the logit
+   adjustment moves the closed-set decision only) or on the adjusted ones (``decision``);
+4. a **threshold**: an image whose open score exceeds it is answered "unknown".
+
+Every ``auto`` choice maximises one declared objective on val (:data:`SELECT_OBJECTIVES`,
+config ``eval.select``) over a fixed grid that contains the neutral value, ties going to the
+value nearest the neutral one — never a single shot group's accuracy, never test data:
+
+- ``balanced_accuracy`` (default): mean per-class recall on the known val split (the val and
+  test splits are balanced, so this is the quantity the report's overall accuracy estimates);
+  the open score (``auto``) is the candidate with the highest val AUROC against ``val_open``;
+  the threshold accepts ``eval.accept_rate`` of the known val images;
+- ``f_measure`` (needs a ``val_open`` split): the τ's, the open score and the threshold
+  maximise the F-measure (paper §D.4) on val ∪ val_open;
+- ``auroc`` (needs ``val_open``): as ``balanced_accuracy``; named for benchmarks that only
+  care about detection.
+
+Without a ``val_open`` split an ``auto`` open score is the package's documented default
+(:data:`DEFAULT_OPEN_SCORE`; docs/decision.md gives the reason). The fitted rule is saved
+beside the weights (``decision.json`` + ``decision.safetensors``) with the sha256 of the
+weights it was fitted for; evaluation, ``oltr predict`` and ONNX export all apply it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from oltr import metrics
+from oltr.detectors import create_detector, list_detectors
+from oltr.detectors.base import Detector
+from oltr.errors import InputError
+from oltr.io import atomic_write, atomic_write_text, read_json_object
+
+DECISION_JSON = "decision.json"
+DECISION_TENSORS = "decision.safetensors"
+DECISION_FORMAT = 1
+SELECT_OBJECTIVES = ("balanced_accuracy", "f_measure", "auroc")
+#: τ of the logit adjustment: −1 … 1 in steps of 1/8 (0 is neutral).
+LOGIT_ADJUSTMENT_GRID = tuple(i / 8 for i in range(-8, 9))
+#: τ of τ-normalisation: 0 … 2 in steps of 0.1 (0 is neutral).
+TAU_NORMALIZATION_GRID = tuple(i / 10 for i in range(21))
+#: The open score of ``eval.open_score: auto`` where no ``val_open`` split exists to choose.
+DEFAULT_OPEN_SCORE = "knn"
+#: The candidates ``eval.open_score: auto`` chooses from on ``val_open``.
+AUTO_OPEN_SCORES = ("msp", "max_logit", "energy", "gen", "knn", "mahalanobis",
+                    "relative_mahalanobis", "vim", "react", "ash", "scale")
+
+
+def select_on_grid(
+    grid: Sequence[float], objective: Callable[[float], float], neutral: float = 0.0
+) -> tuple[float, list[float]]:
+    """The value of ``grid`` with the highest ``objective``; among values whose objective
+    equals the best (to 1e-12), the one nearest ``neutral`` (then the smaller). Returns the
+    value and the objective of every grid value (NaN objectives never win)."""
+    values = [float(objective(value)) for value in grid]
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return float(neutral), values
+    best = max(finite)
+    winners = [g for g, v in zip(grid, values) if not math.isnan(v) and v >= best - 1e-12]
+    return float(min(winners, key=lambda g: (abs(g - neutral), g))), values
+
+
+def balanced_accuracy(logits: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray
+                      ) -> float:
+    """Mean per-class recall of ``argmax(logits)`` over the classes present in ``labels``
+    (scikit-learn's ``balanced_accuracy_score``); logits (N, K), labels (N,) in 0..K-1."""
+    predictions = np.asarray(torch.as_tensor(logits).argmax(dim=1))
+    labels = np.asarray(labels).astype(np.int64)
+    recalls = [float((predictions[labels == k] == k).mean()) for k in np.unique(labels)]
+    return float(np.mean(recalls))
+
+
+def open_f_measure(known_logits: torch.Tensor, known_labels: np.ndarray,
+                   known_scores: np.ndarray, open_scores: np.ndarray, threshold: float) -> float:
+    """The F-measure (paper §D.4) of known images plus open images at ``threshold``."""
+    predictions = np.concatenate([np.asarray(known_logits.argmax(dim=1)),
+                                  np.zeros(len(open_scores), dtype=np.int64)])
+    scores = np.concatenate([known_scores, open_scores])
+    labels = np.concatenate([np.asarray(known_labels), np.full(len(open_scores), -1)])
+    rejected = metrics.reject(predictions, scores, threshold)
+    return float(metrics.f_measure(rejected, labels)["f_measure"])
+
+
+def best_f_threshold(known_logits: torch.Tensor, known_labels: np.ndarray,
+                     known_scores: np.ndarray, open_scores: np.ndarray) -> tuple[float, float]:
+    """The threshold (one of the observed scores) with the highest val F-measure, and that
+    F-measure; ties go to the larger threshold (fewer knowns rejected)."""
+    candidates = np.unique(np.concatenate([known_scores, open_scores]))
+    if len(candidates) > 512:  # quantiles keep this O(512 · N)
+        candidates = np.unique(np.quantile(candidates, np.linspace(0, 1, 512)))
+    best_t, best_f = float(candidates[-1]), -1.0
+    for t in candidates[::-1]:
+        value = open_f_measure(known_logits, known_labels, known_scores, open_scores, float(t))
+        if value > best_f + 1e-12:
+            best_t, best_f = float(t), value
+    return best_t, best_f
+
+
+def weights_digest(path: str | Path) -> str:
+    """sha256 of a weights file: what a decision rule (or a report) was computed for."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class DecisionRule:
+    """τ-normalisation, logit adjustment, open score (a fitted detector) and threshold.
+
+    ``train_counts`` (K,) are the train images per class (the prior of the logit adjustment);
+    ``threshold`` is None for a closed-set rule (never "unknown"). ``record`` says how each
+    value was chosen (source, grid, objective values) and for which weights
+    (``record["weights"]``: sha256 and epoch).
+    """
+
+    class_names: list[str]
+    train_counts: torch.Tensor
+    tau_normalization: float = 0.0
+    logit_adjustment: float = 0.0
+    open_score: str = "msp"
+    detector: Detector | None = None
+    threshold: float | None = None
+    open_score_logits: str = "model"
+    record: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ applying
+    def closed_logits(self, logits: torch.Tensor, features: torch.Tensor,
+                      classifier: torch.nn.Module | None = None) -> torch.Tensor:
+        """The model logits after τ-normalisation (needs the linear ``classifier``)."""
+        if self.tau_normalization == 0.0:
+            return logits
+        if classifier is None or not hasattr(classifier, "weight"):
+            raise InputError("τ-normalisation needs the model's linear classifier",
+                             value=self.tau_normalization)
+        weight = classifier.weight.detach().to(features.device, torch.float64)
+        norms = weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        normalized = weight / norms.pow(self.tau_normalization)
+        out = features.double() @ normalized.t()
+        bias = getattr(classifier, "bias", None)
+        if bias is not None:
+            out = out + bias.detach().to(features.device, torch.float64)
+        return out.to(logits.dtype)
+
+    def adjust(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits + τ · log π`` (the logit adjustment of the closed-set decision)."""
+        if self.logit_adjustment == 0.0:
+            return logits
+        prior = self.train_counts.to(logits.device, torch.float64)
+        log_prior = (prior / prior.sum()).log()
+        return (logits.double() + self.logit_adjustment * log_prior).to(logits.dtype)
+
+    def apply(
+        self,
+        logits: torch.Tensor,
+        features: torch.Tensor,
+        *,
+        classifier: torch.nn.Module | None = None,
+        head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The rule on one batch of outputs: model ``logits`` (N, K) and direct ``features``
+        (N, d); ``classifier`` for τ-normalisation, ``head`` (features → logits) for
+        detectors that re-run it (ReAct, ASH, SCALE). Returns ``logits`` (the decision logits),
+        ``closed_prediction`` (N,), ``open_score`` (N,) float64 (higher = more open),
+        ``prediction`` (N,) with −1 where the open score exceeds the threshold."""
+        model_logits = self.closed_logits(logits, features, classifier)
+        decision = self.adjust(model_logits)
+        closed = decision.argmax(dim=1)
+        out = {"logits": decision, "closed_prediction": closed}
+        if self.detector is not None:
+            score_logits = decision if self.open_score_logits == "decision" else model_logits
+            scores = torch.as_tensor(self.score(score_logits, features, head))
+            out["open_score"] = scores
+            if self.threshold is not None:
+                out["prediction"] = torch.where(scores.to(closed.device) > self.threshold,
+                                                torch.full_like(closed, -1), closed)
+        out.setdefault("prediction", closed)
+        return out
+
+    def score(self, logits: torch.Tensor, features: torch.Tensor,
+              head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> np.ndarray:
+        """The open score of the rule's detector (higher = more open), float64 (N,)."""
+        if self.detector is None:
+            raise InputError("this decision rule has no open score (closed-set only)")
+        return self.detector.score(**_detector_inputs(self.detector, logits, features, head))
+
+    # ------------------------------------------------------------------ saving
+    def save(self, directory: str | Path) -> None:
+        """Write ``decision.json`` and ``decision.safetensors`` (the detector's fitted state
+        and the train counts) into ``directory``, atomically."""
+        directory = Path(directory)
+        tensors = {"train_counts": self.train_counts.detach().cpu().to(torch.int64)}
+        detector_config: dict[str, Any] = {}
+        if self.detector is not None:
+            detector_config = self.detector.config()
+            for key, value in self.detector.state_dict().items():
+                tensors[f"detector.{key}"] = value.detach().cpu().contiguous()
+        atomic_write(directory / DECISION_TENSORS, lambda tmp: save_file(tensors, str(tmp)))
+        document = {
+            "format": DECISION_FORMAT,
+            "class_names": self.class_names,
+            "tau_normalization": self.tau_normalization,
+            "logit_adjustment": self.logit_adjustment,
+            "open_score": self.open_score if self.detector is not None else None,
+            "open_score_options": detector_config,
+            "open_score_logits": self.open_score_logits,
+            "threshold": self.threshold,
+            "record": self.record,
+        }
+        atomic_write_text(directory / DECISION_JSON, json.dumps(document, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> DecisionRule:
+        """Read a rule written by :meth:`save`; InputError naming the file when it is missing,
+        damaged or not written by oltr."""
+        directory = Path(directory)
+        path = directory / DECISION_JSON
+        document = read_json_object(path, "decision rule")
+        if document.get("format") != DECISION_FORMAT:
+            raise InputError("not an oltr decision rule (wrong or missing 'format')", path=path,
+                             value=document.get("format"))
+        expected = {"class_names": list, "tau_normalization": (int, float),
+                    "logit_adjustment": (int, float), "open_score_logits": str,
+                    "record": dict, "open_score_options": dict}
+        for key, kind in expected.items():
+            if not isinstance(document.get(key), kind) or isinstance(document.get(key), bool):
+                raise InputError(f"key '{key}' is missing or of the wrong type", path=path,
+                                 value=document.get(key))
+        threshold = document.get("threshold")
+        if threshold is not None and (isinstance(threshold, bool)
+                                      or not isinstance(threshold, (int, float))
+                                      or not math.isfinite(threshold)):
+            raise InputError("'threshold' must be a finite number or null", path=path,
+                             value=threshold)
+        tensors_path = directory / DECISION_TENSORS
+        try:
+            tensors = load_file(str(tensors_path))
+        except FileNotFoundError:
+            raise InputError("decision rule tensors not found", path=tensors_path) from None
+        except Exception as exc:  # safetensors raises its own error types
+            raise InputError(f"cannot read decision rule tensors ({exc})",
+                             path=tensors_path) from None
+        if "train_counts" not in tensors:
+            raise InputError("lacks 'train_counts'", path=tensors_path)
+        detector = None
+        name = document.get("open_score")
+        if name is not None:
+            if name not in list_detectors():
+                raise InputError(f"unknown open score (valid: {', '.join(list_detectors())})",
+                                 path=path, value=name)
+            detector = create_detector(name, **document["open_score_options"])
+            state = {key.removeprefix("detector."): value for key, value in tensors.items()
+                     if key.startswith("detector.")}
+            try:
+                detector.load_state_dict(state)
+            except (KeyError, RuntimeError, ValueError) as exc:
+                raise InputError(f"the open score's state does not fit '{name}' ({exc})",
+                                 path=tensors_path) from None
+        return cls(
+            class_names=list(document["class_names"]),
+            train_counts=tensors["train_counts"],
+            tau_normalization=float(document["tau_normalization"]),
+            logit_adjustment=float(document["logit_adjustment"]),
+            open_score=name or "msp",
+            detector=detector,
+            threshold=None if threshold is None else float(threshold),
+            open_score_logits=document["open_score_logits"],
+            record=document["record"],
+        )
+
+
+def _detector_inputs(detector: Detector, logits: torch.Tensor, features: torch.Tensor,
+                     head: Callable[[torch.Tensor], torch.Tensor] | None) -> dict[str, Any]:
+    """The keyword arguments a detector's ``score``/``fit`` declares (logits, features, head)."""
+    given: dict[str, Any] = {"logits": logits, "features": features}
+    if "head" in getattr(detector, "inputs", ()):
+        given["head"] = head
+    return given
+
+
+# ---------------------------------------------------------------------- fitting
+@dataclass
+class SplitOutputs:
+    """One split's stored network outputs: model ``logits`` (N, K), direct ``features``
+    (N, d) and ``labels`` (N,) (−1 for open images)."""
+
+    logits: torch.Tensor
+    features: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def fit_decision_rule(
+    eval_cfg: Mapping[str, Any],
+    outputs: Mapping[str, SplitOutputs],
+    *,
+    class_names: Sequence[str],
+    train_counts: Sequence[int] | np.ndarray | torch.Tensor,
+    classifier: torch.nn.Module | None = None,
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    open_set: bool = True,
+    record: Mapping[str, Any] | None = None,
+) -> DecisionRule:
+    """Fit every choice of ``eval_cfg`` on val: ``outputs`` holds ``val`` (required),
+    ``train`` (for detectors that learn) and ``val_open`` (optional). See the module docstring
+    for the objectives; raises InputError for an objective that needs ``val_open`` when it is
+    missing, or a τ-normalisation of a head that is not linear."""
+    select = eval_cfg.get("select", "balanced_accuracy")
+    if select not in SELECT_OBJECTIVES:
+        raise InputError(f"eval.select must be one of {', '.join(SELECT_OBJECTIVES)}",
+                         value=select)
+    val = outputs["val"]
+    val_open = outputs.get("val_open")
+    if select in ("f_measure", "auroc") and val_open is None:
+        raise InputError(f"eval.select: {select} needs a val_open split (curate with "
+                         "--val-open N)", value=select)
+    rule = DecisionRule(class_names=list(class_names),
+                        train_counts=torch.as_tensor(np.asarray(train_counts), dtype=torch.int64),
+                        open_score_logits=eval_cfg.get("open_score_logits", "model"),
+                        record=dict(record or {}))
+    rule.record["select"] = select
+    rule.record["val_images"] = len(val)
+    rule.record["val_open_images"] = 0 if val_open is None else len(val_open)
+    labels = val.labels.numpy()
+
+    # 1. τ-normalisation
+    tau = eval_cfg.get("tau_normalization", 0.0)
+    if tau == "auto" or tau != 0:
+        if classifier is None or not isinstance(getattr(classifier, "weight", None),
+                                                torch.Tensor):
+            raise InputError("τ-normalisation needs a model with a linear classifier on the "
+                             "direct feature (no meta-embedding)", value=tau)
+    if tau == "auto":
+        def tau_objective(value: float) -> float:
+            probe = DecisionRule(rule.class_names, rule.train_counts, tau_normalization=value)
+            return balanced_accuracy(probe.closed_logits(val.logits, val.features, classifier),
+                                     labels)
+        rule.tau_normalization, values = select_on_grid(TAU_NORMALIZATION_GRID, tau_objective)
+        rule.record["tau_normalization"] = {
+            "source": "selected on val: balanced accuracy", "grid": list(TAU_NORMALIZATION_GRID),
+            "objective": values}
+    else:
+        rule.tau_normalization = float(tau)
+        rule.record["tau_normalization"] = {"source": "given"}
+    val_model_logits = rule.closed_logits(val.logits, val.features, classifier)
+
+    # 3 (before 2: F-measure needs the open score). The open score and its detector.
+    detector = None
+    if open_set:
+        detector = _fit_open_score(rule, eval_cfg, outputs, classifier, head, select)
+    rule.detector = detector
+
+    # 2. logit adjustment
+    la = eval_cfg.get("logit_adjustment", 0.0)
+    if la == "auto":
+        def la_objective(value: float) -> float:
+            rule.logit_adjustment = value
+            adjusted = rule.adjust(val_model_logits)
+            if select != "f_measure":
+                return balanced_accuracy(adjusted, labels)
+            known, opened = _val_scores(rule, outputs, classifier, head)
+            return best_f_threshold(adjusted, labels, known, opened)[1]
+        rule.logit_adjustment, values = select_on_grid(LOGIT_ADJUSTMENT_GRID, la_objective)
+        rule.record["logit_adjustment"] = {
+            "source": f"selected on val: {'F-measure' if select == 'f_measure' else 'balanced accuracy'}",
+            "grid": list(LOGIT_ADJUSTMENT_GRID), "objective": values}
+    else:
+        rule.logit_adjustment = float(la)
+        rule.record["logit_adjustment"] = {"source": "given"}
+
+    # 4. threshold
+    if detector is not None:
+        _fit_threshold(rule, eval_cfg, outputs, classifier, head, select)
+    return rule
+
+
+def _val_scores(rule: DecisionRule, outputs: Mapping[str, SplitOutputs],
+                classifier: torch.nn.Module | None,
+                head: Callable[[torch.Tensor], torch.Tensor] | None,
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Open scores of the known val split and of val_open (None without it) under ``rule``."""
+    def scores(split: SplitOutputs) -> np.ndarray:
+        model = rule.closed_logits(split.logits, split.features, classifier)
+        logits = rule.adjust(model) if rule.open_score_logits == "decision" else model
+        return rule.score(logits, split.features, head)
+    val_open = outputs.get("val_open")
+    return scores(outputs["val"]), None if val_open is None else scores(val_open)
+
+
+def _fitted_detector(name: str, options: Mapping[str, Any], rule: DecisionRule,
+                     outputs: Mapping[str, SplitOutputs], classifier: torch.nn.Module | None,
+                     head: Callable[[torch.Tensor], torch.Tensor] | None) -> Detector:
+    detector = create_detector(name, **options)
+    if not detector.is_fitted:
+        if "train" not in outputs:
+            raise InputError(f"open score '{name}' learns from the train split's outputs, "
+                             "which were not given")
+        train = outputs["train"]
+        logits = rule.closed_logits(train.logits, train.features, classifier)
+        inputs = _detector_inputs(detector, logits, train.features, head)
+        detector.fit(**inputs, labels=train.labels)
+    return detector
+
+
+def _fit_open_score(rule: DecisionRule, eval_cfg: Mapping[str, Any],
+                    outputs: Mapping[str, SplitOutputs], classifier: torch.nn.Module | None,
+                    head: Callable[[torch.Tensor], torch.Tensor] | None,
+                    select: str) -> Detector:
+    name = eval_cfg.get("open_score", "msp")
+    options = dict((eval_cfg.get("open_score_options") or {}))
+    val_open = outputs.get("val_open")
+    if name != "auto":
+        rule.open_score = name
+        rule.record["open_score"] = {"source": "given"}
+        return _fitted_detector(name, options, rule, outputs, classifier, head)
+    if val_open is None:
+        rule.open_score = DEFAULT_OPEN_SCORE
+        rule.record["open_score"] = {
+            "source": f"default (no val_open split to select on): {DEFAULT_OPEN_SCORE}"}
+        return _fitted_detector(DEFAULT_OPEN_SCORE, {}, rule, outputs, classifier, head)
+    candidates = [c for c in eval_cfg.get("open_score_candidates") or AUTO_OPEN_SCORES]
+    results: dict[str, float] = {}
+    fitted: dict[str, Detector] = {}
+    labels = outputs["val"].labels.numpy()
+    for candidate in candidates:
+        try:
+            detector = _fitted_detector(candidate, {}, rule, outputs, classifier, head)
+        except InputError as exc:  # e.g. ViM on a head that is not linear
+            results[candidate] = float("nan")
+            rule.record.setdefault("open_score_skipped", {})[candidate] = str(exc)
+            continue
+        rule.detector, rule.open_score = detector, candidate
+        known, opened = _val_scores(rule, outputs, classifier, head)
+        assert opened is not None
+        if select == "f_measure":
+            logits = rule.adjust(rule.closed_logits(outputs["val"].logits,
+                                                    outputs["val"].features, classifier))
+            results[candidate] = best_f_threshold(logits, labels, known, opened)[1]
+        else:
+            is_open = np.concatenate([np.zeros(len(known), bool), np.ones(len(opened), bool)])
+            results[candidate] = metrics.auroc(np.concatenate([known, opened]), is_open)
+        fitted[candidate] = detector
+    finite = {k: v for k, v in results.items() if not math.isnan(v)}
+    if not finite:
+        raise InputError("no open-score candidate could be fitted", value=candidates)
+    best = max(finite.values())
+    winner = next(c for c in candidates if c in finite and finite[c] >= best - 1e-12)
+    rule.open_score = winner
+    rule.record["open_score"] = {
+        "source": f"selected on val_open: {'F-measure' if select == 'f_measure' else 'AUROC'}",
+        "candidates": candidates, "objective": [results[c] for c in candidates]}
+    return fitted[winner]
+
+
+def _fit_threshold(rule: DecisionRule, eval_cfg: Mapping[str, Any],
+                   outputs: Mapping[str, SplitOutputs], classifier: torch.nn.Module | None,
+                   head: Callable[[torch.Tensor], torch.Tensor] | None, select: str) -> None:
+    probability = eval_cfg.get("threshold")
+    known, opened = _val_scores(rule, outputs, classifier, head)
+    if probability is not None:
+        if rule.open_score != "msp":
+            raise InputError("a probability threshold applies to the msp open score only; "
+                             "leave eval.threshold null to calibrate on val", value=probability)
+        rule.threshold = 1.0 - float(probability)
+        rule.record["threshold"] = {
+            "source": f"probability {probability}: reject when max softmax < {probability}"}
+        return
+    if select == "f_measure":
+        assert opened is not None
+        val = outputs["val"]
+        logits = rule.adjust(rule.closed_logits(val.logits, val.features, classifier))
+        rule.threshold, value = best_f_threshold(logits, val.labels.numpy(), known, opened)
+        rule.record["threshold"] = {"source": "selected on val: F-measure on val ∪ val_open",
+                                    "objective": value}
+        return
+    accept_rate = float(eval_cfg.get("accept_rate", 0.95))
+    rule.threshold = metrics.calibrate_threshold(known, accept_rate)
+    rule.record["threshold"] = {
+        "source": f"calibrated on val: accepts {accept_rate:.0%} of known val images"}
