@@ -130,6 +130,20 @@ def test_gradient_is_finite_at_cos_plus_minus_one(kind, easy, degrees):
     assert bool(torch.isfinite(v.grad).all()) and bool(torch.isfinite(head.weight.grad).all())
 
 
+def test_class_weights_reweight_the_cross_entropy():
+    logits = toy_head("cosface")(torch.cat([at_angle(60), at_angle(100)]))
+    labels = torch.tensor([0, 1])
+    loss = CosFaceLoss()
+    trained = loss.margin_logits(logits, labels)
+    loss.weight = torch.tensor([3.0, 1.0, 1.0])  # reassigned later, as DRW does
+    per_sample = F.cross_entropy(trained, labels, reduction="none")
+    expected = (3 * per_sample[0] + per_sample[1]) / 4
+    assert loss(logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.weight = torch.ones(2)
+    with pytest.raises(InputError, match="class weights have 2 entries but the logits have 3"):
+        loss(logits, labels)
+
+
 def test_margin_loss_matches_the_head():
     head = toy_head("arcface", scale=30.0, margin=0.3, easy_margin=True)
     loss = head.margin_loss(label_smoothing=0.1)

@@ -127,8 +127,10 @@ class MarginSoftmaxLoss(nn.Module):
     ``L = CE(s · margin_y(logits / s), y)`` averaged over the batch, with ``logits = s·cos θ``
     (B, K) and ``margin_y`` the CosFace (``cos θ_y − m``) or ArcFace (``cos(θ_y + m)``)
     target on the true class only (:func:`apply_margin`). Defaults: s = 64, m = 0.35 (CosFace)
-    or 0.5 (ArcFace), ``easy_margin`` False (ArcFace only). ``ce_kwargs`` go to
-    :func:`torch.nn.functional.cross_entropy` (e.g. ``label_smoothing``).
+    or 0.5 (ArcFace), ``easy_margin`` False (ArcFace only). ``weight`` is the per-class CE
+    weight (K,), a buffer that can be reassigned later (``loss.weight = tensor``), as the
+    deferred re-weighting schedule does with :class:`oltr.losses.LDAMLoss`; other
+    ``ce_kwargs`` go to :func:`torch.nn.functional.cross_entropy` (e.g. ``label_smoothing``).
 
     Raises :class:`InputError` for a bad kind, scale or margin, for logits not (B, K) with
     labels (B,), and for logits with ``|logits| > s·(1 + 1e-3)`` (not cosines scaled by this
@@ -142,6 +144,7 @@ class MarginSoftmaxLoss(nn.Module):
         scale: float = DEFAULT_SCALE,
         margin: float | None = None,
         easy_margin: bool = False,
+        weight: torch.Tensor | None = None,
         **ce_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -152,6 +155,11 @@ class MarginSoftmaxLoss(nn.Module):
         if easy_margin and kind != "arcface":
             raise InputError("easy_margin applies to the arcface margin only", value=kind)
         self.easy_margin = bool(easy_margin)
+        if weight is not None:
+            weight = torch.as_tensor(weight, dtype=torch.float32)
+            if weight.ndim != 1:
+                raise InputError("the class weights must be 1-D (K,)", value=tuple(weight.shape))
+        self.register_buffer("weight", weight)
         self.ce_kwargs = ce_kwargs
 
     def margin_logits(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -168,7 +176,11 @@ class MarginSoftmaxLoss(nn.Module):
         return self.scale * adjusted
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.margin_logits(logits, labels), labels.long(), **self.ce_kwargs)
+        if self.weight is not None and self.weight.shape != (logits.shape[-1],):
+            raise InputError(f"the class weights have {self.weight.numel()} entries but the "
+                             f"logits have {logits.shape[-1]} classes")
+        return F.cross_entropy(self.margin_logits(logits, labels), labels.long(),
+                               weight=self.weight, **self.ce_kwargs)
 
     def extra_repr(self) -> str:
         easy = ", easy_margin=True" if self.easy_margin else ""
