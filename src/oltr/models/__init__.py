@@ -1,4 +1,5 @@
-"""Model components of OLTR: backbones, modulated attention, memory, classifiers, the network."""
+"""Model components of OLTR: backbones, modulated attention, memory, classifiers (incl. the
+CosFace / ArcFace face head), the network."""
 from oltr.models.attention import ModulatedAttention, ModulationMap, SelfAttention
 from oltr.models.backbones import (
     ResNetBackbone,
@@ -14,6 +15,7 @@ from oltr.models.classifiers import (
     LinearClassifier,
     squash,
 )
+from oltr.models.margin import MarginClassifier, MarginSoftmaxLoss
 from oltr.models.memory import MetaEmbedding, class_means, reachability
 from oltr.models.network import (
     NETWORK_DEFAULTS,
@@ -29,6 +31,8 @@ __all__ = [
     "FSLwFClassifier",
     "LearnableWeightScaling",
     "LinearClassifier",
+    "MarginClassifier",
+    "MarginSoftmaxLoss",
     "MetaEmbedding",
     "ModulatedAttention",
     "ModulationMap",
