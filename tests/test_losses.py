@@ -94,10 +94,10 @@ def test_losses_accept_bfloat16_features():
 
 
 def test_build_centroid_loss():
-    assert isinstance(build_centroid_loss("paper", margin=2.0), LargeMarginCentroidLoss)
+    assert isinstance(build_centroid_loss("printed", margin=2.0), LargeMarginCentroidLoss)
     original = build_centroid_loss("original", margin=10.0)
     assert isinstance(original, OriginalCentroidLoss) and original.margin == 10.0
-    with pytest.raises(InputError, match="paper, original"):
+    with pytest.raises(InputError, match="nearest, printed, original"):
         build_centroid_loss("triplet")
     with pytest.raises(InputError):
         OriginalCentroidLoss(centroid_update="sgd")
@@ -106,3 +106,55 @@ def test_build_centroid_loss():
 def test_shape_errors():
     with pytest.raises(InputError):
         LargeMarginCentroidLoss()(torch.zeros(2, 3), LABELS, CENTROIDS)
+
+
+def test_nearest_centroid_loss_known_answer():
+    """max(0, d(v, c_y) − min_{i≠y} d(v, c_i) + m), per sample, averaged."""
+    from oltr.losses import NearestCentroidLoss
+
+    centroids = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]])
+    features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [3.0, 3.0]])
+    labels = torch.tensor([0, 2, 1])
+    # 1 − 2 + 1 = 0 (boundary, inactive); 3 − 1 + 1 = 3; 3 − min(√18, √10) + 1
+    expected = (0.0 + 3.0 + (4.0 - math.sqrt(10.0))) / 3
+    loss = NearestCentroidLoss(margin=1.0)
+    assert loss(features, labels, centroids).item() == pytest.approx(expected, rel=1e-6)
+    assert loss.hinge(features, labels, centroids).tolist() == pytest.approx(
+        [0.0, 3.0, 4.0 - math.sqrt(10.0)], abs=1e-6)
+    # relative margin: m·‖v‖ = 0.5 · (1, 1, √18)
+    relative = NearestCentroidLoss(margin=0.5, relative=True)
+    assert relative.hinge(features, labels, centroids).tolist() == pytest.approx(
+        [-0.5, 2.5, 3.0 - math.sqrt(10.0) + 0.5 * math.sqrt(18.0)], abs=1e-6)
+
+
+def test_nearest_centroid_loss_acts_where_the_printed_sum_cannot():
+    """Random clusters with K = 100: the printed sum over K − 1 centroids never opens, the
+    nearest-centroid hinge opens for the samples closest to a competitor."""
+    from oltr.losses import NearestCentroidLoss
+
+    generator = torch.Generator().manual_seed(0)
+    centroids = torch.randn(100, 16, generator=generator) * 3
+    labels = torch.randint(0, 100, (512,), generator=generator)
+    features = centroids[labels] + torch.randn(512, 16, generator=generator) * 1.5
+    printed = LargeMarginCentroidLoss(margin=5.0).hinge(features, labels, centroids)
+    nearest = NearestCentroidLoss(margin=5.0).hinge(features, labels, centroids)
+    assert (printed > 0).float().mean() == 0.0
+    assert 0.05 < (nearest > 0).float().mean() < 1.0
+
+
+def test_nearest_centroid_loss_moves_the_centroids():
+    from oltr.losses import NearestCentroidLoss
+
+    centroids = torch.tensor([[0.0, 0.0], [2.0, 0.0]], requires_grad=True)
+    features = torch.tensor([[1.2, 0.0]], requires_grad=True)
+    NearestCentroidLoss(margin=1.0)(features, torch.tensor([0]), centroids).backward()
+    assert centroids.grad[0, 0] < 0  # own centroid pulled toward +x (the feature)
+    assert centroids.grad[1, 0] < 0  # the competitor pushed away (descent moves it to +x)
+    assert features.grad[0, 0] > 0  # the feature pulled back toward its own centroid
+
+
+def test_original_form_has_no_relative_margin():
+    with pytest.raises(InputError, match="no relative margin"):
+        build_centroid_loss("original", margin=10.0, relative=True)
+    with pytest.raises(InputError, match="'paper' is now 'printed'"):
+        build_centroid_loss("paper")

@@ -123,3 +123,23 @@ def test_balance_power_allocates_groups_by_count_power():
 def test_balance_power_out_of_range_is_refused():
     with pytest.raises(InputError, match="balance_power"):
         ClassAwareSampler([0, 1], balance_power=1.5)
+
+
+def test_instance_sampler_ranks_split_one_global_permutation():
+    from oltr.data.samplers import InstanceSampler
+
+    single = InstanceSampler(10, seed=3)
+    single.set_epoch(2)
+    ranks = [InstanceSampler(10, seed=3, num_replicas=2, rank=r) for r in range(2)]
+    for sampler in ranks:
+        sampler.set_epoch(2)
+    streams = [list(sampler) for sampler in ranks]
+    assert sorted(streams[0] + streams[1]) == list(range(10))  # disjoint, together every image
+    assert [streams[i % 2][i // 2] for i in range(10)] == list(single)
+    again = InstanceSampler(10, seed=3)
+    again.set_epoch(2)
+    assert list(again) == list(single)
+    again.set_epoch(3)
+    assert list(again) != list(single)
+    longer = InstanceSampler(4, num_samples=10, seed=0)
+    assert len(longer) == 10 and sorted(list(longer)[:4]) == [0, 1, 2, 3]
