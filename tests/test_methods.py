@@ -493,7 +493,7 @@ def test_missing_or_empty_open_set_is_refused(plain_run, fmnist_small, tmp_path,
 
 def test_unknown_detector_is_refused(plain_run, fmnist_small):
     with pytest.raises(InputError, match="unknown detector"):
-        evaluate_run(plain_run, fmnist_small, open_set=True, detectors=["msp", "mahalanobis"])
+        evaluate_run(plain_run, fmnist_small, open_set=True, detectors=["msp", "nope"])
 
 
 def test_auto_tau_normalization_is_selected_on_val(plain_run, fmnist_small):

@@ -1,28 +1,49 @@
 """Open-set detectors with one interface: ``fit`` (where something is learned) then ``score``,
 **higher = more likely open** (DESIGN.md §1). One file per detector, the paper and the score
-formula in each docstring; they work on stored logits/features (one forward pass for all).
+formula in each docstring; they work on stored logits/features (one forward pass for all),
+and those that reshape the features (ReAct, ASH, SCALE, ViM) also on the network's head.
 
     detector = create_detector("openmax", tail_size=20)
     detector.fit(logits=train_logits, labels=train_labels)   # a no-op where nothing is learned
     open_score = detector.score(logits=test_logits)          # (N,) float64
+
+    head = network_head(net.eval())                          # features (N, d) → logits (N, K)
+    react = create_detector("react").fit(features=train_features)
+    open_score = react.score(features=test_features, head=head)
+
+A fitted detector is saved as ``name``, ``detector.config()`` (JSON) and
+``detector.state_dict()`` (tensors, e.g. for ``safetensors.torch.save_file``), and rebuilt by
+:func:`restore_detector`.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+import torch
+
+from oltr.detectors.ash import ASH, ash
 from oltr.detectors.base import Detector, NotFittedError
 from oltr.detectors.energy import Energy
+from oltr.detectors.gen import GEN, generalized_entropy
+from oltr.detectors.head import Head, LinearHead, NetworkHead, network_head
 from oltr.detectors.knn import KNN
+from oltr.detectors.mahalanobis import Mahalanobis, mahalanobis_distances
 from oltr.detectors.max_logit import MaxLogit
 from oltr.detectors.msp import MSP
 from oltr.detectors.odin import ODIN, odin_perturb
 from oltr.detectors.openmax import OpenMax, fit_weibull_tail, openmax_probabilities
 from oltr.detectors.reachability import Reachability
+from oltr.detectors.react import ReAct
+from oltr.detectors.relative_mahalanobis import RelativeMahalanobis
+from oltr.detectors.scale import SCALE, scale_activations
+from oltr.detectors.vim import ViM
 from oltr.errors import InputError
 
 DETECTORS: dict[str, type[Detector]] = {
     detector.name: detector
-    for detector in (MSP, MaxLogit, Energy, ODIN, OpenMax, Reachability, KNN)
+    for detector in (MSP, MaxLogit, Energy, ODIN, OpenMax, Reachability, KNN,
+                     Mahalanobis, RelativeMahalanobis, ViM, ReAct, ASH, SCALE, GEN)
 }
 
 
@@ -38,20 +59,53 @@ def create_detector(name: str, **kwargs: Any) -> Detector:
     return DETECTORS[name](**kwargs)
 
 
+def restore_detector(
+    name: str, config: Mapping[str, Any], state: Mapping[str, torch.Tensor]
+) -> Detector:
+    """A fitted detector rebuilt from its name, :meth:`~Detector.config` and
+    :meth:`~Detector.state_dict`: ``create_detector(name, **config).load_state_dict(state)``.
+
+    Raises:
+        InputError: an unknown name or option, or a state that does not fit the detector.
+    """
+    try:
+        detector = create_detector(name, **config)
+    except TypeError as error:  # an option the constructor does not take
+        raise InputError(f"detector {name!r}: bad options ({error})", value=dict(config)) \
+            from None
+    return detector.load_state_dict(state)
+
+
 __all__ = [
+    "ASH",
     "DETECTORS",
+    "GEN",
     "KNN",
     "MSP",
     "ODIN",
+    "SCALE",
     "Detector",
     "Energy",
+    "Head",
+    "LinearHead",
+    "Mahalanobis",
     "MaxLogit",
+    "NetworkHead",
     "NotFittedError",
     "OpenMax",
+    "ReAct",
     "Reachability",
+    "RelativeMahalanobis",
+    "ViM",
+    "ash",
     "create_detector",
     "fit_weibull_tail",
+    "generalized_entropy",
     "list_detectors",
+    "mahalanobis_distances",
+    "network_head",
     "odin_perturb",
     "openmax_probabilities",
+    "restore_detector",
+    "scale_activations",
 ]

@@ -17,6 +17,7 @@ class Energy(Detector):
 
     name: ClassVar[str] = "energy"
     inputs: ClassVar[tuple[str, ...]] = ("logits",)
+    options: ClassVar[tuple[str, ...]] = ("temperature",)
 
     def __init__(self, temperature: float = 1.0) -> None:
         self.temperature = _check_temperature(temperature)

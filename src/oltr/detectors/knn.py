@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from oltr.detectors.base import ArrayLike, Detector
+from oltr.detectors.base import ArrayLike, Detector, check_state_shape
 from oltr.errors import InputError
 from oltr.openset import _as_float_tensor
 
@@ -26,6 +26,8 @@ class KNN(Detector):
     name: ClassVar[str] = "knn"
     inputs: ClassVar[tuple[str, ...]] = ("features",)
     fit_inputs = ("features",)
+    options: ClassVar[tuple[str, ...]] = ("k",)
+    state_names: ClassVar[tuple[str, ...]] = ("train_features",)
 
     def __init__(self, k: int = 1) -> None:
         if int(k) != k or k < 1:
@@ -38,6 +40,16 @@ class KNN(Detector):
             raise InputError(f"KNN with k={self.k} needs at least {self.k} training features",
                              value=vectors.shape[0])
         self.train_features = F.normalize(vectors, dim=1)
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        return {"train_features": self.train_features}
+
+    def _load_state(self, state: dict[str, torch.Tensor]) -> None:
+        check_state_shape(self.name, "train_features", state["train_features"], (None, None))
+        if state["train_features"].shape[0] < self.k:
+            raise InputError(f"KNN with k={self.k} needs at least {self.k} training features",
+                             value=state["train_features"].shape[0])
+        self.train_features = state["train_features"]
 
     def _score(self, features: ArrayLike) -> torch.Tensor:
         vectors = _as_float_tensor("features", features)

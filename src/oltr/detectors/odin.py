@@ -61,6 +61,7 @@ class ODIN(Detector):
 
     name: ClassVar[str] = "odin"
     inputs: ClassVar[tuple[str, ...]] = ("logits",)
+    options: ClassVar[tuple[str, ...]] = ("temperature", "epsilon")
 
     def __init__(self, temperature: float = 1000.0, epsilon: float = 0.0) -> None:
         self.temperature = _check_temperature(temperature)

@@ -5,11 +5,12 @@ import warnings
 from typing import ClassVar
 
 import numpy as np
+import torch
 from scipy.spatial.distance import cdist
 from scipy.special import softmax
 from scipy.stats import weibull_min
 
-from oltr.detectors.base import ArrayLike, Detector, as_labels
+from oltr.detectors.base import ArrayLike, Detector, as_labels, check_state_shape
 from oltr.errors import InputError
 from oltr.openset import _as_float_tensor
 
@@ -96,6 +97,8 @@ class OpenMax(Detector):
     name: ClassVar[str] = "openmax"
     inputs: ClassVar[tuple[str, ...]] = ("logits",)
     fit_inputs = ("logits", "labels")
+    options: ClassVar[tuple[str, ...]] = ("tail_size", "alpha", "distance")
+    state_names: ClassVar[tuple[str, ...]] = ("mean_activations", "shapes", "scales")
 
     def __init__(self, tail_size: int = 20, alpha: int = 10, distance: str = "euclidean") -> None:
         if int(tail_size) != tail_size or tail_size < 1:
@@ -127,6 +130,17 @@ class OpenMax(Detector):
             distances = openmax_distances(chosen, self.mean_activations[label:label + 1],
                                           self.distance)[:, 0]
             self.shapes[label], self.scales[label] = fit_weibull_tail(distances, self.tail_size)
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        return {key: torch.from_numpy(getattr(self, key)) for key in self.state_names}
+
+    def _load_state(self, state: dict[str, torch.Tensor]) -> None:
+        means = state["mean_activations"]
+        num_classes = means.shape[0] if means.ndim else 0
+        for key, shape in (("mean_activations", (num_classes, num_classes)),
+                           ("shapes", (num_classes,)), ("scales", (num_classes,))):
+            check_state_shape(self.name, key, state[key], shape)
+            setattr(self, key, state[key].double().numpy())
 
     def _score(self, logits: ArrayLike) -> np.ndarray:
         activations = _as_float_tensor("logits", logits).double().cpu().numpy()

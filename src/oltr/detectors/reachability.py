@@ -7,7 +7,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from oltr.detectors.base import ArrayLike, Detector, as_labels
+from oltr.detectors.base import ArrayLike, Detector, as_labels, check_state_shape
 from oltr.models.memory import class_means
 from oltr.openset import _as_float_tensor, reachability_score
 
@@ -17,11 +17,13 @@ class Reachability(Detector):
 
     Either pass ``centroids`` (K, d) — OLTR's learned memory — and ``fit`` is a no-op that
     keeps them, or ``fit(features=..., labels=...)`` stores the class means of the features
-    (the memory's initialisation, §3.1); labels must cover 0..K−1.
+    (the memory's initialisation, §3.1); labels must cover 0..K−1. Either way the centroids
+    are the detector's state (:meth:`state_dict`), not an option of :meth:`config`.
     """
 
     name: ClassVar[str] = "reachability"
     inputs: ClassVar[tuple[str, ...]] = ("features",)
+    state_names: ClassVar[tuple[str, ...]] = ("centroids",)
 
     def __init__(self, centroids: ArrayLike | None = None) -> None:
         self.centroids = None if centroids is None else _as_float_tensor("centroids", centroids)
@@ -31,6 +33,13 @@ class Reachability(Detector):
         vectors = _as_float_tensor("features", features)
         labels = as_labels(labels, vectors.shape[0]).to(vectors.device)
         self.centroids = class_means(vectors, labels, int(labels.max()) + 1)
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        return {"centroids": self.centroids}
+
+    def _load_state(self, state: dict[str, torch.Tensor]) -> None:
+        check_state_shape(self.name, "centroids", state["centroids"], (None, None))
+        self.centroids = state["centroids"]
 
     def _score(self, features: ArrayLike) -> torch.Tensor | np.ndarray:
         return reachability_score(features, self.centroids)
