@@ -88,8 +88,8 @@ class Case:
         """The fixture's images as a plain benchmark of the first ``len(class_names)`` classes."""
         root = self.tmp / "other"
         root.mkdir()
-        for folder in ("train", "test"):
-            (root / folder).symlink_to(self.fmnist / "images" / folder)
+        for folder in ("train", "test"):  # copies: a link out of the root would be refused
+            shutil.copytree(self.fmnist / "images" / folder, root / folder)
         for split in ("train", "val", "test", "open"):
             lines = (self.fmnist / f"{split}.txt").read_text().splitlines()
             kept = [line for line in lines if int(line.split()[-1]) < len(class_names)]
@@ -418,7 +418,8 @@ def test_paths_inside_the_root_work_and_outside_ones_only_when_allowed(tmp_path)
 
     outside = tmp_path / "elsewhere.png"
     Image.new("L", (8, 8), 7).save(outside)
-    (root / "test.txt").write_text(f"{outside} 1\n../elsewhere.png 2\n")
+    Image.new("L", (8, 8), 9).save(tmp_path / "elsewhere2.png")  # one file per line: the same
+    (root / "test.txt").write_text(f"{outside} 1\n../elsewhere2.png 2\n")  # file twice is refused
     with pytest.raises(InputError, match="path leaves the image root"):
         load_benchmark(root)
     allowed = load_benchmark(root, allow_outside_root=True)
