@@ -257,18 +257,19 @@ def check_image_paths(
     file listed twice — in two splits, or twice in one split under two spellings — compared by
     `oltr.data.paths` identity (realpath; ``(st_dev, st_ino)`` of existing files)."""
     locator = ImageLocator(image_root)
+    locate, contains = locator.locate, locator.contains
     first: dict[Any, tuple[str, int, str]] = {}
     for name, split_entries in entries.items():
         for (path, _), line in zip(split_entries, line_numbers[name]):
-            resolved = locator.resolve(path)
-            if not allow_outside_root and not locator.contains(resolved):
+            real, identity = locate(path)
+            if not allow_outside_root and not contains(real):
                 raise InputError(
                     f"path leads outside the image root {locator.real_root} through a symbolic "
-                    f"link (to {resolved.real_path}); {OUTSIDE_ROOT_HINT}",
+                    f"link (to {real}); {OUTSIDE_ROOT_HINT}",
                     path=split_files[name], line=line, value=path,
                 )
-            if resolved.identity in first:
-                other_split, other_line, other_path = first[resolved.identity]
+            if identity in first:
+                other_split, other_line, other_path = first[identity]
                 spelled = "" if other_path == path else f" as {other_path!r}"
                 if other_split == name:
                     message = (f"image listed twice (first on line {other_line}{spelled}: the "
@@ -277,7 +278,7 @@ def check_image_paths(
                     message = (f"image also listed in {split_files[other_split]} line "
                                f"{other_line}{spelled}; splits must not share images")
                 raise InputError(message, path=split_files[name], line=line, value=path)
-            first[resolved.identity] = (name, line, path)
+            first[identity] = (name, line, path)
 
 
 def load_benchmark(
