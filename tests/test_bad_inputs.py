@@ -512,8 +512,8 @@ CLI_ROWS = [
     ("predict a truncated image", predict_truncated, "copy.png: cannot read image"),
     ("a bad image in a DataLoader worker", lambda case: train_argv(
         case, damage=lambda root: truncate(root / "i" / "t0.png")),
-     "oltr train: error: {bench}/train.txt:1: cannot read image {bench}/i/t0.png (image file is "
-     "truncated"),
+     ("oltr train: error: {bench}/train.txt:1: cannot read image {bench}/i/t0.png (image file "
+      "is truncated")),
     ("mixed image sizes, no resizing, in workers", lambda case: train_argv(
         case, damage=lambda root: Image.new("L", (10, 8)).save(root / "i" / "t2.png"),
         extra=["data.transform=none"]),
@@ -523,8 +523,8 @@ CLI_ROWS = [
     ("--open-set with an empty path",
      lambda case: ["evaluate", str(case.run), "--data", str(case.fmnist), "--open",
                    "--open-set", "far="],
-     "oltr evaluate: error: --open-set needs a path (NAME=PATH: a folder of images or a split "
-     "file) (value: 'far=')"),
+     ("oltr evaluate: error: --open-set needs a path (NAME=PATH: a folder of images or a split "
+      "file) (value: 'far=')")),
     ("evaluate on an unknown device",
      lambda case: ["evaluate", str(case.run), "--data", str(case.fmnist), "--device", "gpu"],
      "oltr evaluate: error: unknown device (auto, cpu, cuda or cuda:N) (value: 'gpu')"),

@@ -181,8 +181,8 @@ def test_curation_refuses_a_truncated_image_it_uses(tmp_path):
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.new("L", (4, 4), i).save(path)
     truncated_png(tmp_path / "tree" / "c1" / "3.png")
-    arguments = dict(known=["c0", "c1"], max_count=3, min_count=3, val_per_class=1,
-                     test_per_class=2)
+    arguments = {"known": ["c0", "c1"], "max_count": 3, "min_count": 3, "val_per_class": 1,
+                 "test_per_class": 2}
     with pytest.raises(InputError, match=r"c1/3\.png: cannot read image \(image file is "
                                          r"truncated"):
         curate(f"folder:{tmp_path / 'tree'}", tmp_path / "out", **arguments)

@@ -34,6 +34,7 @@ from oltr.data.paths import IMAGE_EXTENSIONS, OUTSIDE_ROOT_HINT, ImageLocator, w
 from oltr.data.splits import read_split_lines
 from oltr.errors import InputError
 from oltr.io import read_text
+
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
     "Trouser",
