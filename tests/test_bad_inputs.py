@@ -519,7 +519,7 @@ CLI_ROWS = [
         extra=["data.transform=none"]),
      "need a resizing transform (data.transform: small or imagenet, not none)"),
     ("predict mixed image sizes without resizing", predict_mixed_sizes,
-     "copy.png is 30x28 pixels, 1 channels, but "),
+     "copy.png is 30x28 pixels, 1 channel, but "),
     ("--open-set with an empty path",
      lambda case: ["evaluate", str(case.run), "--data", str(case.fmnist), "--open",
                    "--open-set", "far="],

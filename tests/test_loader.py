@@ -91,9 +91,9 @@ def test_mixed_sizes_name_the_first_image_that_differs(tmp_path):
     for workers in (0, 2):
         error = first_error(eval_loader(dataset, 3, workers))
         assert str(error) == (
-            f"{root / 'test.txt'}:3: image {root / 'i' / 's2.png'} is 10x8 pixels, 1 channels, "
+            f"{root / 'test.txt'}:3: image {root / 'i' / 's2.png'} is 10x8 pixels, 1 channel, "
             f"but {root / 'i' / 's0.png'}, the first image of its batch, is 8x8 pixels, "
-            "1 channels: images of different sizes need a resizing transform (data.transform: "
+            "1 channel: images of different sizes need a resizing transform (data.transform: "
             "small or imagenet, not none)")
     batches = list(eval_loader(dataset, 2, 0))  # batches of one size are fine
     assert [tuple(images.shape) for images, _ in batches] == [(2, 1, 8, 8), (1, 1, 8, 10)]

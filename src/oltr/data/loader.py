@@ -55,7 +55,9 @@ def size_mismatch_message(image: object, shape: Sequence[int], first_image: obje
                           first_shape: Sequence[int]) -> str:
     """Why a batch of ``(C, H, W)`` images cannot be stacked, and what to do about it."""
     def size(s: Sequence[int]) -> str:
-        return f"{s[-1]}x{s[-2]} pixels" + (f", {s[0]} channels" if len(s) == 3 else "")
+        if len(s) != 3:
+            return f"{s[-1]}x{s[-2]} pixels"
+        return f"{s[-1]}x{s[-2]} pixels, {s[0]} channel{'' if s[0] == 1 else 's'}"
 
     return (f"image {image} is {size(shape)}, but {first_image}, the first image of its "
             f"batch, is {size(first_shape)}: images of different sizes need a resizing "
