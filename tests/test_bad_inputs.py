@@ -328,8 +328,8 @@ ROWS = [
       r".*elsewhere/x\.png\); set data\.allow_outside_root: true .* \(value: 'i/out/x\.png'\)")),
     ("splits: source names one image twice",
      splits_source("i/t0.png 0\ni/t1.png 1\ni/t2.png 2\n./i/t0.png 0\n"),
-     (r"train\.txt:4: the same image file as line 1 \('i/t0\.png'\): a source must list each "
-      r"image once \(value: '\./i/t0\.png'\)")),
+     (r"train\.txt:4: image listed twice \(first on line 1 as 'i/t0\.png': the same file\) "
+      r"\(value: '\./i/t0\.png'\)")),
     ("folder: symlink loop", curate_counts(lambda tree: (tree / "c0" / "loop").symlink_to("..")),
      r"tree/c0/loop: symbolic link loop: the link leads back to"),
     ("folder: link out of the folder",

@@ -22,8 +22,8 @@ from torch import nn
 from oltr import metrics
 from oltr.config import load_saved_config, stage_config, with_defaults
 from oltr.data import load_benchmark
-from oltr.data.datasets import ImageListDataset, check_image_paths
-from oltr.data.paths import IMAGE_EXTENSIONS, walk_images
+from oltr.data.datasets import ImageListDataset
+from oltr.data.paths import IMAGE_EXTENSIONS, check_image_paths, walk_images
 from oltr.data.splits import read_split_lines
 from oltr.detectors import create_detector, list_detectors, odin_perturb
 from oltr.engine import (

@@ -29,7 +29,7 @@ from torchvision.transforms import functional as TF
 from oltr.data.curation import CLASSES_NAME, MANIFEST_NAME, load_manifest, verify_manifest
 from oltr.data.images import ImageError, load_image
 from oltr.data.loader import ImageLoader
-from oltr.data.paths import OUTSIDE_ROOT_HINT, ImageLocator
+from oltr.data.paths import check_image_paths
 from oltr.data.sources import find_split_file, read_class_names
 from oltr.data.splits import OPEN_LABEL, read_split_lines
 from oltr.errors import InputError
@@ -42,8 +42,9 @@ class ImageListDataset(Dataset):
     """Images listed as ``(relative path, label)``; items are ``(tensor, label)``.
 
     ``transform`` maps the PIL image (read by `oltr.data.images.load_image`: as a person sees
-    it, in ``mode``) to a tensor; without one the image becomes a float tensor in [0, 1]. ``cache=True`` keeps decoded images in memory after first
-    use (small datasets; each DataLoader worker holds its own cache). An unreadable image raises
+    it, in ``mode``) to a tensor; without one the image becomes a float tensor in [0, 1].
+    ``cache=True`` keeps decoded images in memory after first use (small datasets; each
+    DataLoader worker holds its own cache). An unreadable image raises
     InputError naming the image and the split file and line it came from (``source_file``,
     ``line_numbers``; without them the line is looked up in ``source_file`` when needed).
     """
@@ -242,43 +243,6 @@ def _split_files(data_dir: Path, manifest: dict[str, Any] | None) -> dict[str, P
         return present
     found = {name: find_split_file(data_dir, name, required=name == "train") for name in SPLITS}
     return {name: path for name, path in found.items() if path is not None}
-
-
-def check_image_paths(
-    entries: dict[str, list[tuple[str, int]]],
-    line_numbers: dict[str, list[int]],
-    split_files: dict[str, Path],
-    image_root: Path,
-    *,
-    allow_outside_root: bool = False,
-) -> None:
-    """InputError (split file, line, path) for an image whose resolved location leaves
-    ``image_root`` through a symbolic link (unless ``allow_outside_root``), and for one image
-    file listed twice — in two splits, or twice in one split under two spellings — compared by
-    `oltr.data.paths` identity (realpath; ``(st_dev, st_ino)`` of existing files)."""
-    locator = ImageLocator(image_root)
-    locate, contains = locator.locate, locator.contains
-    first: dict[Any, tuple[str, int, str]] = {}
-    for name, split_entries in entries.items():
-        for (path, _), line in zip(split_entries, line_numbers[name]):
-            real, identity = locate(path)
-            if not allow_outside_root and not contains(real):
-                raise InputError(
-                    f"path leads outside the image root {locator.real_root} through a symbolic "
-                    f"link (to {real}); {OUTSIDE_ROOT_HINT}",
-                    path=split_files[name], line=line, value=path,
-                )
-            if identity in first:
-                other_split, other_line, other_path = first[identity]
-                spelled = "" if other_path == path else f" as {other_path!r}"
-                if other_split == name:
-                    message = (f"image listed twice (first on line {other_line}{spelled}: the "
-                               "same file)")
-                else:
-                    message = (f"image also listed in {split_files[other_split]} line "
-                               f"{other_line}{spelled}; splits must not share images")
-                raise InputError(message, path=split_files[name], line=line, value=path)
-            first[identity] = (name, line, path)
 
 
 def load_benchmark(

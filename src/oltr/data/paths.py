@@ -5,9 +5,10 @@ the one traversal of a folder of images.
   ``c0/img.png``, ``./c0/img.png``, ``c0//img.png``, ``link/img.png`` (a symbolic link to
   ``c0``) and a hard link all do. `ImageLocator.resolve` gives each path its resolved location
   (``os.path.realpath``) and an identity key: ``(st_dev, st_ino)`` of the file when it exists
-  (POSIX's notion of "the same file", as ``os.path.samefile``), else its resolved location. The
-  split-file reader, `oltr.data.datasets.load_benchmark` (images shared between splits), the
-  ``splits:`` source and `walk_images` compare images by this key, never by the text of a path.
+  (POSIX's notion of "the same file", as ``os.path.samefile``), else its resolved location.
+  `check_image_paths` (used by `oltr.data.datasets.load_benchmark`, the ``splits:`` source and
+  external open-set lists) and `walk_images` compare images by this key, never by the text of
+  a path.
 - **Containment.** A split-file path must stay inside the image root twice over: lexically
   (no absolute path, no ``..``: `leaves_root`) and after symbolic links are resolved
   (`ImageLocator.contains`), unless the caller allows outside-root paths
@@ -25,7 +26,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -122,6 +123,46 @@ def first_repeat(identities: Iterable[Hashable]) -> tuple[int, int] | None:
             return seen[identity], position
         seen[identity] = position
     return None
+
+
+def check_image_paths(
+    entries: Mapping[str, Sequence[tuple[str, int]]],
+    line_numbers: Mapping[str, Sequence[int]],
+    split_files: Mapping[str, str | os.PathLike[str]],
+    image_root: str | os.PathLike[str],
+    *,
+    allow_outside_root: bool = False,
+) -> None:
+    """Check the image paths of split lists (``entries[name]`` read from ``split_files[name]``,
+    ``line_numbers[name]`` its lines) against one ``image_root``: InputError naming the split
+    file, line and path for an image whose resolved location leaves ``image_root`` through a
+    symbolic link (unless ``allow_outside_root``), and for one image file listed twice — in two
+    splits, or twice in one under two spellings, compared by identity (`ImageLocator`) — naming
+    the other line and spelling too. Used for benchmarks, the ``splits:`` source and
+    external open-set lists."""
+    locator = ImageLocator(image_root)
+    locate, contains = locator.locate, locator.contains
+    first: dict[Hashable, tuple[str, int, str]] = {}
+    for name, split_entries in entries.items():
+        for (path, _), line in zip(split_entries, line_numbers[name]):
+            real, identity = locate(path)
+            if not allow_outside_root and not contains(real):
+                raise InputError(
+                    f"path leads outside the image root {locator.real_root} through a symbolic "
+                    f"link (to {real}); {OUTSIDE_ROOT_HINT}",
+                    path=split_files[name], line=line, value=path,
+                )
+            if identity in first:
+                other_split, other_line, other_path = first[identity]
+                spelled = "" if other_path == path else f" as {other_path!r}"
+                if other_split == name:
+                    message = (f"image listed twice (first on line {other_line}{spelled}: the "
+                               "same file)")
+                else:
+                    message = (f"image also listed in {split_files[other_split]} line "
+                               f"{other_line}{spelled}; splits must not share images")
+                raise InputError(message, path=split_files[name], line=line, value=path)
+            first[identity] = (name, line, path)
 
 
 def walk_images(

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from oltr.data.images import load_image
-from oltr.data.paths import IMAGE_EXTENSIONS, OUTSIDE_ROOT_HINT, ImageLocator, walk_images
+from oltr.data.paths import IMAGE_EXTENSIONS, check_image_paths, walk_images
 from oltr.data.splits import read_split_lines
 from oltr.errors import InputError
 from oltr.io import read_text
@@ -340,35 +340,6 @@ def read_class_names(directory: Path) -> tuple[list[str], Path] | None:
     return None
 
 
-def _check_source_images(
-    files: list[tuple[Path, list[tuple[str, int]], list[int]]], root: Path,
-    allow_outside_root: bool,
-) -> None:
-    """InputError naming both lines for one image file listed twice (by `oltr.data.paths`
-    identity), and naming the line of a path that leads out of ``root`` through a link."""
-    locator = ImageLocator(root)
-    first: dict[object, tuple[Path, int, str]] = {}
-    for split_file, entries, lines in files:
-        for (image, _), line in zip(entries, lines):
-            resolved = locator.resolve(image)
-            if not allow_outside_root and not locator.contains(resolved):
-                raise InputError(
-                    f"path leads outside the image root {locator.real_root} through a symbolic "
-                    f"link (to {resolved.real_path}); {OUTSIDE_ROOT_HINT}",
-                    path=split_file, line=line, value=image,
-                )
-            if resolved.identity in first:
-                other_file, other_line, other = first[resolved.identity]
-                where = f"line {other_line}" + ("" if other_file == split_file
-                                                else f" of {other_file}")
-                raise InputError(
-                    f"the same image file as {where} ({other!r}): a source must list each "
-                    "image once",
-                    path=split_file, line=line, value=image,
-                )
-            first[resolved.identity] = (split_file, line, image)
-
-
 def _load_splits(
     spec: str,
     path_text: str,
@@ -400,16 +371,17 @@ def _load_splits(
             path=train_file,
             value=first_missing,
         )
-    files = [(train_file, train, train_lines)]
+    entries, lines, files = {"train": train}, {"train": train_lines}, {"train": train_file}
     test = None
     if test_file is not None:
-        test, test_lines = read_split_lines(test_file, num_classes=num_classes, allow_open=False,
-                                            allow_outside_root=allow_outside_root)
-        files.append((test_file, test, test_lines))
+        test, lines["test"] = read_split_lines(test_file, num_classes=num_classes,
+                                               allow_open=False,
+                                               allow_outside_root=allow_outside_root)
+        entries["test"], files["test"] = test, test_file
     root = Path(image_root).expanduser() if image_root is not None else directory
     if not root.is_dir():
         raise InputError("image root not found", path=root)
-    _check_source_images(files, root, allow_outside_root)
+    check_image_paths(entries, lines, files, root, allow_outside_root=allow_outside_root)
     class_names = named[0] if named is not None else [f"class_{i}" for i in range(num_classes)]
     return Source(
         name=spec,
