@@ -36,6 +36,7 @@ from oltr.data.curation import OPEN_CLASSES_NAME
 from oltr.engine import train_run
 from oltr.errors import InputError
 from oltr.evaluate import evaluate_run
+from oltr.io import read_json_object
 
 CURATION = {"seed": 0, "known": 6, "open": 4, "profile": "exp", "max_count": 4000,
             "val_per_class": 100}
@@ -69,7 +70,7 @@ def run_method(method: str, data: Path, run_dir: Path, overrides: list[str]) -> 
         raise InputError("this run was trained with other settings; choose another --out "
                          "(or delete the run)", path=run_dir)
     if report_path.exists():
-        return json.loads(report_path.read_text())
+        return read_json_object(report_path, "evaluation report")
     started = time.perf_counter()
     train_run(config, data, run_dir, resume=run_dir.exists(), progress=False)
     seconds = time.perf_counter() - started

@@ -25,6 +25,7 @@ from oltr.config import load_config, stage_config
 from oltr.data import curate
 from oltr.engine import train_run
 from oltr.evaluate import evaluate_run
+from oltr.io import read_json_object
 
 # name → (method, overrides, evaluation overrides). Stage-2 variants reuse the full OLTR run's
 # stage 1; a variant without training overrides only re-evaluates the full OLTR run.
@@ -65,7 +66,7 @@ def run_variant(name: str, seed: int, data: Path, out: Path, extra: list[str],
     run_dir = out / f"{slug('oltr' if eval_only else name)}-seed{seed}"
     report_path = run_dir / f"report-{slug(name)}.json"
     if report_path.exists():
-        report = json.loads(report_path.read_text())
+        report = read_json_object(report_path, "evaluation report")
         if not reevaluate:
             return report
         fresh = evaluate_run(run_dir, data, open_set=True, **evaluation)

@@ -10,10 +10,11 @@ import gzip
 import json
 import pickle
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -88,8 +89,8 @@ class Case:
         """The fixture's images as a plain benchmark of the first ``len(class_names)`` classes."""
         root = self.tmp / "other"
         root.mkdir()
-        for folder in ("train", "test"):
-            (root / folder).symlink_to(self.fmnist / "images" / folder)
+        for folder in ("train", "test"):  # copies: a link out of the root would be refused
+            shutil.copytree(self.fmnist / "images" / folder, root / folder)
         for split in ("train", "val", "test", "open"):
             lines = (self.fmnist / f"{split}.txt").read_text().splitlines()
             kept = [line for line in lines if int(line.split()[-1]) < len(class_names)]
@@ -161,16 +162,68 @@ def idx(data: bytes) -> Callable[[Case], object]:
     return action
 
 
-def curate_counts(**kwargs: object) -> Callable[[Case], object]:
+def class_tree(case: Case) -> Path:
+    """A folder: source of 3 classes of 12 4x4 PNGs each."""
+    for label in range(3):
+        folder = case.tmp / "tree" / f"c{label}"
+        folder.mkdir(parents=True)
+        for i in range(12):
+            Image.new("L", (4, 4), i).save(folder / f"{i}.png")
+    return case.tmp / "tree"
+
+
+def curate_counts(damage: Callable[[Path], object] | None = None,
+                  **kwargs: object) -> Callable[[Case], object]:
+    """Curate the class tree (``damage`` gets its root first) into ``out``."""
     def action(case: Case) -> None:
-        for label in range(3):
-            folder = case.tmp / "tree" / f"c{label}"
-            folder.mkdir(parents=True)
-            for i in range(12):
-                Image.new("L", (4, 4), i).save(folder / f"{i}.png")
-        curate(f"folder:{case.tmp / 'tree'}", case.tmp / "out",
+        tree = class_tree(case)
+        if damage is not None:
+            damage(tree)
+        curate(f"folder:{tree}", case.tmp / "out",
                **({"max_count": 5, "min_count": 1, "val_per_class": 1, "test_per_class": 1}
                   | kwargs))
+    return action
+
+
+def load_linked(case: Case) -> None:
+    """A split path that stays in the image root lexically but leaves it through a link."""
+    root = case.bench(test="i/out/x.png 1\n")
+    (case.tmp / "elsewhere").mkdir()
+    Image.new("L", (8, 8), 1).save(case.tmp / "elsewhere" / "x.png")
+    (root / "i" / "out").symlink_to(case.tmp / "elsewhere")
+    load_benchmark(root)
+
+
+def load_edited_manifest(edit: Callable[[dict], object]) -> Callable[[Case], object]:
+    def action(case: Case) -> None:
+        data = case.tmp / "curated"
+        curate(f"folder:{class_tree(case)}", data, max_count=5, min_count=1, val_per_class=1,
+               test_per_class=1)
+        manifest = json.loads((data / "manifest.json").read_text())
+        edit(manifest)
+        (data / "manifest.json").write_text(json.dumps(manifest))
+        load_benchmark(data)
+    return action
+
+
+def save_float_tiff(path: Path) -> None:
+    Image.fromarray(np.array([[0.0, 2.0]], dtype=np.float32)).save(path, format="TIFF")
+
+
+def write_bytes(name: str, data: bytes, then: Callable[[Case, Path], object]
+                ) -> Callable[[Case], object]:
+    def action(case: Case) -> None:
+        root = case.bench()
+        (root / name).write_bytes(data)
+        then(case, root)
+    return action
+
+
+def resume_with_history(text: str) -> Callable[[Case], object]:
+    def action(case: Case) -> None:
+        (case.run / "main" / "history.jsonl").write_text(text)
+        train_run(load_config("plain", overrides=TRAINED), case.fmnist, case.run, resume=True,
+                  progress=False)
     return action
 
 
@@ -263,6 +316,29 @@ ROWS = [
     ("no train split", load(train=None), r"no file matches '\*train\*\.txt'"),
     ("splits: source with '..'", splits_source("i/t0.png 0\n../x.png 1\n"),
      r"train\.txt:2: path leaves the image root"),
+    ("train image respelled './' in test", load(test="./i/t0.png 0\n"),
+     (r"test\.txt:1: image also listed in .*train\.txt line 1 as 'i/t0\.png'; splits must not "
+      r"share images \(value: '\./i/t0\.png'\)")),
+    ("train image respelled '//' in test", load(test="i//t1.png 1\n"),
+     r"test\.txt:1: image also listed in .*train\.txt line 2 as 'i/t1\.png'; splits must not"),
+    ("one image twice in a split, two spellings", load(val="i/v0.png 0\ni/./v0.png 0\n"),
+     r"val\.txt:2: image listed twice \(first on line 1 as 'i/v0\.png': the same file\)"),
+    ("split path leaves the root through a link", load_linked,
+     (r"test\.txt:1: path leads outside the image root .* through a symbolic link \(to "
+      r".*elsewhere/x\.png\); set data\.allow_outside_root: true .* \(value: 'i/out/x\.png'\)")),
+    ("splits: source names one image twice",
+     splits_source("i/t0.png 0\ni/t1.png 1\ni/t2.png 2\n./i/t0.png 0\n"),
+     (r"train\.txt:4: image listed twice \(first on line 1 as 'i/t0\.png': the same file\) "
+      r"\(value: '\./i/t0\.png'\)")),
+    ("folder: symlink loop", curate_counts(lambda tree: (tree / "c0" / "loop").symlink_to("..")),
+     r"tree/c0/loop: symbolic link loop: the link leads back to"),
+    ("folder: link out of the folder",
+     curate_counts(lambda tree: (tree / "c1" / "out").symlink_to(tree.parent)),
+     (r"tree/c1/out: symbolic link leads outside the image root .*tree \(to .*\); pass "
+      r"allow_outside_root=True \(oltr curate --allow-outside-root\)")),
+    ("folder: one image in two classes",
+     curate_counts(lambda tree: (tree / "c0" / "x.png").symlink_to("../c2/3.png")),
+     r"tree/c2/3\.png: the same image file as .*tree/c0/x\.png"),
     ("folder class without images",
      lambda case: (case.tmp.joinpath("f", "empty").mkdir(parents=True),
                    parse_source(f"folder:{case.tmp / 'f'}")),
@@ -274,6 +350,11 @@ ROWS = [
      r"train\.txt:1: cannot read image .*/i/t0\.png \(image file is truncated"),
     ("garbage image", read_train_images(lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\nnonsense")),
      r"train\.txt:1: cannot read image .*/i/t0\.png"),
+    ("float image out of its range", read_train_images(save_float_tiff),
+     (r"train\.txt:1: cannot read image .*/i/t0\.png \(mode 'F' holds values 0\.\.2; oltr "
+      r"reads this mode as intensities in \[0, 1\]")),
+    ("truncated image in curation", curate_counts(lambda tree: truncate(tree / "c1" / "3.png")),
+     r"tree/c1/3\.png: cannot read image \(image file is truncated"),
     ("skipping empties a class",
      read_train_images(Path.unlink, skip=True, train="i/t0.png 0\ni/t1.png 1\ni/t2.png 2\n"),
      (r"train\.txt: class 0 \('a'\) has no readable train image left \(first unreadable: "
@@ -291,6 +372,26 @@ ROWS = [
      r"invalid long-tail profile: max_count \(3\) must be >= min_count \(5\)"),
     ("class too small for the profile", curate_counts(max_count=11),
      r"class has 12 images, needs 13 \(train 11 \+ val 1 \+ test 1\)"),
+    ("manifest image_root a number", load_edited_manifest(lambda m: m.update(image_root=3)),
+     r"manifest\.json: manifest key 'image_root' must be a string \(a folder path\) \(value: 3\)"),
+    ("manifest image_root a list", load_edited_manifest(lambda m: m.update(image_root=["a"])),
+     r"manifest\.json: manifest key 'image_root' must be a string .* \(value: \['a'\]\)"),
+    ("manifest class names not strings",
+     load_edited_manifest(lambda m: m.update(known_classes=[1, 2])),
+     r"manifest\.json: manifest key 'known_classes' must be a list of class names"),
+    ("manifest seed a string", load_edited_manifest(lambda m: m.update(seed="0")),
+     r"manifest\.json: manifest key 'seed' must be an integer \(value: '0'\)"),
+    # text files
+    ("class names not UTF-8",
+     write_bytes("classes.txt", b"a\nb\xe9\nc\n", lambda case, root: load_benchmark(root)),
+     (r"classes\.txt: class-name file is not UTF-8 text \(invalid continuation byte at line 2, "
+      r"byte 3\)")),
+    ("config file not UTF-8",
+     write_bytes("mine.yaml", b"train:\n  lr: 0.1 # \xff\n",
+                 lambda case, root: load_config(config_file=root / "mine.yaml")),
+     r"mine\.yaml: config file is not UTF-8 text \(invalid start byte at line 2, byte 19\)"),
+    ("history.jsonl not JSON", resume_with_history('{"epoch": 1}\n{oops\n'),
+     r"history\.jsonl:2: training history line is not valid JSON"),
     # config values
     ("negative lr", config("train.lr=-0.1"),
      r"config key 'train\.lr' must be a number > 0 \(value: -0\.1\)"),
@@ -369,6 +470,25 @@ def test_bad_input_is_named(action, message, tmp_path, request, monkeypatch) -> 
     assert not (tmp_path / "out").exists()  # a failed curation leaves nothing
 
 
+def train_argv(case: Case, *, damage: Callable[[Path], object],
+               extra: Sequence[str] = ()) -> list[str]:
+    """``oltr train`` on the small benchmark with 2 DataLoader workers (ImageNet-LT's presets
+    use 8), after ``damage``; every train image is in a batch (batch size 2, 4 images)."""
+    root = case.bench()
+    damage(root)
+    return ["train", "--method", "plain", "--data", str(root), "--out", str(case.tmp / "r"),
+            "--no-progress", "model.width=8", "train.batch_size=2", "train.epochs=1",
+            "data.num_workers=2", *extra]
+
+
+def predict_mixed_sizes(case: Case) -> list[str]:
+    tamper = edit_model_json(lambda info: info["data"].update(transform="none"))
+    tamper(case.run / "main")
+    first = next((case.fmnist / "images" / "test").glob("*.png"))
+    Image.new("L", (30, 28)).save(case.tmp / "copy.png")
+    return ["predict", str(case.run), str(first), str(case.tmp / "copy.png"), "--threshold", "0.5"]
+
+
 def predict_truncated(case: Case) -> list[str]:
     image = Path(shutil.copy(next((case.fmnist / "images" / "test").glob("*.png")),
                              case.tmp / "copy.png"))
@@ -390,6 +510,21 @@ CLI_ROWS = [
                    "--threshold", "1.5"],
      "oltr evaluate: error: a probability threshold must lie in [0, 1] (value: 1.5)"),
     ("predict a truncated image", predict_truncated, "copy.png: cannot read image"),
+    ("a bad image in a DataLoader worker", lambda case: train_argv(
+        case, damage=lambda root: truncate(root / "i" / "t0.png")),
+     ("oltr train: error: {bench}/train.txt:1: cannot read image {bench}/i/t0.png (image file "
+      "is truncated")),
+    ("mixed image sizes, no resizing, in workers", lambda case: train_argv(
+        case, damage=lambda root: Image.new("L", (10, 8)).save(root / "i" / "t2.png"),
+        extra=["data.transform=none"]),
+     "need a resizing transform (data.transform: small or imagenet, not none)"),
+    ("predict mixed image sizes without resizing", predict_mixed_sizes,
+     "copy.png is 30x28 pixels, 1 channel, but "),
+    ("--open-set with an empty path",
+     lambda case: ["evaluate", str(case.run), "--data", str(case.fmnist), "--open",
+                   "--open-set", "far="],
+     ("oltr evaluate: error: --open-set needs a path (NAME=PATH: a folder of images or a split "
+      "file) (value: 'far=')")),
     ("evaluate on an unknown device",
      lambda case: ["evaluate", str(case.run), "--data", str(case.fmnist), "--device", "gpu"],
      "oltr evaluate: error: unknown device (auto, cpu, cuda or cuda:N) (value: 'gpu')"),
@@ -404,6 +539,7 @@ CLI_ROWS = [
 def test_cli_exits_2_with_one_line(argv, message, tmp_path, request, capsys) -> None:
     code = main(argv(Case(tmp_path, request)))
     err = capsys.readouterr().err
+    message = message.replace("{bench}", str(tmp_path / "bench"))
     assert code == 2 and message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
 
@@ -418,7 +554,8 @@ def test_paths_inside_the_root_work_and_outside_ones_only_when_allowed(tmp_path)
 
     outside = tmp_path / "elsewhere.png"
     Image.new("L", (8, 8), 7).save(outside)
-    (root / "test.txt").write_text(f"{outside} 1\n../elsewhere.png 2\n")
+    Image.new("L", (8, 8), 9).save(tmp_path / "elsewhere2.png")  # one file per line: the same
+    (root / "test.txt").write_text(f"{outside} 1\n../elsewhere2.png 2\n")  # file twice is refused
     with pytest.raises(InputError, match="path leaves the image root"):
         load_benchmark(root)
     allowed = load_benchmark(root, allow_outside_root=True)

@@ -48,6 +48,25 @@ def test_curate_folder_imagenet_lt_profile(tmp_path, capsys) -> None:
     assert "8 known classes" in capsys.readouterr().out
 
 
+def test_curate_without_known_or_open_says_there_are_no_open_classes(tmp_path, capsys) -> None:
+    source = _tree(tmp_path / "tree", [12] * 3)
+    args = ["curate", f"folder:{source}", "--max-count", "5", "--min-count", "2",
+            "--val-per-class", "1", "--test-per-class", "2"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    captured = capsys.readouterr()
+    assert "0 open classes" in captured.out
+    assert captured.err == (
+        "oltr curate: note: neither --known/--open nor --protocol given: every class of the "
+        "source is known and none is open, so the benchmark has no open split (pass --known N "
+        "or --open N to hold classes out as open)\n")
+    assert json.loads((tmp_path / "a" / "manifest.json").read_text())["open_classes"] == []
+    assert main([*args, "--known", "2", "--out", str(tmp_path / "b")]) == 0
+    assert capsys.readouterr().err == ""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["curate", "--help"])
+    assert "none is open (no open split" in " ".join(capsys.readouterr().out.split())
+
+
 @pytest.mark.parametrize(
     ("make", "args", "message"),
     [

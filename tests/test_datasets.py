@@ -161,6 +161,33 @@ def test_curated_benchmark_round_trip(tmp_path):
         load_benchmark(out, verify=False)
 
 
+def test_curated_benchmark_without_its_manifest_reads_as_a_plain_directory(tmp_path):
+    """open.txt and open_classes.txt both match *open*.txt; open_classes.txt is no split."""
+    tree = tmp_path / "tree"
+    for class_index in range(3):
+        for i in range(9):
+            write_png(tree / f"k{class_index}" / f"{i}.png", class_index * 100 + i)
+    out = tmp_path / "out"
+    curate(f"folder:{tree}", out, known=2, open=1, profile="exp", max_count=4, min_count=2,
+           val_per_class=2, test_per_class=3)
+    curated = load_benchmark(out)
+    assert (out / "open_classes.txt").is_file()
+    (out / "manifest.json").unlink()
+    plain = load_benchmark(out, image_root=tree)
+    assert plain.manifest is None and plain.split_file("open") == out / "open.txt"
+    for name in ("train", "val", "test", "open"):
+        assert plain.split(name) == curated.split(name), name
+    assert plain.class_names == curated.class_names
+
+
+def test_companion_files_never_count_as_splits(tmp_path):
+    root = plain_benchmark(tmp_path)
+    (root / "LT_open_classes.txt").write_text("i/o0.png 0\ni/o1.png 0\n")  # another *open*
+    with pytest.raises(InputError, match=r"several files match '\*open\*\.txt': LT_open\.txt, "
+                                         r"LT_open_classes\.txt"):
+        load_benchmark(root)  # only the exact companion names are excluded, nothing is guessed
+
+
 # --- transforms ----------------------------------------------------------------------------
 
 

@@ -31,6 +31,7 @@ from oltr.evaluate import (
     adjust_logits,
     collect_run_outputs,
     evaluate_run,
+    format_report,
     select_tau_normalization,
     tau_normalized_logits,
 )
@@ -480,6 +481,54 @@ def test_a_folder_of_images_is_an_open_set(plain_run, fmnist_small, tmp_path):
     assert report["open_sets"]["noise"]["num_open"] == 3
     assert report["open_sets"]["noise"]["num_known"] == 120
     assert report["open_sets"]["noise"]["threshold"] == report["open"]["threshold"]
+
+
+def test_external_open_set_on_a_benchmark_without_open_classes(plain_run, fmnist_small,
+                                                              tmp_path):
+    """Curated without open classes (no open.txt): --open-set is evaluated against the known
+    test images, with the threshold calibrated on val as always."""
+    closed = tmp_path / "closed"  # the fixture as if curated with no open class
+    closed.mkdir()
+    manifest = json.loads((fmnist_small / "manifest.json").read_text())
+    for name in ("open.txt", "open_classes.txt"):
+        del manifest["files"][name]
+    manifest |= {"open_classes": [], "image_root": str(fmnist_small / "images")}
+    manifest["counts"]["open"] = 0
+    (closed / "manifest.json").write_text(json.dumps(manifest))
+    for name in ("train.txt", "val.txt", "test.txt", "classes.txt"):
+        (closed / name).write_bytes((fmnist_small / name).read_bytes())
+    copy = fmnist_small / "images" / "open-copy.txt"
+    copy.write_text((fmnist_small / "open.txt").read_text())
+    try:
+        with_open = evaluate_run(plain_run, fmnist_small, open_set=True, detectors=["energy"],
+                                 open_sets={"copy": copy})
+    finally:
+        copy.unlink()
+    listed = tmp_path / "open-list.txt"  # absolute paths: allowed in a list the user names
+    listed.write_text("".join(f"{fmnist_small / 'images' / line.split()[0]} -1\n"
+                              for line in (fmnist_small / "open.txt").read_text().splitlines()))
+    report = evaluate_run(plain_run, closed, open_set=True, detectors=["energy"],
+                          open_sets={"copy": listed})
+    assert "open" not in report
+    figures = report["open_sets"]["copy"]
+    assert figures["num_open"] == 30 and figures["num_known"] == 120
+    for key, value in with_open["open_sets"]["copy"].items():
+        assert figures[key] == value, key
+    assert report["detectors"]["energy"] == {
+        "open:copy": with_open["detectors"]["energy"]["open:copy"]}
+    assert "open set 'copy': F-measure" in format_report(report)
+    with pytest.raises(InputError, match="benchmark has no open split"):
+        evaluate_run(plain_run, closed, open_set=True)
+
+
+def test_an_open_set_list_naming_one_image_twice_is_refused(plain_run, fmnist_small, tmp_path):
+    image = next((fmnist_small / "images").rglob("*.png"))
+    split = tmp_path / "twice.txt"
+    split.write_text(f"{image} -1\n{image.parent}/./{image.name} -1\n")
+    with pytest.raises(InputError, match=r"twice\.txt:2: image listed twice \(first on line 1"):
+        evaluate_run(plain_run, fmnist_small, open_set=True, open_sets={"x": split})
+    with pytest.raises(InputError, match=r"an external open set needs a path"):
+        evaluate_run(plain_run, fmnist_small, open_set=True, open_sets={"x": ""})
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty"])

@@ -13,8 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from oltr.config import (
     COMPARISON_DETECTORS,
     COMPARISON_METHODS,
@@ -23,8 +21,10 @@ from oltr.config import (
     list_benchmarks,
     list_methods,
     load_config,
+    read_yaml,
 )
 from oltr.errors import InputError, OltrError
+from oltr.io import read_text
 
 EXAMPLES = """\
 examples:
@@ -56,7 +56,16 @@ def protocol_defaults(name: str) -> dict[str, Any]:
     if not path.exists():
         available = [b for b in list_benchmarks() if (CONFIG_DIR / b / "protocol.yaml").exists()]
         raise InputError(f"no curation protocol named '{name}' (available: {', '.join(available)})")
-    return yaml.safe_load(path.read_text())["curate"]
+    settings = read_yaml(path, "curation protocol").get("curate")
+    if not isinstance(settings, dict):
+        raise InputError("a curation protocol needs a 'curate:' mapping", path=path)
+    return settings
+
+
+NO_OPEN_CLASSES_NOTICE = (
+    "oltr curate: note: neither --known/--open nor --protocol given: every class of the source "
+    "is known and none is open, so the benchmark has no open split (pass --known N or --open N "
+    "to hold classes out as open)")
 
 
 def cmd_curate(args: argparse.Namespace) -> int:
@@ -84,6 +93,8 @@ def cmd_curate(args: argparse.Namespace) -> int:
                           allow_outside_root=args.allow_outside_root)
     started = time.perf_counter()
     manifest = curate(source, args.out, force=args.force, **settings)
+    if settings["known"] is None and settings["open"] is None:
+        print(NO_OPEN_CLASSES_NOTICE, file=sys.stderr)
     counts = manifest["counts"]
     print(f"wrote {args.out}: {len(manifest['known_classes'])} known classes "
           f"({sum(counts['train'])} train, {sum(counts['val'])} val, {sum(counts['test'])} test), "
@@ -154,6 +165,9 @@ def _named_paths(items: list[str] | None) -> dict[str, str] | None:
     named: dict[str, str] = {}
     for item in items:
         name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
+        if not path.strip():
+            raise InputError("--open-set needs a path (NAME=PATH: a folder of images or a split "
+                             "file)", value=item)
         name = name or Path(path).stem or Path(path).name
         if name in named:
             raise InputError(f"open set named twice: {name!r} (use NAME=PATH)", value=item)
@@ -190,7 +204,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         open_sets=_named_paths(args.open_sets), quick=args.quick,
         detector_options=_odin_options(args), progress=not args.no_progress,
     )
-    print((Path(args.out) / "results.md").read_text())
+    print(read_text(Path(args.out) / "results.md", "bench results"))
     print(f"bench finished in {results['wall_seconds'] / 60:.1f} min; tables in "
           f"{Path(args.out) / 'results.md'}, every figure in {Path(args.out) / 'results.json'}")
     return 0
@@ -228,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
         "curate", help="turn a labelled source into an open long-tailed benchmark",
         description="Choose known and open classes (seeded), draw per-class train counts from a "
                     "profile, hold out balanced val/test splits, and write split files "
-                    "(`path label`, open label -1) + manifest.json. Same arguments → same bytes.",
+                    "(`path label`, open label -1) + manifest.json. Same arguments → same bytes. "
+                    "Without --known, --open and --protocol every class is known and none is "
+                    "open (no open split; a note on stderr says so).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("source", help="fashion-mnist[:ROOT] | folder:PATH (one sub-folder per class) "
@@ -244,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, help="imbalance ratio max/min (exp)")
     p.add_argument("--max-count", type=int, dest="max_count", help="train images of the head class")
     p.add_argument("--min-count", type=int, dest="min_count", help="train images of the tail class")
-    p.add_argument("--known", help="number of known classes (chosen by seed) or a comma list")
+    p.add_argument("--known", help="number of known classes (chosen by seed) or a comma list "
+                                   "(default: all but --open; with neither, every class is known "
+                                   "and there are no open classes)")
     p.add_argument("--open", help="number of open classes or a comma list (default: the rest)")
     p.add_argument("--val-per-class", type=int, dest="val_per_class", help="default 20")
     p.add_argument("--test-per-class", type=int, dest="test_per_class")
@@ -258,7 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per validation open class (default: --val-per-class)")
     p.add_argument("--image-root", help="image root of a splits: source")
     p.add_argument("--allow-outside-root", action="store_true",
-                   help="let a splits: source list absolute paths or paths with '..'")
+                   help="let a splits: source list absolute paths, paths with '..' or paths "
+                        "that lead out of the image root through a symbolic link, and a "
+                        "folder: source follow links out of its folder")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=cmd_curate)
 
@@ -319,7 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "msp, max_logit, energy, odin, openmax, knn, reachability")
     p.add_argument("--open-set", action="append", dest="open_sets", metavar="NAME=PATH",
                    help="an external open set (a folder of images or a split file), evaluated "
-                        "against the known test images (repeatable)")
+                        "against the known test images (repeatable; also on a benchmark "
+                        "without open classes). A split file's paths are relative to its own "
+                        "folder; absolute paths and '..' are allowed there, since you name the "
+                        "file yourself")
     p.add_argument("--odin-temperature", type=float, dest="odin_temperature",
                    help="ODIN's temperature T (default 1000)")
     p.add_argument("--odin-epsilon", type=float, dest="odin_epsilon",

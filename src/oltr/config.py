@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from oltr.errors import InputError
-from oltr.io import atomic_write_text
+from oltr.io import atomic_write_text, read_text
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 BASE_CONFIG = CONFIG_DIR / "base.yaml"
@@ -34,11 +34,10 @@ COMPARISON_DETECTORS = ("msp", "max_logit", "energy", "odin", "openmax", "knn", 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise InputError(f"cannot read config file: {exc.strerror}", path=path) from exc
+def read_yaml(path: Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML mapping from ``path`` (read by `oltr.io.read_text`); InputError naming the file
+    (and line) when it cannot be read, is not UTF-8, not YAML or not a mapping."""
+    text = read_text(path, what)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -51,7 +50,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise InputError("a config file must hold a mapping at the top level", path=path)
+        raise InputError(f"a {what} must hold a mapping at the top level", path=path)
     return data
 
 
@@ -69,7 +68,7 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 def load_yaml_with_bases(path: str | Path) -> dict[str, Any]:
     """Load a YAML config; a ``base:`` key (path relative to the file) is loaded first."""
     path = Path(path)
-    data = _read_yaml(path)
+    data = read_yaml(path)
     base = data.pop("base", None)
     if base is None:
         return data
@@ -155,7 +154,7 @@ def load_config(
     """
     if (method is None) == (config_file is None):
         raise InputError("give exactly one of --method NAME or --config FILE")
-    reference = _read_yaml(BASE_CONFIG)
+    reference = read_yaml(BASE_CONFIG)
     preset = load_yaml_with_bases(config_file if config_file else method_path(method, benchmark))
     config = deep_merge(reference, preset)
     stages = config.pop("stages", None) or [{"name": "main"}]
@@ -200,7 +199,7 @@ def stage_config(config: dict[str, Any], stage_name: str) -> dict[str, Any]:
 def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
     """``config`` with the keys it lacks taken from ``configs/base.yaml`` (a run or stage config
     saved before a key was added compares equal to one resolved now)."""
-    reference = _read_yaml(BASE_CONFIG)
+    reference = read_yaml(BASE_CONFIG)
     if "stages" not in config:  # a stage's flat config
         del reference["stages"]
     return deep_merge(reference, config)
@@ -211,7 +210,7 @@ def load_saved_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise InputError("the run's saved config is missing", path=path)
-    return with_defaults(_read_yaml(path))
+    return with_defaults(read_yaml(path))
 
 
 def save_config(config: dict[str, Any], path: str | Path) -> None:

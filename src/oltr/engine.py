@@ -49,10 +49,17 @@ from tqdm import tqdm
 
 from oltr.config import load_saved_config, save_config, stage_config, with_defaults
 from oltr.data import Benchmark, ImageListDataset, build_transform, load_benchmark
+from oltr.data.loader import ImageLoader
 from oltr.data.samplers import ClassAwareSampler
 from oltr.data.splits import leaves_root
 from oltr.errors import InputError, OltrError
-from oltr.io import atomic_write, atomic_write_text, read_json_object, remove_stale_temporaries
+from oltr.io import (
+    atomic_write,
+    atomic_write_text,
+    read_json_object,
+    read_text,
+    remove_stale_temporaries,
+)
 from oltr.losses import (
     build_centroid_loss,
     build_classification_loss,
@@ -145,13 +152,16 @@ def dataset_for(
 
 
 def eval_loader(dataset: ImageListDataset, batch_size: int, num_workers: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    """The loader of an evaluation pass (in order); a bad image is the original one-line
+    InputError in this process, whatever ``num_workers`` (`oltr.data.loader.ImageLoader`)."""
+    return ImageLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
 
 
 def train_loader(
     dataset: ImageListDataset, cfg: dict[str, Any], epoch: int
 ) -> DataLoader:
-    """The loader of one epoch: instance-balanced or class-aware sampling, seeded by (seed, epoch)."""
+    """The loader of one epoch: instance-balanced or class-aware sampling, seeded by (seed, epoch);
+    bad images arrive as one-line InputErrors (`oltr.data.loader.ImageLoader`)."""
     train_cfg = cfg["train"]
     num_samples = train_cfg["epoch_samples"] or len(dataset)
     seed = epoch_seed(cfg["seed"], epoch)
@@ -169,7 +179,7 @@ def train_loader(
         sampler.set_epoch(epoch)
     else:
         raise InputError("train.sampler must be instance or class_aware", value=train_cfg["sampler"])
-    return DataLoader(
+    return ImageLoader(
         dataset,
         batch_size=train_cfg["batch_size"],
         sampler=sampler,
@@ -332,7 +342,15 @@ def _read_history(stage_dir: Path) -> list[dict[str, Any]]:
     path = stage_dir / HISTORY
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(read_text(path, "training history").splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise InputError(f"training history line is not valid JSON ({exc.msg})",
+                                 path=path, line=number) from None
+    return records
 
 
 def build_stage_losses(

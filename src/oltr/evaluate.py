@@ -23,7 +23,7 @@ from oltr import metrics
 from oltr.config import load_saved_config, stage_config, with_defaults
 from oltr.data import load_benchmark
 from oltr.data.datasets import ImageListDataset
-from oltr.data.sources import IMAGE_EXTENSIONS, images_under
+from oltr.data.paths import IMAGE_EXTENSIONS, check_image_paths, walk_images
 from oltr.data.splits import read_split_lines
 from oltr.detectors import create_detector, list_detectors, odin_perturb
 from oltr.engine import (
@@ -146,13 +146,22 @@ def select_tau_normalization(
 
 
 def open_set_entries(spec: str | Path) -> tuple[list[tuple[str, int]], Path, Path | None]:
-    """An external open set (paper Tab. 2's far-away images): a folder (every image under it)
-    or a split file (``path [label]`` per line, paths relative to the file's folder; labels
-    are ignored — every image counts as open). Returns entries, image root and the split file.
+    """An external open set (paper Tab. 2's far-away images): a folder (every image under it,
+    found by `oltr.data.paths.walk_images`) or a split file (``path label`` per line, paths
+    relative to the file's folder; labels are ignored — every image counts as open). Returns
+    entries, image root and the split file.
+
+    The user names this folder or file explicitly, so its images may lie anywhere: a split
+    file may list absolute paths and paths with ``..``, and links in a folder may lead out of
+    it (``data.allow_outside_root`` is about the benchmark's split files and does not apply).
+    A link loop, an image reached twice or listed twice, and an empty path are InputErrors.
     """
-    path = Path(spec)
+    if not str(spec).strip():
+        raise InputError("an external open set needs a path (a folder of images or a split "
+                         "file)", value=str(spec))
+    path = Path(spec).expanduser()
     if path.is_dir():
-        images = images_under(path)
+        images = walk_images(path, allow_outside_root=True)
         if not images:
             raise InputError("the open-set folder holds no image "
                              f"({', '.join(sorted(IMAGE_EXTENSIONS))})", path=path)
@@ -160,7 +169,9 @@ def open_set_entries(spec: str | Path) -> tuple[list[tuple[str, int]], Path, Pat
     if not path.exists():
         raise InputError("open set not found (give a folder of images or a split file)",
                          path=path)
-    entries, _ = read_split_lines(path, allow_open=True)
+    entries, lines = read_split_lines(path, allow_open=True, allow_outside_root=True)
+    check_image_paths({"open": entries}, {"open": lines}, {"open": path}, path.parent,
+                      allow_outside_root=True)
     return [(image, -1) for image, _ in entries], path.parent, path
 
 
@@ -213,6 +224,9 @@ def collect_run_outputs(
     """Run a trained model once over ``splits`` of ``data_dir`` (and each external open set of
     ``open_sets``, stored under ``"open:<name>"``) and return the decision logits and features.
 
+    A benchmark without an open split (curated without open classes) is evaluated without it
+    when ``open_sets`` are given: they are then the only open images.
+
     ``tau_normalization`` (default: the run's ``eval.tau_normalization``) and
     ``logit_adjustment`` (default: ``eval.logit_adjustment``) are applied in this order; an
     ``auto`` value is selected on the val split, never on test. ``odin_perturbation``
@@ -248,6 +262,8 @@ def collect_run_outputs(
                              " or auto", value=value)
     needs_val = "auto" in (logit_adjustment, tau_normalization)
     wanted = list(dict.fromkeys([*splits, *(["val"] if needs_val else [])]))
+    if open_sets and "open" in wanted and not bench.has_split("open"):
+        wanted.remove("open")  # curated without open classes: the external sets are the open ones
     if skip_bad_images is None:
         skip_bad_images = stage_cfg["data"]["skip_bad_images"]
     skipped = {split: 0 for split in wanted}
@@ -502,7 +518,9 @@ def evaluate_run(
     }
 
     if open_set:
-        val, opened = outputs.splits["val"], outputs.splits["open"]
+        # no open split (a benchmark curated without open classes): the external open sets
+        # are the only open images, so there is no "open" section, only "open_sets"
+        val, opened = outputs.splits["val"], outputs.splits.get("open")
         external = [split for split in outputs.splits if split.startswith("open:")]
         val_scores = open_scores(open_score, val, outputs.centroids)
         if threshold is not None:
@@ -512,30 +530,38 @@ def evaluate_run(
             score_threshold = metrics.calibrate_threshold(val_scores, accept_rate)
             source = f"calibrated on val: accepts {accept_rate:.0%} of known val images"
         test_scores = open_scores(open_score, test, outputs.centroids)
-        report["open"] = {
-            **open_set_figures(test, opened, test_scores,
-                               open_scores(open_score, opened, outputs.centroids),
-                               score_threshold, train_counts, group_kw),
-            "threshold_source": source,
-            "open_score": open_score,
-        }
+        if opened is not None:
+            report["open"] = {
+                **open_set_figures(test, opened, test_scores,
+                                   open_scores(open_score, opened, outputs.centroids),
+                                   score_threshold, train_counts, group_kw),
+                "threshold_source": source,
+                "open_score": open_score,
+            }
         if external:
             report["open_sets"] = {
-                split.removeprefix("open:"): open_set_figures(
-                    test, outputs.splits[split], test_scores,
-                    open_scores(open_score, outputs.splits[split], outputs.centroids),
-                    score_threshold, train_counts, group_kw)
+                split.removeprefix("open:"): {
+                    **open_set_figures(
+                        test, outputs.splits[split], test_scores,
+                        open_scores(open_score, outputs.splits[split], outputs.centroids),
+                        score_threshold, train_counts, group_kw),
+                    "threshold_source": source,
+                    "open_score": open_score,
+                }
                 for split in external
             }
         if detectors:
-            scored = detector_scores(detectors, outputs, ["val", "test", "open", *external],
-                                     detector_options)
+            scored = detector_scores(
+                detectors, outputs,
+                ["val", "test", *(["open"] if opened is not None else []), *external],
+                detector_options)
             report["detectors"] = {}
             report["detector_options"] = detector_options or {}
             for name, by_split in scored.items():
                 cut = metrics.calibrate_threshold(by_split["val"], accept_rate)
-                entry = open_set_figures(test, opened, by_split["test"], by_split["open"], cut,
-                                         train_counts, group_kw)
+                entry = {} if opened is None else open_set_figures(
+                    test, opened, by_split["test"], by_split["open"], cut, train_counts,
+                    group_kw)
                 for split in external:
                     entry[split] = open_set_figures(test, outputs.splits[split],
                                                     by_split["test"], by_split[split], cut,
@@ -577,6 +603,10 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"open score: {op['open_score']}, threshold {op['threshold']:.4f} "
                      f"({op['threshold_source']}); {op['num_known']} known + {op['num_open']} "
                      "open test images")
+    for name, figures in (report.get("open_sets") or {}).items():
+        lines.append(f"open set {name!r}: F-measure {figures['f_measure']:.3f}, AUROC "
+                     f"{_pct(figures['auroc']).strip()}, FPR95 {_pct(figures['fpr95']).strip()} "
+                     f"({figures['num_known']} known + {figures['num_open']} open images)")
     if counts:
         lines.append(f"classes per group: many {counts.get('many')}, medium "
                      f"{counts.get('medium')}, few {counts.get('few')}")

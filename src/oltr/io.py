@@ -1,4 +1,8 @@
-"""Crash-safe files: atomic writes (temporary file, fsync, rename) and checked JSON reads.
+"""Crash-safe files: atomic writes (temporary file, fsync, rename), and the one way oltr reads text.
+
+Every text file oltr reads (split files, class names, configs and protocols, JSON, histories) is
+decoded by :func:`read_text`: UTF-8 with an optional byte-order mark, universal newlines, and an
+``InputError`` naming the file when it is not UTF-8.
 
 ``kill -9`` at any moment leaves the previous or the new file, never a broken one; a killed
 writer's temporary file (``.NAME.tmp-PID``) is never read and is removed by
@@ -62,17 +66,45 @@ def remove_stale_temporaries(directory: Path) -> list[Path]:
     return removed
 
 
-def read_json_object(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object from ``path``; any problem is an ``InputError`` naming the file (and line)."""
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def read_text(path: str | os.PathLike[str], what: str) -> str:
+    """The text of ``path`` (``what`` names the kind of file in errors, e.g. "split file").
+
+    Decoded as UTF-8; a leading byte-order mark (U+FEFF, as Windows editors write) is dropped;
+    line ends ``\\r\\n`` and ``\\r`` become ``\\n`` (Python's universal newlines). Raises
+    InputError naming the file: ``"{what} not found"``, ``"cannot read {what} (reason)"``, or
+    ``"{what} is not UTF-8 text (reason at line N, byte B)"``.
+    """
+    path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
     except FileNotFoundError:
         raise InputError(f"{what} not found", path=path) from None
+    except OSError as exc:
+        raise InputError(f"cannot read {what} ({exc.strerror or exc})", path=path) from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        if data.startswith(_UTF16_BOMS):
+            reason = "it starts with a UTF-16 byte-order mark; save it as UTF-8"
+        else:
+            line = data.count(b"\n", 0, exc.start) + 1
+            reason = f"{exc.reason} at line {line}, byte {exc.start}"
+        raise InputError(f"{what} is not UTF-8 text ({reason})", path=path) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from ``path`` (read by :func:`read_text`); any problem is an
+    ``InputError`` naming the file (and line)."""
+    text = read_text(path, what)
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputError(f"{what} is not valid JSON ({exc.msg})", path=path,
                          line=exc.lineno) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read {what} ({exc})", path=path) from None
     if not isinstance(data, dict):
         raise InputError(f"{what} must hold a JSON object", path=path)
     return data

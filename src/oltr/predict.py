@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from oltr.data import build_transform
+from oltr.data.images import load_image
+from oltr.data.loader import first_size_mismatch, size_mismatch_message
 from oltr.engine import autocast_context, final_stage_dir, load_model, select_device
 from oltr.errors import InputError
 from oltr.evaluate import adjust_logits, run_stage_config, tau_normalized_logits
@@ -56,15 +57,19 @@ class Predictor:
                 raise InputError("no open-set threshold: evaluate the run first "
                                  "(`oltr evaluate RUN --data DIR --open`) or pass --threshold",
                                  path=report_path)
-            if "open" not in report:
+            # a benchmark without open classes evaluated with --open-set has no "open" section;
+            # its external open sets share the one val-calibrated threshold
+            section = report.get("open") or next(iter((report.get("open_sets") or {}).values()),
+                                                 None)
+            if section is None:
                 raise InputError("the report has no open-set section; re-run evaluate with --open",
                                  path=report_path)
-            if open_score not in (None, report["open"]["open_score"]):
+            if open_score not in (None, section["open_score"]):
                 raise InputError(f"the report's threshold belongs to the open score "
-                                 f"'{report['open']['open_score']}'; pass --threshold for "
+                                 f"'{section['open_score']}'; pass --threshold for "
                                  f"'{open_score}'", value=open_score)
-            open_score = report["open"]["open_score"]
-            threshold = float(report["open"]["threshold"])
+            open_score = section["open_score"]
+            threshold = float(section["threshold"])
         eval_cfg = run_stage_config(run_dir)["eval"]
         rule = {}
         for key in ("logit_adjustment", "tau_normalization"):
@@ -82,14 +87,19 @@ class Predictor:
                    amp=eval_cfg["amp"], **rule)
 
     def _load(self, path: str | Path) -> torch.Tensor:
-        try:
-            with Image.open(path) as image:
-                return self.transform(image.convert(self.mode))
-        except FileNotFoundError as exc:
-            raise InputError("image not found", path=path) from exc
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
-                Image.DecompressionBombError) as exc:
-            raise InputError(f"cannot read image: {exc}", path=path) from exc
+        """The preprocessed image (read by `oltr.data.images.load_image`; ImageError naming
+        the file when it is missing, unreadable or in a mode oltr cannot read)."""
+        return self.transform(load_image(path, self.mode))
+
+    def _batch(self, paths: Sequence[str | Path]) -> torch.Tensor:
+        """The preprocessed images of ``paths`` as one batch; InputError naming the first image
+        whose size differs from the first's (``data.transform: none``)."""
+        images = [self._load(path) for path in paths]
+        bad = first_size_mismatch(images)
+        if bad is not None:
+            raise InputError(size_mismatch_message(paths[bad], images[bad].shape, paths[0],
+                                                   images[0].shape))
+        return torch.stack(images)
 
     @torch.no_grad()
     def predict_tensor(self, images: torch.Tensor) -> dict[str, np.ndarray]:
@@ -124,7 +134,7 @@ class Predictor:
         names = self.info["class_names"]
         for start in range(0, len(paths), batch_size):
             chunk = list(paths[start:start + batch_size])
-            result = self.predict_tensor(torch.stack([self._load(p) for p in chunk]))
+            result = self.predict_tensor(self._batch(chunk))
             for i, path in enumerate(chunk):
                 label = int(result["labels"][i])
                 rows.append({

@@ -1,6 +1,11 @@
-"""Data: split files, long-tail profiles, sources, curation, datasets and transforms."""
+"""Data: split files, long-tail profiles, sources, curation, datasets and transforms; one path
+identity and folder walk (`paths`), one image loader (`images`), one batching of images
+(`loader`)."""
 from oltr.data.curation import curate, load_manifest, verify_manifest
 from oltr.data.datasets import Benchmark, ImageListDataset, load_benchmark
+from oltr.data.images import load_image
+from oltr.data.loader import ImageLoader
+from oltr.data.paths import ImageLocator, walk_images
 from oltr.data.profiles import PROFILES, class_counts
 from oltr.data.sources import Source, find_fashion_mnist, parse_source, read_idx
 from oltr.data.splits import (
@@ -18,12 +23,15 @@ __all__ = [
     "TRANSFORM_PRESETS",
     "Benchmark",
     "ImageListDataset",
+    "ImageLoader",
+    "ImageLocator",
     "Source",
     "build_transform",
     "class_counts",
     "curate",
     "find_fashion_mnist",
     "load_benchmark",
+    "load_image",
     "load_manifest",
     "parse_source",
     "read_idx",
@@ -31,5 +39,6 @@ __all__ = [
     "read_split_lines",
     "sha256_file",
     "verify_manifest",
+    "walk_images",
     "write_split_file",
 ]

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from oltr.data.images import check_images
 from oltr.data.profiles import class_counts
 from oltr.data.sources import Source, parse_source
 from oltr.data.splits import OPEN_LABEL, read_split_lines, sha256_file, write_split_file
@@ -59,6 +59,21 @@ MANIFEST_KEYS = (
     "counts",
     "files",
 )
+#: The JSON type of every manifest key (the optional ones are checked when present).
+MANIFEST_TYPES: dict[str, tuple[type, str]] = {
+    "format_version": (int, "an integer"),
+    "source": (str, "a string"),
+    "image_root": (str, "a string (a folder path)"),
+    "seed": (int, "an integer"),
+    "profile": (dict, "an object"),
+    "known_classes": (list, "a list of class names"),
+    "open_classes": (list, "a list of class names"),
+    "counts": (dict, "an object"),
+    "files": (dict, "an object"),
+    "val_per_class": (int, "an integer"),
+    "test_per_class": (int, "an integer"),
+    "open_per_class": (int, "an integer"),
+}
 
 ClassSelection = int | Sequence[str] | None
 
@@ -207,18 +222,6 @@ def _install(staging: Path, out_dir: Path, force: bool) -> None:
     shutil.rmtree(retired)
 
 
-def _check_image_files(source: Source, keys: list[str]) -> None:
-    for key in keys:
-        path = source.image_path(key)
-        try:
-            with Image.open(path):
-                pass
-        except FileNotFoundError:
-            raise InputError("image not found", path=path) from None
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise InputError(f"cannot read image ({exc})", path=path) from None
-
-
 def _json_bytes(data: dict[str, Any]) -> bytes:
     return (json.dumps(data, sort_keys=True, indent=2) + "\n").encode("utf-8")
 
@@ -262,8 +265,10 @@ def curate(
       so val keeps the test split's open:known ratio when ``open_per_class`` equals
       ``test_per_class``) form ``val_open.txt`` (label -1), drawn from the source's train
       images of those classes.
-    - ``verify_images``: open each used file's header (file sources), so a corrupt image fails
-      curation rather than training.
+    - ``verify_images``: fully decode each used file (file sources) with the loader training
+      uses (`oltr.data.images.check_images`, a thread pool; JPEGs at reduced scale, every
+      coefficient still decoded), so a missing, truncated or corrupt image, or one in a mode
+      oltr cannot read, fails curation rather than training.
 
     Raises InputError (and leaves no ``out_dir``) on any shortfall: a class with fewer images
     than it needs is named with the counts it has and needs.
@@ -380,7 +385,7 @@ def curate(
 
     used_keys = [key for entries in splits.values() for key, _ in entries]
     if verify_images and not source.needs_export:
-        _check_image_files(source, used_keys)
+        check_images([source.image_path(key) for key in used_keys])
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.with_name(f".{out_dir.name}.partial-{secrets.token_hex(4)}")
@@ -449,12 +454,22 @@ def curate(
 
 
 def load_manifest(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and check ``data_dir/manifest.json`` (required keys, format version)."""
+    """Read and check ``data_dir/manifest.json``: required keys, the JSON type of every key
+    (`MANIFEST_TYPES`; class-name lists of strings), the format version. InputError naming
+    the file, the key and its value."""
     path = Path(data_dir) / MANIFEST_NAME
     manifest = read_json_object(path, "manifest")
     missing = [key for key in MANIFEST_KEYS if key not in manifest]
     if missing:
         raise InputError(f"manifest lacks keys: {', '.join(missing)}", path=path)
+    for key, (kind, described) in MANIFEST_TYPES.items():
+        value = manifest.get(key)
+        if key not in manifest or (key.endswith("_per_class") and value is None):
+            continue
+        if not isinstance(value, kind) or isinstance(value, bool) or (
+                kind is list and not all(isinstance(item, str) for item in value)):
+            raise InputError(f"manifest key '{key}' must be {described}", path=path,
+                             value=value)
     if manifest["format_version"] != FORMAT_VERSION:
         raise InputError(
             f"unsupported manifest format_version (this oltr reads {FORMAT_VERSION})",

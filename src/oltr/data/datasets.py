@@ -4,7 +4,13 @@ A curated directory holds ``train.txt``, ``val.txt``, ``test.txt``, optionally `
 ``classes.txt`` and ``manifest.json`` (see `oltr.data.curation`). A plain directory of split files
 works too: ``*train*.txt`` (required), ``*val*.txt``, ``*test*.txt``, ``*open*.txt`` and an optional
 ``classes.txt`` / ``classnames.txt``; its images are relative to ``image_root`` (default: the
-directory itself).
+directory itself). The companion files ``classes.txt``, ``classnames.txt`` and
+``open_classes.txt`` are never split files, so a curated directory whose ``manifest.json`` is
+gone still reads as a plain one.
+
+Images are read by `oltr.data.images.load_image` and compared by `oltr.data.paths` identity:
+two splits naming the same file under two spellings (``c0/x.png``, ``./c0/x.png``, a link)
+share an image.
 """
 from __future__ import annotations
 
@@ -21,7 +27,10 @@ from torch.utils.data import Dataset
 from torchvision.transforms import functional as TF
 
 from oltr.data.curation import CLASSES_NAME, MANIFEST_NAME, load_manifest, verify_manifest
-from oltr.data.sources import read_class_names
+from oltr.data.images import ImageError, load_image
+from oltr.data.loader import ImageLoader
+from oltr.data.paths import check_image_paths
+from oltr.data.sources import find_split_file, read_class_names
 from oltr.data.splits import OPEN_LABEL, read_split_lines
 from oltr.errors import InputError
 
@@ -34,9 +43,10 @@ IMAGE_MODES = ("RGB", "L")
 class ImageListDataset(Dataset):
     """Images listed as ``(relative path, label)``; items are ``(tensor, label)``.
 
-    ``transform`` maps the PIL image (converted to ``mode``) to a tensor; without one the image
-    becomes a float tensor in [0, 1]. ``cache=True`` keeps decoded images in memory after first
-    use (small datasets; each DataLoader worker holds its own cache). An unreadable image raises
+    ``transform`` maps the PIL image (read by `oltr.data.images.load_image`: as a person sees
+    it, in ``mode``) to a tensor; without one the image becomes a float tensor in [0, 1].
+    ``cache=True`` keeps decoded images in memory after first use (small datasets; each
+    DataLoader worker holds its own cache). An unreadable image raises
     InputError naming the image and the split file and line it came from (``source_file``,
     ``line_numbers``; without them the line is looked up in ``source_file`` when needed).
     """
@@ -79,18 +89,22 @@ class ImageListDataset(Dataset):
         """The decoded image of entry ``index``, converted to ``mode``."""
         if index in self._images:
             return self._images[index]
-        relative, _ = self.entries[index]
-        path = self.image_root / relative
         try:
-            with Image.open(path) as opened:
-                image = opened.convert(self.mode)
-        except FileNotFoundError:
-            raise self._error(index, f"image not found: {path}") from None
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise self._error(index, f"cannot read image {path} ({exc})") from None
+            image = load_image(self.image_path(index), self.mode)
+        except ImageError as exc:
+            raise exc.located(self.source_file, self._line_of(index)
+                              if self.source_file is not None else None) from None
         if self.cache:
             self._images[index] = image
         return image
+
+    def image_path(self, index: int) -> Path:
+        """Where the image of entry ``index`` is read from."""
+        return self.image_root / self.entries[index][0]
+
+    def error_at(self, index: int, message: str) -> InputError:
+        """An InputError about entry ``index``, named by its split file and line."""
+        return self._error(index, message)
 
     def _line_of(self, index: int) -> int:
         """Line of entry ``index`` in ``source_file`` (looked up there if not given)."""
@@ -174,14 +188,12 @@ class Benchmark:
         and image). Train counts are recomputed; a class left without train images, or a split
         left empty, is an InputError. Used by ``data.skip_bad_images`` / ``--skip-bad-images``.
         """
-        from torch.utils.data import DataLoader
-
         dropped: dict[str, list[str]] = {}
         for name in splits:
             if name not in self._entries:
                 continue
-            probe = DataLoader(_ReadabilityProbe(self.dataset(name)), batch_size=64,
-                               num_workers=num_workers, collate_fn=list)
+            probe = ImageLoader(_ReadabilityProbe(self.dataset(name)), batch_size=64,
+                                num_workers=num_workers, collate_fn=list)
             errors = [message for batch in probe for message in batch]
             dropped[name] = [message for message in errors if message is not None]
             if not dropped[name]:
@@ -231,23 +243,8 @@ def _split_files(data_dir: Path, manifest: dict[str, Any] | None) -> dict[str, P
         if "train" not in present:
             raise InputError(f"{MANIFEST_NAME} lists no train.txt", path=data_dir / MANIFEST_NAME)
         return present
-    found = {name: _published_split_file(data_dir, name) for name in SPLITS}
+    found = {name: find_split_file(data_dir, name, required=name == "train") for name in SPLITS}
     return {name: path for name, path in found.items() if path is not None}
-
-
-def _published_split_file(data_dir: Path, name: str) -> Path | None:
-    """The split file of ``name`` in a directory without a manifest (``*train*.txt``, e.g.
-    ``ImageNet_LT_train.txt``); ``*open*.txt`` leaves out ``*val_open*`` and
-    ``*open_classes*`` files, ``*val*.txt`` leaves out ``*val_open*``."""
-    excluded = {"open": ("val_open", "open_classes"), "val": ("val_open",)}.get(name, ())
-    matches = sorted(path for path in data_dir.glob(f"*{name}*.txt") if path.is_file()
-                     and not any(word in path.name for word in excluded))
-    if len(matches) > 1:
-        raise InputError(f"several files match '*{name}*.txt': "
-                         f"{', '.join(path.name for path in matches)}", path=data_dir)
-    if not matches and name == "train":
-        raise InputError("no file matches '*train*.txt'", path=data_dir)
-    return matches[0] if matches else None
 
 
 def load_benchmark(
@@ -263,8 +260,9 @@ def load_benchmark(
     are looked up (default: the manifest's ``image_root``, relative to ``data_dir`` if relative;
     for a plain directory, ``data_dir``). Raises InputError for a label out of range, a class
     without train images, ``-1`` outside the open split, a known label in the open split, an
-    image listed in two splits, or a path that leaves the image root (absolute, or with a
-    ``..`` component) unless ``allow_outside_root``.
+    image file listed in two splits or twice in one (by identity: `check_image_paths`), or a
+    path that leaves the image root (absolute, with a ``..`` component, or through a symbolic
+    link) unless ``allow_outside_root``.
     """
     data_dir = Path(data_dir).expanduser()
     if not data_dir.is_dir():
@@ -324,20 +322,6 @@ def load_benchmark(
             path=split_files["train"],
         )
 
-    seen: dict[str, tuple[str, int]] = {}
-    for name, split_entries in entries.items():
-        for (path, _), line in zip(split_entries, line_numbers[name]):
-            if path in seen:
-                other_split, other_line = seen[path]
-                raise InputError(
-                    f"image also listed in {split_files[other_split]} line {other_line}; "
-                    "splits must not share images",
-                    path=split_files[name],
-                    line=line,
-                    value=path,
-                )
-            seen[path] = (name, line)
-
     if image_root is not None:
         root = Path(image_root).expanduser()
     elif manifest is not None:
@@ -346,6 +330,8 @@ def load_benchmark(
         root = data_dir
     if not root.is_dir():
         raise InputError("image root not found", path=root)
+    check_image_paths(entries, line_numbers, split_files, root,
+                      allow_outside_root=allow_outside_root)
     return Benchmark(
         data_dir=data_dir,
         manifest=manifest,

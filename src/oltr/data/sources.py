@@ -8,9 +8,15 @@ the pixels in memory, and curation exports the images it uses as PNG files.
 Spec strings accepted by `parse_source`:
 
 - ``fashion-mnist`` or ``fashion-mnist:ROOT`` — the four IDX files (see `find_fashion_mnist`);
-- ``folder:PATH`` — one sub-folder per class, images found recursively inside each;
+- ``folder:PATH`` — one sub-folder per class, images found recursively inside each by
+  `oltr.data.paths.walk_images` (symbolic links followed inside PATH; a loop, a folder or file
+  reached twice, or a link leading out of PATH is an error naming the link);
 - ``splits:PATH`` — a split file (train) or a directory with one ``*train*.txt`` and optionally
-  one ``*test*.txt``; class names from ``classes.txt`` / ``classnames.txt`` if present.
+  one ``*test*.txt``; class names from ``classes.txt`` / ``classnames.txt`` if present. One image
+  file named twice (``x`` and ``./x``, a link, a hard link), in train or between train and test,
+  is an error naming both lines.
+
+Images are decoded by `oltr.data.images` and text files read by `oltr.io.read_text`.
 """
 from __future__ import annotations
 
@@ -23,12 +29,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from oltr.data.splits import read_split_file
+from oltr.data.images import load_image
+from oltr.data.paths import IMAGE_EXTENSIONS, check_image_paths, walk_images
+from oltr.data.splits import read_split_lines
 from oltr.errors import InputError
+from oltr.io import read_text
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff"}
-)
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
     "Trouser",
@@ -52,19 +58,11 @@ _IDX_FILES = {
 _IDX_IMAGES_MAGIC = 2051
 _IDX_LABELS_MAGIC = 2049
 _CLASS_NAME_FILES = ("classes.txt", "classnames.txt")
+#: Files that sit next to split files but are not splits (``open_classes.txt``: see curation).
+NOT_SPLIT_FILES = frozenset({*_CLASS_NAME_FILES, "open_classes.txt"})
 SOURCE_KINDS = ("fashion-mnist", "fashion-mnist:ROOT", "folder:PATH", "splits:PATH")
-
-
-def open_image(path: Path) -> Image.Image:
-    """Open and fully decode an image file; InputError naming the file if that fails."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-        return image
-    except FileNotFoundError:
-        raise InputError("image not found", path=path) from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise InputError(f"cannot read image ({exc})", path=path) from None
+_FOLDER_OUTSIDE_HINT = ("pass allow_outside_root=True (oltr curate --allow-outside-root) to "
+                        "follow it")
 
 
 @dataclass
@@ -106,10 +104,10 @@ class Source:
         return self.image_root / key
 
     def load_image(self, key: str) -> Image.Image:
-        """The decoded image for ``key``."""
+        """The decoded image for ``key`` (files: as `oltr.data.images.load_image` sees them)."""
         if self.arrays is not None:
             return Image.fromarray(self._array_image(key))
-        return open_image(self.image_path(key))
+        return load_image(self.image_path(key))
 
     def export_image(self, key: str, dest_path: str | os.PathLike[str]) -> None:
         """Write the image for ``key`` to ``dest_path``: PNG for arrays, a byte copy for files."""
@@ -252,45 +250,41 @@ def _load_fashion_mnist(spec: str, root: str | None) -> Source:
 # --- folder per class ----------------------------------------------------------------------
 
 
-def images_under(folder: Path) -> list[Path]:
-    found = []
-    for directory, subdirectories, files in os.walk(folder, followlinks=True):
-        subdirectories[:] = sorted(name for name in subdirectories if not name.startswith("."))
-        for name in files:
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                found.append(Path(directory) / name)
-    return sorted(found)
-
-
-def _load_folder(spec: str, root_text: str) -> Source:
+def _load_folder(spec: str, root_text: str, allow_outside_root: bool) -> Source:
     root = Path(root_text).expanduser()
     if not root.exists():
         raise InputError("image folder not found", path=root)
     if not root.is_dir():
         raise InputError("not a directory (folder:PATH wants one sub-folder per class)", path=root)
+    images = walk_images(root, allow_outside_root=allow_outside_root,
+                         outside_hint=_FOLDER_OUTSIDE_HINT)
     class_dirs = sorted(
         entry for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith(".")
     )
     if not class_dirs:
         raise InputError("no class folders (folder:PATH wants one sub-folder per class)", path=root)
+    label_of = {class_dir.name: label for label, class_dir in enumerate(class_dirs)}
     train: list[tuple[str, int]] = []
+    for image in images:
+        relative = image.relative_to(root)
+        if len(relative.parts) < 2 or relative.parts[0] not in label_of:
+            continue  # a file directly in PATH belongs to no class
+        key = relative.as_posix()
+        if key != key.strip() or "\n" in key or "\r" in key:
+            raise InputError(
+                "image path cannot go into a split file (surrounding whitespace or a "
+                "line break)",
+                path=image,
+            )
+        train.append((key, label_of[relative.parts[0]]))
+    present = {label for _, label in train}
     for label, class_dir in enumerate(class_dirs):
-        images = images_under(class_dir)
-        if not images:
+        if label not in present:
             raise InputError(
                 f"class folder {class_dir.name!r} holds no images "
                 f"({', '.join(sorted(IMAGE_EXTENSIONS))})",
                 path=class_dir,
             )
-        for image in images:
-            key = image.relative_to(root).as_posix()
-            if key != key.strip() or "\n" in key or "\r" in key:
-                raise InputError(
-                    "image path cannot go into a split file (surrounding whitespace or a "
-                    "line break)",
-                    path=image,
-                )
-            train.append((key, label))
     return Source(
         name=spec,
         class_names=[class_dir.name for class_dir in class_dirs],
@@ -302,9 +296,18 @@ def _load_folder(spec: str, root_text: str) -> Source:
 # --- split files ---------------------------------------------------------------------------
 
 
-def single_match(directory: Path, pattern: str, *, required: bool) -> Path | None:
-    """The one file in ``directory`` matching ``pattern`` (None if absent and not required)."""
-    matches = sorted(path for path in directory.glob(pattern) if path.is_file())
+def find_split_file(directory: Path, name: str, *, required: bool) -> Path | None:
+    """The split file ``name`` (train, val, test, open, val_open) in ``directory``: the one file
+    matching ``*{name}*.txt`` other than the companion files ``classes.txt``, ``classnames.txt``
+    and ``open_classes.txt`` (`NOT_SPLIT_FILES`), and other than ``*val_open*`` files for the
+    other splits. InputError when several match, or none does and
+    ``required``."""
+    pattern = f"*{name}*.txt"
+    # ``*open*`` and ``*val*`` must not also take the validation open split (val_open.txt)
+    excluded = () if name == "val_open" else ("val_open",)
+    matches = sorted(path for path in directory.glob(pattern)
+                     if path.is_file() and path.name not in NOT_SPLIT_FILES
+                     and not any(word in path.name for word in excluded))
     if len(matches) > 1:
         names = ", ".join(path.name for path in matches)
         raise InputError(f"several files match {pattern!r}: {names}", path=directory)
@@ -316,14 +319,12 @@ def single_match(directory: Path, pattern: str, *, required: bool) -> Path | Non
 
 
 def read_class_names(directory: Path) -> tuple[list[str], Path] | None:
-    """Class names from ``classes.txt`` or ``classnames.txt`` in ``directory`` (index = line)."""
+    """Class names from ``classes.txt`` or ``classnames.txt`` in ``directory`` (index = line;
+    read by `oltr.io.read_text`: a byte-order mark is not part of the first name)."""
     for file_name in _CLASS_NAME_FILES:
         path = directory / file_name
         if path.is_file():
-            try:
-                lines = path.read_text(encoding="utf-8").splitlines()
-            except (OSError, UnicodeDecodeError) as exc:
-                raise InputError(f"cannot read class names ({exc})", path=path) from None
+            lines = read_text(path, "class-name file").splitlines()
             names = [line.strip() for line in lines]
             while names and not names[-1]:
                 names.pop()
@@ -353,16 +354,16 @@ def _load_splits(
     if not path.exists():
         raise InputError("split file or directory not found", path=path)
     if path.is_dir():
-        train_file = single_match(path, "*train*.txt", required=True)
-        test_file = single_match(path, "*test*.txt", required=False)
+        train_file = find_split_file(path, "train", required=True)
+        test_file = find_split_file(path, "test", required=False)
         directory = path
     else:
         train_file, test_file, directory = path, None, path.parent
     assert train_file is not None
     named = read_class_names(directory)
     num_classes = len(named[0]) if named is not None else None
-    train = read_split_file(train_file, num_classes=num_classes, allow_open=False,
-                            allow_outside_root=allow_outside_root)
+    train, train_lines = read_split_lines(train_file, num_classes=num_classes, allow_open=False,
+                                          allow_outside_root=allow_outside_root)
     present = {label for _, label in train}
     if num_classes is None:
         num_classes = max(present) + 1
@@ -374,15 +375,17 @@ def _load_splits(
             path=train_file,
             value=first_missing,
         )
-    test = (
-        read_split_file(test_file, num_classes=num_classes, allow_open=False,
-                        allow_outside_root=allow_outside_root)
-        if test_file is not None
-        else None
-    )
+    entries, lines, files = {"train": train}, {"train": train_lines}, {"train": train_file}
+    test = None
+    if test_file is not None:
+        test, lines["test"] = read_split_lines(test_file, num_classes=num_classes,
+                                               allow_open=False,
+                                               allow_outside_root=allow_outside_root)
+        entries["test"], files["test"] = test, test_file
     root = Path(image_root).expanduser() if image_root is not None else directory
     if not root.is_dir():
         raise InputError("image root not found", path=root)
+    check_image_paths(entries, lines, files, root, allow_outside_root=allow_outside_root)
     class_names = named[0] if named is not None else [f"class_{i}" for i in range(num_classes)]
     return Source(
         name=spec,
@@ -401,8 +404,9 @@ def parse_source(
 ) -> Source:
     """Load the source named by ``spec`` (see the module docstring for the accepted forms).
 
-    ``image_root`` applies to ``splits:`` sources only (default: the split file's directory);
-    so does ``allow_outside_root`` (split-file paths may be absolute or contain ``..``).
+    ``image_root`` applies to ``splits:`` sources only (default: the split file's directory).
+    ``allow_outside_root``: split-file paths may be absolute, contain ``..`` or lead out of the
+    image root through a symbolic link; a ``folder:`` source may follow links out of PATH.
     """
     kind, _, argument = spec.partition(":")
     if image_root is not None and kind != "splits":
@@ -412,7 +416,7 @@ def parse_source(
     if kind in ("folder", "splits") and not argument:
         raise InputError(f"'{kind}:' needs a path, as in '{kind}:PATH'", value=spec)
     if kind == "folder":
-        return _load_folder(spec, argument)
+        return _load_folder(spec, argument, allow_outside_root)
     if kind == "splits":
         return _load_splits(spec, argument, image_root, allow_outside_root)
     raise InputError(f"unknown source; expected one of {', '.join(SOURCE_KINDS)}", value=spec)

@@ -4,7 +4,10 @@ One line per image: ``relative/path label``; the open label is ``-1``. The label
 whitespace-separated field, so a path that contains spaces still reads back. Blank lines are
 tolerated; anything else that is not ``path label`` is an error naming the file and line.
 Paths are relative to the image root: an absolute path or a ``..`` component (which would
-leave it) is refused unless ``allow_outside_root`` is set (config ``data.allow_outside_root``).
+leave it) is refused unless ``allow_outside_root`` is set (config ``data.allow_outside_root``);
+where a path leads once symbolic links are resolved, and which paths name the same file, is
+`oltr.data.paths`'s business. The file is read by `oltr.io.read_text` (UTF-8, optional
+byte-order mark, any line ends).
 """
 from __future__ import annotations
 
@@ -13,20 +16,18 @@ import operator
 import os
 import re
 from collections.abc import Iterable
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
+from oltr.data.paths import OUTSIDE_ROOT_HINT, leaves_root
 from oltr.errors import InputError
-from oltr.io import atomic_write_bytes
+from oltr.io import atomic_write_bytes, read_text
+
+__all__ = ["OPEN_LABEL", "format_split", "leaves_root", "read_split_file", "read_split_lines",
+           "sha256_file", "write_split_file"]
 
 OPEN_LABEL = -1
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 _MAX_LABEL_DIGITS = 9
-
-
-def leaves_root(image_path: str) -> bool:
-    """True if ``image_path`` is absolute or has a ``..`` component (it can leave the root)."""
-    pure = PurePosixPath(image_path)
-    return pure.is_absolute() or ".." in pure.parts
 
 
 def read_split_lines(
@@ -44,14 +45,7 @@ def read_split_lines(
     or a missing / unreadable file. A UTF-8 byte-order mark is ignored.
     """
     path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except FileNotFoundError:
-        raise InputError("split file not found", path=path) from None
-    except UnicodeDecodeError as exc:
-        raise InputError(f"split file is not UTF-8 text ({exc.reason})", path=path) from None
-    except OSError as exc:
-        raise InputError(f"cannot read split file ({exc.strerror})", path=path) from None
+    text = read_text(path, "split file")
     entries: list[tuple[str, int]] = []
     line_numbers: list[int] = []
     first_line_of: dict[str, int] = {}
@@ -90,8 +84,8 @@ def read_split_lines(
             )
         if not allow_outside_root and leaves_root(image_path):
             raise InputError(
-                "path leaves the image root (absolute or with a '..' component); set "
-                "data.allow_outside_root: true to allow it",
+                f"path leaves the image root (absolute or with a '..' component); "
+                f"{OUTSIDE_ROOT_HINT}",
                 path=path,
                 line=line_number,
                 value=image_path,

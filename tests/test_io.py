@@ -1,0 +1,88 @@
+"""The one text reader (oltr.io.read_text) and the files read through it: a byte-order mark is
+never part of a class name, any line ends work, non-UTF-8 is named (issue 9)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from oltr.cli import main
+from oltr.config import load_config
+from oltr.data import load_benchmark, parse_source
+from oltr.data.splits import read_split_lines
+from oltr.engine import _read_history
+from oltr.errors import InputError
+from oltr.io import read_json_object, read_text
+
+BOM = "\ufeff"
+
+
+def test_read_text_drops_a_bom_and_normalises_line_ends(tmp_path):
+    path = tmp_path / "x.txt"
+    path.write_bytes((BOM + "a\r\nb\rc\nd").encode("utf-8"))
+    assert read_text(path, "file") == "a\nb\nc\nd"
+    path.write_bytes(b"no bom\n")
+    assert read_text(path, "file") == "no bom\n"
+
+
+def test_read_text_errors_name_the_file(tmp_path):
+    with pytest.raises(InputError, match=r"none\.txt: class-name file not found"):
+        read_text(tmp_path / "none.txt", "class-name file")
+    with pytest.raises(InputError, match=r"cannot read split file \(Is a directory\)"):
+        read_text(tmp_path, "split file")
+    (tmp_path / "latin.txt").write_bytes("a 0\ncafé 1\n".encode("latin-1"))
+    with pytest.raises(InputError, match=r"latin\.txt: split file is not UTF-8 text \(invalid "
+                                         r"continuation byte at line 2, byte 7\)"):
+        read_text(tmp_path / "latin.txt", "split file")
+    (tmp_path / "wide.txt").write_text("a 0\n", encoding="utf-16")
+    with pytest.raises(InputError, match=r"wide\.txt: split file is not UTF-8 text \(it starts "
+                                         r"with a UTF-16 byte-order mark; save it as UTF-8\)"):
+        read_text(tmp_path / "wide.txt", "split file")
+
+
+def windows_text(path: Path, text: str) -> Path:
+    """``text`` as a Windows editor saves it: UTF-8 with a byte-order mark, CRLF line ends."""
+    path.write_bytes((BOM + text.replace("\n", "\r\n")).encode("utf-8"))
+    return path
+
+
+def splits_source(root: Path) -> Path:
+    for label, name in enumerate(("cat", "dog", "owl")):
+        for i in range(6):
+            path = root / name / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("L", (4, 4), 40 * label + i).save(path)
+    windows_text(root / "classes.txt", "cat\ndog\nowl\n")
+    windows_text(root / "train.txt", "".join(f"{name}/{i}.png {label}\n"
+                                             for label, name in enumerate(("cat", "dog", "owl"))
+                                             for i in range(6)))
+    return root
+
+
+def test_a_bom_in_classes_txt_is_not_part_of_the_first_class_name(tmp_path, capsys):
+    source = splits_source(tmp_path / "src")
+    assert parse_source(f"splits:{source}").class_names == ["cat", "dog", "owl"]
+    out = tmp_path / "bench"
+    assert main(["curate", f"splits:{source}", "--out", str(out), "--known", "cat,dog",
+                 "--max-count", "3", "--min-count", "2", "--val-per-class", "1",
+                 "--test-per-class", "1"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert sorted(manifest["known_classes"]) == ["cat", "dog"]
+    assert manifest["open_classes"] == ["owl"]
+    assert BOM not in (out / "classes.txt").read_text(encoding="utf-8")
+    capsys.readouterr()
+    windows_text(out / "classes.txt", (out / "classes.txt").read_text())
+    assert load_benchmark(out, verify=False).class_names == manifest["known_classes"]
+
+
+def test_split_files_configs_json_and_histories_with_bom_and_crlf(tmp_path):
+    split = windows_text(tmp_path / "train.txt", "a.png 0\n\nb.png 1\n")
+    assert read_split_lines(split) == ([("a.png", 0), ("b.png", 1)], [1, 3])
+    config = windows_text(tmp_path / "mine.yaml", "train:\n  lr: 0.05\n")
+    assert load_config(config_file=config)["train"]["lr"] == 0.05
+    data = windows_text(tmp_path / "x.json", '{\n  "a": 1\n}\n')
+    assert read_json_object(data, "thing") == {"a": 1}
+    windows_text(tmp_path / "history.jsonl", '{"epoch": 1}\n{"epoch": 2}\n')
+    assert _read_history(tmp_path) == [{"epoch": 1}, {"epoch": 2}]
