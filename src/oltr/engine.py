@@ -35,7 +35,6 @@ import math
 import random
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,12 +112,11 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def autocast_context(amp: str, device: torch.device):
-    """bf16 autocast (``auto``/``bf16``) or nothing (``off``)."""
-    if amp not in ("auto", "bf16", "off"):
-        raise InputError("train.amp must be auto, bf16 or off", value=amp)
-    if amp == "off":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    """bf16 autocast for ``bf16``, and for ``auto`` where bf16 is native on ``device``
+    (:func:`oltr.train.runtime.uses_bf16`); nothing for ``off``."""
+    from oltr.train.runtime import autocast
+
+    return autocast(amp, device)
 
 
 # --------------------------------------------------------------------------- data

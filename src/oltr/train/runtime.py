@@ -146,3 +146,35 @@ def shutdown_runtime(runtime: Runtime) -> None:
     """Leave the process group (no-op for a single process)."""
     if runtime.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """True where bf16 arithmetic runs natively: CUDA devices that support it, CPUs with
+    AVX512-BF16 or AMX (oneDNN's check). On an AVX2-only CPU bf16 autocast is emulated and
+    measured 12× slower than fp32 (19 vs 231 img/s, the default benchmark's network,
+    benchmarks/README.md)."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def uses_bf16(amp: str, device: torch.device) -> bool:
+    """Whether ``train.amp`` / ``eval.amp`` means bf16 autocast on ``device``: ``bf16`` always,
+    ``auto`` only where bf16 is native (:func:`native_bf16`), ``off`` never."""
+    if amp not in ("auto", "bf16", "off"):
+        raise InputError("amp must be auto, bf16 or off", value=amp)
+    return amp == "bf16" or (amp == "auto" and native_bf16(device))
+
+
+def autocast(amp: str, device: torch.device):
+    """bf16 autocast where :func:`uses_bf16` says so, else a no-op context."""
+    from contextlib import nullcontext
+
+    if not uses_bf16(amp, device):
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
