@@ -392,7 +392,7 @@ CLI_ROWS = [
     ("predict a truncated image", predict_truncated, "copy.png: cannot read image"),
     ("evaluate on an unknown device",
      lambda case: ["evaluate", str(case.run), "--data", str(case.fmnist), "--device", "gpu"],
-     "oltr evaluate: error: unknown device (auto, cpu, cuda or cuda:N) (value: 'gpu')"),
+     "oltr evaluate: error: unknown device (auto, cpu, mps, cuda or cuda:N) (value: 'gpu')"),
     ("curate with min above max",
      lambda case: ["curate", "fashion-mnist", "--out", str(case.tmp / "out"), "--max-count",
                    "3", "--min-count", "5"],

@@ -2,18 +2,21 @@
 
 Every command exits with status 2 and a one-line message naming the bad file, line or value when
 its input is wrong (``oltr.errors.InputError``); ``--debug`` shows the full traceback instead.
+Ctrl-C (SIGINT), SIGTERM and SIGHUP all take the same way out: the command's clean-up runs
+(no partial output is left) and it exits with 128 + the signal number and one line saying what
+was kept.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from oltr.config import (
     COMPARISON_DETECTORS,
@@ -23,8 +26,9 @@ from oltr.config import (
     list_benchmarks,
     list_methods,
     load_config,
+    read_yaml,
 )
-from oltr.errors import InputError, OltrError
+from oltr.errors import InputError, OltrError, one_line
 
 EXAMPLES = """\
 examples:
@@ -56,7 +60,10 @@ def protocol_defaults(name: str) -> dict[str, Any]:
     if not path.exists():
         available = [b for b in list_benchmarks() if (CONFIG_DIR / b / "protocol.yaml").exists()]
         raise InputError(f"no curation protocol named '{name}' (available: {', '.join(available)})")
-    return yaml.safe_load(path.read_text())["curate"]
+    curate = read_yaml(path).get("curate")
+    if not isinstance(curate, dict):
+        raise InputError("a curation protocol needs a 'curate' mapping", path=path)
+    return curate
 
 
 def cmd_curate(args: argparse.Namespace) -> int:
@@ -131,7 +138,7 @@ def _evaluate(run: str | Path, data: str | Path, **kwargs: Any) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    output = args.output or Path(args.run) / "report.json"
+    output = args.output or Path(args.run) / "report.json"  # checked before evaluating
     return _evaluate(args.run, args.data, open_set=args.open, open_score=args.open_score,
                      threshold=args.threshold, accept_rate=args.accept_rate, device=args.device,
                      logit_adjustment=args.logit_adjustment,
@@ -207,6 +214,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- parser
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Append ``(default: X)`` only for a real default (not None, not a flag's False) that the
+    help text does not state already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="oltr",
@@ -223,11 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Choose known and open classes (seeded), draw per-class train counts from a "
                     "profile, hold out balanced val/test splits, and write split files "
                     "(`path label`, open label -1) + manifest.json. Same arguments → same bytes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("source", help="fashion-mnist[:ROOT] | folder:PATH (one sub-folder per class) "
                                   "| splits:PATH (a split file or a folder with *train*.txt)")
-    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--out", required=True,
+                   help="output directory: absent or empty (--force: or a benchmark oltr "
+                        "curated); never the source, around it, or the working directory")
     p.add_argument("--protocol", help=f"start from a written-down protocol, e.g. "
                                       f"{DEFAULT_BENCHMARK} (configs/<name>/protocol.yaml)")
     p.add_argument("--seed", type=int)
@@ -246,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", help="image root of a splits: source")
     p.add_argument("--allow-outside-root", action="store_true",
                    help="let a splits: source list absolute paths or paths with '..'")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--force", action="store_true",
+                   help="replace a benchmark oltr curated into --out before (never a folder "
+                        "oltr did not write, nor one holding files oltr did not write)")
     p.set_defaults(func=cmd_curate)
 
     p = sub.add_parser(
@@ -267,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto | cpu | cuda")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a run oltr wrote into --out from its last checkpoint (a fresh "
+                        "--out starts a new run)")
     p.add_argument("--stage", action="append", metavar="NAME",
                    help="train only this stage (repeatable), e.g. --stage stage2 of a run whose "
                         "stage 1 is done; default: every stage")
@@ -283,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="closed- and open-set evaluation → JSON report",
         description="Evaluate a run's selected weights on the test (and open) split; print a "
                     "table and write the JSON report (schema: docs/report.md).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("run", help="run directory written by `oltr train`")
     p.add_argument("--data", required=True, help="the curated benchmark directory")
@@ -339,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "curated benchmark; write OUT/results.md (Tab. 3- and Tab. 2-style tables, "
                     "mean ± std over seeds) and OUT/results.json. Identical stages (the plain "
                     "stage 1 of two-stage methods) train once; a killed bench resumes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--data", required=True, help="a curated benchmark directory")
     p.add_argument("--out", required=True, help="bench directory (runs, stage cache, results)")
@@ -373,20 +397,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# --------------------------------------------------------------------------- signals
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is so that every clean-up runs (as Ctrl-C)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _raise_interrupted(signum: int, _frame: Any) -> None:
+    for number in TERMINATING_SIGNALS:  # a second signal must not cut the clean-up short
+        signal.signal(number, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def _interrupted_hint(args: argparse.Namespace) -> str:
+    """What an interrupted command kept and how to go on, in the command's own terms."""
+    if args.command == "train":
+        out = Path(args.out)
+        if out.is_dir() and any(out.glob("*/checkpoint.pt")):
+            return "rerun it with --resume to continue from the last checkpoint"
+        return "no epoch had finished, nothing was kept; run the command again"
+    if args.command == "curate":
+        return "nothing was written; run the command again"
+    if args.command == "evaluate":
+        return "no report was written; run the command again"
+    if args.command == "bench":
+        return "finished stages and reports are kept; run the same command to continue"
+    return "nothing was written"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {number: signal.signal(number, _raise_interrupted)
+                    for number in TERMINATING_SIGNALS}
     try:
         return args.func(args)
     except OltrError as exc:
         if args.debug:
             raise
-        print(f"oltr {args.command}: error: {exc}", file=sys.stderr)
+        print(f"oltr {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; rerun with --resume to continue from the last checkpoint",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        number = getattr(exc, "signum", signal.SIGINT)
+        print(f"oltr {args.command}: interrupted ({signal.Signals(number).name}); "
+              f"{_interrupted_hint(args)}", file=sys.stderr)
+        return 128 + number
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
 
 
 if __name__ == "__main__":
