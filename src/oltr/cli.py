@@ -394,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     from oltr.analysis import add_analysis_command
 
     add_analysis_command(sub)
+    for command in sub.choices.values():  # every command's help: real defaults only
+        if issubclass(command.formatter_class, argparse.ArgumentDefaultsHelpFormatter):
+            command.formatter_class = DefaultsHelpFormatter
     return parser
 
 
@@ -444,6 +447,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"oltr {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the machine's, not the input's: a full disk, a lost mount
+        if args.debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"oltr {args.command}: error: {where}{one_line(exc.strerror or str(exc))}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         number = getattr(exc, "signum", signal.SIGINT)
