@@ -383,7 +383,7 @@ ROWS = [
     ("cross-key error of stage 2 before stage 1 trains",
      fresh_run("oltr", "stage2.model.meta_embedding=false"),
      r"train\.centroid_loss needs model\.meta_embedding: true in stage 'stage2' "
-     r"\(the centroids live there\) \(value: 'paper'\)"),
+     r"\(the centroids live there\) \(value: '\w+'\)"),
     ("epoch samples below the batch size", fresh_run("plain", "train.epoch_samples=10"),
      r"train\.epoch_samples \(10\) is below train\.batch_size \(32\): every epoch would drop "
      r"its only, incomplete batch and train nothing"),

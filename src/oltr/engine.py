@@ -605,7 +605,12 @@ def train_stage(
     )
     classification_loss, feature_loss = build_stage_losses(train_cfg, bench.train_counts, device)
     centroid_loss = None
-    if train_cfg["centroid_loss"] != "none":  # check_stage: the network has a meta-embedding
+    if train_cfg["centroid_loss"] != "none":
+        if net.meta_embedding is None:
+            raise InputError(
+                "train.centroid_loss needs model.meta_embedding: true (the centroids live there)",
+                value=train_cfg["centroid_loss"],
+            )
         centroid_loss = build_centroid_loss(train_cfg["centroid_loss"], margin=train_cfg["centroid_margin"])
 
     start_epoch, best_epoch, best_acc = 0, -1, -1.0
