@@ -375,18 +375,18 @@ ROWS = [
     ("resume on fewer classes", resume_on_three_classes,
      r"checkpoint\.pt: the checkpoint was written for 4 classes .* but the data has 3"),
     ("resume with another config", resume_with("train.lr=0.05"),
-     r"config\.yaml: --resume with a config that differs from the saved one: train\.lr: "
-     r"0\.1 → 0\.05; resume with the same command"),
+     (r"config\.yaml: --resume with a config that differs from the saved one: train\.lr: "
+     r"0\.1 → 0\.05; resume with the same command")),
     ("resume with a damaged history", resume_with(history='{"epoch": 1}\n{"epoch": 2, "lo\n'),
      r"history\.jsonl:2: training history line is not valid JSON"),
     # a run's checks come before it creates anything (no 'out' is left)
     ("cross-key error of stage 2 before stage 1 trains",
      fresh_run("oltr", "stage2.model.meta_embedding=false"),
-     r"train\.centroid_loss needs model\.meta_embedding: true in stage 'stage2' "
-     r"\(the centroids live there\) \(value: '\w+'\)"),
+     (r"train\.centroid_loss needs model\.meta_embedding: true in stage 'stage2' "
+     r"\(the centroids live there\) \(value: '\w+'\)")),
     ("epoch samples below the batch size", fresh_run("plain", "train.epoch_samples=10"),
-     r"train\.epoch_samples \(10\) is below train\.batch_size \(32\): every epoch would drop "
-     r"its only, incomplete batch and train nothing"),
+     (r"train\.epoch_samples \(10\) is below train\.batch_size \(32\): every epoch would drop "
+     r"its only, incomplete batch and train nothing")),
     ("mps where there is none", fresh_run("plain", "device=mps"),
      r"device 'mps' requested but MPS \(Apple GPU\) is not available \(value: 'mps'\)"),
     ("a CUDA device that is not there", fresh_run("plain", "device=cuda:99"),
@@ -521,8 +521,8 @@ CLI_ROWS = [
      "notes.txt: report path holds a file that is not an oltr report; it is not overwritten"),
     ("predict with a text threshold in the report",
      predict_with_report(lambda r: r["open"].update(threshold="high")),
-     "report.json: report key 'open.threshold' must be a finite number (edited? re-run "
-     "`oltr evaluate`) (value: 'high')"),
+     ("report.json: report key 'open.threshold' must be a finite number (edited? re-run "
+     "`oltr evaluate`) (value: 'high')")),
     ("predict with a null threshold in the report",
      predict_with_report(lambda r: r["open"].update(threshold=None)),
      "report.json: report key 'open.threshold' must be a finite number"),

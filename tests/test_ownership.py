@@ -271,9 +271,9 @@ def test_a_run_being_trained_is_locked_against_train_and_evaluate(fmnist_small, 
             child.kill()
             child.wait()
     config = load_config("plain", overrides=[*TINY, "train.epochs=200"])
-    with locked(run, "run directory"):  # in-process holder: the message names this process
-        with pytest.raises(InputError, match=f"in use by another oltr process \\(pid {os.getpid()}"):
-            train_run(config, fmnist_small, run, resume=True, progress=False)
+    held_here = f"in use by another oltr process \\(pid {os.getpid()}"
+    with locked(run, "run directory"), pytest.raises(InputError, match=held_here):
+        train_run(config, fmnist_small, run, resume=True, progress=False)
 
 
 # ------------------------------------------------------------------ stale thresholds
@@ -336,8 +336,8 @@ def test_a_signal_during_curation_leaves_no_partial_output(tmp_path, signum) -> 
             child.wait()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curate.log"]
     message = log.read_text().strip().splitlines()
-    assert message == [f"oltr curate: interrupted ({signal.Signals(signum).name}); nothing was "
-                       "written; run the command again"]
+    assert message == [(f"oltr curate: interrupted ({signal.Signals(signum).name}); nothing "
+                        "was written; run the command again")]
 
 
 def test_sigterm_during_training_keeps_the_last_epoch_and_says_resume(fmnist_small,

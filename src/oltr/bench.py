@@ -46,8 +46,8 @@ from oltr.config import (
     stage_config,
     with_defaults,
 )
-from oltr.detectors import list_detectors
 from oltr.data.splits import sha256_file
+from oltr.detectors import list_detectors
 from oltr.engine import RUN_INFO, WEIGHTS, final_stage_dir, train_stage
 from oltr.errors import InputError
 from oltr.evaluate import evaluate_run

@@ -78,7 +78,7 @@ def load_yaml(text: str, *, path: str | Path | None = None) -> Any:
     ``MAX_YAML_NODES`` nodes and recursive aliases; every YAML read of a user's text goes
     through here. InputError (naming ``path`` and the line) on any problem."""
     try:
-        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 (a SafeLoader)
+        return yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader: no arbitrary objects
     except _Oversized as exc:
         raise InputError(str(exc), path=path) from None
     except RecursionError:

@@ -336,7 +336,7 @@ def load_model(stage_dir: Path, device: torch.device | str = "cpu") -> tuple[OLT
         data = weights_path.read_bytes()
         state = load_safetensors(data)
     except Exception as exc:  # safetensors' own errors, OSError, MemoryError of a bad header
-        raise InputError(f"cannot read weights: {exc}", path=weights_path) from None
+        raise InputError(f"cannot read weights: {exc}", path=weights_path) from exc
     # what evaluation reports record and `predict` compares: these very bytes were loaded
     info["weights_sha256"] = hashlib.sha256(data).hexdigest()
     try:
@@ -440,7 +440,7 @@ def _init_from_previous(
     try:
         previous = load_file(str(weights))
     except Exception as exc:
-        raise InputError(f"train.init_from: cannot read weights: {exc}", path=weights) from None
+        raise InputError(f"train.init_from: cannot read weights: {exc}", path=weights) from exc
     try:
         copied = load_stage1_into_stage2(net, previous)
     except InputError as exc:

@@ -46,9 +46,9 @@ from oltr.engine import (
 )
 from oltr.errors import InputError
 from oltr.io import atomic_write_text
-from oltr.ownership import check_report_output, lock_holder, locked, marker_kind
 from oltr.models.classifiers import tau_normalize
 from oltr.openset import compute_open_score, msp_score, probability_threshold_to_msp_score
+from oltr.ownership import check_report_output, lock_holder, locked, marker_kind
 
 REPORT_VERSION = 1
 
@@ -449,7 +449,6 @@ def evaluate_run(
     """
     started = time.perf_counter()
     stage_cfg = run_stage_config(run_dir)
-    eval_cfg = stage_cfg["eval"]
     if output is not None:
         check_report_output(output)
     writes_into_run = output is not None and Path(output).expanduser().resolve().is_relative_to(
