@@ -457,8 +457,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as exc:
         number = getattr(exc, "signum", signal.SIGINT)
-        print(f"oltr {args.command}: interrupted ({signal.Signals(number).name}); "
-              f"{_interrupted_hint(args)}", file=sys.stderr)
+        try:  # after SIGHUP the terminal may be gone
+            print(f"oltr {args.command}: interrupted ({signal.Signals(number).name}); "
+                  f"{_interrupted_hint(args)}", file=sys.stderr)
+        except OSError:
+            pass
         return 128 + number
     finally:
         for number, handler in handlers.items():

@@ -389,6 +389,16 @@ def _read_history(stage_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
+def check_stage_losses(train_cfg: dict[str, Any]) -> None:
+    """The loss settings that exclude each other (InputError naming them)."""
+    name = train_cfg["loss"]
+    if train_cfg["label_smoothing"] and name != "ce":
+        raise InputError("train.label_smoothing applies to train.loss: ce only", value=name)
+    if train_cfg["drw_epoch"] is not None and name not in ("ce", "ldam"):
+        raise InputError("deferred re-weighting (train.drw_epoch) needs train.loss ce or ldam",
+                         value=name)
+
+
 def build_stage_losses(
     train_cfg: dict[str, Any], train_counts: Any, device: torch.device
 ) -> tuple[nn.Module, nn.Module | None]:
@@ -402,11 +412,7 @@ def build_stage_losses(
         "logit_adjusted": {"tau": train_cfg["logit_adjust_tau"]},
         "ldam": {"max_margin": train_cfg["ldam_max_margin"], "scale": train_cfg["ldam_scale"]},
     }[name]
-    if train_cfg["label_smoothing"] and name != "ce":
-        raise InputError("train.label_smoothing applies to train.loss: ce only", value=name)
-    if train_cfg["drw_epoch"] is not None and name not in ("ce", "ldam"):
-        raise InputError("deferred re-weighting (train.drw_epoch) needs train.loss ce or ldam",
-                         value=name)
+    check_stage_losses(train_cfg)
     classification = build_classification_loss(name, class_counts=np.asarray(train_counts),
                                                 **options).to(device)
     feature = None
@@ -509,7 +515,8 @@ def steps_per_epoch(train_cfg: dict[str, Any], train_size: int) -> int:
 
 def check_stage(cfg: dict[str, Any], bench: Benchmark) -> None:
     """Fail before any training on what a stage's settings and data do not allow together:
-    its device, transforms, network (built on the meta device: no memory, no weights read),
+    its device, transforms, network (built on the meta device where it can be: no memory, no
+    weights read),
     losses (``train.centroid_loss`` needs ``model.meta_embedding``), steps per epoch and
     pretrained weights file. InputError naming the key and value."""
     train_cfg, data_cfg = cfg["train"], cfg["data"]
@@ -522,14 +529,20 @@ def check_stage(cfg: dict[str, Any], bench: Benchmark) -> None:
     if pretrained is not None and not Path(pretrained).expanduser().is_file():
         raise InputError("pretrained weights file not found (model.pretrained_path)",
                          path=pretrained)
-    with torch.device("meta"):
-        net = create_network(cfg["model"] | {"pretrained_path": None}, bench.num_classes,
-                             data_cfg["channels"], class_counts=bench.train_counts.tolist())
+    model_cfg = cfg["model"] | {"pretrained_path": None}
+    counts = bench.train_counts.tolist()
+    try:
+        with torch.device("meta"):
+            net = create_network(model_cfg, bench.num_classes, data_cfg["channels"],
+                                 class_counts=counts)
+    except (NotImplementedError, RuntimeError):  # a module that needs real values to build
+        net = create_network(model_cfg, bench.num_classes, data_cfg["channels"],
+                             class_counts=counts)
     if train_cfg["centroid_loss"] != "none" and net.meta_embedding is None:
         raise InputError(
             f"train.centroid_loss needs model.meta_embedding: true in stage '{cfg['stage']}' "
             "(the centroids live there)", value=train_cfg["centroid_loss"])
-    build_stage_losses(train_cfg, bench.train_counts, torch.device("cpu"))
+    check_stage_losses(train_cfg)
     steps_per_epoch(train_cfg, len(bench.split("train")))
 
 
