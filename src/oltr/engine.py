@@ -380,8 +380,9 @@ def _read_history(stage_dir: Path) -> list[dict[str, Any]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise InputError(f"training history line is not valid JSON ({exc.msg}); restore "
-                             "the line or delete the file", path=path, line=number) from None
+            raise InputError(f"training history line is not valid JSON ({exc.msg}): the "
+                             "history is damaged; restore it, or train into a new --out",
+                             path=path, line=number) from None
         if not isinstance(record, dict):
             raise InputError("training history line must be a JSON object", path=path,
                              line=number)
