@@ -197,25 +197,31 @@ def test_make_run_style_commands_repeat_on_what_oltr_wrote(fmnist_small, tmp_pat
 
 
 # ------------------------------------------------------------------ fresh runs that fail
-@pytest.mark.parametrize("empty_dir_before", [False, True])
+@pytest.mark.parametrize("before", ["absent", "empty", "absent, sibling made meanwhile"])
 def test_a_fresh_run_that_fails_before_an_epoch_leaves_nothing(fmnist_small, tmp_path,
                                                                monkeypatch, capsys,
-                                                               empty_dir_before) -> None:
+                                                               before) -> None:
     run = tmp_path / "runs" / "r"
-    if empty_dir_before:
+    if before == "empty":
         run.mkdir(parents=True)
 
     def disk_full(*_args, **_kwargs):
+        if before.endswith("meanwhile"):  # another process's run next to this one
+            (tmp_path / "runs" / "other").mkdir()
+            (tmp_path / "runs" / "other" / "x").write_text("theirs")
         raise OSError(28, "No space left on device", str(run / "main" / "checkpoint.pt"))
 
     monkeypatch.setattr(engine, "_train_one_epoch", disk_full)
     argv = ["train", "--method", "plain", "--data", str(fmnist_small), "--out", str(run),
             "--no-progress", *TINY]
     _refused(argv, capsys, "checkpoint.pt: No space left on device")
-    if empty_dir_before:
+    if before == "empty":
         assert run.is_dir() and list(run.iterdir()) == []  # the user's empty folder stays
-    else:
+    elif before == "absent":
         assert not (tmp_path / "runs").exists()  # the directories it made are gone too
+    else:
+        assert _snapshot(tmp_path / "runs") == {
+            "other": "dir", "other/x": hashlib.sha256(b"theirs").hexdigest()}
     monkeypatch.undo()
     assert main(argv) == 0  # the fixed command works: no "run directory is not empty"
 

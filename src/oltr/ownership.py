@@ -182,13 +182,21 @@ def _write_claim_marker(path: Path, kind: str, what: str) -> None:
 
 
 def undo_claim(claim: Claim) -> None:
-    """Remove what a fresh claim holds (all of it this invocation's): the directories it
-    created, or the entries of the empty directory it claimed. A claim that was not fresh is
-    left as it is."""
+    """Remove what a fresh claim holds (all of it this invocation's): the directory it created
+    and those of its parents it created that are empty again (another process may have put
+    something there meanwhile), or the entries of the empty directory it claimed. A claim that
+    was not fresh is left as it is."""
     if not claim.fresh:
         return
     if claim.created is not None:
-        shutil.rmtree(claim.created, ignore_errors=True)
+        shutil.rmtree(claim.path, ignore_errors=True)
+        parent = claim.path.parent
+        while parent == claim.created or claim.created in parent.parents:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
         return
     for entry in claim.path.iterdir():
         if entry.is_dir() and not entry.is_symlink():
