@@ -28,7 +28,7 @@ from oltr.config import (
     load_config,
     read_yaml,
 )
-from oltr.errors import InputError, OltrError, one_line
+from oltr.errors import InputError, OltrError
 
 EXAMPLES = """\
 examples:
@@ -60,10 +60,10 @@ def protocol_defaults(name: str) -> dict[str, Any]:
     if not path.exists():
         available = [b for b in list_benchmarks() if (CONFIG_DIR / b / "protocol.yaml").exists()]
         raise InputError(f"no curation protocol named '{name}' (available: {', '.join(available)})")
-    curate = read_yaml(path).get("curate")
-    if not isinstance(curate, dict):
-        raise InputError("a curation protocol needs a 'curate' mapping", path=path)
-    return curate
+    settings = read_yaml(path, "curation protocol").get("curate")
+    if not isinstance(settings, dict):
+        raise InputError("a curation protocol needs a 'curate:' mapping", path=path)
+    return settings
 
 
 def cmd_curate(args: argparse.Namespace) -> int:
@@ -241,13 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Choose known and open classes (seeded), draw per-class train counts from a "
                     "profile, hold out balanced val/test splits, and write split files "
                     "(`path label`, open label -1) + manifest.json. Same arguments → same bytes.",
-        formatter_class=DefaultsHelpFormatter,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("source", help="fashion-mnist[:ROOT] | folder:PATH (one sub-folder per class) "
                                   "| splits:PATH (a split file or a folder with *train*.txt)")
     p.add_argument("--out", required=True,
-                   help="output directory: absent or empty (--force: or a benchmark oltr "
-                        "curated); never the source, around it, or the working directory")
+                   help="output directory: absent or empty; --force replaces only a benchmark "
+                        "oltr curated that holds nothing oltr did not write; never the source, "
+                        "a folder around it, or the working directory")
     p.add_argument("--protocol", help=f"start from a written-down protocol, e.g. "
                                       f"{DEFAULT_BENCHMARK} (configs/<name>/protocol.yaml)")
     p.add_argument("--seed", type=int)
@@ -266,9 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", help="image root of a splits: source")
     p.add_argument("--allow-outside-root", action="store_true",
                    help="let a splits: source list absolute paths or paths with '..'")
-    p.add_argument("--force", action="store_true",
-                   help="replace a benchmark oltr curated into --out before (never a folder "
-                        "oltr did not write, nor one holding files oltr did not write)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=cmd_curate)
 
     p = sub.add_parser(
@@ -307,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="closed- and open-set evaluation → JSON report",
         description="Evaluate a run's selected weights on the test (and open) split; print a "
                     "table and write the JSON report (schema: docs/report.md).",
-        formatter_class=DefaultsHelpFormatter,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("run", help="run directory written by `oltr train`")
     p.add_argument("--data", required=True, help="the curated benchmark directory")
@@ -363,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "curated benchmark; write OUT/results.md (Tab. 3- and Tab. 2-style tables, "
                     "mean ± std over seeds) and OUT/results.json. Identical stages (the plain "
                     "stage 1 of two-stage methods) train once; a killed bench resumes.",
-        formatter_class=DefaultsHelpFormatter,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--data", required=True, help="a curated benchmark directory")
     p.add_argument("--out", required=True, help="bench directory (runs, stage cache, results)")
@@ -446,14 +445,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OltrError as exc:
         if args.debug:
             raise
-        print(f"oltr {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
+        print(f"oltr {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # the machine's, not the input's: a full disk, a lost mount
         if args.debug:
             raise
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"oltr {args.command}: error: {where}{one_line(exc.strerror or str(exc))}",
-              file=sys.stderr)
+        print(f"oltr {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         number = getattr(exc, "signum", signal.SIGINT)

@@ -91,20 +91,21 @@ def load_yaml(text: str, *, path: str | Path | None = None) -> Any:
                          line=None if mark is None or path is None else mark.line + 1) from None
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML file holding a mapping (empty file: ``{}``), read with :func:`load_yaml`."""
+def read_yaml(path: Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML mapping from ``path`` (read with :func:`load_yaml`); InputError naming the file
+    (and line) when it cannot be read, is not UTF-8, not YAML or not a mapping."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise InputError(f"cannot read config file: {exc.strerror}", path=path) from None
+        raise InputError(f"cannot read {what}: {exc.strerror}", path=path) from None
     except UnicodeDecodeError:
-        raise InputError("config file is not UTF-8 text", path=path) from None
+        raise InputError(f"{what} is not UTF-8 text", path=path) from None
     data = load_yaml(text, path=path)
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise InputError("a config file must hold a mapping at the top level", path=path)
+        raise InputError(f"a {what} must hold a mapping at the top level", path=path)
     return data
 
 

@@ -62,8 +62,6 @@ def read_json_object(path: Path, what: str) -> dict[str, Any]:
                          line=exc.lineno) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read {what} ({exc})", path=path) from None
-    except RecursionError:
-        raise InputError(f"{what} is nested too deeply", path=path) from None
     if not isinstance(data, dict):
         raise InputError(f"{what} must hold a JSON object", path=path)
     return data
