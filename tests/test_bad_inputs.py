@@ -465,7 +465,7 @@ def predict_with_report(edit: Callable[[dict], object]) -> Callable[[Case], list
     return argv
 
 
-def train_argv(case: Case, *extra: str, out: Path | None = None) -> list[str]:
+def tiny_train_argv(case: Case, *extra: str, out: Path | None = None) -> list[str]:
     return ["train", "--method", "plain", "--data", str(case.fmnist), "--out",
             str(out or case.tmp / "out"), "--no-progress", *TRAINED, *extra]
 
@@ -497,11 +497,11 @@ CLI_ROWS = [
      lambda case: ["curate", "fashion-mnist", "--out", str(case.tmp / "out"), "--max-count",
                    "3", "--min-count", "5"],
      "oltr curate: error: invalid long-tail profile: max_count (3) must be >= min_count (5)"),
-    ("an unparsable override", lambda case: train_argv(case, "train.lr=["),
+    ("an unparsable override", lambda case: tiny_train_argv(case, "train.lr=["),
      "oltr train: error: cannot parse the value of override: invalid YAML: "),
-    ("a seed beyond 2**32", lambda case: train_argv(case, "--seed", "200000000000000"),
+    ("a seed beyond 2**32", lambda case: tiny_train_argv(case, "--seed", "200000000000000"),
      "oltr train: error: config key 'seed' must be an integer in 0..4294967295"),
-    ("train --out a file", lambda case: train_argv(case, out=a_file(case)),
+    ("train --out a file", lambda case: tiny_train_argv(case, out=a_file(case)),
      "notes.txt: run directory exists and is not a directory"),
     ("evaluate --output a directory",
      lambda case: ["evaluate", str(case.run), "--data", str(case.fmnist), "--output",
