@@ -20,6 +20,8 @@ selected weights are safetensors, so loading never runs code from a file.
 
 Run directory::
 
+    RUN/.oltr, RUN/<stage>/.oltr   oltr's markers: oltr resumes only what it wrote
+                            (oltr.ownership); RUN/.oltr-lock is held while the run trains
     RUN/run.json            method, stages, the final stage
     RUN/config.yaml         the resolved config (all stages)
     RUN/<stage>/config.yaml the flat config of the stage
