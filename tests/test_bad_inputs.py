@@ -281,6 +281,40 @@ def edit_model_json(edit: Callable[[dict], object]) -> Callable[[Path], None]:
     return tamper
 
 
+def config_file_with(text: str, *overrides: str) -> Callable[[Case], object]:
+    def action(case: Case) -> None:
+        (case.tmp / "mine.yaml").write_text(text)
+        load_config(config_file=case.tmp / "mine.yaml", overrides=list(overrides))
+    return action
+
+
+# 551 bytes: 9 aliases of 9 aliases … of 9 'lol's, 9^9 ≈ 3.9e8 values once expanded (issue 9).
+YAML_BOMB = "data:\n  mean: &a ['lol','lol','lol','lol','lol','lol','lol','lol','lol']\n" + "".join(
+    f"  x{i}: &{b} [*{a},*{a},*{a},*{a},*{a},*{a},*{a},*{a},*{a}]\n"
+    for i, (a, b) in enumerate(zip("abcdefgh", "bcdefghi"))) + "  std: *i\n"
+
+
+def fresh_run(method: str, *overrides: str) -> Callable[[Case], object]:
+    """Train a fresh run into ``out`` (a failure must leave no ``out`` behind)."""
+    return lambda case: train_run(load_config(method, overrides=[*TRAINED, *overrides]),
+                                  case.fmnist, case.tmp / "out", progress=False)
+
+
+def resume_with(*overrides: str, history: str | None = None) -> Callable[[Case], object]:
+    def action(case: Case) -> None:
+        if history is not None:
+            (case.run / "main" / "history.jsonl").write_text(history)
+        train_run(load_config("plain", overrides=[*TRAINED, *overrides]), case.fmnist, case.run,
+                  resume=True, progress=False)
+    return action
+
+
+def init_from_foreign_weights(case: Case) -> None:
+    weights = case.tmp / "foreign.safetensors"
+    save_file({"backbone.x": torch.zeros(2)}, weights)
+    fresh_run("plain", f"train.init_from={weights}")(case)
+
+
 ROWS = [
     # split files and benchmark directories
     ("malformed line", load(train="i/t0.png 0\ni/t1.png\n"),
@@ -415,6 +449,25 @@ ROWS = [
      (r"config key 'train\.lr' must be a number > 0 \(YAML 1\.1 reads 1e-3 as text: write "
      r"1\.0e-3\) \(value: '1e-3'\)")),
     ("unknown key", config("train.lrr=0.1"), r"unknown config key 'train\.lrr'"),
+    ("seed beyond 2**32", config("seed=200000000000000"),
+     r"config key 'seed' must be an integer in 0\.\.4294967295 \(value: 200000000000000\)"),
+    ("stages not a list", config_file_with("stages: 5\n"),
+     r"mine\.yaml: config key 'stages' must be a list of mappings.* \(value: 5\)"),
+    ("stage not a mapping", config_file_with("stages: [x]\n"),
+     r"mine\.yaml: config key 'stages' must be a list of mappings.* \(value: \['x'\]\)"),
+    ("stage name leaving the run", config_file_with("stages: [{name: ../x}]\n"),
+     r"mine\.yaml: a stage name must be a plain folder name .* \(value: '\.\./x'\)"),
+    ("section not a mapping, with an override", config_file_with("train: 3\n", "train.lr=0.1"),
+     r"mine\.yaml: config key 'train' must be a mapping \(value: 3\)"),
+    ("stages set by an override", config("stages=5"),
+     r"a method's stages cannot be set by an override"),
+    ("YAML alias bomb", config_file_with(YAML_BOMB),
+     r"mine\.yaml: YAML aliases expand to more than 100000 values"),
+    ("alias bomb in an override", config("data.mean=[&a [1,1,1,1,1,1,1,1,1,1], &b [*a,*a,*a,*a,*a,"
+                                         "*a,*a,*a,*a,*a], &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b], "
+                                         "&d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c], "
+                                         "[*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]]"),
+     r"cannot parse the value of override: YAML aliases expand to more than 100000 values"),
     # a trained run against other data
     ("evaluate on fewer classes", evaluate_on(lambda names: names[:3]),
      r"other: the model was trained on 4 classes but the data has 3"),
@@ -422,6 +475,25 @@ ROWS = [
      r"other: the model was trained on the classes \['Pullover'"),
     ("resume on fewer classes", resume_on_three_classes,
      r"checkpoint\.pt: the checkpoint was written for 4 classes .* but the data has 3"),
+    ("resume with another config", resume_with("train.lr=0.05"),
+     (r"config\.yaml: --resume with a config that differs from the saved one: train\.lr: "
+     r"0\.1 → 0\.05; resume with the same command")),
+    ("resume with a damaged history", resume_with(history='{"epoch": 1}\n{"epoch": 2, "lo\n'),
+     r"history\.jsonl:2: training history line is not valid JSON"),
+    # a run's checks come before it creates anything (no 'out' is left)
+    ("cross-key error of stage 2 before stage 1 trains",
+     fresh_run("oltr", "stage2.model.meta_embedding=false"),
+     (r"train\.centroid_loss needs model\.meta_embedding: true in stage 'stage2' "
+     r"\(the centroids live there\) \(value: '\w+'\)")),
+    ("epoch samples below the batch size", fresh_run("plain", "train.epoch_samples=10"),
+     (r"train\.epoch_samples \(10\) is below train\.batch_size \(32\): every epoch would drop "
+     r"its only, incomplete batch and train nothing")),
+    ("mps where there is none", fresh_run("plain", "device=mps"),
+     r"device 'mps' requested but MPS \(Apple GPU\) is not available \(value: 'mps'\)"),
+    ("a CUDA device that is not there", fresh_run("plain", "device=cuda:99"),
+     r"(CUDA is not available|no such CUDA device).* \(value: 'cuda:99'\)"),
+    ("init_from weights of another model", init_from_foreign_weights,
+     r"foreign\.safetensors: train\.init_from: stage-1 weights lack"),
     # untrusted checkpoint and model files
     ("pickle that runs code", tampered_checkpoint(pickled_code),
      r"checkpoint\.pt: refusing or unable to read checkpoint"),
@@ -458,6 +530,12 @@ ROWS = [
      r"run\.json:1: run description is not valid JSON"),
     ("model.json class names", tampered_model(edit_model_json(lambda i: i["class_names"].pop())),
      r"model\.json: 3 class names for num_classes 4"),
+    ("model.json data mean not numbers",
+     tampered_model(edit_model_json(lambda i: i["data"].update(mean=["x"]))),
+     r"model\.json: key 'data\.mean' must be a list of numbers \(value: \['x'\]\)"),
+    ("model.json std per channel", tampered_model(edit_model_json(lambda i: i["data"].update(
+        std=[0.3, 0.3]))),
+     r"model\.json: key 'data\.std' needs one value per channel \(data\.channels = 1\)"),
 ]
 
 
@@ -496,6 +574,28 @@ def predict_truncated(case: Case) -> list[str]:
     return ["predict", str(case.run), str(image), "--threshold", "0.5"]
 
 
+def predict_with_report(edit: Callable[[dict], object]) -> Callable[[Case], list[str]]:
+    """Evaluate the run, edit its report, then predict with the report's threshold."""
+    def argv(case: Case) -> list[str]:
+        evaluate_run(case.run, case.fmnist, output=case.run / "report.json")
+        report = json.loads((case.run / "report.json").read_text())
+        edit(report)
+        (case.run / "report.json").write_text(json.dumps(report))
+        return ["predict", str(case.run), str(next((case.fmnist / "images").rglob("*.png")))]
+    return argv
+
+
+def tiny_train_argv(case: Case, *extra: str, out: Path | None = None) -> list[str]:
+    return ["train", "--method", "plain", "--data", str(case.fmnist), "--out",
+            str(out or case.tmp / "out"), "--no-progress", *TRAINED, *extra]
+
+
+def a_file(case: Case, *parts: str) -> Path:
+    """``case.tmp/notes.txt`` (a user's file), joined with ``parts``."""
+    (case.tmp / "notes.txt").write_text("mine")
+    return case.tmp.joinpath("notes.txt", *parts)
+
+
 CLI_ROWS = [
     ("train with a negative lr", lambda case: ["train", "--method", "plain", "--data",
                                                str(case.tmp), "--out", str(case.tmp / "r"),
@@ -527,11 +627,50 @@ CLI_ROWS = [
       "file) (value: 'far=')")),
     ("evaluate on an unknown device",
      lambda case: ["evaluate", str(case.run), "--data", str(case.fmnist), "--device", "gpu"],
-     "oltr evaluate: error: unknown device (auto, cpu, cuda or cuda:N) (value: 'gpu')"),
+     "oltr evaluate: error: unknown device (auto, cpu, mps, cuda or cuda:N) (value: 'gpu')"),
     ("curate with min above max",
      lambda case: ["curate", "fashion-mnist", "--out", str(case.tmp / "out"), "--max-count",
                    "3", "--min-count", "5"],
      "oltr curate: error: invalid long-tail profile: max_count (3) must be >= min_count (5)"),
+    ("an unparsable override", lambda case: tiny_train_argv(case, "train.lr=["),
+     "oltr train: error: cannot parse the value of override: invalid YAML: "),
+    ("a seed beyond 2**32", lambda case: tiny_train_argv(case, "--seed", "200000000000000"),
+     "oltr train: error: config key 'seed' must be an integer in 0..4294967295"),
+    ("train --out a file", lambda case: tiny_train_argv(case, out=a_file(case)),
+     "notes.txt: run directory exists and is not a directory"),
+    ("evaluate --output a directory",
+     lambda case: ["evaluate", str(case.run), "--data", str(case.fmnist), "--output",
+                   str(case.tmp)],
+     ": report path is a directory; give a file name, e.g. "),
+    ("evaluate --output an unwritable path",
+     lambda case: ["evaluate", str(case.run), "--data", str(case.fmnist), "--output",
+                   "/proc/1/oltr-report.json"],
+     "oltr evaluate: error: /proc/1: cannot write the report: directory is not writable"),
+    ("evaluate --output under a file",
+     lambda case: ["evaluate", str(case.run), "--data", str(case.fmnist), "--output",
+                   str(a_file(case, "report.json"))],
+     "notes.txt: cannot write the report: a parent of its path is not a directory"),
+    ("evaluate --output a user's file",
+     lambda case: ["evaluate", str(case.run), "--data", str(case.fmnist), "--output",
+                   str(a_file(case))],
+     "notes.txt: report path holds a file that is not an oltr report; it is not overwritten"),
+    ("predict with a text threshold in the report",
+     predict_with_report(lambda r: r["open"].update(threshold="high")),
+     ("report.json: report key 'open.threshold' must be a finite number (edited? re-run "
+     "`oltr evaluate`) (value: 'high')")),
+    ("predict with a null threshold in the report",
+     predict_with_report(lambda r: r["open"].update(threshold=None)),
+     "report.json: report key 'open.threshold' must be a finite number"),
+    ("predict with no threshold in the report",
+     predict_with_report(lambda r: r["open"].pop("threshold")),
+     "report.json: the report lacks key 'open.threshold'"),
+    ("predict with a report of other weights",
+     predict_with_report(lambda r: r["weights"].update(sha256="0" * 64, epoch=13)),
+     "report.json: the report was computed from other weights (epoch 13) than "),
+    ("predict --threshold nan",
+     lambda case: ["predict", str(case.run), str(next((case.fmnist / "images").rglob("*.png"))),
+                   "--threshold", "nan"],
+     "oltr predict: error: the open-score threshold must be a finite number (value: nan)"),
 ]
 
 
@@ -542,6 +681,9 @@ def test_cli_exits_2_with_one_line(argv, message, tmp_path, request, capsys) -> 
     message = message.replace("{bench}", str(tmp_path / "bench"))
     assert code == 2 and message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()  # nothing created before the error
+    if (tmp_path / "notes.txt").exists():
+        assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_paths_inside_the_root_work_and_outside_ones_only_when_allowed(tmp_path) -> None:

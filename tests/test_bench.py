@@ -18,6 +18,7 @@ from oltr.cli import main
 from oltr.config import load_config, stage_config
 from oltr.errors import InputError
 from oltr.evaluate import evaluate_run
+from oltr.ownership import write_marker
 
 
 def _epochs(config: dict) -> list[int]:
@@ -235,6 +236,7 @@ def test_unfinished_shared_stage_is_finished_by_another_method(bench_run, fmnist
     (stage,) = [p for p in (out / "stages").iterdir() if p.name.startswith("main-")]
     shutil.copytree(stage, other / "stages" / stage.name)
     (other / "stages" / stage.name / DONE).unlink()  # killed before the stage was recorded
+    write_marker(other, "bench")  # a bench oltr started in ``other``
     results = _bench(fmnist_small, other, methods=["tau_norm"])
     assert (other / "stages" / stage.name / DONE).is_file()
     assert results["reports"]["tau_norm"][0]["tau_normalization_source"].startswith("selected")

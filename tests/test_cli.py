@@ -113,3 +113,16 @@ def test_train_evaluate_predict_commands(fmnist_small, tiny, tmp_path, capsys) -
     # --resume of a finished run trains nothing more and succeeds.
     assert main(["train", "--method", "plain", "--data", str(fmnist_small), "--out", str(run),
                  "--no-progress", "--resume", *tiny, "train.epochs=1"]) == 0
+
+
+def test_help_shows_only_real_defaults(capsys) -> None:
+    """`--help` never prints "(default: None)" nor repeats a default the text already gives."""
+    for command in ("curate", "train", "evaluate", "predict", "bench", "analyze"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "(default: None)" not in text and "(default: False)" not in text, command
+        if command == "bench":
+            assert "comma-separated training seeds (default: 0,1,2)" in text
+        if command == "evaluate":
+            assert "report path (default RUN/report.json) --skip" in text

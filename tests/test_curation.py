@@ -224,9 +224,15 @@ def test_existing_output_needs_force_and_failures_remove_the_staging_dir(tmp_pat
     args = {"max_count": 3, "min_count": 1, "val_per_class": 1, "test_per_class": 2}
     with pytest.raises(InputError, match="out: output directory exists and is not empty"):
         curate(f"folder:{tree}", out, **args)
+    # --force replaces only a benchmark oltr curated: never the user's folder (issue 9)
+    with pytest.raises(InputError, match="out: output directory was not written by oltr curate"):
+        curate(f"folder:{tree}", out, force=True, **args)
     assert (out / "old.txt").read_text() == "old"
-    curate(f"folder:{tree}", out, force=True, **args)
-    assert not (out / "old.txt").exists() and (out / "manifest.json").is_file()
+    (out / "old.txt").unlink()
+    curate(f"folder:{tree}", out, **{**args, "max_count": 2})  # into the empty folder
+    assert load_manifest(out)["counts"]["train"] == [2, 1]
+    curate(f"folder:{tree}", out, force=True, **args)  # replaces what oltr curated
+    assert (out / "manifest.json").is_file() and (out / ".oltr").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tree"]
 
     def fail(*_args, **_kwargs):

@@ -26,7 +26,7 @@ from oltr.data import load_benchmark
 from oltr.engine import load_checkpoint, train_run
 from oltr.errors import InputError, OltrError
 from oltr.evaluate import evaluate_run
-from oltr.io import remove_stale_temporaries
+from oltr.ownership import remove_stale_temporaries, write_marker
 
 EPOCHS = 12
 # One OpenMP thread: the runs compared must use the same thread count, and on a busy 2-core
@@ -146,6 +146,8 @@ def test_sigkill_while_writing_leaves_the_previous_file_and_a_removable_temporar
     assert killed.returncode == -signal.SIGKILL
     assert target.read_bytes() == b"previous checkpoint"
     (leftover,) = tmp_path.glob(".checkpoint.pt.tmp-*")
+    assert remove_stale_temporaries(tmp_path) == []  # not in a directory oltr owns
+    write_marker(tmp_path, "stage")
     assert remove_stale_temporaries(tmp_path) == [leftover] and not leftover.exists()
 
 
@@ -155,13 +157,16 @@ def test_stale_temporary_files_of_dead_writers_are_removed(fmnist_small, tiny, t
               progress=False)
     dead = subprocess.Popen(["true"])
     dead.wait()
-    stale = run / "main" / f".checkpoint.pt.tmp-{dead.pid}"
+    stale = run / "main" / f".checkpoint.pt.tmp-oltr-{dead.pid}"
     stale.write_bytes(b"half a checkpoint")
-    live = run / "main" / ".model.json.tmp-1"  # pid 1 is alive: its writer may still be at work
+    live = run / "main" / ".model.json.tmp-oltr-1"  # pid 1 is alive: its writer may be at work
     live.write_text("{")
+    # a user's file that merely looks like a temporary file is not oltr's (issue 9)
+    lookalike = run / "main" / f".notes.txt.tmp-{dead.pid}"
+    lookalike.write_text("mine")
     train_run(load_config("plain", overrides=[*tiny, "train.epochs=1"]), fmnist_small, run,
               resume=True, progress=False)
-    assert not stale.exists() and live.exists()
+    assert not stale.exists() and live.exists() and lookalike.read_text() == "mine"
 
 
 def _poison_losses(monkeypatch, bad_calls: set[int]) -> None:

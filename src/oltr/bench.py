@@ -9,6 +9,11 @@ folder ``OUT/runs/<method>-seed<k>`` whose stage folders link into the cache, so
 evaluate`` and ``oltr predict`` take it as any run. Every run is evaluated once with all the
 detectors (one forward pass per split; detectors work on stored outputs) and the report kept.
 
+``OUT`` and every folder in it carry oltr's marker (:mod:`oltr.ownership`): a bench continues
+only in a directory oltr wrote, and is locked while it runs (a second bench into the same
+``OUT`` stops, naming the PID of the first). A kept report is reused only when it was computed
+from the weights the run holds now.
+
 Writes ``OUT/results.md`` (paper Tab. 3-style closed/open table and Tab. 2-style detection
 table, mean ± std over seeds) and ``OUT/results.json`` (every figure of every run).
 """
@@ -41,11 +46,13 @@ from oltr.config import (
     stage_config,
     with_defaults,
 )
+from oltr.data.splits import sha256_file
 from oltr.detectors import list_detectors
-from oltr.engine import RUN_INFO, train_stage
+from oltr.engine import RUN_INFO, WEIGHTS, final_stage_dir, train_stage
 from oltr.errors import InputError
 from oltr.evaluate import evaluate_run
 from oltr.io import atomic_write_text, read_json_object
+from oltr.ownership import claim_directory, locked
 
 QUICK_OVERRIDES = ("model.width=8", "train.max_steps_per_epoch=3")
 DONE = "stage-done.json"
@@ -96,7 +103,7 @@ def train_cached(
 ) -> dict[str, float]:
     """Train (or reuse) every stage of ``config`` in the cache under ``out/stages`` and link
     them into ``run_dir``; returns the training seconds per stage (0 for a reused one)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    claim_directory(run_dir, "run", what="bench run directory", reuse=True, protect=(data_dir,))
     previous: Path | None = None
     previous_key: str | None = None
     seconds: dict[str, float] = {}
@@ -189,6 +196,31 @@ def run_bench(
             config = load_config(method, benchmark=benchmark,
                                  overrides=[f"seed={seed}", *extra])
             configs[method, seed] = scale_epochs(config, epochs) if epochs else config
+    claim_directory(out, "bench", what="bench directory", reuse=True, protect=(data_dir,))
+    with locked(out, "bench directory"):
+        return _run_matrix(configs, data_dir, out, methods=methods, detectors=detectors,
+                           seeds=seeds, epochs=epochs, extra=extra, benchmark=benchmark,
+                           open_sets=open_sets, detector_options=detector_options, quick=quick,
+                           progress=progress)
+
+
+def _run_matrix(
+    configs: dict[tuple[str, int], dict[str, Any]],
+    data_dir: Path,
+    out: Path,
+    *,
+    methods: Sequence[str],
+    detectors: Sequence[str],
+    seeds: Sequence[int],
+    epochs: int | None,
+    extra: list[str],
+    benchmark: str,
+    open_sets: dict[str, str] | None,
+    detector_options: dict[str, dict[str, Any]] | None,
+    quick: bool,
+    progress: bool,
+) -> dict[str, Any]:
+    """The body of :func:`run_bench` in its claimed and locked directory."""
     started = time.perf_counter()
     reports: dict[str, list[dict[str, Any]]] = {method: [] for method in methods}
     for seed in seeds:
@@ -199,7 +231,8 @@ def run_bench(
             train_cached(config, data_dir, out, run_dir, progress=progress)
             report_path = run_dir / "report.json"
             report = read_json_object(report_path, "report") if report_path.exists() else None
-            if report is None or sorted(report.get("detectors", {})) != sorted(detectors) or (
+            if report is None or not _report_is_current(report, run_dir) or sorted(
+                    report.get("detectors", {})) != sorted(detectors) or (
                     sorted(report.get("open_sets", {})) != sorted(open_sets or {})) or (
                     report.get("detector_options", {}) != (detector_options or {})) or (
                     "open_score_logits" not in report):  # written before that choice existed
@@ -226,10 +259,18 @@ def run_bench(
         "summary": summarize(reports, detectors),
         "reports": reports,
     }
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(out / "results.md", format_results(results))
     return results
+
+
+def _report_is_current(report: dict[str, Any], run_dir: Path) -> bool:
+    """Whether a kept report was computed from the weights the run's final stage holds now."""
+    record = report.get("weights")
+    if not isinstance(record, dict):
+        return False
+    weights = final_stage_dir(run_dir) / WEIGHTS
+    return weights.is_file() and record.get("sha256") == sha256_file(weights)
 
 
 def machine_description() -> str:

@@ -2,12 +2,17 @@
 
 Every command exits with status 2 and a one-line message naming the bad file, line or value when
 its input is wrong (``oltr.errors.InputError``); ``--debug`` shows the full traceback instead.
+Ctrl-C (SIGINT), SIGTERM and SIGHUP all take the same way out: the command's clean-up runs
+(no partial output is left) and it exits with 128 + the signal number and one line saying what
+was kept.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -148,7 +153,7 @@ def _evaluate(run: str | Path, data: str | Path, **kwargs: Any) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    output = args.output or Path(args.run) / "report.json"
+    output = args.output or Path(args.run) / "report.json"  # checked before evaluating
     return _evaluate(args.run, args.data, open_set=args.open, open_score=args.open_score,
                      threshold=args.threshold, accept_rate=args.accept_rate, device=args.device,
                      logit_adjustment=args.logit_adjustment,
@@ -227,6 +232,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- parser
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Append ``(default: X)`` only for a real default (not None, not a flag's False) that the
+    help text does not state already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="oltr",
@@ -249,7 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("source", help="fashion-mnist[:ROOT] | folder:PATH (one sub-folder per class) "
                                   "| splits:PATH (a split file or a folder with *train*.txt)")
-    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--out", required=True,
+                   help="output directory: absent or empty; --force replaces only a benchmark "
+                        "oltr curated that holds nothing oltr did not write; never the source, "
+                        "a folder around it, or the working directory")
     p.add_argument("--protocol", help=f"start from a written-down protocol, e.g. "
                                       f"{DEFAULT_BENCHMARK} (configs/<name>/protocol.yaml)")
     p.add_argument("--seed", type=int)
@@ -300,7 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto | cpu | cuda")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a run oltr wrote into --out from its last checkpoint (a fresh "
+                        "--out starts a new run)")
     p.add_argument("--stage", action="append", metavar="NAME",
                    help="train only this stage (repeatable), e.g. --stage stage2 of a run whose "
                         "stage 1 is done; default: every stage")
@@ -406,12 +427,53 @@ def build_parser() -> argparse.ArgumentParser:
     from oltr.analysis import add_analysis_command
 
     add_analysis_command(sub)
+    for command in sub.choices.values():  # every command's help: real defaults only
+        if issubclass(command.formatter_class, argparse.ArgumentDefaultsHelpFormatter):
+            command.formatter_class = DefaultsHelpFormatter
     return parser
+
+
+# --------------------------------------------------------------------------- signals
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is so that every clean-up runs (as Ctrl-C)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _raise_interrupted(signum: int, _frame: Any) -> None:
+    for number in TERMINATING_SIGNALS:  # a second signal must not cut the clean-up short
+        signal.signal(number, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def _interrupted_hint(args: argparse.Namespace) -> str:
+    """What an interrupted command kept and how to go on, in the command's own terms."""
+    if args.command == "train":
+        out = Path(args.out)
+        if out.is_dir() and any(out.glob("*/checkpoint.pt")):
+            return "rerun it with --resume to continue from the last checkpoint"
+        return "no epoch had finished, nothing was kept; run the command again"
+    if args.command == "curate":
+        return "nothing was written; run the command again"
+    if args.command == "evaluate":
+        return "no report was written; run the command again"
+    if args.command == "bench":
+        return "finished stages and reports are kept; run the same command to continue"
+    return "nothing was written"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {number: signal.signal(number, _raise_interrupted)
+                    for number in TERMINATING_SIGNALS}
     try:
         return args.func(args)
     except OltrError as exc:
@@ -419,10 +481,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"oltr {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; rerun with --resume to continue from the last checkpoint",
-              file=sys.stderr)
-        return 130
+    except OSError as exc:  # the machine's, not the input's: a full disk, a lost mount
+        if args.debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"oltr {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        number = getattr(exc, "signum", signal.SIGINT)
+        try:  # after SIGHUP the terminal may be gone
+            print(f"oltr {args.command}: interrupted ({signal.Signals(number).name}); "
+                  f"{_interrupted_hint(args)}", file=sys.stderr)
+        except OSError:
+            pass
+        return 128 + number
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from oltr.errors import InputError
+from oltr.errors import InputError, bounded_repr
 from oltr.io import atomic_write_text, read_text
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -34,19 +34,69 @@ COMPARISON_DETECTORS = ("msp", "max_logit", "energy", "odin", "openmax", "knn", 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
 
 
-def read_yaml(path: Path, what: str = "config file") -> dict[str, Any]:
-    """A YAML mapping from ``path`` (read by `oltr.io.read_text`); InputError naming the file
-    (and line) when it cannot be read, is not UTF-8, not YAML or not a mapping."""
-    text = read_text(path, what)
+#: Most YAML nodes a user file may expand to (aliases counted every time they are used): a
+#: config has a few hundred; a "billion laughs" file of a few hundred bytes expands to 10⁹.
+MAX_YAML_NODES = 100_000
+
+
+class _Oversized(Exception):
+    pass
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a document expanding to more than ``MAX_YAML_NODES``
+    nodes (or holding a recursive alias) before constructing any Python object."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _count_nodes(node, {}, MAX_YAML_NODES)
+        return super().construct_document(node)
+
+
+def _count_nodes(node: yaml.Node, sizes: dict[int, int], limit: int) -> int:
+    """Nodes of ``node`` fully expanded (each alias use counts again), memoised per node."""
+    key = id(node)
+    if key in sizes:
+        if sizes[key] < 0:
+            raise _Oversized("a recursive YAML alias (an anchor used inside itself)")
+        return sizes[key]
+    sizes[key] = -1
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_count_nodes(child, sizes, limit) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_count_nodes(k, sizes, limit) + _count_nodes(v, sizes, limit)
+                       for k, v in node.value)
+    else:
+        size = 1
+    if size > limit:
+        raise _Oversized(f"YAML aliases expand to more than {limit} values (an alias bomb?)")
+    sizes[key] = size
+    return size
+
+
+def load_yaml(text: str, *, path: str | Path | None = None) -> Any:
+    """Parse YAML ``text`` as ``yaml.safe_load`` does, refusing alias expansion beyond
+    ``MAX_YAML_NODES`` nodes and recursive aliases; every YAML read of a user's text goes
+    through here. InputError (naming ``path`` and the line) on any problem."""
     try:
-        data = yaml.safe_load(text)
+        return yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader: no arbitrary objects
+    except _Oversized as exc:
+        raise InputError(str(exc), path=path) from None
+    except RecursionError:
+        raise InputError("YAML nested too deeply", path=path) from None
     except yaml.YAMLError as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        raise InputError(
-            f"invalid YAML: {getattr(exc, 'problem', exc)}",
-            path=path,
-            line=None if line is None else line + 1,
-        ) from exc
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        where = f" at column {mark.column + 1}" if mark is not None and path is None else ""
+        raise InputError(f"invalid YAML: {problem}{where}", path=path,
+                         line=None if mark is None or path is None else mark.line + 1) from None
+
+
+def read_yaml(path: Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML mapping from ``path`` (read by `oltr.io.read_text`, parsed by :func:`load_yaml`);
+    InputError naming the file (and line) when it cannot be read, is not UTF-8, not YAML or
+    not a mapping."""
+    text = read_text(path, what)
+    data = load_yaml(text, path=path)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -100,9 +150,9 @@ def parse_override(text: str) -> dict[str, Any]:
     if not all(keys):
         raise InputError("an override must look like section.key=value", value=text)
     try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise InputError(f"cannot parse the value of override: {exc}", value=text) from exc
+        value = load_yaml(raw)
+    except InputError as exc:
+        raise InputError(f"cannot parse the value of override: {exc}", value=text) from None
     if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
         value = float(value)  # YAML 1.1 reads 1e-3 as a string
     nested: dict[str, Any] = {}
@@ -155,18 +205,24 @@ def load_config(
     if (method is None) == (config_file is None):
         raise InputError("give exactly one of --method NAME or --config FILE")
     reference = read_yaml(BASE_CONFIG)
-    preset = load_yaml_with_bases(config_file if config_file else method_path(method, benchmark))
+    preset_path = Path(config_file) if config_file else method_path(method, benchmark)
+    preset = load_yaml_with_bases(preset_path)
+    try:  # the file's own shape, before overrides can hide it (``train: 3`` + ``train.lr=…``)
+        check_keys(preset, reference)
+    except InputError as exc:
+        raise InputError(str(exc), path=preset_path) from None
     config = deep_merge(reference, preset)
-    stages = config.pop("stages", None) or [{"name": "main"}]
-    stage_names = [stage.get("name") for stage in stages]
-    if any(not isinstance(name, str) for name in stage_names) or len(set(stage_names)) != len(
-        stage_names
-    ):
-        raise InputError("every stage needs a unique 'name'", value=stage_names)
+    stages = config.pop("stages", None)
+    stages = [{"name": "main"}] if stages is None or stages == [] else stages
+    _check_stages(stages, preset_path)
+    stage_names = [stage["name"] for stage in stages]
     stage_overrides: dict[str, dict[str, Any]] = {name: {} for name in stage_names}
     for text in overrides:
         update = parse_override(text)
         (first,) = update
+        if first == "stages":
+            raise InputError("a method's stages cannot be set by an override; write them in a "
+                             "config file (--config)", value=text)
         if first in stage_overrides:
             stage_overrides[first] = deep_merge(stage_overrides[first], update[first])
         else:
@@ -184,6 +240,57 @@ def load_config(
         config["method"] = method or Path(config_file).stem  # type: ignore[arg-type]
     validate_config(config)
     return config
+
+
+_STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+_TOP_LEVEL_KEYS = ("method", "seed", "deterministic", "device", "stages", "data", "model",
+                   "train", "eval")
+
+
+def _check_stages(stages: Any, path: Path) -> None:
+    """``stages``: a list of mappings, each with a unique ``name`` that is a plain folder name
+    (the stage's folder in the run) and not a config section (``train.lr=…`` must stay
+    unambiguous)."""
+    if not isinstance(stages, list) or not all(isinstance(stage, dict) for stage in stages):
+        raise InputError("config key 'stages' must be a list of mappings, each with a 'name' "
+                         "(and optional data/model/train/eval sections)", path=path, value=stages)
+    names = [stage.get("name") for stage in stages]
+    if any(not isinstance(name, str) for name in names) or len(set(names)) != len(names):
+        raise InputError("every stage needs a unique 'name'", path=path, value=names)
+    for name in names:
+        if not _STAGE_NAME.fullmatch(name) or name in _TOP_LEVEL_KEYS:
+            raise InputError("a stage name must be a plain folder name (letters, digits, _ and "
+                             f"-) other than a config key ({', '.join(_TOP_LEVEL_KEYS)})",
+                             path=path, value=name)
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], limit: int = 4) -> str:
+    """The keys whose values differ between two configs (whole-run or one stage's), as
+    ``train.lr: 0.1 → 0.05; stage2.train.epochs: 4 → 6`` (the first ``limit``, then a count)."""
+    def flat(config: dict[str, Any]) -> dict[str, Any]:
+        values = _flatten({k: v for k, v in config.items() if k != "stages"})
+        stages = config.get("stages")
+        if isinstance(stages, list):
+            values["stages"] = [s.get("name") for s in stages if isinstance(s, dict)]
+            for stage in stages:
+                if isinstance(stage, dict):
+                    own = _flatten({k: v for k, v in stage.items() if k != "name"})
+                    values |= {f"{stage.get('name')}.{k}": v for k, v in own.items()}
+        return values
+
+    before, after = flat(old), flat(new)
+    unset = object()
+    keys = [k for k in sorted(set(before) | set(after))
+            if before.get(k, unset) != after.get(k, unset)]
+
+    def shown(value: Any) -> str:
+        return "(unset)" if value is unset else bounded_repr(value)
+
+    parts = [f"{k}: {shown(before.get(k, unset))} → {shown(after.get(k, unset))}"
+             for k in keys[:limit]]
+    if len(keys) > limit:
+        parts.append(f"and {len(keys) - limit} more")
+    return "; ".join(parts)
 
 
 def stage_config(config: dict[str, Any], stage_name: str) -> dict[str, Any]:
@@ -234,6 +341,11 @@ def _int(minimum: int) -> Check:
     return f"an integer >= {minimum}", lambda v: _is_int(v) and v >= minimum
 
 
+#: Training seeds: below 2**32 (numpy's seed range; the engine derives per-epoch torch seeds
+#: seed · 100003 + epoch, which must stay below 2**64).
+MAX_SEED = 2**32 - 1
+
+
 def _number(description: str, test: Callable[[float], bool]) -> Check:
     return f"a number {description}", lambda v: _is_number(v) and test(v)
 
@@ -256,7 +368,7 @@ _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 #: What every config value must be, by dotted key (keys of ``configs/base.yaml``).
 CHECKS: dict[str, Check] = {
     "method": _TEXT,
-    "seed": _int(0),
+    "seed": (f"an integer in 0..{MAX_SEED}", lambda v: _is_int(v) and 0 <= v <= MAX_SEED),
     "deterministic": _BOOL,
     "device": ("auto, cpu, mps, cuda or cuda:N",
                lambda v: isinstance(v, str) and _DEVICE.fullmatch(v) is not None),

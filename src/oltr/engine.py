@@ -20,6 +20,8 @@ selected weights are safetensors, so loading never runs code from a file.
 
 Run directory::
 
+    RUN/.oltr, RUN/<stage>/.oltr   oltr's markers: oltr resumes only what it wrote
+                            (oltr.ownership); RUN/.oltr-lock is held while the run trains
     RUN/run.json            method, stages, the final stage
     RUN/config.yaml         the resolved config (all stages)
     RUN/<stage>/config.yaml the flat config of the stage
@@ -30,6 +32,7 @@ Run directory::
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -41,12 +44,20 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
-from oltr.config import load_saved_config, save_config, stage_config, with_defaults
+from oltr.config import (
+    CHECKS,
+    config_differences,
+    load_saved_config,
+    save_config,
+    stage_config,
+    with_defaults,
+)
 from oltr.data import Benchmark, ImageListDataset, build_transform, load_benchmark
 from oltr.data.loader import ImageLoader
 from oltr.data.samplers import ClassAwareSampler
@@ -57,7 +68,6 @@ from oltr.io import (
     atomic_write_text,
     read_json_object,
     read_text,
-    remove_stale_temporaries,
 )
 from oltr.losses import (
     build_centroid_loss,
@@ -73,6 +83,7 @@ from oltr.models import (
     freeze_backbone,
     load_stage1_into_stage2,
 )
+from oltr.ownership import claim_directory, locked, remove_stale_temporaries, undo_claim
 
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "model.safetensors"
@@ -88,15 +99,26 @@ MODEL_DATA_KEYS = ("image_size", "channels", "mean", "std", "transform")
 
 # --------------------------------------------------------------------------- utilities
 def select_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available, else the CPU."""
+    """``auto`` picks CUDA when available, else the CPU; ``cpu``, ``cuda``, ``cuda:N`` and
+    ``mps`` must exist on this machine (InputError naming the device otherwise)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise InputError("unknown device (auto, cpu, cuda or cuda:N)", value=name) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("device 'cuda' requested but CUDA is not available", value=name)
+    except (RuntimeError, TypeError):
+        raise InputError("unknown device (auto, cpu, mps, cuda or cuda:N)", value=name) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("device 'cuda' requested but CUDA is not available", value=name)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"no such CUDA device: this machine has "
+                             f"{torch.cuda.device_count()}", value=name)
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise InputError("device 'mps' requested but MPS (Apple GPU) is not available",
+                             value=name)
+    elif device.type != "cpu":
+        raise InputError("unsupported device (auto, cpu, mps, cuda or cuda:N)", value=name)
     return device
 
 
@@ -289,6 +311,16 @@ def _read_model_info(path: Path) -> dict[str, Any]:
     missing = [key for key in MODEL_DATA_KEYS if key not in info["data"]]
     if missing:
         raise InputError(f"key 'data' lacks {missing}", path=path)
+    data = info["data"]
+    for key in MODEL_DATA_KEYS:  # the config's checks of the same settings
+        description, test = CHECKS[f"data.{key}"]
+        if not test(data[key]):
+            raise InputError(f"key 'data.{key}' must be {description}", path=path,
+                             value=data[key])
+    for key in ("mean", "std"):
+        if len(data[key]) != data["channels"]:
+            raise InputError(f"key 'data.{key}' needs one value per channel (data.channels = "
+                             f"{data['channels']})", path=path, value=data[key])
     if len(info["class_names"]) != info["num_classes"]:
         raise InputError(f"{len(info['class_names'])} class names for num_classes "
                          f"{info['num_classes']}", path=path)
@@ -296,7 +328,9 @@ def _read_model_info(path: Path) -> dict[str, Any]:
 
 
 def load_model(stage_dir: Path, device: torch.device | str = "cpu") -> tuple[OLTRNetwork, dict]:
-    """Rebuild the network of a trained stage from ``model.json`` + ``model.safetensors``."""
+    """Rebuild the network of a trained stage from ``model.json`` + ``model.safetensors``.
+    The returned info is ``model.json`` plus ``weights_sha256``, the sha256 of the weights file
+    as read (what derived results, e.g. a report's threshold, record)."""
     info_path, weights_path = stage_dir / MODEL_INFO, stage_dir / WEIGHTS
     for path in (info_path, weights_path):
         if not path.exists():
@@ -308,9 +342,12 @@ def load_model(stage_dir: Path, device: torch.device | str = "cpu") -> tuple[OLT
     except (InputError, TypeError, ValueError) as exc:
         raise InputError(f"describes no valid model: {exc}", path=info_path) from None
     try:
-        state = load_file(str(weights_path))
-    except Exception as exc:
+        data = weights_path.read_bytes()
+        state = load_safetensors(data)
+    except Exception as exc:  # safetensors' own errors, OSError, MemoryError of a bad header
         raise InputError(f"cannot read weights: {exc}", path=weights_path) from exc
+    # what evaluation reports record and `predict` compares: these very bytes were loaded
+    info["weights_sha256"] = hashlib.sha256(data).hexdigest()
     try:
         missing, unexpected = net.load_state_dict(state, strict=False)
     except RuntimeError as exc:
@@ -337,18 +374,35 @@ class StageResult:
 
 
 def _read_history(stage_dir: Path) -> list[dict[str, Any]]:
+    """The epochs recorded in ``history.jsonl`` (InputError naming a damaged line)."""
     path = stage_dir / HISTORY
     if not path.exists():
         return []
     records = []
     for number, line in enumerate(read_text(path, "training history").splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise InputError(f"training history line is not valid JSON ({exc.msg})",
-                                 path=path, line=number) from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"training history line is not valid JSON ({exc.msg}): the "
+                             "history is damaged; restore it, or train into a new --out",
+                             path=path, line=number) from None
+        if not isinstance(record, dict):
+            raise InputError("training history line must be a JSON object", path=path,
+                             line=number)
+        records.append(record)
     return records
+
+
+def check_stage_losses(train_cfg: dict[str, Any]) -> None:
+    """The loss settings that exclude each other (InputError naming them)."""
+    name = train_cfg["loss"]
+    if train_cfg["label_smoothing"] and name != "ce":
+        raise InputError("train.label_smoothing applies to train.loss: ce only", value=name)
+    if train_cfg["drw_epoch"] is not None and name not in ("ce", "ldam"):
+        raise InputError("deferred re-weighting (train.drw_epoch) needs train.loss ce or ldam",
+                         value=name)
 
 
 def build_stage_losses(
@@ -364,11 +418,7 @@ def build_stage_losses(
         "logit_adjusted": {"tau": train_cfg["logit_adjust_tau"]},
         "ldam": {"max_margin": train_cfg["ldam_max_margin"], "scale": train_cfg["ldam_scale"]},
     }[name]
-    if train_cfg["label_smoothing"] and name != "ce":
-        raise InputError("train.label_smoothing applies to train.loss: ce only", value=name)
-    if train_cfg["drw_epoch"] is not None and name not in ("ce", "ldam"):
-        raise InputError("deferred re-weighting (train.drw_epoch) needs train.loss ce or ldam",
-                         value=name)
+    check_stage_losses(train_cfg)
     classification = build_classification_loss(name, class_counts=np.asarray(train_counts),
                                                 **options).to(device)
     feature = None
@@ -396,14 +446,17 @@ def _init_from_previous(
     """Load a previous stage's weights; then initialise the memory's centroids as class means of
     direct features over the train set, computed with *this* stage's feature model (DESIGN §2),
     and an FSLwF head's novel-class prototypes from the same pass."""
-    weights = init_from / WEIGHTS if init_from.is_dir() else init_from
-    if not weights.exists():
+    weights = init_weights_path(init_from)
+    if not weights.is_file():
         raise InputError("train.init_from: no weights found", path=weights)
     try:
         previous = load_file(str(weights))
     except Exception as exc:
-        raise InputError(f"cannot read weights: {exc}", path=weights) from exc
-    copied = load_stage1_into_stage2(net, previous)
+        raise InputError(f"train.init_from: cannot read weights: {exc}", path=weights) from exc
+    try:
+        copied = load_stage1_into_stage2(net, previous)
+    except InputError as exc:
+        raise InputError(f"train.init_from: {exc}", path=weights) from None
     fslwf = net.classifier if isinstance(net.classifier, FSLwFClassifier) else None
     if net.meta_embedding is not None or fslwf is not None:
         outputs = collect_outputs(
@@ -442,6 +495,63 @@ def calibrate_reachability_scale(net: OLTRNetwork, features: torch.Tensor) -> fl
     return scale
 
 
+def init_weights_path(init_from: Path) -> Path:
+    """The weights file a stage starts from: ``init_from`` itself, or a stage folder's
+    ``model.safetensors``."""
+    return init_from / WEIGHTS if init_from.is_dir() else init_from
+
+
+def steps_per_epoch(train_cfg: dict[str, Any], train_size: int) -> int:
+    """Optimiser steps of one epoch over ``train_size`` images: ``train.epoch_samples`` (or
+    the split) // ``train.batch_size`` (at least 1), at most ``train.max_steps_per_epoch``.
+
+    The loader drops an incomplete last batch when the split is larger than a batch, so
+    ``epoch_samples`` below ``batch_size`` would train nothing: InputError naming both."""
+    samples = train_cfg["epoch_samples"] or train_size
+    batch = train_cfg["batch_size"]
+    if train_size > batch and samples < batch:
+        raise InputError(f"train.epoch_samples ({samples}) is below train.batch_size ({batch}): "
+                         "every epoch would drop its only, incomplete batch and train nothing; "
+                         "raise train.epoch_samples or lower train.batch_size", value=samples)
+    steps = max(1, samples // batch)
+    if train_cfg["max_steps_per_epoch"]:
+        steps = min(steps, train_cfg["max_steps_per_epoch"])
+    return steps
+
+
+def check_stage(cfg: dict[str, Any], bench: Benchmark) -> None:
+    """Fail before any training on what a stage's settings and data do not allow together:
+    its device, transforms, network (built on the meta device where it can be: no memory, no
+    weights read),
+    losses (``train.centroid_loss`` needs ``model.meta_embedding``), steps per epoch and
+    pretrained weights file. InputError naming the key and value."""
+    train_cfg, data_cfg = cfg["train"], cfg["data"]
+    select_device(cfg["device"])
+    for train in (True, False):
+        build_transform(data_cfg["transform"], train=train, image_size=data_cfg["image_size"],
+                        channels=data_cfg["channels"], mean=data_cfg["mean"],
+                        std=data_cfg["std"])
+    pretrained = cfg["model"]["pretrained_path"]
+    if pretrained is not None and not Path(pretrained).expanduser().is_file():
+        raise InputError("pretrained weights file not found (model.pretrained_path)",
+                         path=pretrained)
+    model_cfg = cfg["model"] | {"pretrained_path": None}
+    counts = bench.train_counts.tolist()
+    try:
+        with torch.device("meta"):
+            net = create_network(model_cfg, bench.num_classes, data_cfg["channels"],
+                                 class_counts=counts)
+    except (NotImplementedError, RuntimeError):  # a module that needs real values to build
+        net = create_network(model_cfg, bench.num_classes, data_cfg["channels"],
+                             class_counts=counts)
+    if train_cfg["centroid_loss"] != "none" and net.meta_embedding is None:
+        raise InputError(
+            f"train.centroid_loss needs model.meta_embedding: true in stage '{cfg['stage']}' "
+            "(the centroids live there)", value=train_cfg["centroid_loss"])
+    check_stage_losses(train_cfg)
+    steps_per_epoch(train_cfg, len(bench.split("train")))
+
+
 def train_stage(
     cfg: dict[str, Any],
     data_dir: str | Path,
@@ -454,16 +564,18 @@ def train_stage(
     """Train one stage (flat config, see ``oltr.config.stage_config``) into ``stage_dir``."""
     started = time.perf_counter()
     stage_dir = Path(stage_dir)
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(stage_dir)
     train_cfg, data_cfg = cfg["train"], cfg["data"]
     device = select_device(cfg["device"])
+    bench = load_benchmark(data_dir, image_root=data_cfg["image_root"],
+                           allow_outside_root=data_cfg["allow_outside_root"])
+    check_stage(cfg, bench)
+    claim_directory(stage_dir, "stage", what="stage directory", reuse=True,
+                    protect=(data_dir,))
+    remove_stale_temporaries(stage_dir)
     if cfg["deterministic"]:
         torch.use_deterministic_algorithms(True)
     seed_everything(cfg["seed"])
 
-    bench = load_benchmark(data_dir, image_root=data_cfg["image_root"],
-                           allow_outside_root=data_cfg["allow_outside_root"])
     skipped: dict[str, int] = {}
     if data_cfg["skip_bad_images"]:
         dropped = bench.drop_unreadable_images(("train", "val"),
@@ -496,21 +608,18 @@ def train_stage(
         weight_decay=train_cfg["weight_decay"],
         nesterov=train_cfg["nesterov"],
     )
-    samples = train_cfg["epoch_samples"] or len(train_set)
-    steps_per_epoch = max(1, samples // train_cfg["batch_size"])
-    if train_cfg["max_steps_per_epoch"]:
-        steps_per_epoch = min(steps_per_epoch, train_cfg["max_steps_per_epoch"])
+    steps = steps_per_epoch(train_cfg, len(train_set))  # the split left after skipping
     epochs = train_cfg["epochs"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: lr_factor(
             step,
             schedule=train_cfg["schedule"],
-            total_steps=epochs * steps_per_epoch,
-            steps_per_epoch=steps_per_epoch,
+            total_steps=epochs * steps,
+            steps_per_epoch=steps,
             step_size=train_cfg["step_size"],
             gamma=train_cfg["gamma"],
-            warmup_steps=train_cfg["warmup_epochs"] * steps_per_epoch,
+            warmup_steps=train_cfg["warmup_epochs"] * steps,
         ),
     )
     classification_loss, feature_loss = build_stage_losses(train_cfg, bench.train_counts, device)
@@ -529,8 +638,9 @@ def train_stage(
     if state is not None:
         if with_defaults(state["config"]) != cfg:
             raise InputError(
-                "the checkpoint was written with a different config; resume with the same "
-                "command, or start a new --out",
+                "the checkpoint was written with a different config ("
+                f"{config_differences(with_defaults(state['config']), cfg)}); resume with the "
+                "same command, or start a new --out",
                 path=checkpoint_path,
             )
         if state.get("class_names", bench.class_names) != bench.class_names:
@@ -571,7 +681,7 @@ def train_stage(
     history = _read_history(stage_dir)[:start_epoch]
     if start_epoch < epochs:
         print(f"[{cfg['stage']}] training epochs {start_epoch + 1}..{epochs} "
-              f"({steps_per_epoch} steps each) into {stage_dir}", flush=True)
+              f"({steps} steps each) into {stage_dir}", flush=True)
     for epoch in range(start_epoch, epochs):
         torch.manual_seed(epoch_seed(cfg["seed"], epoch))
         epoch_start = time.perf_counter()
@@ -582,7 +692,7 @@ def train_stage(
                   "centroid": centroid_loss}
         loss_sum, correct, seen, skipped_steps = _train_one_epoch(
             net, train_loader(train_set, cfg, epoch), optimizer, scheduler, losses,
-            cfg, device, steps_per_epoch,
+            cfg, device, steps,
             description=f"[{cfg['stage']}] epoch {epoch + 1}/{epochs}" if progress else None,
         )
         train_seconds = time.perf_counter() - epoch_start
@@ -727,6 +837,61 @@ def final_stage_dir(run_dir: str | Path) -> Path:
     raise InputError(f"not an oltr run directory (no {RUN_INFO} or {MODEL_INFO})", path=run_dir)
 
 
+def _init_source(cfg: dict[str, Any], previous: Path | None) -> Path | None:
+    """What a stage starts from (``train.init_from``): the previous stage's folder, a path,
+    or nothing."""
+    init = cfg["train"]["init_from"]
+    if init == "previous":
+        return previous
+    if init in (None, "none"):
+        return None
+    return Path(init).expanduser()
+
+
+def check_run(
+    config: dict[str, Any],
+    data_dir: str | Path,
+    run_dir: Path,
+    stages: Sequence[str] | None = None,
+) -> None:
+    """Everything about a run that can be checked before it creates anything: the stages
+    named, the benchmark (loaded once per image root), and every stage to train
+    (:func:`check_stage`, e.g. stage 2's losses before stage 1 trains) with the weights it
+    starts from when they must exist already. InputError naming the problem."""
+    stage_names = [stage["name"] for stage in config["stages"]]
+    unknown = sorted(set(stages or ()) - set(stage_names))
+    if unknown:
+        raise InputError(f"no stage named {', '.join(unknown)} in this method "
+                         f"(stages: {', '.join(stage_names)})")
+    benches: dict[tuple[Any, bool], Benchmark] = {}
+    previous: Path | None = None
+    trained_here = False  # the previous stage is trained by this invocation
+    for name in stage_names:
+        cfg = stage_config(config, name)
+        if stages is not None and name not in stages:
+            previous, trained_here = run_dir / name, False
+            continue
+        data_cfg = cfg["data"]
+        key = (data_cfg["image_root"], data_cfg["allow_outside_root"])
+        if key not in benches:
+            benches[key] = load_benchmark(data_dir, image_root=data_cfg["image_root"],
+                                          allow_outside_root=data_cfg["allow_outside_root"])
+        check_stage(cfg, benches[key])
+        source = _init_source(cfg, previous)
+        if source is not None and not (source == previous and trained_here):
+            weights = init_weights_path(source)
+            if not weights.is_file():
+                raise InputError(f"train.init_from of stage '{name}': no weights found (train "
+                                 "that stage first, or set train.init_from)", path=weights)
+        previous, trained_here = run_dir / name, True
+
+
+def _finished_an_epoch(run_dir: Path, stage_names: Sequence[str]) -> bool:
+    """Whether any stage of the run holds a checkpoint or selected weights."""
+    return any((run_dir / name / CHECKPOINT).exists() or (run_dir / name / WEIGHTS).exists()
+               for name in stage_names)
+
+
 def train_run(
     config: dict[str, Any],
     data_dir: str | Path,
@@ -737,22 +902,52 @@ def train_run(
     stages: Sequence[str] | None = None,
 ) -> list[StageResult]:
     """Train the stages of ``config`` in order (``stages``: only these, e.g. ``["stage2"]`` of a
-    run whose stage 1 is done); stage *k* starts from stage *k-1*'s selected weights."""
-    run_dir = Path(run_dir)
+    run whose stage 1 is done); stage *k* starts from stage *k-1*'s selected weights.
+
+    Everything checkable is checked first (:func:`check_run`), so bad input creates nothing.
+    ``run_dir`` is then created (with oltr's marker, :mod:`oltr.ownership`) or must be empty;
+    ``resume`` or ``stages`` continue only a run oltr wrote, with the same config. The run is
+    locked while it trains (a second writer stops, naming this PID). When a fresh run fails
+    before its first finished epoch, what it created is removed again.
+    """
+    run_dir = Path(run_dir).expanduser()
     stage_names = [stage["name"] for stage in config["stages"]]
-    unknown = sorted(set(stages or ()) - set(stage_names))
-    if unknown:
-        raise InputError(f"no stage named {', '.join(unknown)} in this method "
-                         f"(stages: {', '.join(stage_names)})")
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume and stages is None:
-        raise InputError("run directory is not empty; pass --resume to continue it or choose "
-                         "another --out", path=run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_run(config, data_dir, run_dir, stages)
+    claim = claim_directory(
+        run_dir, "run", what="run directory", reuse=resume or stages is not None,
+        not_empty_hint="pass --resume to continue it or choose another --out",
+        protect=(data_dir,),
+    )
+    with locked(run_dir, "run directory"):
+        try:
+            return _train_stages(config, data_dir, run_dir, resume=resume, progress=progress,
+                                 stages=stages, check_saved=not claim.fresh)
+        except BaseException:
+            if claim.fresh and not _finished_an_epoch(run_dir, stage_names):
+                undo_claim(claim)
+            raise
+
+
+def _train_stages(
+    config: dict[str, Any],
+    data_dir: str | Path,
+    run_dir: Path,
+    *,
+    resume: bool,
+    progress: bool,
+    stages: Sequence[str] | None,
+    check_saved: bool,
+) -> list[StageResult]:
+    """The body of :func:`train_run`, in a claimed and locked run directory."""
     remove_stale_temporaries(run_dir)
+    stage_names = [stage["name"] for stage in config["stages"]]
     saved = run_dir / "config.yaml"
-    checks_saved = resume or stages is not None
-    if checks_saved and saved.exists() and load_saved_config(saved) != config:
-        raise InputError("--resume with a config that differs from the saved one", path=saved)
+    if check_saved and saved.exists():
+        before = load_saved_config(saved)
+        if before != config:
+            raise InputError(f"--resume with a config that differs from the saved one: "
+                             f"{config_differences(before, config)}; resume with the same "
+                             "command, or choose another --out", path=saved)
     save_config(config, saved)
     atomic_write_text(
         run_dir / RUN_INFO,
@@ -765,15 +960,9 @@ def train_run(
             previous = run_dir / name
             continue
         cfg = stage_config(config, name)
-        init = cfg["train"]["init_from"]
-        init_from = None
-        if init == "previous":
-            init_from = previous
-        elif init not in (None, "none"):
-            init_from = Path(init)
         results.append(
-            train_stage(cfg, data_dir, run_dir / name, init_from=init_from, resume=resume,
-                        progress=progress)
+            train_stage(cfg, data_dir, run_dir / name, init_from=_init_source(cfg, previous),
+                        resume=resume, progress=progress)
         )
         previous = run_dir / name
     return results

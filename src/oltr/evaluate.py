@@ -6,11 +6,19 @@ rejection rule (open score above a threshold → "unknown", label -1), the same 
 (a rejected known image is an error), the F-measure (paper §D.4), and threshold-free detection
 figures of the open score (AUROC, FPR@95 %TPR, AUPR, OSCR). The threshold is either a probability
 (MSP only, the paper's 0.1) or calibrated on the known-only *validation* split — never on test.
+
+Everything in a report derives from one set of weights, and the report says which
+(``weights``: the stage, epoch and sha256 of ``model.safetensors`` as loaded): ``oltr predict``
+uses a report's threshold and decision rule only with those very weights. A report replaces only
+an oltr report (:func:`oltr.ownership.check_report_output`, checked before the evaluation
+runs); writing it into a run takes the run's lock, so a run still training is not written into.
 """
 from __future__ import annotations
 
 import json
+import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +48,7 @@ from oltr.errors import InputError
 from oltr.io import atomic_write_text
 from oltr.models.classifiers import tau_normalize
 from oltr.openset import compute_open_score, msp_score, probability_threshold_to_msp_score
+from oltr.ownership import check_report_output, lock_holder, locked, marker_kind
 
 REPORT_VERSION = 1
 
@@ -456,6 +465,47 @@ def evaluate_run(
     """
     started = time.perf_counter()
     stage_cfg = run_stage_config(run_dir)
+    if output is not None:
+        check_report_output(output)
+    writes_into_run = output is not None and Path(output).expanduser().resolve().is_relative_to(
+        Path(run_dir).resolve())
+    if writes_into_run and marker_kind(Path(run_dir)) == "run":
+        guard = locked(Path(run_dir), "run directory")  # not while it trains
+    else:
+        guard = nullcontext()
+        holder = lock_holder(Path(run_dir))
+        if holder is not None:
+            print(f"warning: {run_dir} is still training ({holder}); this evaluates the weights "
+                  "selected so far", file=sys.stderr, flush=True)
+    with guard:
+        return _evaluate(run_dir, data_dir, stage_cfg, started, open_set=open_set,
+                         open_score=open_score, threshold=threshold, accept_rate=accept_rate,
+                         device=device, output=output, skip_bad_images=skip_bad_images,
+                         logit_adjustment=logit_adjustment, tau_normalization=tau_normalization,
+                         detectors=detectors, detector_options=detector_options,
+                         open_sets=open_sets)
+
+
+def _evaluate(
+    run_dir: str | Path,
+    data_dir: str | Path,
+    stage_cfg: dict[str, Any],
+    started: float,
+    *,
+    open_set: bool,
+    open_score: str | None,
+    threshold: float | None,
+    accept_rate: float | None,
+    device: str,
+    output: str | Path | None,
+    skip_bad_images: bool | None,
+    logit_adjustment: float | str | None,
+    tau_normalization: float | str | None,
+    detectors: list[str] | None,
+    detector_options: dict[str, dict[str, Any]] | None,
+    open_sets: dict[str, str | Path] | None,
+) -> dict[str, Any]:
+    """The body of :func:`evaluate_run`, its output checked and its run locked."""
     eval_cfg = stage_cfg["eval"]
     open_score = open_score or eval_cfg["open_score"]
     threshold = eval_cfg["threshold"] if threshold is None else threshold
@@ -502,6 +552,8 @@ def evaluate_run(
         "seed": stage_cfg["seed"],
         "selected_epoch": info.get("epoch"),
         "val_accuracy": info.get("val_accuracy"),
+        "weights": {"stage": info["stage"], "epoch": info.get("epoch"),
+                    "sha256": info["weights_sha256"]},
         "logit_adjustment": outputs.logit_adjustment,
         "logit_adjustment_source": outputs.logit_adjustment_source,
         "tau_normalization": outputs.tau_normalization,

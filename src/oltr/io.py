@@ -5,24 +5,34 @@ decoded by :func:`read_text`: UTF-8 with an optional byte-order mark, universal 
 ``InputError`` naming the file when it is not UTF-8.
 
 ``kill -9`` at any moment leaves the previous or the new file, never a broken one; a killed
-writer's temporary file (``.NAME.tmp-PID``) is never read and is removed by
-:func:`remove_stale_temporaries` once its process is gone.
+writer's temporary file (``.NAME.tmp-oltr-PID``, :func:`temporary_path`) is never read and is
+removed by :func:`oltr.ownership.remove_stale_temporaries` once its process is gone (only in
+directories oltr owns).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from oltr.errors import InputError
 
+#: oltr's temporary file names (group 1: the writer's PID); no other file is ever removed as one.
+TEMPORARY_NAME = re.compile(r"\..+\.tmp-oltr-(\d+)")
+
+
+def temporary_path(path: Path) -> Path:
+    """Where :func:`atomic_write` writes ``path`` first: ``.NAME.tmp-oltr-PID`` beside it."""
+    return path.with_name(f".{path.name}.tmp-oltr-{os.getpid()}")
+
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> None:
     """Call ``write(tmp_path)``, fsync, then rename over ``path``: readers see old or new."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     try:
         write(tmp)
         with open(tmp, "rb") as handle:
@@ -43,27 +53,6 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temporaries(directory: Path) -> list[Path]:
-    """Delete the temporary files of :func:`atomic_write` whose writer is dead (a killed run)."""
-    removed = []
-    for tmp in directory.glob(".*.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
-            tmp.unlink(missing_ok=True)
-            removed.append(tmp)
-    return removed
 
 
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")

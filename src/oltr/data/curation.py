@@ -21,14 +21,15 @@ the split-file format ``path k`` with ``k`` the index of the class in the manife
 
 Everything is written to a temporary sibling directory that is renamed to ``out_dir`` at the
 end, so a failed run leaves nothing behind; the same arguments give byte-identical files.
+What may be replaced follows :mod:`oltr.ownership`: the output carries oltr's ``curate``
+marker, ``--force`` replaces only a benchmark oltr curated (and nothing it did not write), and
+the output is never the source, an ancestor of it, nor (``folder:``) inside it.
 """
 from __future__ import annotations
 
 import json
 import operator
 import os
-import secrets
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,15 @@ from oltr.data.sources import Source, parse_source
 from oltr.data.splits import OPEN_LABEL, read_split_lines, sha256_file, write_split_file
 from oltr.errors import InputError
 from oltr.io import atomic_write_bytes, read_json_object
+from oltr.ownership import (
+    check_not_source,
+    check_replaceable_benchmark,
+    remove_owned_tree,
+    remove_stale_staging,
+    retired_path,
+    staging_path,
+    write_marker,
+)
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -195,31 +205,40 @@ def _by_class(entries: list[tuple[str, int]], num_classes: int) -> list[list[str
     return pools
 
 
-def _output_ready(out_dir: Path, force: bool) -> None:
-    """InputError unless ``out_dir`` is absent, empty, or may be replaced (``force``)."""
+def _source_paths(source: Source) -> list[Path]:
+    """The paths a source reads: its image root and the path named in its spec."""
+    paths = [] if source.image_root is None else [source.image_root]
+    kind, _, argument = source.name.partition(":")
+    if argument and kind in ("folder", "splits", "fashion-mnist"):
+        paths.append(Path(argument).expanduser())
+    return paths
+
+
+def _output_ready(out_dir: Path, force: bool, source: Source) -> None:
+    """InputError unless ``out_dir`` is absent, empty, or may be replaced (``force`` and a
+    benchmark oltr curated, see :mod:`oltr.ownership`); never the source or around it."""
+    check_not_source(out_dir, _source_paths(source), what="output directory",
+                     inside_forbidden=source.name.startswith("folder:"), working_directory=True)
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
         raise InputError("output path exists and is not a directory", path=out_dir)
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise InputError(
-            "output directory exists and is not empty; pass force=True (--force) to replace it",
-            path=out_dir,
-        )
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        check_replaceable_benchmark(out_dir, force=force)
 
 
-def _install(staging: Path, out_dir: Path, force: bool) -> None:
+def _install(staging: Path, out_dir: Path, force: bool, source: Source) -> None:
     """Rename the finished ``staging`` directory to ``out_dir`` (replacing it if ``force``)."""
-    _output_ready(out_dir, force)
-    if not out_dir.exists():
-        os.rename(staging, out_dir)
+    _output_ready(out_dir, force, source)
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        os.rename(staging, out_dir)  # onto an empty directory too (rename(2))
         return
-    retired = out_dir.with_name(f".{out_dir.name}.old-{secrets.token_hex(4)}")
+    retired = retired_path(out_dir)
     os.rename(out_dir, retired)
     try:
         os.rename(staging, out_dir)
     except BaseException:
         os.rename(retired, out_dir)
         raise
-    shutil.rmtree(retired)
+    remove_owned_tree(retired, "curate")
 
 
 def _json_bytes(data: dict[str, Any]) -> bytes:
@@ -275,8 +294,9 @@ def curate(
     """
     if isinstance(source, str):
         source = parse_source(source)
-    out_dir = Path(out_dir).expanduser()
-    _output_ready(out_dir, force)
+    out_dir = Path(os.path.abspath(Path(out_dir).expanduser()))
+    _output_ready(out_dir, force, source)
+    remove_stale_staging(out_dir)  # what a killed curation of this output left
     seed = _count_argument("seed", seed, minimum=0)
     val_per_class = _count_argument("val_per_class", val_per_class, minimum=1)
     if test_per_class is not None:
@@ -388,9 +408,10 @@ def curate(
         check_images([source.image_path(key) for key in used_keys])
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.with_name(f".{out_dir.name}.partial-{secrets.token_hex(4)}")
+    staging = staging_path(out_dir)
     staging.mkdir()
     try:
+        write_marker(staging, "curate")
         if source.needs_export:
             for key in used_keys:
                 source.export_image(key, staging / EXPORT_DIR / f"{key}.png")
@@ -446,9 +467,11 @@ def curate(
             manifest["val_open_per_class"] = val_open_per_class
             manifest["counts"]["val_open"] = len(splits["val_open"])
         atomic_write_bytes(staging / MANIFEST_NAME, _json_bytes(manifest))
-        _install(staging, out_dir, force)
+        _install(staging, out_dir, force, source)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_owned_tree(staging, "curate")
+        if staging.is_dir() and not any(staging.iterdir()):
+            staging.rmdir()
         raise
     return manifest
 
