@@ -143,3 +143,23 @@ def test_instance_sampler_ranks_split_one_global_permutation():
     assert list(again) != list(single)
     longer = InstanceSampler(4, num_samples=10, seed=0)
     assert len(longer) == 10 and sorted(list(longer)[:4]) == [0, 1, 2, 3]
+
+
+def test_streams_give_each_sample_its_global_position():
+    """Two ranks' streams are disjoint positions of one global stream, and at each position
+    the item a single process draws there."""
+    from oltr.data.samplers import InstanceSampler
+
+    labels = np.repeat(np.arange(3), [7, 3, 2])
+    makers = (lambda world, rank: ClassAwareSampler(labels, samples_per_class=2, num_samples=12,
+                                                    seed=1, num_replicas=world, rank=rank),
+              lambda world, rank: InstanceSampler(12, seed=1, num_replicas=world, rank=rank))
+    for make in makers:
+        streams = [make(2, r).stream() for r in range(2)]
+        positions = np.concatenate([p for p, _ in streams])
+        assert sorted(positions.tolist()) == list(range(12))
+        order = np.empty(12, dtype=np.int64)
+        order[positions] = np.concatenate([i for _, i in streams])
+        single_positions, single = make(1, 0).stream()
+        assert single_positions.tolist() == list(range(12))
+        assert single.tolist() == order.tolist()

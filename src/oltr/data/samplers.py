@@ -112,9 +112,17 @@ class ClassAwareSampler(Sampler[int]):
         shares[remainder_order[: num_groups - shares.sum()]] += 1
         return shares
 
+    def stream(self) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's ``(positions, indices)``: where each of its samples sits in the epoch's
+        global stream (the flattened groups), and which dataset item it is."""
+        groups = self.global_groups()
+        positions = (np.arange(len(groups))[self.rank :: self.num_replicas, None]
+                     * self.samples_per_class + np.arange(self.samples_per_class)).reshape(-1)
+        positions = positions[: self.samples_per_rank]
+        return positions, groups.reshape(-1)[positions]
+
     def __iter__(self) -> Iterator[int]:
-        mine = self.global_groups()[self.rank :: self.num_replicas].reshape(-1)
-        return iter(mine[: self.samples_per_rank].tolist())
+        return iter(self.stream()[1].tolist())
 
     def __len__(self) -> int:
         return self.samples_per_rank
@@ -168,8 +176,14 @@ class InstanceSampler(Sampler[int]):
         passes = math.ceil(total / self.num_items)
         return np.concatenate([rng.permutation(self.num_items) for _ in range(passes)])[:total]
 
+    def stream(self) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's ``(positions, indices)`` in the epoch's global stream."""
+        order = self.global_order()
+        positions = np.arange(len(order))[self.rank :: self.num_replicas]
+        return positions, order[positions]
+
     def __iter__(self) -> Iterator[int]:
-        return iter(self.global_order()[self.rank :: self.num_replicas].tolist())
+        return iter(self.stream()[1].tolist())
 
     def __len__(self) -> int:
         return self.samples_per_rank

@@ -92,30 +92,48 @@ class Runtime:
 
 
 def select_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` → ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU; an unavailable
-    device is an InputError naming it."""
+    """``auto`` → ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU; ``cpu``, ``cuda``,
+    ``cuda:N`` and ``mps`` must exist on this machine (InputError naming the device otherwise).
+    A bare ``cuda`` under torchrun means this process's GPU (``LOCAL_RANK``)."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank % torch.cuda.device_count())
         return torch.device("cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise InputError("unknown device (auto, cpu, cuda or cuda:N)", value=name) from None
+    except (RuntimeError, TypeError):
+        raise InputError("unknown device (auto, cpu, mps, cuda or cuda:N)", value=name) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise InputError("device 'cuda' requested but CUDA is not available", value=name)
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError(f"this machine has {torch.cuda.device_count()} CUDA devices",
-                             value=name)
+            raise InputError(f"no such CUDA device: this machine has "
+                             f"{torch.cuda.device_count()}", value=name)
         if device.index is None:
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
     elif device.type == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise InputError("device 'mps' requested but MPS is not available", value=name)
+        if not torch.backends.mps.is_available():
+            raise InputError("device 'mps' requested but MPS (Apple GPU) is not available",
+                             value=name)
     elif device.type != "cpu":
-        raise InputError("unknown device (auto, cpu, cuda or cuda:N)", value=name)
+        raise InputError("unsupported device (auto, cpu, mps, cuda or cuda:N)", value=name)
     return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's torch randomness (dropout, weight noise)."""
+    return seed * 100_003 + epoch
 
 
 def launched_by_torchrun() -> bool:

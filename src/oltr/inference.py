@@ -1,0 +1,185 @@
+"""Inference: rebuild a trained network from its files, and run it once over a split.
+
+``load_model`` rebuilds the network of a stage from ``model.json`` + ``model.safetensors``;
+``EvalBatches`` serves a split's images in order, normalised as the model expects (in memory
+as one uint8 tensor for small datasets, `oltr.data.tensors`; else a DataLoader over the files
+whose bad inputs arrive as one-line errors, `oltr.data.loader`); ``collect_outputs`` runs the
+network over them once and keeps what every metric and detector needs (logits, direct
+features, γ, …). Evaluation, the decision rule's fitting, OLTR's centroid initialisation and
+the report's figures all read these outputs, so a split costs one forward pass.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+from torch.utils.data import Subset
+from tqdm import tqdm
+
+from oltr.data import Benchmark, ImageListDataset, build_transform
+from oltr.data.loader import ImageLoader
+from oltr.data.tensors import TensorImages, use_tensor_path
+from oltr.decision import SplitOutputs
+from oltr.errors import InputError
+from oltr.models import OLTRNetwork, create_network
+from oltr.run import MODEL_INFO, WEIGHTS, read_model_info, weights_digest
+from oltr.train.augment import normalize_uint8
+from oltr.train.runtime import Runtime, autocast
+
+OUTPUT_KEYS = ("logits", "features", "reachability")
+
+
+def load_model(stage_dir: Path, device: torch.device | str = "cpu") -> tuple[OLTRNetwork, dict]:
+    """Rebuild the network of a trained stage from ``model.json`` + ``model.safetensors``, in
+    eval mode on ``device``. The returned info is ``model.json`` plus ``weights_sha256``, the
+    sha256 of the weights file as read (what derived results — a report's threshold, the
+    decision rule — record). InputError naming the file for anything missing or damaged."""
+    stage_dir = Path(stage_dir)
+    info_path, weights_path = stage_dir / MODEL_INFO, stage_dir / WEIGHTS
+    for path in (info_path, weights_path):
+        if not path.exists():
+            raise InputError("trained model not found (has the stage finished an epoch?)", path=path)
+    info = read_model_info(info_path)
+    try:
+        net = create_network(info["model"], info["num_classes"], info["in_chans"],
+                             class_counts=info.get("train_counts"))
+    except (InputError, TypeError, ValueError) as exc:
+        raise InputError(f"describes no valid model: {exc}", path=info_path) from None
+    try:
+        data = weights_path.read_bytes()
+        state = load_safetensors(data)
+    except Exception as exc:  # safetensors' own errors, OSError, MemoryError of a bad header
+        raise InputError(f"cannot read weights: {exc}", path=weights_path) from exc
+    info["weights_sha256"] = weights_digest(data)
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise InputError(f"weights do not fit the model in {MODEL_INFO}: "
+                         f"{str(exc).strip().splitlines()[-1].strip()}", path=weights_path) from None
+    if missing or unexpected:
+        raise InputError(
+            f"weights do not match the model in {MODEL_INFO}: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}",
+            path=weights_path,
+        )
+    return net.to(device).eval(), info
+
+
+def eval_transform(data_cfg: dict[str, Any]) -> Any:
+    """The evaluation transform of ``data_cfg`` (no augmentation)."""
+    return build_transform(data_cfg["transform"], train=False, image_size=data_cfg["image_size"],
+                           channels=data_cfg["channels"], mean=data_cfg["mean"],
+                           std=data_cfg["std"])
+
+
+def dataset_for(
+    bench: Benchmark, split: str, data_cfg: dict[str, Any], *, train: bool
+) -> ImageListDataset:
+    """The dataset of ``split`` with the train (augmenting) or eval transform of ``data_cfg``;
+    its errors name the split file and line."""
+    transform = build_transform(
+        data_cfg["transform"], train=train, image_size=data_cfg["image_size"],
+        channels=data_cfg["channels"], mean=data_cfg["mean"], std=data_cfg["std"],
+    )
+    dataset = bench.dataset(split, transform, mode="L" if data_cfg["channels"] == 1 else "RGB",
+                            cache=data_cfg["cache_images"])
+    return dataset
+
+
+def eval_loader(dataset: ImageListDataset, batch_size: int, num_workers: int) -> ImageLoader:
+    """The file loader of an evaluation pass (in order); a bad image is the original one-line
+    InputError in this process, whatever ``num_workers`` (`oltr.data.loader.ImageLoader`)."""
+    return ImageLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+def shard(count: int, rank: int, world_size: int) -> np.ndarray:
+    """Rank ``rank``'s contiguous share of ``range(count)`` (``numpy.array_split``: sizes
+    differ by at most one, no padding), so concatenating the ranks' shares in rank order
+    gives ``range(count)`` back."""
+    return np.array_split(np.arange(count), world_size)[rank]
+
+
+class EvalBatches:
+    """A split's images in order, as float batches normalised as the model expects, with labels.
+
+    ``data.loader`` chooses the path (`oltr.data.tensors.use_tensor_path`): the split decoded
+    once into memory (``small``/``none`` transforms), or a DataLoader over the files with the
+    evaluation transform. ``indices`` restricts the pass to those items (a DDP rank's shard).
+    """
+
+    def __init__(self, dataset: ImageListDataset, data_cfg: dict[str, Any], *, batch_size: int,
+                 num_workers: int = 0, indices: Sequence[int] | np.ndarray | None = None,
+                 device: torch.device | None = None) -> None:
+        self.batch_size = batch_size
+        self.indices = np.arange(len(dataset)) if indices is None else np.asarray(indices)
+        self.mean, self.std = data_cfg["mean"], data_cfg["std"]
+        self.tensors: TensorImages | None = None
+        self.loader: ImageLoader | None = None
+        if use_tensor_path(data_cfg, len(dataset)):
+            tensors = TensorImages.decode(dataset, transform=data_cfg["transform"],
+                                          image_size=data_cfg["image_size"],
+                                          channels=data_cfg["channels"])
+            self.tensors = tensors.to(device) if device is not None else tensors
+        else:
+            dataset.transform = eval_transform(data_cfg)
+            subset = dataset if indices is None else Subset(dataset, self.indices.tolist())
+            self.loader = eval_loader(subset, batch_size, num_workers)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.tensors is not None:
+            for images, labels in self.tensors.batches(self.indices, self.batch_size):
+                yield normalize_uint8(images, self.mean, self.std), labels
+        else:
+            assert self.loader is not None
+            yield from self.loader
+
+
+@torch.no_grad()
+def collect_outputs(
+    net: OLTRNetwork,
+    batches: Any,
+    device: torch.device,
+    *,
+    amp: str = "off",
+    channels_last: bool = True,
+    keys: Sequence[str] = OUTPUT_KEYS,
+    description: str | None = None,
+    runtime: Runtime | None = None,
+) -> dict[str, np.ndarray]:
+    """Run ``net`` (in eval mode) over ``batches`` of ``(images, labels)``; return the
+    requested outputs of its forward (``keys`` of ``logits``, ``features``, ``reachability``,
+    ``meta``, … — those it produces) and the ``labels``, as float32 / int64 numpy arrays in
+    batch order. Under DDP (``runtime``), each rank passes its shard and the arrays are
+    gathered from every rank in rank order (so contiguous shards give the split's order)."""
+    net.eval()
+    chunks: dict[str, list[torch.Tensor]] = {}
+    use_channels_last = channels_last and net.supports_channels_last
+    for images, labels in tqdm(batches, desc=description, leave=False,
+                               disable=True if description is None else None):
+        images = images.to(device, non_blocking=True)
+        if use_channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(amp, device):
+            out = net(images)
+        for key in keys:
+            if out.get(key) is not None:
+                chunks.setdefault(key, []).append(out[key].float().cpu())
+        chunks.setdefault("labels", []).append(torch.as_tensor(labels).cpu())
+    merged = {key: torch.cat(parts) for key, parts in chunks.items()}
+    if runtime is not None and runtime.distributed:
+        merged = {key: runtime.all_gather_cat(value) for key, value in merged.items()}
+    return {key: value.numpy() for key, value in merged.items()}
+
+
+def split_outputs(outputs: dict[str, np.ndarray]) -> SplitOutputs:
+    """The decision rule's view of one split's stored outputs."""
+    return SplitOutputs(logits=torch.from_numpy(outputs["logits"]),
+                        features=torch.from_numpy(outputs["features"]),
+                        labels=torch.from_numpy(outputs["labels"]).long())

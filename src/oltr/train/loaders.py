@@ -1,0 +1,159 @@
+"""Training data pipelines, built once per stage; ``set_epoch`` before each epoch.
+
+Both paths draw the epoch's samples from one sampler (`oltr.data.samplers`: instance-balanced
+or class-aware, DDP-aware: rank r takes positions r, r + R, … of one global stream), and both
+make an image's augmentation a function of ``(seed, epoch, position in the global stream)``
+only — so a resumed run, a run with more loader workers and a DDP run see the same
+augmentations as one uninterrupted process:
+
+- :class:`TensorTrainLoader` (``data.loader`` tensor/auto, small datasets): the split decoded
+  once into a uint8 tensor (on the training device), batches indexed out of it and augmented
+  together (`oltr.train.augment.BatchAugment`), no DataLoader, no per-image Python;
+- :class:`FileTrainLoader`: a DataLoader over the image files (persistent workers, pinned
+  memory on CUDA) whose items are ``(epoch, position, index)``; each item's transform runs
+  under a torch RNG seeded from ``(seed, epoch, position)``, and bad images arrive as one-line
+  errors (`oltr.data.loader.ImageLoader`).
+
+``train.batch_size`` is the global batch: with R ranks each rank takes ``batch_size / R``
+images of every step, and the union of the ranks' batches is the single-process batch.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from oltr.data import Benchmark, ImageListDataset
+from oltr.data.loader import ImageLoader
+from oltr.data.samplers import ClassAwareSampler, InstanceSampler
+from oltr.data.tensors import TensorImages, use_tensor_path
+from oltr.errors import InputError
+from oltr.inference import dataset_for
+from oltr.train.augment import BatchAugment, sample_seeds
+from oltr.train.runtime import Runtime
+
+
+def make_sampler(labels: np.ndarray, train_cfg: dict[str, Any], seed: int, runtime: Runtime
+                 ) -> InstanceSampler | ClassAwareSampler:
+    """The epoch sampler of ``train.sampler`` over ``labels``, this rank's share of it."""
+    num_samples = train_cfg["epoch_samples"] or len(labels)
+    if train_cfg["sampler"] == "instance":
+        return InstanceSampler(len(labels), num_samples=num_samples, seed=seed,
+                               num_replicas=runtime.world_size, rank=runtime.rank)
+    if train_cfg["sampler"] == "class_aware":
+        return ClassAwareSampler(labels, samples_per_class=train_cfg["samples_per_class"],
+                                 num_samples=num_samples, seed=seed,
+                                 num_replicas=runtime.world_size, rank=runtime.rank,
+                                 balance_power=train_cfg["balance_power"])
+    raise InputError("train.sampler must be instance or class_aware", value=train_cfg["sampler"])
+
+
+def rank_batch_size(batch_size: int, runtime: Runtime) -> int:
+    """Images per step on this rank: the global ``train.batch_size`` over the ranks."""
+    if batch_size % runtime.world_size:
+        raise InputError(f"train.batch_size (the global batch) must be divisible by the "
+                         f"{runtime.world_size} processes", value=batch_size)
+    return batch_size // runtime.world_size
+
+
+class TensorTrainLoader:
+    """Batches of a split held in memory as uint8 (see the module docstring)."""
+
+    def __init__(self, images: TensorImages, sampler: InstanceSampler | ClassAwareSampler,
+                 augment: BatchAugment, batch_size: int, *, drop_last: bool) -> None:
+        self.images, self.sampler, self.augment = images, sampler, augment
+        self.batch_size, self.drop_last = batch_size, drop_last
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+        self.augment.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        positions, indices = self.sampler.stream()
+        stop = len(indices) - (len(indices) % self.batch_size if self.drop_last else 0)
+        device = self.images.images.device
+        for start in range(0, stop, self.batch_size):
+            chunk = torch.as_tensor(indices[start:start + self.batch_size], device=device)
+            images = self.images.images.index_select(0, chunk)
+            yield (self.augment(images, positions[start:start + self.batch_size]),
+                   self.images.labels.index_select(0, chunk))
+
+
+class _TaggedSampler(Sampler):
+    """Yields ``(epoch, position, index)`` for each sample of ``sampler``'s stream."""
+
+    def __init__(self, sampler: InstanceSampler | ClassAwareSampler) -> None:
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        positions, indices = self.sampler.stream()
+        epoch = self.sampler.epoch
+        return iter(zip([epoch] * len(indices), positions.tolist(), indices.tolist()))
+
+
+class _SeededItems(Dataset):
+    """Item ``(epoch, position, index)`` of ``dataset``, its transform run under a torch RNG
+    seeded from ``(seed, epoch, position)`` (the caller's RNG state is kept)."""
+
+    def __init__(self, dataset: ImageListDataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> Any:
+        epoch, position, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(sample_seeds(self.seed, epoch, [position])[0]))
+            return self.dataset[index]
+
+    def image_path(self, key: tuple[int, int, int]) -> Any:
+        return self.dataset.image_path(key[2])
+
+    def error_at(self, key: tuple[int, int, int], message: str) -> InputError:
+        return self.dataset.error_at(key[2], message)
+
+
+class FileTrainLoader:
+    """A DataLoader over the image files, built once per stage (see the module docstring)."""
+
+    def __init__(self, dataset: ImageListDataset, sampler: InstanceSampler | ClassAwareSampler,
+                 batch_size: int, *, seed: int, num_workers: int, drop_last: bool,
+                 pin_memory: bool) -> None:
+        self.sampler = sampler
+        self.loader = ImageLoader(
+            _SeededItems(dataset, seed), sampler=_TaggedSampler(sampler), batch_size=batch_size,
+            num_workers=num_workers, drop_last=drop_last, pin_memory=pin_memory,
+            persistent_workers=num_workers > 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return iter(self.loader)
+
+
+def build_train_loader(bench: Benchmark, cfg: dict[str, Any], runtime: Runtime
+                       ) -> TensorTrainLoader | FileTrainLoader:
+    """The training loader of a stage (flat config ``cfg``) on this rank."""
+    train_cfg, data_cfg = cfg["train"], cfg["data"]
+    dataset = dataset_for(bench, "train", data_cfg, train=True)
+    sampler = make_sampler(dataset.labels, train_cfg, cfg["seed"], runtime)
+    batch = rank_batch_size(train_cfg["batch_size"], runtime)
+    drop_last = len(dataset) > train_cfg["batch_size"]
+    if use_tensor_path(data_cfg, len(dataset)):
+        images = TensorImages.decode(dataset, transform=data_cfg["transform"],
+                                     image_size=data_cfg["image_size"],
+                                     channels=data_cfg["channels"]).to(runtime.device)
+        augment = BatchAugment(data_cfg["image_size"], data_cfg["mean"], data_cfg["std"],
+                               train=data_cfg["transform"] == "small", seed=cfg["seed"])
+        return TensorTrainLoader(images, sampler, augment, batch, drop_last=drop_last)
+    return FileTrainLoader(dataset, sampler, batch, seed=cfg["seed"],
+                           num_workers=data_cfg["num_workers"], drop_last=drop_last,
+                           pin_memory=runtime.device.type == "cuda")

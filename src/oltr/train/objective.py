@@ -1,0 +1,143 @@
+"""The training objective: one module that returns named loss parts (timm's ``task`` shape).
+
+``Objective(outputs, labels)`` → ``{"loss": total, "classification": …, "feature": …,
+"centroid": …}`` for a network's output dict (``logits``, ``features`` = v_direct, ``meta``):
+
+    L = L_cls(logits, y) + w_f · L_feature(v_direct, y) + λ · L_centroid(v, y, C)   (Eq. 7)
+
+with ``L_cls`` of ``train.loss`` (cross-entropy, focal, balanced softmax, logit-adjusted, LDAM;
+the margin loss of a CosFace/ArcFace head), deferred re-weighting of its class weights from
+``train.drw_epoch`` on (Cao et al. 2019), the metric loss ``train.feature_loss`` and OLTR's
+centroid loss ``train.centroid_loss`` on the memory's centroids C (`oltr.losses`).
+
+``TrainTask(net, objective)`` is what a step calls and what DDP wraps: ``task(images, labels)``
+runs the network and the objective in one forward, so every parameter the loss touches (the
+centroids too) is seen by DDP's gradient all-reduce.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from oltr.errors import InputError
+from oltr.losses import (
+    build_centroid_loss,
+    build_classification_loss,
+    build_feature_loss,
+    drw_class_weights,
+)
+from oltr.models import OLTRNetwork
+from oltr.models.margin import MarginClassifier
+
+
+def check_stage_losses(train_cfg: dict[str, Any], net: nn.Module | None = None) -> None:
+    """The loss settings that exclude each other (InputError naming them)."""
+    name = train_cfg["loss"]
+    if train_cfg["label_smoothing"] and name != "ce":
+        raise InputError("train.label_smoothing applies to train.loss: ce only", value=name)
+    if train_cfg["drw_epoch"] is not None and name not in ("ce", "ldam"):
+        raise InputError("deferred re-weighting (train.drw_epoch) needs train.loss ce or ldam",
+                         value=name)
+    if net is not None and isinstance(getattr(net, "classifier", None), MarginClassifier) \
+            and name != "ce":
+        raise InputError("a cosface/arcface head brings its own margin loss: set "
+                         "train.loss: ce", value=name)
+    if net is not None and train_cfg["centroid_loss"] != "none" \
+            and getattr(net, "meta_embedding", None) is None:
+        raise InputError("train.centroid_loss needs model.meta_embedding: true (the centroids "
+                         "live there)", value=train_cfg["centroid_loss"])
+
+
+class Objective(nn.Module):
+    """The loss of one stage, built from its ``train`` config (see the module docstring).
+
+    ``train_counts`` (K,) are the train images per class (balanced softmax, LDAM, DRW). Call
+    :meth:`set_epoch` at every epoch start (deferred re-weighting switches on there)."""
+
+    def __init__(self, train_cfg: dict[str, Any], train_counts: Any, net: OLTRNetwork,
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        self.device = torch.device(device)
+        check_stage_losses(train_cfg, net)
+        self.cfg = dict(train_cfg)
+        counts = np.asarray(train_counts)
+        self.train_counts = counts
+        name = train_cfg["loss"]
+        if isinstance(net.classifier, MarginClassifier):
+            self.classification: nn.Module = net.classifier.margin_loss(
+                label_smoothing=train_cfg["label_smoothing"])
+        else:
+            options: dict[str, Any] = {
+                "ce": {"label_smoothing": train_cfg["label_smoothing"]},
+                "focal": {"gamma": train_cfg["focal_gamma"]},
+                "balanced_softmax": {},
+                "logit_adjusted": {"tau": train_cfg["logit_adjust_tau"]},
+                "ldam": {"max_margin": train_cfg["ldam_max_margin"],
+                         "scale": train_cfg["ldam_scale"]},
+            }[name]
+            self.classification = build_classification_loss(name, class_counts=counts,
+                                                             **options)
+        self.feature = (build_feature_loss(train_cfg["feature_loss"],
+                                           margin=train_cfg["feature_loss_margin"])
+                        if train_cfg["feature_loss"] != "none" else None)
+        self.centroid = (build_centroid_loss(train_cfg["centroid_loss"],
+                                             margin=train_cfg["centroid_margin"],
+                                             relative=train_cfg["centroid_relative_margin"])
+                         if train_cfg["centroid_loss"] != "none" else None)
+        # the memory stays the network's module (a tuple keeps it out of this module's own)
+        self._memory = (net.meta_embedding,)
+        self.to(self.device)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Deferred re-weighting (Cao et al. 2019, Alg. 1): from the 1-based epoch
+        ``train.drw_epoch`` on, the classification loss weighs classes by the inverse effective
+        number of samples (:func:`~oltr.losses.drw_class_weights`); before it, equally."""
+        start = self.cfg["drw_epoch"]
+        if start is None or epoch + 1 < start:
+            return
+        weights = drw_class_weights(self.train_counts, self.cfg["drw_beta"])
+        self.classification.weight = weights.to(self.device)
+
+    def forward(self, outputs: dict[str, torch.Tensor | None], labels: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+        parts: dict[str, torch.Tensor] = {}
+        logits = outputs["logits"]
+        assert logits is not None
+        parts["classification"] = self.classification(logits.float(), labels)
+        total = parts["classification"]
+        if self.feature is not None:
+            parts["feature"] = self.feature(outputs["features"].float(), labels)  # type: ignore[union-attr]
+            total = total + self.cfg["feature_loss_weight"] * parts["feature"]
+        if self.centroid is not None:
+            feature = outputs["features"] if self.cfg["centroid_feature"] == "direct" \
+                else outputs["meta"]
+            memory = self._memory[0]
+            assert memory is not None
+            parts["centroid"] = self.centroid(feature.float(), labels,  # type: ignore[union-attr]
+                                              memory.centroids)
+            total = total + self.cfg["centroid_weight"] * parts["centroid"]
+        parts["loss"] = total
+        return parts
+
+
+class TrainTask(nn.Module):
+    """``task(images, labels)`` → (loss parts, logits): the network and its objective in one
+    forward, the module DDP wraps (so the centroids' gradient is all-reduced too)."""
+
+    def __init__(self, net: OLTRNetwork, objective: Objective) -> None:
+        super().__init__()
+        self.net = net
+        self.objective = objective
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor
+                ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        outputs = self.net(images)
+        return self.objective(outputs, labels), outputs["logits"]
+
+    def train(self, mode: bool = True) -> TrainTask:
+        super().train(mode)
+        self.net.train(mode)  # a frozen backbone's BatchNorm stays in eval mode
+        return self
