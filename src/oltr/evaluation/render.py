@@ -285,8 +285,11 @@ def plot_per_class_accuracy(
             label += f"\nopen {100 * open_mean:.1f} %"
             axis.hlines(100 * open_mean, first - 0.5, last + 0.5, colors="tab:orange",
                         linestyles="--", linewidth=2, zorder=4)
-        axis.text((first + last) / 2, 1.0, label, transform=axis.get_xaxis_transform(),
-                  ha="center", va="bottom", fontsize="small", clip_on=False)
+        centre = ((first + last) / 2 + 0.5) / k  # in axes fraction; keep labels above the axes
+        where, align = ((first - 0.5, "left") if centre < 0.08 else
+                        (last + 0.5, "right") if centre > 0.92 else ((first + last) / 2, "center"))
+        axis.text(where, 1.0, label, transform=axis.get_xaxis_transform(), ha=align,
+                  va="bottom", fontsize="small", clip_on=False)
     if k <= MAX_BARS:
         width = 0.8 if opened is None else 0.4
         shift = 0.0 if opened is None else -0.2
@@ -551,9 +554,10 @@ def plot_threshold_sweep(
         axis.set_xlim(x[0], x[-1])
         axis.set_xlabel(f"threshold on the {_text(score_name, 40)} (reject if score > t)")
         axis.grid(True, alpha=0.3)
-    best = int(np.argmax(sweep["f_measure"]))  # type: ignore[arg-type]
-    left.plot(grid[best], sweep["f_measure"][best], "o", color="0.45",  # type: ignore[index]
-              markersize=6, label=f"max F on test (oracle) {sweep['f_measure'][best]:.3f}")  # type: ignore[index]
+    f_values = np.asarray(sweep["f_measure"])
+    best = int(np.argmax(f_values))
+    left.plot(grid[best], f_values[best], "o", color="0.45", markersize=6,
+              label=f"max F on test (oracle) {f_values[best]:.3f}")
     left.set_ylabel("F-measure / accuracy (0–1)")
     right.set_ylabel("rate (0–1)")
     for axis in (left, right):  # below the panel: inside, it would hide the curves
@@ -636,7 +640,8 @@ def plot_embeddings(
     At most ``max_points`` images, a seeded random subsample, the same in both panels. Colour
     = class (a legend of names up to 10 classes; beyond, a colour bar of the class's train
     frequency rank, 0 = head); marker = shot group from ``train_counts`` (K,) (○ many, △
-    medium, ★ few, drawn on top with a black edge), all ○ without counts. Raises
+    medium, ★ few, drawn on top with a black edge), all ○ without counts (K is then the
+    number of ``class_names``, else the largest label + 1). Raises
     ``InputError`` for mismatched shapes or labels outside ``0 … K − 1``.
     """
     direct = _matrix("features", features)
@@ -652,7 +657,7 @@ def plot_embeddings(
         rank = np.empty(k, dtype=np.int64)
         rank[_head_to_tail(counts)] = np.arange(k)
     else:
-        k = int(labels.max()) + 1
+        k = len(class_names) if class_names is not None else int(labels.max()) + 1
         groups = np.full(k, "many", dtype="<U6")
         rank = np.arange(k)
     _labels_in_range("labels", labels, k, allow_unknown=False)
@@ -1061,8 +1066,9 @@ def _table_html(table: ReportTable) -> str:
         columns: list[str] = list(table.columns or ("", "value"))
         body = [[key, value] for key, value in rows.items()]
     elif rows and all(isinstance(row, Mapping) for row in rows):
-        columns = list(table.columns or dict.fromkeys(k for row in rows for k in row))  # type: ignore[union-attr]
-        body = [[row.get(k) for k in columns] for row in rows]  # type: ignore[union-attr]
+        mappings: list[Mapping[str, Any]] = list(rows)  # type: ignore[arg-type]
+        columns = list(table.columns or dict.fromkeys(k for row in mappings for k in row))
+        body = [[row.get(k) for k in columns] for row in mappings]
     else:
         body = [list(row) for row in rows]  # type: ignore[arg-type]
         columns = list(table.columns or [])
@@ -1104,7 +1110,7 @@ def _figure_html(figure: ReportFigure, out_dir: Path, number: int) -> str:
     source = html.escape(urllib.parse.quote(relative.as_posix()), quote=True)
     caption = html.escape(figure.caption)
     return (f'<figure id="figure-{number}">\n<img src="{source}" alt="{caption}"{size}>\n'
-            f"<figcaption><b>Figure {number}.</b> {caption}</figcaption>\n</figure>")
+            f"<figcaption><strong>Figure {number}.</strong> {caption}</figcaption>\n</figure>")
 
 
 def write_report_page(
