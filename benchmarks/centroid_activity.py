@@ -17,7 +17,7 @@ import torch
 
 from oltr.config import load_saved_config
 from oltr.data import load_benchmark
-from oltr.engine import collect_outputs, dataset_for, eval_loader, load_model
+from oltr.inference import collect_outputs, dataset_for, eval_loader, load_model
 from oltr.losses import LargeMarginCentroidLoss, NearestCentroidLoss
 from oltr.models import class_means
 

@@ -33,7 +33,7 @@ from oltr.bench import machine_description
 from oltr.config import load_config, load_saved_config
 from oltr.data import curate, load_manifest
 from oltr.data.curation import OPEN_CLASSES_NAME
-from oltr.engine import train_run
+from oltr.train import train_run
 from oltr.errors import InputError
 from oltr.evaluate import evaluate_run
 from oltr.io import read_json_object

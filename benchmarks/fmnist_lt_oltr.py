@@ -23,7 +23,7 @@ import numpy as np
 from oltr.bench import machine_description
 from oltr.config import load_config, stage_config
 from oltr.data import curate
-from oltr.engine import train_run
+from oltr.train import train_run
 from oltr.evaluate import evaluate_run
 from oltr.io import read_json_object
 

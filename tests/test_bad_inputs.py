@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from oltr.cli import main
 from oltr.config import load_config
 from oltr.data import curate, load_benchmark, parse_source, read_idx
-from oltr.engine import train_run
+from oltr.train import train_run
 from oltr.errors import InputError
 from oltr.evaluate import evaluate_run
 

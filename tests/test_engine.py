@@ -8,9 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from oltr import engine
+from oltr.train import loop as engine
 from oltr.config import load_config
-from oltr.engine import final_stage_dir, load_checkpoint, lr_factor, train_run
+from oltr.run import final_stage_dir
+from oltr.train import lr_factor, train_run
+from oltr.train.checkpoint import load_checkpoint
 from oltr.errors import InputError, OltrError
 from oltr.evaluate import evaluate_run
 from oltr.predict import Predictor
@@ -77,7 +79,7 @@ def test_resume_after_crash_matches_uninterrupted(fmnist_small, tiny, tmp_path, 
     train_run(load_config("plain", overrides=overrides), fmnist_small, reference, progress=False)
 
     crashed = tmp_path / "crashed"
-    original = engine._train_one_epoch
+    original = engine.train_one_epoch
     calls = {"n": 0}
 
     def crash_in_second_epoch(*args, **kwargs):
@@ -86,11 +88,11 @@ def test_resume_after_crash_matches_uninterrupted(fmnist_small, tiny, tmp_path, 
             raise KeyboardInterrupt  # a kill in the middle of epoch 2
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "_train_one_epoch", crash_in_second_epoch)
+    monkeypatch.setattr(engine, "train_one_epoch", crash_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         train_run(load_config("plain", overrides=overrides), fmnist_small, crashed, progress=False)
     assert load_checkpoint(crashed / "main" / "checkpoint.pt")["epoch"] == 1
-    monkeypatch.setattr(engine, "_train_one_epoch", original)
+    monkeypatch.setattr(engine, "train_one_epoch", original)
     (result,) = train_run(load_config("plain", overrides=overrides), fmnist_small, crashed,
                           resume=True, progress=False)
     assert result.epochs_run == 2
@@ -140,7 +142,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(fmnist_small, tiny, tmp_path
 
 
 def test_auto_reachability_scale_puts_median_meta_norm_at_one() -> None:
-    from oltr.engine import calibrate_reachability_scale
+    from oltr.train import calibrate_reachability_scale
     from oltr.models import create_network
 
     torch.manual_seed(0)
@@ -162,7 +164,7 @@ def test_stages_one_at_a_time_and_centroids_start_as_class_means(fmnist_small, t
 
     from oltr.config import stage_config
     from oltr.data import load_benchmark
-    from oltr.engine import collect_outputs, dataset_for, eval_loader, load_model
+    from oltr.inference import collect_outputs, dataset_for, eval_loader, load_model
 
     run = tmp_path / "oltr"
     overrides = [*tiny, "stage1.train.epochs=1", "stage2.train.epochs=0"]

@@ -10,10 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from oltr.config import load_config
+from oltr.config import load_config, stage_config
 from oltr.data import load_benchmark
 from oltr.data.loader import ImageLoader, LoadFailure
-from oltr.engine import dataset_for, eval_loader, train_loader
+from oltr.inference import dataset_for, eval_loader
+from oltr.train.loaders import build_train_loader
+from oltr.train.runtime import Runtime
 from oltr.errors import InputError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -67,9 +69,10 @@ def test_a_worker_error_is_the_original_one_line_error(tmp_path):
 
 def test_train_loader_with_workers_delivers_the_one_line_error(tmp_path):
     bench = load_benchmark(tiny_benchmark(tmp_path / "b", corrupt="i/t4.png"))
-    cfg = config("data.num_workers=2", "train.batch_size=2")  # 3 batches: every image
-    dataset = dataset_for(bench, "train", cfg["data"], train=True)
-    error = first_error(train_loader(dataset, cfg, epoch=0))
+    cfg = config("data.num_workers=2", "train.batch_size=2", "data.loader=files")  # 3 batches
+    loader = build_train_loader(bench, stage_config(cfg, "main"), Runtime(torch.device("cpu")))
+    loader.set_epoch(0)
+    error = first_error(loader)
     assert str(error).startswith(f"{tmp_path / 'b' / 'train.txt'}:5: cannot read image "
                                  f"{tmp_path / 'b' / 'i' / 't4.png'} (")
     assert "\n" not in str(error)

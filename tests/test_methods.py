@@ -16,25 +16,13 @@ from safetensors.torch import load_file
 
 from oltr.config import load_config, stage_config
 from oltr.data import load_benchmark
-from oltr.engine import (
-    build_stage_losses,
-    collect_outputs,
-    dataset_for,
-    deferred_reweighting,
-    eval_loader,
-    load_model,
-    train_run,
-)
+from oltr.decision import TAU_NORMALIZATION_GRID as TAU_NORM_GRID
+from oltr.decision import DecisionRule, SplitOutputs, fit_decision_rule
 from oltr.errors import InputError
-from oltr.evaluate import (
-    TAU_NORM_GRID,
-    adjust_logits,
-    collect_run_outputs,
-    evaluate_run,
-    format_report,
-    select_tau_normalization,
-    tau_normalized_logits,
-)
+from oltr.evaluate import collect_run_outputs, evaluate_run, format_report
+from oltr.inference import collect_outputs, dataset_for, eval_loader, load_model
+from oltr.train import train_run
+from oltr.train.objective import Objective
 from oltr.losses import LiftedStructureLoss, RangeLoss
 from oltr.models import (
     CosineClassifier,
@@ -82,6 +70,58 @@ def np_cross_entropy(logits: np.ndarray, labels: np.ndarray,
 
 
 COUNTS = np.array([100, 10, 1])
+
+
+def build_stage_losses(cfg: dict, counts, device) -> tuple:
+    """The classification and feature losses the objective of a stage builds."""
+    net = create_network({"backbone": "resnet10_small", "width": 4}, len(counts), 1)
+    objective = Objective(cfg, counts, net, device)
+    return objective.classification, objective.feature
+
+
+def deferred_reweighting(cfg: dict, counts, epoch: int) -> torch.Tensor | None:
+    """The class weights the objective's loss has in 0-based ``epoch`` (None: unweighted)."""
+    net = create_network({"backbone": "resnet10_small", "width": 4}, len(counts), 1)
+    objective = Objective(cfg, np.asarray(counts), net, CPU)
+    objective.set_epoch(epoch)
+    return getattr(objective.classification, "weight", None)
+
+
+def _linear(weight: np.ndarray, bias: np.ndarray | None) -> torch.nn.Linear:
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(weight))
+        if bias is not None:
+            layer.bias.copy_(torch.from_numpy(bias))
+    return layer
+
+
+def tau_normalized_logits(features, weight, bias, tau) -> np.ndarray:
+    """The decision rule's τ-normalised logits of a linear classifier (weight, bias)."""
+    rule = DecisionRule(["c"] * weight.shape[0], torch.ones(weight.shape[0]),
+                        tau_normalization=tau)
+    features = torch.from_numpy(np.asarray(features, dtype=np.float32))
+    return rule.closed_logits(features @ torch.from_numpy(weight).t(), features,
+                              _linear(weight, bias)).numpy()
+
+
+def select_tau_normalization(features, labels, weight, bias) -> float:
+    """τ of τ-normalisation as the decision rule selects it on val."""
+    features = torch.from_numpy(np.asarray(features, dtype=np.float32))
+    val = SplitOutputs(features @ torch.from_numpy(weight).t(), features,
+                       torch.as_tensor(labels))
+    rule = fit_decision_rule({"tau_normalization": "auto"}, {"val": val},
+                             class_names=["c"] * weight.shape[0],
+                             train_counts=[1] * weight.shape[0],
+                             classifier=_linear(weight, bias), open_set=False)
+    return rule.tau_normalization
+
+
+def adjust_logits(logits: np.ndarray, counts, tau: float) -> np.ndarray:
+    """The decision rule's logit adjustment."""
+    rule = DecisionRule(["c"] * len(counts), torch.as_tensor(counts), logit_adjustment=tau)
+    adjusted = rule.adjust(torch.from_numpy(logits))
+    return logits if tau == 0 else adjusted.numpy()
 
 
 # ------------------------------------------------------------------ 1. build_stage_losses
@@ -382,23 +422,21 @@ def _finite_history(stage_dir) -> list[dict]:
 
 def test_ldam_drw_run_switches_weights_on_at_drw_epoch(fmnist_small, tmp_path, one_thread,
                                                        monkeypatch):
-    from oltr import engine
+    from oltr.train import loop
 
     seen, built = [], []
-    original, original_losses = engine.deferred_reweighting, engine.build_stage_losses
 
-    def spy(train_cfg, counts, epoch):
-        weights = original(train_cfg, counts, epoch)
-        seen.append(None if weights is None else weights.clone())
-        return weights
+    class Spy(Objective):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self.classification)
 
-    def spy_losses(*args, **kwargs):
-        losses = original_losses(*args, **kwargs)
-        built.append(losses[0])
-        return losses
+        def set_epoch(self, epoch):
+            super().set_epoch(epoch)
+            weight = getattr(self.classification, "weight", None)
+            seen.append(None if weight is None else weight.clone())
 
-    monkeypatch.setattr(engine, "deferred_reweighting", spy)
-    monkeypatch.setattr(engine, "build_stage_losses", spy_losses)
+    monkeypatch.setattr(loop, "Objective", Spy)
     config = load_config("ldam_drw", overrides=[*SMALL, "train.epochs=2", "train.drw_epoch=2"])
     assert config["train"]["loss"] == "ldam"
     (result,) = train_run(config, fmnist_small, tmp_path / "ldam", progress=False)
@@ -561,7 +599,7 @@ def test_auto_tau_normalization_is_selected_on_val(plain_run, fmnist_small):
         val["features"], val["labels"], weight, bias)
     # and its decision logits are the τ-normalised ones
     outputs = collect_run_outputs(plain_run, fmnist_small, ("val",),
-                                  tau_normalization=report["tau_normalization"])
+                                  overrides={"tau_normalization": report["tau_normalization"]})
     assert np.allclose(outputs.splits["val"]["logits"],
                        tau_normalized_logits(val["features"], weight, bias,
                                              report["tau_normalization"]), atol=1e-4)
@@ -570,14 +608,14 @@ def test_auto_tau_normalization_is_selected_on_val(plain_run, fmnist_small):
 
 
 def test_negative_logit_adjustment_is_accepted(plain_run, fmnist_small):
-    minus = collect_run_outputs(plain_run, fmnist_small, ("val",), logit_adjustment=-1.0)
-    plain = collect_run_outputs(plain_run, fmnist_small, ("val",), logit_adjustment=0.0)
+    minus = collect_run_outputs(plain_run, fmnist_small, ("val",), overrides={"logit_adjustment": -1.0})
+    plain = collect_run_outputs(plain_run, fmnist_small, ("val",), overrides={"logit_adjustment": 0.0})
     prior = plain.train_counts / plain.train_counts.sum()
     assert np.allclose(minus.splits["val"]["logits"],
                        plain.splits["val"]["logits"] - np.log(prior), atol=1e-4)
     assert minus.logit_adjustment == -1.0
     with pytest.raises(InputError):
-        collect_run_outputs(plain_run, fmnist_small, ("val",), tau_normalization=-0.5)
+        collect_run_outputs(plain_run, fmnist_small, ("val",), overrides={"tau_normalization": -0.5})
 
 
 def test_open_scores_use_the_models_logits_unless_told_otherwise(plain_run, fmnist_small):
@@ -591,7 +629,7 @@ def test_open_scores_use_the_models_logits_unless_told_otherwise(plain_run, fmni
     for key in ("auroc", "fpr95", "detection_error", "threshold"):
         assert moved["open"][key] == base["open"][key]
     assert moved["closed"] != base["closed"]  # the decision did move
-    outputs = collect_run_outputs(plain_run, fmnist_small, ("val",), logit_adjustment=-1.0)
+    outputs = collect_run_outputs(plain_run, fmnist_small, ("val",), overrides={"logit_adjustment": -1.0})
     val = outputs.splits["val"]
     prior = outputs.train_counts / outputs.train_counts.sum()
     assert np.allclose(score_logits(val), val["logits"] + np.log(prior), atol=1e-4)
@@ -601,7 +639,7 @@ def test_open_scores_use_the_models_logits_unless_told_otherwise(plain_run, fmni
     try:
         config_path.write_text(saved.replace("open_score_logits: model",
                                              "open_score_logits: decision"))
-        decided = collect_run_outputs(plain_run, fmnist_small, ("val",), logit_adjustment=-1.0)
+        decided = collect_run_outputs(plain_run, fmnist_small, ("val",), overrides={"logit_adjustment": -1.0})
         assert np.array_equal(score_logits(decided.splits["val"]),
                               decided.splits["val"]["logits"])
     finally:

@@ -20,11 +20,13 @@ import pytest
 import torch
 from PIL import Image
 
-from oltr import engine
+from oltr.train import loop as engine
 from oltr.cli import main
 from oltr.config import load_config
 from oltr.data.sources import FASHION_MNIST_SYSTEM_DIR
-from oltr.engine import save_model, train_run
+from oltr.train import train_run
+from oltr.inference import load_model
+from oltr.train.checkpoint import save_model
 from oltr.errors import InputError
 from oltr.ownership import MARKER, locked, marker_kind, remove_stale_staging, write_marker
 
@@ -211,7 +213,7 @@ def test_a_fresh_run_that_fails_before_an_epoch_leaves_nothing(fmnist_small, tmp
             (tmp_path / "runs" / "other" / "x").write_text("theirs")
         raise OSError(28, "No space left on device", str(run / "main" / "checkpoint.pt"))
 
-    monkeypatch.setattr(engine, "_train_one_epoch", disk_full)
+    monkeypatch.setattr(engine, "train_one_epoch", disk_full)
     argv = ["train", "--method", "plain", "--data", str(fmnist_small), "--out", str(run),
             "--no-progress", *TINY]
     _refused(argv, capsys, "checkpoint.pt: No space left on device")
@@ -229,7 +231,7 @@ def test_a_fresh_run_that_fails_before_an_epoch_leaves_nothing(fmnist_small, tmp
 def test_a_failure_after_an_epoch_keeps_the_run_for_resume(fmnist_small, tmp_path,
                                                            monkeypatch) -> None:
     run = tmp_path / "run"
-    original, calls = engine._train_one_epoch, {"n": 0}
+    original, calls = engine.train_one_epoch, {"n": 0}
 
     def second_epoch_fails(*args, **kwargs):
         calls["n"] += 1
@@ -237,7 +239,7 @@ def test_a_failure_after_an_epoch_keeps_the_run_for_resume(fmnist_small, tmp_pat
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "_train_one_epoch", second_epoch_fails)
+    monkeypatch.setattr(engine, "train_one_epoch", second_epoch_fails)
     config = load_config("plain", overrides=[*TINY, "train.epochs=2"])
     with pytest.raises(KeyboardInterrupt):
         train_run(config, fmnist_small, run, progress=False)
@@ -296,7 +298,7 @@ def test_predict_refuses_a_report_of_other_weights(fmnist_small, tmp_path, capsy
     capsys.readouterr()
 
     # training went on (as when evaluate ran during training): new weights of a later epoch
-    net, info = engine.load_model(run / "main")
+    net, info = load_model(run / "main")
     with torch.no_grad():
         for tensor in net.parameters():
             tensor.add_(0.01)

@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 from oltr.cli import main
 from oltr.config import load_config
 from oltr.data import load_benchmark
-from oltr.engine import load_checkpoint, train_run
+from oltr.train import train_run
+from oltr.train.checkpoint import load_checkpoint
 from oltr.errors import InputError, OltrError
 from oltr.evaluate import evaluate_run
 from oltr.ownership import remove_stale_temporaries, write_marker

@@ -410,7 +410,7 @@ class RunSpec:
 
 def trained_data_dir(run_dir: str | Path) -> Path:
     """The benchmark a run was trained on, as recorded in ``RUN/run.json``."""
-    from oltr.engine import RUN_INFO
+    from oltr.run import RUN_INFO
 
     path = Path(run_dir) / RUN_INFO
     if not path.is_file():

@@ -48,11 +48,12 @@ from oltr.config import (
 )
 from oltr.data.splits import sha256_file
 from oltr.detectors import list_detectors
-from oltr.engine import RUN_INFO, WEIGHTS, final_stage_dir, train_stage
 from oltr.errors import InputError
 from oltr.evaluate import evaluate_run
 from oltr.io import atomic_write_text, read_json_object
 from oltr.ownership import claim_directory, locked
+from oltr.run import RUN_INFO, WEIGHTS, final_stage_dir
+from oltr.train import train_stage
 
 QUICK_OVERRIDES = ("model.width=8", "train.max_steps_per_epoch=3")
 DONE = "stage-done.json"

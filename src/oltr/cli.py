@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -28,6 +29,7 @@ from oltr.config import (
     load_config,
     read_yaml,
 )
+from oltr.detectors import list_detectors
 from oltr.errors import InputError, OltrError
 from oltr.io import read_text
 
@@ -114,7 +116,7 @@ def cmd_curate(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
-    from oltr.engine import train_run
+    from oltr.train import train_run
 
     overrides = list(args.overrides)
     if args.seed is not None:
@@ -127,7 +129,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                          overrides=overrides)
     started = time.perf_counter()
     results = train_run(config, args.data, args.out, resume=args.resume,
-                        progress=not args.no_progress, stages=args.stage)
+                        progress=not args.no_progress, stages=args.stage,
+                        tensorboard=args.tensorboard)
+    from oltr.train.runtime import launched_by_torchrun
+
+    if launched_by_torchrun() and int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 reports (and evaluates)
     for result in results:
         print(f"stage {result.stage_dir.name}: best val accuracy {result.best_val_accuracy:.4f} "
               f"at epoch {result.best_epoch} ({result.seconds:.0f} s)")
@@ -156,7 +163,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     output = args.output or Path(args.run) / "report.json"  # checked before evaluating
     return _evaluate(args.run, args.data, open_set=args.open, open_score=args.open_score,
                      threshold=args.threshold, accept_rate=args.accept_rate, device=args.device,
-                     logit_adjustment=args.logit_adjustment,
+                     logit_adjustment=args.logit_adjustment, select=args.select,
                      tau_normalization=args.tau_normalization, detectors=args.detectors,
                      detector_options=_odin_options(args),
                      open_sets=_named_paths(args.open_sets),
@@ -217,18 +224,52 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- predict
 def cmd_predict(args: argparse.Namespace) -> int:
-    from oltr.predict import Predictor
+    from oltr.predict import Predictor, expand_inputs
 
-    predictor = Predictor.from_run(args.run, device=args.device, open_score=args.open_score,
-                                   threshold=args.threshold)
-    results = predictor.predict_paths(args.images)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        for row in results:
-            print(f"{row['path']}\t{row['label_name']}\tconfidence {row['confidence']:.3f}\t"
-                  f"open score {row['open_score']:.4f}")
-    return 0
+    if args.top_k < 1:
+        raise InputError("--top-k must be >= 1", value=args.top_k)
+    if args.batch_size < 1:
+        raise InputError("--batch-size must be >= 1", value=args.batch_size)
+    predictor = Predictor.from_run(args.run, device=args.device, threshold=args.threshold)
+    rows = [row.as_dict() for row in predictor.predict(expand_inputs(args.images),
+                                                       batch_size=args.batch_size,
+                                                       top_k=args.top_k)]
+    failed = [row for row in rows if row["error"] is not None]
+    for row in failed:
+        print(f"oltr predict: skipped: {row['error']}", file=sys.stderr)
+    print_predictions(rows, args.format, sys.stdout)
+    return 1 if failed else 0
+
+
+def print_predictions(rows: list[dict[str, Any]], form: str, stream: Any) -> None:
+    """Predictions as an aligned table, JSON lines, or CSV (``top_k`` as ``name:p;…``)."""
+    def top(row: dict[str, Any]) -> str:
+        return ";".join(f"{item['label_name']}:{item['probability']:.4f}"
+                        for item in row["top_k"] or [])
+
+    if form == "jsonl":
+        for row in rows:
+            stream.write(json.dumps(row) + "\n")
+        return
+    columns = ("path", "label_name", "label", "confidence", "open_score", "threshold",
+               "closed_set_label", "top_k", "error")
+    if form == "csv":
+        import csv
+
+        writer = csv.writer(stream)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([top(row) if key == "top_k" else "" if row[key] is None else row[key]
+                             for key in columns])
+        return
+    ok = [row for row in rows if row["error"] is None]
+    if not ok:
+        return
+    width = max(len(str(row["path"])) for row in ok)
+    stream.write(f"{'image':<{width}}  {'answer':<14}  confidence  open score  top classes\n")
+    for row in ok:
+        stream.write(f"{row['path']:<{width}}  {row['label_name']:<14}  {row['confidence']:10.3f}"
+                     f"  {row['open_score']:10.4g}  {top(row).replace(';', ', ')}\n")
 
 
 # --------------------------------------------------------------------------- parser
@@ -326,7 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train only this stage (repeatable), e.g. --stage stage2 of a run whose "
                         "stage 1 is done; default: every stage")
     p.add_argument("--evaluate", action="store_true", help="evaluate (open set) when done")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (it is off anyway when the output is not a terminal)")
+    p.add_argument("--tensorboard", metavar="DIR",
+                   help="write TensorBoard scalars (losses, learning rate, val accuracies per "
+                        "shot group) to DIR; needs the tensorboard package")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="skip unreadable images (counted, reported) instead of stopping; the "
                         "same as data.skip_bad_images=true")
@@ -343,9 +388,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="the curated benchmark directory")
     p.add_argument("--open", action="store_true", help="also evaluate the open-set setting")
     p.add_argument("--open-score", dest="open_score",
-                   help="msp | max_logit | energy | reachability (default: the run's config)")
+                   help="an open-set detector (see --detector) or auto (chosen on val_open); "
+                        "default: the run's decision rule")
+    p.add_argument("--select", choices=["balanced_accuracy", "f_measure", "auroc"],
+                   help="the val objective every auto choice maximises (f_measure and auroc "
+                        "need a val_open split); default: the run's")
     p.add_argument("--threshold", type=float,
-                   help="probability threshold for msp (paper: 0.1); default: calibrate on val")
+                   help="probability threshold for msp (paper: 0.1); default: the run's rule "
+                        "(calibrated on val)")
     p.add_argument("--accept-rate", type=float, dest="accept_rate",
                    help="calibrated threshold accepts this fraction of known val images (0.95)")
     p.add_argument("--logit-adjustment", type=lambda v: v if v == "auto" else float(v),
@@ -357,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: config)")
     p.add_argument("--detector", action="append", dest="detectors", metavar="NAME",
                    help="also score with this open-set detector (repeatable): "
-                        "msp, max_logit, energy, odin, openmax, knn, reachability")
+                        + ", ".join(list_detectors()))
     p.add_argument("--open-set", action="append", dest="open_sets", metavar="NAME=PATH",
                    help="an external open set (a folder of images or a split file), evaluated "
                         "against the known test images (repeatable; also on a benchmark "
@@ -378,16 +428,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "predict", help="classify new images, or answer 'unknown'",
-        description="Predict the class of images with a trained run; an image whose open score "
-                    "exceeds the threshold (calibrated on val when the run was evaluated, or "
-                    "given) is answered 'unknown'.",
+        description="Predict the class of images with a trained run and its decision rule "
+                    "(fitted on val when it was trained): an image whose open score exceeds "
+                    "the threshold is answered 'unknown'. Folders are searched recursively; "
+                    "an unreadable file is reported on stderr and the others go on (exit "
+                    "status 1 then).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("run", help="run directory")
-    p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--open-score", dest="open_score")
-    p.add_argument("--threshold", type=float, help="open-score threshold (default: from report)")
+    p.add_argument("images", nargs="+", metavar="PATH", help="image files or folders")
+    p.add_argument("--format", choices=["table", "jsonl", "csv"], default="table",
+                   help="output format")
+    p.add_argument("--threshold", type=float,
+                   help="open-score threshold (default: the run's decision rule)")
+    p.add_argument("--top-k", type=int, default=3, dest="top_k", help="classes listed per image")
+    p.add_argument("--batch-size", type=int, default=64, dest="batch_size")
     p.add_argument("--device", default="auto")
-    p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(

@@ -359,6 +359,12 @@ def _or_null(check: Check) -> Check:
     return f"null or {description}", lambda v: v is None or test(v)
 
 
+def _detector_names() -> tuple[str, ...]:
+    from oltr.detectors import list_detectors
+
+    return tuple(list_detectors())
+
+
 _BOOL: Check = ("true or false", lambda v: isinstance(v, bool))
 _TEXT: Check = ("a non-empty string", lambda v: isinstance(v, str) and bool(v.strip()))
 _NUMBERS: Check = ("a list of numbers", lambda v: isinstance(v, list) and bool(v)
@@ -380,6 +386,7 @@ CHECKS: dict[str, Check] = {
     "data.transform": _choice("small", "imagenet", "none"),
     "data.cache_images": _BOOL,
     "data.num_workers": _int(0),
+    "data.loader": _choice("auto", "tensor", "files"),
     "data.skip_bad_images": _BOOL,
     "data.allow_outside_root": _BOOL,
     "model.backbone": _TEXT,
@@ -387,7 +394,10 @@ CHECKS: dict[str, Check] = {
     "model.pretrained_path": _or_null(_TEXT),
     "model.embed_dim": _or_null(_int(1)),
     "model.dropout": _number("in [0, 1)", lambda v: 0 <= v < 1),
-    "model.classifier": _choice("linear", "cosine", "lws", "fslwf"),
+    "model.classifier": _choice("linear", "cosine", "lws", "fslwf", "cosface", "arcface"),
+    "model.margin_scale": _number("> 0", lambda v: v > 0),
+    "model.margin": _or_null(_number(">= 0", lambda v: v >= 0)),
+    "model.arcface_easy_margin": _BOOL,
     "model.fslwf_novel_max": _int(0),
     "model.cosine_scale": _number("> 0", lambda v: v > 0),
     "model.squash_form": _choice("paper", "original", "unit"),
@@ -437,13 +447,21 @@ CHECKS: dict[str, Check] = {
     "train.init_from": _or_null(_TEXT),
     "train.amp": _choice("auto", "bf16", "off"),
     "train.channels_last": _BOOL,
+    "train.sync_batchnorm": _BOOL,
     "train.grad_clip": _or_null(_number("> 0", lambda v: v > 0)),
     "train.max_steps_per_epoch": _or_null(_int(1)),
     "train.log_every": _int(1),
     "train.nonfinite": _choice("stop", "skip"),
     "eval.batch_size": _int(1),
     "eval.amp": _choice("off", "bf16"),
-    "eval.open_score": _choice("msp", "max_logit", "energy", "reachability"),
+    "eval.open_score": ("auto or an open-set detector (oltr.detectors)",
+                        lambda v: isinstance(v, str) and v in ("auto", *_detector_names())),
+    "eval.open_score_options": ("a mapping of the detector's options",
+                                lambda v: isinstance(v, dict)),
+    "eval.open_score_candidates": ("null or a list of detector names",
+                                   lambda v: v is None or (isinstance(v, list) and bool(v) and all(
+                                       isinstance(x, str) and x in _detector_names() for x in v))),
+    "eval.select": _choice("balanced_accuracy", "f_measure", "auroc"),
     "eval.threshold": _or_null(_number("in [0, 1] (a probability)", lambda v: 0 <= v <= 1)),
     "eval.logit_adjustment": ("a number or auto",
                               lambda v: v == "auto" or (_is_number(v) and math.isfinite(v))),

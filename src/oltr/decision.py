@@ -261,7 +261,7 @@ class DecisionRule:
             tensors = load_file(str(tensors_path))
         except FileNotFoundError:
             raise InputError("decision rule tensors not found", path=tensors_path) from None
-        except Exception as exc:  # safetensors raises its own error types
+        except Exception as exc:  # noqa: BLE001  (safetensors raises its own error types)
             raise InputError(f"cannot read decision rule tensors ({exc})",
                              path=tensors_path) from None
         if "train_counts" not in tensors:
@@ -295,11 +295,8 @@ class DecisionRule:
 
 def _detector_inputs(detector: Detector, logits: torch.Tensor, features: torch.Tensor,
                      head: Callable[[torch.Tensor], torch.Tensor] | None) -> dict[str, Any]:
-    """The keyword arguments a detector's ``score``/``fit`` declares (logits, features, head)."""
-    given: dict[str, Any] = {"logits": logits, "features": features}
-    if "head" in getattr(detector, "inputs", ()):
-        given["head"] = head
-    return given
+    """Everything a detector's ``score``/``fit`` may use; each takes what it declares."""
+    return {"logits": logits, "features": features, "head": head}
 
 
 # ---------------------------------------------------------------------- fitting
@@ -316,6 +313,42 @@ class SplitOutputs:
         return int(self.labels.shape[0])
 
 
+@dataclass
+class _FitContext:
+    """What fitting reads: the splits' outputs, the linear classifier (τ-normalisation), the
+    head (features → logits, for ReAct/ASH/SCALE) and an OLTR model's memory."""
+
+    outputs: Mapping[str, SplitOutputs]
+    classifier: torch.nn.Module | None
+    head: Callable[[torch.Tensor], torch.Tensor] | None
+    centroids: torch.Tensor | None
+
+    def model_logits(self, rule: DecisionRule, split: str) -> torch.Tensor:
+        values = self.outputs[split]
+        return rule.closed_logits(values.logits, values.features, self.classifier)
+
+    def scores(self, rule: DecisionRule, split: str) -> np.ndarray:
+        """The open scores of ``split`` under ``rule``."""
+        model = self.model_logits(rule, split)
+        logits = rule.adjust(model) if rule.open_score_logits == "decision" else model
+        return rule.score(logits, self.outputs[split].features, self.head)
+
+    def fitted(self, name: str, options: Mapping[str, Any], rule: DecisionRule) -> Detector:
+        """Detector ``name`` fitted on the train split's outputs where it learns; reachability
+        on the model's memory where there is one."""
+        if name == "reachability" and self.centroids is not None and "centroids" not in options:
+            options = {**options, "centroids": self.centroids}
+        detector = create_detector(name, **options)
+        if not detector.is_fitted:
+            if "train" not in self.outputs:
+                raise InputError(f"open score '{name}' learns from the train split's outputs, "
+                                 "which were not given")
+            train = self.outputs["train"]
+            detector.fit(**_detector_inputs(detector, self.model_logits(rule, "train"),
+                                            train.features, self.head), labels=train.labels)
+        return detector
+
+
 def fit_decision_rule(
     eval_cfg: Mapping[str, Any],
     outputs: Mapping[str, SplitOutputs],
@@ -324,13 +357,16 @@ def fit_decision_rule(
     train_counts: Sequence[int] | np.ndarray | torch.Tensor,
     classifier: torch.nn.Module | None = None,
     head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    centroids: torch.Tensor | None = None,
     open_set: bool = True,
     record: Mapping[str, Any] | None = None,
 ) -> DecisionRule:
     """Fit every choice of ``eval_cfg`` on val: ``outputs`` holds ``val`` (required),
     ``train`` (for detectors that learn) and ``val_open`` (optional). See the module docstring
-    for the objectives; raises InputError for an objective that needs ``val_open`` when it is
-    missing, or a τ-normalisation of a head that is not linear."""
+    for the objectives. ``centroids``: an OLTR model's memory, which the ``reachability`` open
+    score then uses (else the class means of train features). Raises InputError for an
+    objective that needs ``val_open`` when it is missing, or a τ-normalisation of a head that
+    is not linear."""
     select = eval_cfg.get("select", "balanced_accuracy")
     if select not in SELECT_OBJECTIVES:
         raise InputError(f"eval.select must be one of {', '.join(SELECT_OBJECTIVES)}",
@@ -340,6 +376,7 @@ def fit_decision_rule(
     if select in ("f_measure", "auroc") and val_open is None:
         raise InputError(f"eval.select: {select} needs a val_open split (curate with "
                          "--val-open N)", value=select)
+    context = _FitContext(outputs, classifier, head, centroids)
     rule = DecisionRule(class_names=list(class_names),
                         train_counts=torch.as_tensor(np.asarray(train_counts), dtype=torch.int64),
                         open_score_logits=eval_cfg.get("open_score_logits", "model"),
@@ -351,16 +388,14 @@ def fit_decision_rule(
 
     # 1. τ-normalisation
     tau = eval_cfg.get("tau_normalization", 0.0)
-    if tau == "auto" or tau != 0:
-        if classifier is None or not isinstance(getattr(classifier, "weight", None),
-                                                torch.Tensor):
-            raise InputError("τ-normalisation needs a model with a linear classifier on the "
-                             "direct feature (no meta-embedding)", value=tau)
+    if (tau == "auto" or tau != 0) and (
+            classifier is None or not isinstance(getattr(classifier, "weight", None), torch.Tensor)):
+        raise InputError("τ-normalisation needs a model with a linear classifier on the "
+                         "direct feature (no meta-embedding)", value=tau)
     if tau == "auto":
         def tau_objective(value: float) -> float:
-            probe = DecisionRule(rule.class_names, rule.train_counts, tau_normalization=value)
-            return balanced_accuracy(probe.closed_logits(val.logits, val.features, classifier),
-                                     labels)
+            rule.tau_normalization = value
+            return balanced_accuracy(context.model_logits(rule, "val"), labels)
         rule.tau_normalization, values = select_on_grid(TAU_NORMALIZATION_GRID, tau_objective)
         rule.record["tau_normalization"] = {
             "source": "selected on val: balanced accuracy", "grid": list(TAU_NORMALIZATION_GRID),
@@ -368,99 +403,65 @@ def fit_decision_rule(
     else:
         rule.tau_normalization = float(tau)
         rule.record["tau_normalization"] = {"source": "given"}
-    val_model_logits = rule.closed_logits(val.logits, val.features, classifier)
 
-    # 3 (before 2: F-measure needs the open score). The open score and its detector.
-    detector = None
+    # 2. the open score (before the logit adjustment: the F-measure objective needs it)
     if open_set:
-        detector = _fit_open_score(rule, eval_cfg, outputs, classifier, head, select)
-    rule.detector = detector
+        rule.detector = _fit_open_score(rule, eval_cfg, context, select)
 
-    # 2. logit adjustment
+    # 3. logit adjustment
     la = eval_cfg.get("logit_adjustment", 0.0)
     if la == "auto":
         def la_objective(value: float) -> float:
             rule.logit_adjustment = value
-            adjusted = rule.adjust(val_model_logits)
+            adjusted = rule.adjust(context.model_logits(rule, "val"))
             if select != "f_measure":
                 return balanced_accuracy(adjusted, labels)
-            known, opened = _val_scores(rule, outputs, classifier, head)
-            return best_f_threshold(adjusted, labels, known, opened)[1]
+            return best_f_threshold(adjusted, labels, context.scores(rule, "val"),
+                                    context.scores(rule, "val_open"))[1]
         rule.logit_adjustment, values = select_on_grid(LOGIT_ADJUSTMENT_GRID, la_objective)
-        rule.record["logit_adjustment"] = {
-            "source": f"selected on val: {'F-measure' if select == 'f_measure' else 'balanced accuracy'}",
-            "grid": list(LOGIT_ADJUSTMENT_GRID), "objective": values}
+        objective = "F-measure" if select == "f_measure" else "balanced accuracy"
+        rule.record["logit_adjustment"] = {"source": f"selected on val: {objective}",
+                                           "grid": list(LOGIT_ADJUSTMENT_GRID),
+                                           "objective": values}
     else:
         rule.logit_adjustment = float(la)
         rule.record["logit_adjustment"] = {"source": "given"}
 
-    # 4. threshold
-    if detector is not None:
-        _fit_threshold(rule, eval_cfg, outputs, classifier, head, select)
+    # 4. the threshold
+    if rule.detector is not None:
+        _fit_threshold(rule, eval_cfg, context, select)
     return rule
 
 
-def _val_scores(rule: DecisionRule, outputs: Mapping[str, SplitOutputs],
-                classifier: torch.nn.Module | None,
-                head: Callable[[torch.Tensor], torch.Tensor] | None,
-                ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Open scores of the known val split and of val_open (None without it) under ``rule``."""
-    def scores(split: SplitOutputs) -> np.ndarray:
-        model = rule.closed_logits(split.logits, split.features, classifier)
-        logits = rule.adjust(model) if rule.open_score_logits == "decision" else model
-        return rule.score(logits, split.features, head)
-    val_open = outputs.get("val_open")
-    return scores(outputs["val"]), None if val_open is None else scores(val_open)
-
-
-def _fitted_detector(name: str, options: Mapping[str, Any], rule: DecisionRule,
-                     outputs: Mapping[str, SplitOutputs], classifier: torch.nn.Module | None,
-                     head: Callable[[torch.Tensor], torch.Tensor] | None) -> Detector:
-    detector = create_detector(name, **options)
-    if not detector.is_fitted:
-        if "train" not in outputs:
-            raise InputError(f"open score '{name}' learns from the train split's outputs, "
-                             "which were not given")
-        train = outputs["train"]
-        logits = rule.closed_logits(train.logits, train.features, classifier)
-        inputs = _detector_inputs(detector, logits, train.features, head)
-        detector.fit(**inputs, labels=train.labels)
-    return detector
-
-
-def _fit_open_score(rule: DecisionRule, eval_cfg: Mapping[str, Any],
-                    outputs: Mapping[str, SplitOutputs], classifier: torch.nn.Module | None,
-                    head: Callable[[torch.Tensor], torch.Tensor] | None,
+def _fit_open_score(rule: DecisionRule, eval_cfg: Mapping[str, Any], context: _FitContext,
                     select: str) -> Detector:
     name = eval_cfg.get("open_score", "msp")
-    options = dict((eval_cfg.get("open_score_options") or {}))
-    val_open = outputs.get("val_open")
+    options = dict(eval_cfg.get("open_score_options") or {})
+    val_open = context.outputs.get("val_open")
     if name != "auto":
         rule.open_score = name
         rule.record["open_score"] = {"source": "given"}
-        return _fitted_detector(name, options, rule, outputs, classifier, head)
+        return context.fitted(name, options, rule)
     if val_open is None:
         rule.open_score = DEFAULT_OPEN_SCORE
         rule.record["open_score"] = {
             "source": f"default (no val_open split to select on): {DEFAULT_OPEN_SCORE}"}
-        return _fitted_detector(DEFAULT_OPEN_SCORE, {}, rule, outputs, classifier, head)
-    candidates = [c for c in eval_cfg.get("open_score_candidates") or AUTO_OPEN_SCORES]
+        return context.fitted(DEFAULT_OPEN_SCORE, {}, rule)
+    candidates = list(eval_cfg.get("open_score_candidates") or AUTO_OPEN_SCORES)
     results: dict[str, float] = {}
     fitted: dict[str, Detector] = {}
-    labels = outputs["val"].labels.numpy()
+    labels = context.outputs["val"].labels.numpy()
     for candidate in candidates:
         try:
-            detector = _fitted_detector(candidate, {}, rule, outputs, classifier, head)
+            detector = context.fitted(candidate, {}, rule)
         except InputError as exc:  # e.g. ViM on a head that is not linear
             results[candidate] = float("nan")
             rule.record.setdefault("open_score_skipped", {})[candidate] = str(exc)
             continue
         rule.detector, rule.open_score = detector, candidate
-        known, opened = _val_scores(rule, outputs, classifier, head)
-        assert opened is not None
+        known, opened = context.scores(rule, "val"), context.scores(rule, "val_open")
         if select == "f_measure":
-            logits = rule.adjust(rule.closed_logits(outputs["val"].logits,
-                                                    outputs["val"].features, classifier))
+            logits = rule.adjust(context.model_logits(rule, "val"))
             results[candidate] = best_f_threshold(logits, labels, known, opened)[1]
         else:
             is_open = np.concatenate([np.zeros(len(known), bool), np.ones(len(opened), bool)])
@@ -478,11 +479,10 @@ def _fit_open_score(rule: DecisionRule, eval_cfg: Mapping[str, Any],
     return fitted[winner]
 
 
-def _fit_threshold(rule: DecisionRule, eval_cfg: Mapping[str, Any],
-                   outputs: Mapping[str, SplitOutputs], classifier: torch.nn.Module | None,
-                   head: Callable[[torch.Tensor], torch.Tensor] | None, select: str) -> None:
+def _fit_threshold(rule: DecisionRule, eval_cfg: Mapping[str, Any], context: _FitContext,
+                   select: str) -> None:
     probability = eval_cfg.get("threshold")
-    known, opened = _val_scores(rule, outputs, classifier, head)
+    known = context.scores(rule, "val")
     if probability is not None:
         if rule.open_score != "msp":
             raise InputError("a probability threshold applies to the msp open score only; "
@@ -492,10 +492,9 @@ def _fit_threshold(rule: DecisionRule, eval_cfg: Mapping[str, Any],
             "source": f"probability {probability}: reject when max softmax < {probability}"}
         return
     if select == "f_measure":
-        assert opened is not None
-        val = outputs["val"]
-        logits = rule.adjust(rule.closed_logits(val.logits, val.features, classifier))
-        rule.threshold, value = best_f_threshold(logits, val.labels.numpy(), known, opened)
+        logits = rule.adjust(context.model_logits(rule, "val"))
+        rule.threshold, value = best_f_threshold(logits, context.outputs["val"].labels.numpy(),
+                                                 known, context.scores(rule, "val_open"))
         rule.record["threshold"] = {"source": "selected on val: F-measure on val ∪ val_open",
                                     "objective": value}
         return

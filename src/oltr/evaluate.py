@@ -4,14 +4,18 @@ Closed set (paper Tab. 3): top-1 over the balanced known test split, and mean pe
 of the many / medium / few-shot groups. Open set: the known test split plus the open split, a
 rejection rule (open score above a threshold → "unknown", label -1), the same group accuracies
 (a rejected known image is an error), the F-measure (paper §D.4), and threshold-free detection
-figures of the open score (AUROC, FPR@95 %TPR, AUPR, OSCR). The threshold is either a probability
-(MSP only, the paper's 0.1) or calibrated on the known-only *validation* split — never on test.
+figures of the open score (AUROC, FPR@95 %TPR, AUPR, OSCR).
+
+The decision — τ-normalisation, logit adjustment, open score and threshold — is the run's
+decision rule (`oltr.decision`), fitted on val when the run was trained and saved beside its
+weights; evaluation applies it to test. Options given here (another open score, τ, threshold,
+selection objective) fit a rule on val for this report only. Nothing is ever chosen on test.
 
 Everything in a report derives from one set of weights, and the report says which
-(``weights``: the stage, epoch and sha256 of ``model.safetensors`` as loaded): ``oltr predict``
-uses a report's threshold and decision rule only with those very weights. A report replaces only
-an oltr report (:func:`oltr.ownership.check_report_output`, checked before the evaluation
-runs); writing it into a run takes the run's lock, so a run still training is not written into.
+(``weights``: the stage, epoch and sha256 of ``model.safetensors`` as loaded). A report
+replaces only an oltr report (:func:`oltr.ownership.check_report_output`, checked before the
+evaluation runs); writing it into a run takes the run's lock, so a run still training is not
+written into.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import json
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,29 +32,34 @@ import torch
 from torch import nn
 
 from oltr import metrics
-from oltr.config import load_saved_config, stage_config, with_defaults
+from oltr.artifact import (
+    check_benchmark_fits,
+    classifier_of,
+    fit_rule,
+    memory_of,
+    rule_needs_train,
+    run_stage_config,
+    saved_rule,
+)
 from oltr.data import load_benchmark
-from oltr.data.datasets import ImageListDataset
 from oltr.data.paths import IMAGE_EXTENSIONS, check_image_paths, walk_images
 from oltr.data.splits import read_split_lines
+from oltr.decision import SELECT_OBJECTIVES, DecisionRule
 from oltr.detectors import create_detector, list_detectors, odin_perturb
-from oltr.engine import (
-    collect_outputs,
-    dataset_for,
-    eval_loader,
-    eval_transform,
-    final_stage_dir,
-    load_model,
-    report_skipped_images,
-    select_device,
-)
+from oltr.detectors.head import network_head
 from oltr.errors import InputError
+from oltr.inference import EvalBatches, collect_outputs, dataset_for, eval_loader, load_model
 from oltr.io import atomic_write_text
-from oltr.models.classifiers import tau_normalize
-from oltr.openset import compute_open_score, msp_score, probability_threshold_to_msp_score
+from oltr.openset import compute_open_score, msp_score
 from oltr.ownership import check_report_output, lock_holder, locked, marker_kind
+from oltr.run import final_stage_dir
+from oltr.train.loop import report_skipped_images
+from oltr.train.runtime import Runtime, init_runtime
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2
+#: ``eval`` settings an evaluation may override (fitting a rule on val for its report only).
+OVERRIDABLE = ("open_score", "threshold", "accept_rate", "logit_adjustment",
+               "tau_normalization", "select")
 
 
 def _round(value: Any) -> Any:
@@ -64,94 +73,6 @@ def _round(value: Any) -> Any:
     if isinstance(value, np.integer):
         return int(value)
     return value
-
-
-def adjust_logits(logits: np.ndarray, train_counts: np.ndarray, tau: float) -> np.ndarray:
-    """Prior-corrected decision rule: logits + τ · log π, π the train class frequencies.
-    τ < 0 is Menon et al. (ICLR 2021)'s post-hoc logit adjustment of an instance-trained model
-    (τ = −1: decide as if the classes were balanced).
-
-    A model trained class-balanced (OLTR stage 2) decides as if every class were equally
-    likely (τ = 0); τ > 0 puts back part of the head classes' prior, τ = 1 all of it (trading
-    tail for head accuracy, Menon et al. 2021's logit adjustment read in reverse).
-    """
-    if tau == 0:
-        return logits
-    prior = np.asarray(train_counts, dtype=np.float64)
-    return (logits + tau * np.log(prior / prior.sum())).astype(logits.dtype)
-
-
-TAU_GRID = tuple(i / 8 for i in range(9))
-
-
-def select_logit_adjustment(
-    val_logits: np.ndarray, val_labels: np.ndarray, train_counts: np.ndarray,
-    group_kw: dict[str, Any], grid: tuple[float, ...] = TAU_GRID,
-) -> float:
-    """The smallest τ in ``grid`` (and 1) whose many-shot accuracy on the known-only *val*
-    split is the best any τ reaches: the tail gains as much as it can while the head classes
-    stay as accurate as any prior correction makes them. (The head's accuracy need not rise
-    monotonically up to τ = 1: a larger τ also moves many-shot images to the largest class.)
-    Never uses test."""
-    def many(tau: float) -> float | None:
-        predictions = adjust_logits(val_logits, train_counts, tau).argmax(axis=1)
-        return metrics.closed_set_accuracy(predictions, val_labels, train_counts,
-                                           **group_kw)["many"]
-
-    candidates = sorted({*grid, 1.0})
-    accuracies = [many(tau) for tau in candidates]
-    if accuracies[0] is None:  # no many-shot class: nothing to preserve
-        return 0.0
-    best = max(accuracies)
-    return next(tau for tau, accuracy in zip(candidates, accuracies) if accuracy >= best)
-
-
-def open_scores(
-    name: str, outputs: dict[str, np.ndarray], centroids: np.ndarray | None
-) -> np.ndarray:
-    """The open score (higher = more open) of one split's stored outputs (on
-    :func:`score_logits`)."""
-    if name == "reachability" and centroids is None:
-        raise InputError("open score 'reachability' needs a model with a visual memory "
-                         "(model.meta_embedding: true)", value=name)
-    return compute_open_score(name, logits=score_logits(outputs), features=outputs.get("features"),
-                              centroids=centroids)
-
-
-def score_logits(outputs: dict[str, np.ndarray]) -> np.ndarray:
-    """The logits open scores are computed on: the model's own (``score_logits``: before the
-    logit adjustment, which moves the closed-set decision only) where stored, else the
-    decision logits."""
-    return outputs.get("score_logits", outputs["logits"])
-
-
-TAU_NORM_GRID = tuple(i / 10 for i in range(21))
-
-
-def tau_normalized_logits(
-    features: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, tau: float
-) -> np.ndarray:
-    """Logits of a linear classifier whose rows are τ-normalised (Kang et al. 2020, §4):
-    ``v · (w_k / ‖w_k‖^τ) + b_k``. τ = 0 gives the classifier's own logits."""
-    normalized = tau_normalize(torch.from_numpy(weight).double(), tau).numpy()
-    logits = features.astype(np.float64) @ normalized.T
-    if bias is not None:
-        logits = logits + bias
-    return logits.astype(np.float32)
-
-
-def select_tau_normalization(
-    val_features: np.ndarray, val_labels: np.ndarray, weight: np.ndarray,
-    bias: np.ndarray | None, grid: tuple[float, ...] = TAU_NORM_GRID,
-) -> float:
-    """τ of the τ-normalised classifier with the highest accuracy on the balanced *val* split
-    (Kang et al. select τ on a validation set); ties go to the smaller τ. Never uses test."""
-    accuracies = [
-        float((tau_normalized_logits(val_features, weight, bias, tau).argmax(1)
-               == val_labels).mean())
-        for tau in grid
-    ]
-    return grid[int(np.argmax(accuracies))]
 
 
 def open_set_entries(spec: str | Path) -> tuple[list[tuple[str, int]], Path, Path | None]:
@@ -184,26 +105,31 @@ def open_set_entries(spec: str | Path) -> tuple[list[tuple[str, int]], Path, Pat
     return [(image, -1) for image, _ in entries], path.parent, path
 
 
-def run_stage_config(run_dir: str | Path) -> dict[str, Any]:
-    """The resolved config of a run's final stage, as the *run* saved it (``RUN/config.yaml``):
-    a stage folder shared by several runs (``oltr bench``'s cache: plain, τ-norm and post-hoc
-    logit adjustment train the same stage) keeps the config of the run that trained it, but
-    each run decides with its own ``eval`` settings. Falls back to the stage's own config."""
-    stage_dir = final_stage_dir(run_dir)
-    run_config = Path(run_dir) / "config.yaml"
-    stage_cfg = load_saved_config(stage_dir / "config.yaml")
-    if run_config.exists() and stage_dir.parent == Path(run_dir):
-        config = load_saved_config(run_config)
-        if "stages" in config and stage_dir.name in [s["name"] for s in config["stages"]]:
-            return stage_config(with_defaults(config), stage_dir.name)
-    return stage_cfg
+def score_logits(outputs: dict[str, np.ndarray]) -> np.ndarray:
+    """The logits open scores are computed on (``score_logits``: the model's own, or the
+    adjusted ones under ``eval.open_score_logits: decision``), else the decision logits."""
+    return outputs.get("score_logits", outputs["logits"])
+
+
+def open_scores(
+    name: str, outputs: dict[str, np.ndarray], centroids: np.ndarray | None
+) -> np.ndarray:
+    """The stateless open score ``name`` (msp, max_logit, energy; reachability with
+    ``centroids``) of one split's stored outputs, on :func:`score_logits` (paper Fig. 8's
+    MSP curves use it; the run's own open score is ``outputs["open_score"]``)."""
+    if name == "reachability" and centroids is None:
+        raise InputError("open score 'reachability' needs a model with a visual memory "
+                         "(model.meta_embedding: true)", value=name)
+    return compute_open_score(name, logits=score_logits(outputs), features=outputs.get("features"),
+                              centroids=centroids)
 
 
 @dataclass
 class RunOutputs:
-    """What one forward pass per split gives, for every metric and detector: per split the
-    *decision* logits (after τ-normalisation and logit adjustment), direct features, labels
-    (and γ where the model has a memory); plus what the decision rule was."""
+    """One forward pass per split of a trained run, and its decision rule applied to them:
+    per split ``logits`` (the *decision* logits), ``score_logits`` (what the open score read),
+    ``open_score`` (higher = more open), ``prediction`` (−1 = unknown), ``features``,
+    ``labels`` (and ``reachability`` where the model has a memory)."""
 
     splits: dict[str, dict[str, np.ndarray]]
     train_counts: np.ndarray
@@ -216,6 +142,40 @@ class RunOutputs:
     info: dict[str, Any]
     stage_cfg: dict[str, Any]
     skipped: dict[str, int]
+    rule: DecisionRule | None = None
+    rule_source: str = ""
+    net: nn.Module | None = field(default=None, repr=False)
+
+
+def eval_settings(stage_cfg: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The run's ``eval`` section with the evaluation's overrides (None = the run's own),
+    checked: an InputError names the bad value."""
+    eval_cfg = dict(stage_cfg["eval"])
+    for key, value in overrides.items():
+        if key not in OVERRIDABLE:
+            raise ValueError(f"not an overridable eval setting: {key}")
+        if value is not None:
+            eval_cfg[key] = value
+    if eval_cfg["open_score"] not in (*list_detectors(), "auto"):
+        raise InputError(f"unknown open score (valid: auto, {', '.join(list_detectors())})",
+                         value=eval_cfg["open_score"])
+    if eval_cfg["select"] not in SELECT_OBJECTIVES:
+        raise InputError(f"the selection objective must be one of {', '.join(SELECT_OBJECTIVES)}",
+                         value=eval_cfg["select"])
+    if not 0.0 < eval_cfg["accept_rate"] <= 1.0:
+        raise InputError("accept rate must lie in (0, 1]", value=eval_cfg["accept_rate"])
+    threshold = eval_cfg["threshold"]
+    if threshold is not None and not (isinstance(threshold, (int, float))
+                                      and 0.0 <= threshold <= 1.0):
+        raise InputError("a probability threshold must lie in [0, 1]", value=threshold)
+    for name, key, minimum in (("logit adjustment", "logit_adjustment", -np.inf),
+                               ("τ-normalisation", "tau_normalization", 0.0)):
+        value = eval_cfg[key]
+        if not (value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                    and np.isfinite(value) and value >= minimum)):
+            raise InputError(f"{name} τ must be a finite number{' >= 0' if minimum == 0 else ''}"
+                             " or auto", value=value)
+    return eval_cfg
 
 
 def collect_run_outputs(
@@ -226,53 +186,41 @@ def collect_run_outputs(
     open_sets: dict[str, str | Path] | None = None,
     device: str = "auto",
     skip_bad_images: bool | None = None,
-    logit_adjustment: float | str | None = None,
-    tau_normalization: float | str | None = None,
     odin_perturbation: tuple[float, float] | None = None,
+    overrides: dict[str, Any] | None = None,
+    open_set: bool = True,
+    runtime: Runtime | None = None,
 ) -> RunOutputs:
     """Run a trained model once over ``splits`` of ``data_dir`` (and each external open set of
-    ``open_sets``, stored under ``"open:<name>"``) and return the decision logits and features.
+    ``open_sets``, stored under ``"open:<name>"``), and apply the run's decision rule.
 
-    A benchmark without an open split (curated without open classes) is evaluated without it
-    when ``open_sets`` are given: they are then the only open images.
-
-    ``tau_normalization`` (default: the run's ``eval.tau_normalization``) and
-    ``logit_adjustment`` (default: ``eval.logit_adjustment``) are applied in this order; an
-    ``auto`` value is selected on the val split, never on test. ``odin_perturbation``
+    The rule is the one saved beside the weights when ``overrides`` (``eval`` settings, see
+    :data:`OVERRIDABLE`) change nothing; otherwise (or when the run has none) one is fitted on
+    val (and ``val_open``, and train for open scores that learn) with the overridden
+    settings — never on test. A benchmark without an open split is evaluated without it when
+    ``open_sets`` are given: they are then the only open images. ``odin_perturbation``
     (temperature, ε) adds ``odin_logits`` / ``odin_features``: the outputs of ODIN's perturbed
     inputs (:func:`oltr.detectors.odin_perturb`), for every split but train.
     """
     stage_dir = final_stage_dir(run_dir)
-    torch_device = select_device(device)
-    net, info = load_model(stage_dir, torch_device)
     stage_cfg = run_stage_config(run_dir)
-    eval_cfg = stage_cfg["eval"]
+    given = {key: value for key, value in (overrides or {}).items() if value is not None}
+    eval_cfg = eval_settings(stage_cfg, given)
+    runtime = runtime or init_runtime(device)
+    net, info = load_model(stage_dir, runtime.device)
     bench = load_benchmark(data_dir, image_root=stage_cfg["data"]["image_root"],
                            allow_outside_root=stage_cfg["data"]["allow_outside_root"])
-    if bench.num_classes != info["num_classes"]:
-        raise InputError(
-            f"the model was trained on {info['num_classes']} classes but the data has "
-            f"{bench.num_classes}", path=Path(data_dir),
-        )
-    if bench.class_names != info["class_names"]:
-        raise InputError(
-            f"the model was trained on the classes {info['class_names'][:5]} but the data has "
-            f"{bench.class_names[:5]}", path=Path(data_dir),
-        )
-    if tau_normalization is None:
-        tau_normalization = eval_cfg["tau_normalization"]
-    if logit_adjustment is None:
-        logit_adjustment = eval_cfg["logit_adjustment"]
-    for name, value, minimum in (("logit adjustment", logit_adjustment, -np.inf),
-                                 ("τ-normalisation", tau_normalization, 0.0)):
-        if not (value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                    and np.isfinite(value) and value >= minimum)):
-            raise InputError(f"{name} τ must be a finite number{' >= 0' if minimum == 0 else ''}"
-                             " or auto", value=value)
-    needs_val = "auto" in (logit_adjustment, tau_normalization)
-    wanted = list(dict.fromkeys([*splits, *(["val"] if needs_val else [])]))
+    check_benchmark_fits(bench, info, data_dir)
+    rule = None if given else saved_rule(stage_dir, info, eval_cfg)
+    rule_source = "saved with the weights" if rule is not None else "fitted on val for this report"
+    wanted = list(dict.fromkeys(splits))
+    if rule is None:
+        wanted += ["val", *(["val_open"] if bench.has_split("val_open") else []),
+                   *(["train"] if open_set and rule_needs_train(eval_cfg) else [])]
     if open_sets and "open" in wanted and not bench.has_split("open"):
         wanted.remove("open")  # curated without open classes: the external sets are the open ones
+    wanted = [split for split in dict.fromkeys(wanted)
+              if split not in ("open", "val_open") or bench.has_split(split)]
     if skip_bad_images is None:
         skip_bad_images = stage_cfg["data"]["skip_bad_images"]
     skipped = {split: 0 for split in wanted}
@@ -282,80 +230,76 @@ def collect_run_outputs(
         report_skipped_images("[evaluate]", dropped)
         skipped |= {split: len(messages) for split, messages in dropped.items()}
 
-    amp, channels_last = eval_cfg["amp"], stage_cfg["train"]["channels_last"]
-
-    def forward(dataset: ImageListDataset, description: str) -> dict[str, np.ndarray]:
-        loader = eval_loader(dataset, eval_cfg["batch_size"], stage_cfg["data"]["num_workers"])
-        return collect_outputs(net, loader, torch_device, amp=amp, channels_last=channels_last,
-                               description=description)
-
-    datasets = {split: dataset_for(bench, split, stage_cfg["data"], train=False)
-                for split in wanted}
+    data_cfg, batch_size = stage_cfg["data"], eval_cfg["batch_size"]
+    datasets = {split: dataset_for(bench, split, data_cfg, train=False) for split in wanted}
     for name, spec in (open_sets or {}).items():
         entries, root, source_file = open_set_entries(spec)
+        from oltr.data.datasets import ImageListDataset
+
         datasets[f"open:{name}"] = ImageListDataset(
-            entries, root, transform=eval_transform(stage_cfg["data"]), source_file=source_file,
-            mode="L" if stage_cfg["data"]["channels"] == 1 else "RGB",
-        )
-    outputs = {split: forward(dataset, split) for split, dataset in datasets.items()}
+            entries, root, source_file=source_file,
+            mode="L" if data_cfg["channels"] == 1 else "RGB")
+    keys = ("logits", "features", "reachability")
+    outputs: dict[str, dict[str, np.ndarray]] = {}
+    for split, dataset in datasets.items():
+        batches = EvalBatches(dataset, data_cfg, batch_size=batch_size,
+                              num_workers=data_cfg["num_workers"], device=runtime.device)
+        outputs[split] = collect_outputs(net, batches, runtime.device, amp=eval_cfg["amp"],
+                                         channels_last=stage_cfg["train"]["channels_last"],
+                                         keys=keys, description=split)
+    if rule is None:
+        rule = fit_rule(net, info, eval_cfg, outputs, open_set=open_set)
+        own_stage = stage_dir.parent == Path(run_dir) and not stage_dir.is_symlink()
+        if not given and open_set and own_stage and marker_kind(Path(run_dir)) == "run" \
+                and runtime.is_primary and lock_holder(Path(run_dir)) is None:
+            rule.save(stage_dir)  # a run trained before rules were saved: predict can use it now
+            rule_source = "fitted on val and saved with the weights"
+    classifier, head = classifier_of(net), network_head(net)
     if odin_perturbation is not None:  # ODIN's input pre-processing: one backward pass each
         temperature, epsilon = odin_perturbation
         for split, dataset in datasets.items():
             if split != "train":
-                loader = eval_loader(dataset, eval_cfg["batch_size"],
-                                     stage_cfg["data"]["num_workers"])
-                perturbed = perturbed_outputs(net, loader, torch_device, temperature, epsilon)
+                loader = eval_loader(dataset, batch_size, data_cfg["num_workers"])
+                perturbed = perturbed_outputs(net, loader, runtime.device, temperature, epsilon)
                 outputs[split] |= {f"odin_{key}": value for key, value in perturbed.items()}
-
-    tau_source = None
-    if tau_normalization == "auto" or tau_normalization > 0:
-        classifier = net.classifier
-        if not isinstance(classifier, nn.Linear) or net.meta_embedding is not None:
-            raise InputError("τ-normalisation needs a model with a linear classifier on the "
-                             "direct feature (no meta-embedding)", value=tau_normalization)
-        weight = classifier.weight.detach().float().cpu().numpy()
-        bias = None if classifier.bias is None else classifier.bias.detach().float().cpu().numpy()
-        if tau_normalization == "auto":
-            tau_normalization = select_tau_normalization(
-                outputs["val"]["features"], outputs["val"]["labels"], weight, bias)
-            tau_source = "selected on val: highest balanced val accuracy"
-        else:
-            tau_source = "given"
-        for split_outputs in outputs.values():
-            for prefix in ("", "odin_"):
-                if f"{prefix}logits" in split_outputs:
-                    split_outputs[f"{prefix}logits"] = tau_normalized_logits(
-                        split_outputs[f"{prefix}features"], weight, bias, tau_normalization)
-
-    train_counts = np.asarray(bench.train_counts)
-    group_kw = {
-        "many_threshold": eval_cfg["many_threshold"],
-        "few_threshold": eval_cfg["few_threshold"],
-        "strict": eval_cfg["strict_shots"],
-    }
-    if logit_adjustment == "auto":
-        logit_adjustment = select_logit_adjustment(outputs["val"]["logits"],
-                                                   outputs["val"]["labels"], train_counts,
-                                                   group_kw)
-        la_source = "selected on val: smallest τ with the best many-shot accuracy"
-    else:
-        la_source = "given"
-    adjusted_for_scores = eval_cfg["open_score_logits"] == "decision"
     for split_outputs in outputs.values():
-        split_outputs["score_logits"] = split_outputs["logits"]
-        for key in ("logits", "score_logits", "odin_logits"):
-            if key in split_outputs and (key == "logits" or adjusted_for_scores):
-                split_outputs[key] = adjust_logits(split_outputs[key], train_counts,
-                                                   logit_adjustment)
-    centroids = None
-    if net.meta_embedding is not None:
-        centroids = net.meta_embedding.centroids.detach().float().cpu().numpy()
+        _apply_rule(rule, split_outputs, classifier, head, open_set)
+    group_kw = {"many_threshold": eval_cfg["many_threshold"],
+                "few_threshold": eval_cfg["few_threshold"], "strict": eval_cfg["strict_shots"]}
+    centroids = memory_of(net)
     return RunOutputs(
-        splits=outputs, train_counts=train_counts, group_kw=group_kw, centroids=centroids,
-        logit_adjustment=float(logit_adjustment), logit_adjustment_source=la_source,
-        tau_normalization=float(tau_normalization), tau_normalization_source=tau_source,
-        info=info, stage_cfg=stage_cfg, skipped=skipped,
-    )
+        splits=outputs, train_counts=np.asarray(bench.train_counts), group_kw=group_kw,
+        centroids=None if centroids is None else centroids.numpy(),
+        logit_adjustment=rule.logit_adjustment,
+        logit_adjustment_source=rule.record.get("logit_adjustment", {}).get("source", "given"),
+        tau_normalization=rule.tau_normalization,
+        tau_normalization_source=rule.record.get("tau_normalization", {}).get("source"),
+        info=info, stage_cfg=stage_cfg | {"eval": eval_cfg}, skipped=skipped, rule=rule,
+        rule_source=rule_source, net=net)
+
+
+def _apply_rule(rule: DecisionRule, split_outputs: dict[str, np.ndarray],
+                classifier: nn.Module | None, head: Any, open_set: bool) -> None:
+    """Replace a split's model logits by the rule's decision logits and add its open scores."""
+    features = torch.from_numpy(split_outputs["features"])
+    raw = torch.from_numpy(split_outputs["logits"])
+    model_logits = rule.closed_logits(raw, features, classifier)
+    if open_set and rule.detector is not None:
+        decided = rule.apply(raw, features, classifier=classifier, head=head)
+    else:
+        decided = {"logits": rule.adjust(model_logits)}
+    split_outputs["score_logits"] = (rule.adjust(model_logits)
+                                     if rule.open_score_logits == "decision"
+                                     else model_logits).numpy()
+    split_outputs["logits"] = decided["logits"].numpy()
+    if "open_score" in decided:
+        split_outputs["open_score"] = np.asarray(decided["open_score"], dtype=np.float64)
+        split_outputs["prediction"] = np.asarray(decided["prediction"])
+    if "odin_logits" in split_outputs:
+        odin = rule.closed_logits(torch.from_numpy(split_outputs["odin_logits"]),
+                                  torch.from_numpy(split_outputs["odin_features"]), classifier)
+        split_outputs["odin_logits"] = (rule.adjust(odin) if rule.open_score_logits == "decision"
+                                        else odin).numpy()
 
 
 def perturbed_outputs(
@@ -410,8 +354,10 @@ def detector_scores(
 ) -> dict[str, dict[str, np.ndarray]]:
     """Open scores of each detector in ``names`` on each of ``splits``; detectors that learn
     are fitted on the *train* split's outputs (features, logits, labels). Reachability uses
-    the model's own memory where it has one, else class means of train features."""
+    the model's own memory where it has one, else class means of train features; ReAct, ASH,
+    SCALE and ViM read the model's head."""
     options = options or {}
+    head = network_head(outputs.net) if outputs.net is not None else None
     scores: dict[str, dict[str, np.ndarray]] = {}
     for name in names:
         kwargs = dict(options.get(name, {}))
@@ -421,12 +367,12 @@ def detector_scores(
         if not detector.is_fitted:
             train = outputs.splits["train"]
             detector.fit(logits=score_logits(train), features=train["features"],
-                         labels=train["labels"])
+                         labels=train["labels"], head=head)
         scores[name] = {
             split: detector.score(
                 logits=outputs.splits[split].get("odin_logits", score_logits(outputs.splits[split]))
                 if name == "odin" else score_logits(outputs.splits[split]),  # perturbed for ODIN
-                features=outputs.splits[split]["features"])
+                features=outputs.splits[split]["features"], head=head)
             for split in splits
         }
     return scores
@@ -445,15 +391,16 @@ def evaluate_run(
     skip_bad_images: bool | None = None,
     logit_adjustment: float | str | None = None,
     tau_normalization: float | str | None = None,
+    select: str | None = None,
     detectors: list[str] | None = None,
     detector_options: dict[str, dict[str, Any]] | None = None,
     open_sets: dict[str, str | Path] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a trained run on ``data_dir``; write the report to ``output`` if given.
 
-    ``logit_adjustment`` τ (default: the run's ``eval.logit_adjustment``) decides on
-    logits + τ·log(train class frequency), see :func:`adjust_logits`; ``tau_normalization``
-    (default ``eval.tau_normalization``) τ-normalises a linear classifier first.
+    The decision is the run's rule (see the module docstring); ``open_score``, ``threshold``
+    (a probability, msp only), ``accept_rate``, ``logit_adjustment``, ``tau_normalization``
+    and ``select`` override its settings, and a rule is then fitted on val for this report.
     ``skip_bad_images`` (default: the run's ``data.skip_bad_images``) drops unreadable images
     of the evaluated splits instead of stopping; the report counts them (``skipped_images``).
     ``detectors`` (names of :mod:`oltr.detectors`) adds one open-set entry per detector under
@@ -477,13 +424,14 @@ def evaluate_run(
         if holder is not None:
             print(f"warning: {run_dir} is still training ({holder}); this evaluates the weights "
                   "selected so far", file=sys.stderr, flush=True)
+    overrides = {"open_score": open_score, "threshold": threshold, "accept_rate": accept_rate,
+                 "logit_adjustment": logit_adjustment, "tau_normalization": tau_normalization,
+                 "select": select}
     with guard:
         return _evaluate(run_dir, data_dir, stage_cfg, started, open_set=open_set,
-                         open_score=open_score, threshold=threshold, accept_rate=accept_rate,
-                         device=device, output=output, skip_bad_images=skip_bad_images,
-                         logit_adjustment=logit_adjustment, tau_normalization=tau_normalization,
-                         detectors=detectors, detector_options=detector_options,
-                         open_sets=open_sets)
+                         overrides=overrides, device=device, output=output,
+                         skip_bad_images=skip_bad_images, detectors=detectors,
+                         detector_options=detector_options, open_sets=open_sets)
 
 
 def _evaluate(
@@ -493,30 +441,16 @@ def _evaluate(
     started: float,
     *,
     open_set: bool,
-    open_score: str | None,
-    threshold: float | None,
-    accept_rate: float | None,
+    overrides: dict[str, Any],
     device: str,
     output: str | Path | None,
     skip_bad_images: bool | None,
-    logit_adjustment: float | str | None,
-    tau_normalization: float | str | None,
     detectors: list[str] | None,
     detector_options: dict[str, dict[str, Any]] | None,
     open_sets: dict[str, str | Path] | None,
 ) -> dict[str, Any]:
     """The body of :func:`evaluate_run`, its output checked and its run locked."""
-    eval_cfg = stage_cfg["eval"]
-    open_score = open_score or eval_cfg["open_score"]
-    threshold = eval_cfg["threshold"] if threshold is None else threshold
-    accept_rate = eval_cfg["accept_rate"] if accept_rate is None else accept_rate
-    if not 0.0 < accept_rate <= 1.0:
-        raise InputError("accept rate must lie in (0, 1]", value=accept_rate)
-    if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise InputError("a probability threshold must lie in [0, 1]", value=threshold)
-    if threshold is not None and open_score != "msp":
-        raise InputError("a probability threshold applies to the msp open score only; "
-                         "leave it out to calibrate on val", value=threshold)
+    eval_settings(stage_cfg, {k: v for k, v in overrides.items() if v is not None})
     if open_sets and not open_set:
         raise InputError("external open sets need the open-set evaluation (drop --closed-only)")
     detectors = list(dict.fromkeys(detectors or []))
@@ -525,8 +459,6 @@ def _evaluate(
         raise InputError(f"unknown detector (valid: {', '.join(list_detectors())})",
                          value=unknown[0])
     splits = ("test", "val", "open") if open_set else ("test",)
-    # detectors that learn are fitted on train outputs (reachability: unless the model has a
-    # memory; the train pass is then spent for nothing, a few seconds)
     if any(create_detector(name, **(detector_options or {}).get(name, {})).fit_inputs
            for name in detectors):
         splits = (*splits, "train")
@@ -536,10 +468,11 @@ def _evaluate(
         odin_perturbation = (odin.get("temperature", 1000.0), odin["epsilon"])
     outputs = collect_run_outputs(
         run_dir, data_dir, splits, open_sets=open_sets, device=device,
-        skip_bad_images=skip_bad_images, logit_adjustment=logit_adjustment,
-        tau_normalization=tau_normalization, odin_perturbation=odin_perturbation,
-    )
+        skip_bad_images=skip_bad_images, odin_perturbation=odin_perturbation,
+        overrides=overrides, open_set=open_set)
     info, group_kw, train_counts = outputs.info, outputs.group_kw, outputs.train_counts
+    rule, eval_cfg = outputs.rule, outputs.stage_cfg["eval"]
+    assert rule is not None
     test = outputs.splits["test"]
     predictions = test["logits"].argmax(axis=1)
     confidence = 1.0 - msp_score(test["logits"])  # max softmax probability
@@ -554,11 +487,14 @@ def _evaluate(
         "val_accuracy": info.get("val_accuracy"),
         "weights": {"stage": info["stage"], "epoch": info.get("epoch"),
                     "sha256": info["weights_sha256"]},
+        "decision_rule": {"source": outputs.rule_source, "select": rule.record.get("select"),
+                          "record": rule.record},
         "logit_adjustment": outputs.logit_adjustment,
         "logit_adjustment_source": outputs.logit_adjustment_source,
         "tau_normalization": outputs.tau_normalization,
         "tau_normalization_source": outputs.tau_normalization_source,
-        "open_score_logits": eval_cfg["open_score_logits"],
+        "open_score_logits": rule.open_score_logits,
+        "eval_amp": eval_cfg["amp"],
         "shot_rule": {
             "many": f"{'>' if group_kw['strict'] else '>='} {group_kw['many_threshold']}",
             "few": f"{'<' if group_kw['strict'] else '<='} {group_kw['few_threshold']}",
@@ -572,33 +508,26 @@ def _evaluate(
     if open_set:
         # no open split (a benchmark curated without open classes): the external open sets
         # are the only open images, so there is no "open" section, only "open_sets"
-        val, opened = outputs.splits["val"], outputs.splits.get("open")
+        opened = outputs.splits.get("open")
         external = [split for split in outputs.splits if split.startswith("open:")]
-        val_scores = open_scores(open_score, val, outputs.centroids)
-        if threshold is not None:
-            score_threshold = probability_threshold_to_msp_score(threshold)
-            source = f"probability {threshold}: reject when max softmax < {threshold}"
-        else:
-            score_threshold = metrics.calibrate_threshold(val_scores, accept_rate)
-            source = f"calibrated on val: accepts {accept_rate:.0%} of known val images"
-        test_scores = open_scores(open_score, test, outputs.centroids)
+        source = rule.record.get("threshold", {}).get("source", "")
+        assert rule.threshold is not None
         if opened is not None:
             report["open"] = {
-                **open_set_figures(test, opened, test_scores,
-                                   open_scores(open_score, opened, outputs.centroids),
-                                   score_threshold, train_counts, group_kw),
+                **open_set_figures(test, opened, test["open_score"], opened["open_score"],
+                                   rule.threshold, train_counts, group_kw),
                 "threshold_source": source,
-                "open_score": open_score,
+                "open_score": rule.open_score,
+                "open_score_source": rule.record.get("open_score", {}).get("source", ""),
             }
         if external:
             report["open_sets"] = {
                 split.removeprefix("open:"): {
-                    **open_set_figures(
-                        test, outputs.splits[split], test_scores,
-                        open_scores(open_score, outputs.splits[split], outputs.centroids),
-                        score_threshold, train_counts, group_kw),
+                    **open_set_figures(test, outputs.splits[split], test["open_score"],
+                                       outputs.splits[split]["open_score"], rule.threshold,
+                                       train_counts, group_kw),
                     "threshold_source": source,
-                    "open_score": open_score,
+                    "open_score": rule.open_score,
                 }
                 for split in external
             }
@@ -610,7 +539,7 @@ def _evaluate(
             report["detectors"] = {}
             report["detector_options"] = detector_options or {}
             for name, by_split in scored.items():
-                cut = metrics.calibrate_threshold(by_split["val"], accept_rate)
+                cut = metrics.calibrate_threshold(by_split["val"], eval_cfg["accept_rate"])
                 entry = {} if opened is None else open_set_figures(
                     test, opened, by_split["test"], by_split["open"], cut, train_counts,
                     group_kw)

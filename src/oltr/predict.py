@@ -1,70 +1,91 @@
-"""Predict the class of new images, or answer "unknown" (label -1) when the open score is too high.
+"""Predict the class of new images — or answer "unknown" (label -1) — with a trained run.
 
-The threshold comes from the run's evaluation report (calibrated on the known-only val split) or
-is given explicitly; the open score follows the package convention (higher = more open). A
-report is used only with the weights it was computed from (its ``weights.sha256`` equals the
-sha256 of the run's ``model.safetensors``); otherwise predict asks to re-run ``oltr evaluate``.
+A :class:`Predictor` holds a trained network, the preprocessing its ``model.json`` describes
+(image size, channels, normalisation; images of any size, RGB or grayscale, are converted as
+training did, by the one image loader `oltr.data.images.load_image`) and the run's decision
+rule (`oltr.decision`, ``decision.json``: τ-normalisation, logit adjustment, the open score
+with its fitted state, the threshold) — fitted on val when the run was trained, so no test
+split is needed. The rule is used only with the weights it was fitted for.
+
+    predictor = Predictor.from_run("runs/oltr")
+    predictor.predict(["a.png", PIL.Image.open("b.jpg"), torch.rand(1, 28, 28)])
+
+``oltr predict RUN PATH…`` does the same from the shell over files and folders (recursively),
+printing a table, JSON lines or CSV; an unreadable or non-image file is reported by name and
+the others go on.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
+from oltr.artifact import classifier_of, saved_rule
 from oltr.data import build_transform
-from oltr.data.images import load_image
+from oltr.data.images import as_seen, load_image
 from oltr.data.loader import first_size_mismatch, size_mismatch_message
-from oltr.engine import WEIGHTS, autocast_context, final_stage_dir, load_model, select_device
+from oltr.data.paths import IMAGE_EXTENSIONS, walk_images
+from oltr.decision import DECISION_JSON, DecisionRule
+from oltr.detectors.head import network_head
 from oltr.errors import InputError
-from oltr.evaluate import adjust_logits, run_stage_config, tau_normalized_logits
-from oltr.io import read_json_object
-from oltr.openset import OPEN_SCORES, compute_open_score, msp_score
+from oltr.inference import load_model
+from oltr.run import final_stage_dir
+from oltr.train.runtime import autocast, select_device
 
 UNKNOWN = "unknown"
+ImageInput = str | Path | Image.Image | torch.Tensor
 
 
-def _report_number(section: dict[str, Any], key: str, name: str, path: Path) -> float:
-    """``section[key]`` as a finite number; InputError naming the report and ``name`` else."""
-    if key not in section:
-        raise InputError(f"the report lacks key '{name}' (edited? re-run `oltr evaluate`)",
-                         path=path)
-    value = section[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InputError(f"report key '{name}' must be a finite number (edited? re-run "
-                         "`oltr evaluate`)", path=path, value=value)
-    return float(value)
+@dataclass
+class Prediction:
+    """The answer for one image: ``label`` (−1 = unknown) and its name, the closed-set class
+    the model would pick, ``confidence`` (max softmax of the decision logits, in [0, 1]),
+    ``open_score`` (higher = more open; "unknown" when above ``threshold``) and the ``top_k``
+    classes with their probabilities. ``error`` names why an input could not be read (then
+    every other field is None)."""
 
+    source: str
+    label: int | None = None
+    label_name: str | None = None
+    closed_set_label: str | None = None
+    confidence: float | None = None
+    open_score: float | None = None
+    threshold: float | None = None
+    top_k: list[tuple[str, float]] | None = None
+    error: str | None = None
 
-def _check_report_weights(report: dict[str, Any], path: Path, weights: Path,
-                          info: dict[str, Any]) -> None:
-    """InputError unless ``report`` was computed from the weights loaded (same sha256)."""
-    record = report.get("weights")
-    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
-        raise InputError("the report does not say which weights it was computed from (written "
-                         "by an older oltr, or edited): re-run `oltr evaluate`", path=path)
-    if record["sha256"] != info["weights_sha256"]:
-        raise InputError(f"the report was computed from other weights (epoch "
-                         f"{record.get('epoch')}) than {weights} now holds (epoch "
-                         f"{info.get('epoch')}): its threshold does not apply; re-run "
-                         "`oltr evaluate`", path=path)
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": self.source, "label": self.label, "label_name": self.label_name,
+                "closed_set_label": self.closed_set_label, "confidence": self.confidence,
+                "open_score": self.open_score, "threshold": self.threshold,
+                "top_k": None if self.top_k is None else
+                [{"label_name": name, "probability": p} for name, p in self.top_k],
+                "error": self.error}
 
 
 class Predictor:
-    """A trained network + its eval transform + an open-set rejection rule."""
+    """A trained network, its preprocessing and its decision rule (see the module docstring).
 
-    def __init__(self, net: torch.nn.Module, info: dict[str, Any], *, open_score: str,
-                 threshold: float, device: torch.device, logit_adjustment: float = 0.0,
-                 tau_normalization: float = 0.0, open_score_logits: str = "model",
-                 amp: str = "off") -> None:
-        self.net, self.info, self.device = net, info, device
-        self.open_score_logits = open_score_logits
-        self.amp = amp
-        self.logit_adjustment, self.tau_normalization = logit_adjustment, tau_normalization
-        self.open_score, self.threshold = open_score, threshold
+    ``threshold`` replaces the rule's (in open-score units: "unknown" when the score exceeds
+    it); ``amp`` is ``eval.amp`` (fp32 by default)."""
+
+    def __init__(self, net: torch.nn.Module, info: dict[str, Any], rule: DecisionRule, *,
+                 device: torch.device, threshold: float | None = None, amp: str = "off") -> None:
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(
+                threshold, (int, float)) or not math.isfinite(threshold)):
+            raise InputError("the open-score threshold must be a finite number", value=threshold)
+        if rule.class_names != info["class_names"]:
+            raise InputError("the decision rule's classes differ from the model's",
+                             value=rule.class_names[:5])
+        self.net, self.info, self.rule, self.device, self.amp = net.eval(), info, rule, device, amp
+        self.threshold = rule.threshold if threshold is None else float(threshold)
+        self.classifier, self.head = classifier_of(net), network_head(net)
         data = info["data"]
         self.mode = "L" if data["channels"] == 1 else "RGB"
         self.transform = build_transform(data["transform"], train=False,
@@ -72,120 +93,146 @@ class Predictor:
                                          mean=data["mean"], std=data["std"])
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, *, device: str = "auto", open_score: str | None = None,
-                 threshold: float | None = None) -> Predictor:
-        """Load a run; the threshold and decision rule default to those in ``RUN/report.json``,
-        which must have been computed from the run's present weights. InputError naming the
-        report and key when it is stale, damaged or lacks what is needed."""
-        if threshold is not None and (isinstance(threshold, bool) or not isinstance(
-                threshold, (int, float)) or not math.isfinite(threshold)):
-            raise InputError("the open-score threshold must be a finite number", value=threshold)
+    def from_artifact(cls, stage_dir: str | Path, *, device: str = "auto",
+                      threshold: float | None = None, amp: str = "off") -> Predictor:
+        """The predictor of a trained stage folder (``model.safetensors``, ``model.json``,
+        ``decision.json``); InputError naming the file when the rule is missing or belongs to
+        other weights."""
+        stage_dir = Path(stage_dir)
         torch_device = select_device(device)
-        stage_dir = final_stage_dir(run_dir)
         net, info = load_model(stage_dir, torch_device)
-        report_path = Path(run_dir) / "report.json"
-        report = (read_json_object(report_path, "evaluation report")
-                  if report_path.exists() else None)
-        if report is not None:
-            _check_report_weights(report, report_path, stage_dir / WEIGHTS, info)
-        if threshold is None:
-            if report is None:
-                raise InputError("no open-set threshold: evaluate the run first "
-                                 "(`oltr evaluate RUN --data DIR --open`) or pass --threshold",
-                                 path=report_path)
-            # a benchmark without open classes evaluated with --open-set has no "open" section;
-            # its external open sets share the one val-calibrated threshold
-            section = report.get("open") or next(iter((report.get("open_sets") or {}).values()),
-                                                 None)
-            if not isinstance(section, dict):
-                raise InputError("the report has no open-set section; re-run evaluate with --open",
-                                 path=report_path)
-            stored_score = section.get("open_score")
-            if not isinstance(stored_score, str) or stored_score not in OPEN_SCORES:
-                raise InputError(f"report key 'open.open_score' must be one of "
-                                 f"{', '.join(OPEN_SCORES)}", path=report_path, value=stored_score)
-            if open_score not in (None, stored_score):
-                raise InputError(f"the report's threshold belongs to the open score "
-                                 f"'{stored_score}'; pass --threshold for "
-                                 f"'{open_score}'", value=open_score)
-            open_score = stored_score
-            threshold = _report_number(section, "threshold", "open.threshold", report_path)
-        eval_cfg = run_stage_config(run_dir)["eval"]
-        rule = {}
-        for key in ("logit_adjustment", "tau_normalization"):
-            value = eval_cfg[key]
-            if report is not None and key in report:  # what the evaluation decided with
-                value = _report_number(report, key, key, report_path)
-            if value == "auto":  # selected on val by `oltr evaluate`, stored in its report
-                raise InputError(f"{key} is auto: evaluate the run first so that its τ is "
-                                 "selected on val", path=report_path)
-            rule[key] = float(value)
-        open_score_logits = (report or {}).get("open_score_logits",
-                                               eval_cfg["open_score_logits"])
-        if open_score_logits not in ("model", "decision"):
-            raise InputError("report key 'open_score_logits' must be model or decision",
-                             path=report_path, value=open_score_logits)
-        return cls(net, info, open_score=open_score or "msp", threshold=threshold,
-                   device=torch_device, open_score_logits=open_score_logits,
-                   amp=eval_cfg["amp"], **rule)
+        rule = saved_rule(stage_dir, info)
+        if rule is None:
+            raise InputError("the run has no decision rule (trained by an older oltr, or "
+                             "stopped before its end): run `oltr evaluate RUN --data DIR` once "
+                             "to fit it on val", path=stage_dir / DECISION_JSON)
+        return cls(net, info, rule, device=torch_device, threshold=threshold, amp=amp)
 
-    def _load(self, path: str | Path) -> torch.Tensor:
-        """The preprocessed image (read by `oltr.data.images.load_image`; ImageError naming
-        the file when it is missing, unreadable or in a mode oltr cannot read)."""
-        return self.transform(load_image(path, self.mode))
+    @classmethod
+    def from_run(cls, run_dir: str | Path, *, device: str = "auto",
+                 threshold: float | None = None) -> Predictor:
+        """The predictor of a run's final stage (see :meth:`from_artifact`)."""
+        from oltr.artifact import run_stage_config
 
-    def _batch(self, paths: Sequence[str | Path]) -> torch.Tensor:
-        """The preprocessed images of ``paths`` as one batch; InputError naming the first image
-        whose size differs from the first's (``data.transform: none``)."""
-        images = [self._load(path) for path in paths]
-        bad = first_size_mismatch(images)
-        if bad is not None:
-            raise InputError(size_mismatch_message(paths[bad], images[bad].shape, paths[0],
-                                                   images[0].shape))
-        return torch.stack(images)
+        amp = run_stage_config(run_dir)["eval"]["amp"]
+        return cls.from_artifact(final_stage_dir(run_dir), device=device, threshold=threshold,
+                                 amp=amp)
 
+    # ------------------------------------------------------------------ preprocessing
+    def preprocess(self, image: ImageInput) -> torch.Tensor:
+        """One input as the model's normalised (C, H, W) tensor: a path (read as a person
+        sees it), a PIL image, or a tensor — (C, H, W) or (H, W), uint8 in 0–255 or float in
+        [0, 1] — converted, resized and normalised as training's evaluation transform does."""
+        if isinstance(image, (str, Path)):
+            return self.transform(load_image(image, self.mode))
+        if isinstance(image, Image.Image):
+            return self.transform(as_seen(image, "<PIL image>").convert(self.mode))
+        if isinstance(image, torch.Tensor):
+            tensor = image.detach().cpu()
+            if tensor.ndim == 2:
+                tensor = tensor.unsqueeze(0)
+            if tensor.ndim != 3 or tensor.shape[0] not in (1, 3):
+                raise InputError("an image tensor must be (C, H, W) with 1 or 3 channels, or "
+                                 "(H, W)", value=tuple(image.shape))
+            if tensor.dtype == torch.uint8:
+                array = tensor.permute(1, 2, 0).numpy()
+            else:
+                if not torch.isfinite(tensor).all() or tensor.min() < 0 or tensor.max() > 1:
+                    raise InputError("a float image tensor must hold values in [0, 1]")
+                array = (tensor.permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
+            pil = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+            return self.transform(pil.convert(self.mode))
+        raise InputError("an image must be a path, a PIL image or a tensor",
+                         value=type(image).__name__)
+
+    # ------------------------------------------------------------------ prediction
     @torch.no_grad()
-    def predict_tensor(self, images: torch.Tensor) -> dict[str, np.ndarray]:
-        """Logits-level prediction of a preprocessed batch: labels (-1 = unknown) and scores."""
-        self.net.eval()
-        with autocast_context(self.amp, self.device):
+    def predict_batch(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        """The rule on a preprocessed batch (B, C, H, W): ``prediction`` (−1 = unknown),
+        ``closed_prediction``, ``open_score``, ``probabilities`` (B, K) of the decision
+        logits."""
+        with autocast(self.amp, self.device):
             out = self.net(images.to(self.device))
-        features = out["features"].float().cpu().numpy()
-        logits = out["logits"].float().cpu().numpy()
-        if self.tau_normalization:
-            classifier = self.net.classifier
-            logits = tau_normalized_logits(
-                features, classifier.weight.detach().float().cpu().numpy(),
-                classifier.bias.detach().float().cpu().numpy(), self.tau_normalization)
-        model_logits = logits
-        logits = adjust_logits(logits, np.asarray(self.info["train_counts"]),
-                               self.logit_adjustment)
-        if self.open_score_logits == "decision":
-            model_logits = logits
-        centroids = None
-        if getattr(self.net, "meta_embedding", None) is not None:
-            centroids = self.net.meta_embedding.centroids.detach().float().cpu().numpy()
-        scores = compute_open_score(self.open_score, logits=model_logits, features=features,
-                                    centroids=centroids)
-        labels = np.where(scores > self.threshold, -1, logits.argmax(axis=1))
-        return {"labels": labels, "open_scores": scores,
-                "confidence": 1.0 - msp_score(logits), "closed_labels": logits.argmax(axis=1)}
+        decided = self.rule.apply(out["logits"].float().cpu(), out["features"].float().cpu(),
+                                  classifier=self.classifier, head=self.head)
+        scores = np.asarray(decided["open_score"], dtype=np.float64)
+        closed = decided["closed_prediction"].numpy()
+        prediction = np.where(scores > self.threshold, -1, closed) \
+            if self.threshold is not None else closed
+        return {"prediction": prediction, "closed_prediction": closed, "open_score": scores,
+                "probabilities": decided["logits"].double().softmax(dim=1).numpy()}
 
-    def predict_paths(self, paths: Sequence[str | Path], batch_size: int = 64) -> list[dict]:
-        """One dict per image: path, label (-1 = unknown), label_name, confidence, open_score."""
-        rows: list[dict[str, Any]] = []
+    def predict(self, images: Sequence[ImageInput] | torch.Tensor, *, batch_size: int = 64,
+                top_k: int = 3, names: Sequence[str] | None = None) -> list[Prediction]:
+        """One :class:`Prediction` per input (paths, PIL images, tensors, or a (B, C, H, W)
+        batch already preprocessed). An input that cannot be read becomes a Prediction with
+        ``error`` set; the others go on. ``names``: what each input is called in the results
+        (default: its path, or ``#i``)."""
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            results = self.predict_batch(images)
+            return [self._row(names[i] if names else f"#{i}", results, i, top_k)
+                    for i in range(images.shape[0])]
+        items = list(images)
+        labels = list(names) if names is not None else [
+            str(item) if isinstance(item, (str, Path)) else f"#{i}" for i, item in enumerate(items)]
+        rows: list[Prediction | None] = [None] * len(items)
+        pending: list[tuple[int, torch.Tensor]] = []
+
+        def flush() -> None:
+            if not pending:
+                return
+            tensors = [tensor for _, tensor in pending]
+            bad = first_size_mismatch(tensors)
+            if bad is not None:
+                raise InputError(size_mismatch_message(labels[pending[bad][0]], tensors[bad].shape,
+                                                       labels[pending[0][0]], tensors[0].shape))
+            results = self.predict_batch(torch.stack(tensors))
+            for row, (index, _) in enumerate(pending):
+                rows[index] = self._row(labels[index], results, row, top_k)
+            pending.clear()
+
+        for index, item in enumerate(items):
+            try:
+                pending.append((index, self.preprocess(item)))
+            except InputError as exc:
+                rows[index] = Prediction(labels[index], error=str(exc))
+            if len(pending) == batch_size:
+                flush()
+        flush()
+        return [row for row in rows if row is not None]
+
+    def predict_paths(self, paths: Sequence[str | Path], batch_size: int = 64,
+                      top_k: int = 3) -> list[dict[str, Any]]:
+        """:meth:`predict` over image files, as dicts (``path``, ``label``, ``label_name``, …)."""
+        return [row.as_dict() for row in self.predict(list(paths), batch_size=batch_size,
+                                                      top_k=top_k)]
+
+    def _row(self, source: str, results: dict[str, np.ndarray], i: int, top_k: int
+             ) -> Prediction:
         names = self.info["class_names"]
-        for start in range(0, len(paths), batch_size):
-            chunk = list(paths[start:start + batch_size])
-            result = self.predict_tensor(self._batch(chunk))
-            for i, path in enumerate(chunk):
-                label = int(result["labels"][i])
-                rows.append({
-                    "path": str(path),
-                    "label": label,
-                    "label_name": UNKNOWN if label == -1 else names[label],
-                    "closed_set_label": names[int(result["closed_labels"][i])],
-                    "confidence": float(result["confidence"][i]),
-                    "open_score": float(result["open_scores"][i]),
-                })
-        return rows
+        label = int(results["prediction"][i])
+        probabilities = results["probabilities"][i]
+        order = np.argsort(-probabilities, kind="stable")[:max(1, top_k)]
+        return Prediction(
+            source=source, label=label, label_name=UNKNOWN if label == -1 else names[label],
+            closed_set_label=names[int(results["closed_prediction"][i])],
+            confidence=float(probabilities.max()), open_score=float(results["open_score"][i]),
+            threshold=self.threshold,
+            top_k=[(names[int(k)], float(probabilities[k])) for k in order])
+
+
+def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
+    """Files as given, folders replaced by every image under them (recursively, sorted, links
+    followed without loops: `oltr.data.paths.walk_images`). A missing path is kept, so that it
+    is reported by name with the others."""
+    expanded: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            images = walk_images(path, allow_outside_root=True)
+            if not images:
+                raise InputError(f"the folder holds no image ({', '.join(sorted(IMAGE_EXTENSIONS))})",
+                                 path=path)
+            expanded += images
+        else:
+            expanded.append(path)
+    return expanded

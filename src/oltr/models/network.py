@@ -24,9 +24,10 @@ from oltr.models.classifiers import (
     LearnableWeightScaling,
     LinearClassifier,
 )
+from oltr.models.margin import MarginClassifier
 from oltr.models.memory import MetaEmbedding
 
-CLASSIFIERS = ("linear", "cosine", "lws", "fslwf")
+CLASSIFIERS = ("linear", "cosine", "lws", "fslwf", "cosface", "arcface")
 
 
 class OLTRNetwork(nn.Module):
@@ -61,6 +62,9 @@ class OLTRNetwork(nn.Module):
         embed_dim: int | None = None,
         dropout: float = 0.0,
         novel_classes: list[int] | None = None,
+        margin_scale: float = 64.0,
+        margin: float | None = None,
+        arcface_easy_margin: bool = False,
     ) -> None:
         super().__init__()
         if classifier not in CLASSIFIERS:
@@ -109,6 +113,10 @@ class OLTRNetwork(nn.Module):
                                  "at most model.fslwf_novel_max train images")
             self.classifier = FSLwFClassifier(self.feature_dim, num_classes, novel_classes,
                                               scale=cosine_scale)
+        elif classifier in ("cosface", "arcface"):
+            self.classifier = MarginClassifier(self.feature_dim, num_classes, kind=classifier,
+                                               scale=margin_scale, margin=margin,
+                                               easy_margin=arcface_easy_margin)
         else:
             self.classifier = CosineClassifier(
                 self.feature_dim,
@@ -191,6 +199,9 @@ NETWORK_DEFAULTS: dict[str, Any] = {
     "detach_memory": False,
     "embed_dim": None,
     "dropout": 0.0,
+    "margin_scale": 64.0,
+    "margin": None,
+    "arcface_easy_margin": False,
     "fslwf_novel_max": 100,
 }
 

@@ -32,7 +32,13 @@ from torch import nn
 from tqdm import tqdm
 
 from oltr import metrics
-from oltr.config import config_differences, load_saved_config, save_config, stage_config, with_defaults
+from oltr.config import (
+    config_differences,
+    load_saved_config,
+    save_config,
+    stage_config,
+    with_defaults,
+)
 from oltr.data import Benchmark, build_transform, load_benchmark
 from oltr.errors import InputError, OltrError
 from oltr.inference import EvalBatches, collect_outputs, dataset_for, shard
@@ -272,6 +278,12 @@ class EpochStats:
     skipped: int = 0
 
 
+def _nonfinite(stage: str, value: float) -> OltrError:
+    return OltrError(f"non-finite training loss ({value}) in stage '{stage}'; the last good "
+                     "checkpoint is kept. Lower train.lr, set train.grad_clip, or set "
+                     "train.nonfinite=skip to skip such steps.")
+
+
 def train_one_epoch(
     task: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -288,13 +300,21 @@ def train_one_epoch(
     global_step: int = 0,
 ) -> EpochStats:
     """One epoch of SGD over ``steps`` batches of ``loader`` (torchvision's
-    ``train_one_epoch``): ``task(images, labels)`` → (loss parts, logits). A non-finite loss
-    stops the run (``train.nonfinite: stop``, the last checkpoint is kept) or skips the step
-    (``skip``, counted). ``progress``: a tqdm bar to advance; ``log(step, scalars)``: per-step
-    scalars (TensorBoard)."""
+    ``train_one_epoch``): ``task(images, labels)`` → (loss parts, logits). Sums stay on the
+    device (no per-step synchronisation) except where a step must be inspected: a non-finite
+    loss skips the step (``train.nonfinite: skip``, counted; checked every step) or stops the
+    run (``stop``, checked at every log interval and at the epoch's end, before anything is
+    saved: the last checkpoint is kept). ``progress``: a tqdm bar to advance;
+    ``log(step, scalars)``: per-step scalars (TensorBoard)."""
     stats = EpochStats()
     task.train()
     device = runtime.device
+    skip = train_cfg["nonfinite"] == "skip"
+    log_every = max(1, train_cfg["log_every"])
+    zero = torch.zeros((), device=device, dtype=torch.float64)
+    loss_sum, correct, finite = zero.clone(), zero.clone(), torch.ones((), device=device,
+                                                                        dtype=torch.bool)
+    part_sums: dict[str, torch.Tensor] = {}
     for step, (images, labels) in enumerate(loader):
         if step >= steps:
             break
@@ -304,39 +324,43 @@ def train_one_epoch(
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(train_cfg["amp"], device):
             parts, logits = task(images, labels)
-        loss = parts["loss"]
-        if not torch.isfinite(loss):
-            if train_cfg["nonfinite"] == "stop":
-                raise OltrError(
-                    f"non-finite training loss ({loss.item()}) in stage '{stage}'; the last "
-                    "good checkpoint is kept. Lower train.lr, set train.grad_clip, or set "
-                    "train.nonfinite=skip to skip such steps.")
-            stats.skipped += 1  # train.nonfinite: skip — no optimiser (nor scheduler) step
+        loss = parts["loss"].detach()
+        if skip and not bool(torch.isfinite(loss)):
+            stats.skipped += 1  # no optimiser (nor scheduler) step
             continue
+        finite &= torch.isfinite(loss)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        parts["loss"].backward()
         if train_cfg["grad_clip"]:
             nn.utils.clip_grad_norm_(task.parameters(), train_cfg["grad_clip"])
         optimizer.step()
         scheduler.step()
         batch = labels.numel()
-        stats.loss_sum += loss.item() * batch
+        loss_sum += loss.double() * batch
         for name, value in parts.items():
             if name != "loss":
-                stats.parts[name] = stats.parts.get(name, 0.0) + float(value) * batch
-        stats.correct += int((logits.argmax(1) == labels).sum())
+                part_sums[name] = part_sums.get(name, zero) + value.detach().double() * batch
+        correct += (logits.detach().argmax(1) == labels).sum()
         stats.seen += batch
+        if (step + 1) % log_every == 0:
+            if not bool(finite):
+                raise _nonfinite(stage, float(loss))
+            if progress is not None:
+                progress.set_postfix(loss=f"{float(loss_sum) / stats.seen:.3f}",
+                                     acc=f"{float(correct) / stats.seen:.3f}", refresh=False)
+            if log is not None:
+                log(global_step + step + 1, {f"step/{k}": float(v.detach())
+                                             for k, v in parts.items()}
+                    | {"step/lr": optimizer.param_groups[-1]["lr"]})
         if progress is not None:
             progress.update(1)
-            if (step + 1) % max(1, train_cfg["log_every"]) == 0:
-                progress.set_postfix(loss=f"{stats.loss_sum / stats.seen:.3f}",
-                                     acc=f"{stats.correct / stats.seen:.3f}", refresh=False)
-        if log is not None and (step + 1) % max(1, train_cfg["log_every"]) == 0:
-            log(global_step + step + 1, {f"step/{k}": float(v) for k, v in parts.items()}
-                | {"step/lr": optimizer.param_groups[-1]["lr"]})
+    if not bool(finite):
+        raise _nonfinite(stage, float("nan"))
     if stats.seen == 0 and stats.skipped:
         raise OltrError(f"every step of an epoch had a non-finite loss in stage '{stage}'; "
                         "lower train.lr")
+    stats.loss_sum, stats.correct = float(loss_sum), int(correct)
+    stats.parts = {name: float(value) for name, value in part_sums.items()}
     return stats
 
 

@@ -1,0 +1,188 @@
+"""The trained artifact of a run: the final stage's weights, ``model.json`` and the decision rule
+fitted for them (`oltr.decision`).
+
+:func:`fit_decision` is what ``oltr train`` calls when a run's last stage is done: it runs the
+selected weights once over the splits the rule is chosen on (val, val_open where the benchmark
+has it, and train for open scores that learn), fits every ``eval`` choice on them and saves the
+rule beside the weights with the sha256 of the weights it belongs to. Evaluation, ``oltr
+predict`` and ``oltr export`` all apply that one rule; :func:`saved_rule` gives it back only
+while it still belongs to the weights on disk.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from oltr.config import load_saved_config, stage_config, with_defaults
+from oltr.data import Benchmark, load_benchmark
+from oltr.decision import (
+    AUTO_OPEN_SCORES,
+    DECISION_JSON,
+    DEFAULT_OPEN_SCORE,
+    DecisionRule,
+    fit_decision_rule,
+)
+from oltr.detectors import create_detector
+from oltr.detectors.head import network_head
+from oltr.errors import InputError
+from oltr.inference import (
+    EvalBatches,
+    collect_outputs,
+    dataset_for,
+    load_model,
+    shard,
+    split_outputs,
+)
+from oltr.models import OLTRNetwork
+from oltr.run import CONFIG, final_stage_dir
+from oltr.train.runtime import Runtime, init_runtime
+
+
+def run_stage_config(run_dir: str | Path) -> dict[str, Any]:
+    """The resolved config of a run's final stage, as the *run* saved it (``RUN/config.yaml``):
+    a stage folder shared by several runs (``oltr bench``'s cache: plain, τ-norm and post-hoc
+    logit adjustment train the same stage) keeps the config of the run that trained it, but
+    each run decides with its own ``eval`` settings. Falls back to the stage's own config."""
+    stage_dir = final_stage_dir(run_dir)
+    run_config = Path(run_dir) / CONFIG
+    stage_cfg = load_saved_config(stage_dir / CONFIG)
+    if run_config.exists() and stage_dir.parent == Path(run_dir):
+        config = load_saved_config(run_config)
+        if "stages" in config and stage_dir.name in [s["name"] for s in config["stages"]]:
+            return stage_config(with_defaults(config), stage_dir.name)
+    return stage_cfg
+
+
+def rule_needs_train(eval_cfg: Mapping[str, Any]) -> bool:
+    """Whether fitting the rule of ``eval_cfg`` needs the train split's outputs (an open score
+    that learns from them, or ``auto``, whose candidates include such scores)."""
+    name = eval_cfg["open_score"]
+    if name == "auto":
+        return True
+    return bool(create_detector(name, **(eval_cfg.get("open_score_options") or {})).fit_inputs)
+
+
+def check_benchmark_fits(bench: Benchmark, info: Mapping[str, Any], data_dir: str | Path) -> None:
+    """InputError unless ``bench`` has the classes the model was trained on."""
+    if bench.num_classes != info["num_classes"]:
+        raise InputError(f"the model was trained on {info['num_classes']} classes but the data "
+                         f"has {bench.num_classes}", path=Path(data_dir))
+    if bench.class_names != info["class_names"]:
+        raise InputError(f"the model was trained on the classes {info['class_names'][:5]} but "
+                         f"the data has {bench.class_names[:5]}", path=Path(data_dir))
+
+
+def forward_splits(net: OLTRNetwork, bench: Benchmark, stage_cfg: dict[str, Any],
+                   splits: list[str], runtime: Runtime, *, keys: tuple[str, ...] = (
+                       "logits", "features", "reachability")) -> dict[str, dict[str, np.ndarray]]:
+    """One forward pass of ``net`` over each split of ``bench`` (each rank its shard)."""
+    outputs = {}
+    for split in splits:
+        dataset = dataset_for(bench, split, stage_cfg["data"], train=False)
+        batches = EvalBatches(dataset, stage_cfg["data"], batch_size=stage_cfg["eval"]["batch_size"],
+                              num_workers=stage_cfg["data"]["num_workers"], device=runtime.device,
+                              indices=shard(len(dataset), runtime.rank, runtime.world_size))
+        outputs[split] = collect_outputs(
+            net, batches, runtime.device, amp=stage_cfg["eval"]["amp"],
+            channels_last=stage_cfg["train"]["channels_last"], keys=keys, runtime=runtime,
+            description=split if runtime.is_primary else None)
+    return outputs
+
+
+def classifier_of(net: OLTRNetwork) -> torch.nn.Module | None:
+    """The linear classifier τ-normalisation rescales (None for heads it does not apply to)."""
+    classifier = net.classifier
+    if net.meta_embedding is None and isinstance(getattr(classifier, "weight", None),
+                                                 torch.Tensor) and classifier.weight.ndim == 2:
+        return classifier
+    return None
+
+
+def memory_of(net: OLTRNetwork) -> torch.Tensor | None:
+    """An OLTR model's centroids (K, d), float32 on the CPU; None without a memory."""
+    if net.meta_embedding is None:
+        return None
+    return net.meta_embedding.centroids.detach().float().cpu()
+
+
+def fit_rule(net: OLTRNetwork, info: Mapping[str, Any], eval_cfg: Mapping[str, Any],
+             outputs: Mapping[str, Mapping[str, np.ndarray]], *, open_set: bool = True
+             ) -> DecisionRule:
+    """The decision rule of ``eval_cfg`` fitted on the stored ``outputs`` (val, val_open,
+    train) of ``net``, recording the weights it belongs to."""
+    split_views = {name: split_outputs(dict(values)) for name, values in outputs.items()
+                   if name in ("train", "val", "val_open")}
+    return fit_decision_rule(
+        eval_cfg, split_views, class_names=info["class_names"],
+        train_counts=np.asarray(info["train_counts"]), classifier=classifier_of(net),
+        head=network_head(net.eval()), open_set=open_set, centroids=memory_of(net),
+        record={"weights": {"stage": info["stage"], "epoch": info.get("epoch"),
+                            "sha256": info["weights_sha256"]},
+                "eval": rule_settings(eval_cfg)})
+
+
+#: The ``eval`` settings a decision rule is fitted from (recorded with it).
+RULE_SETTINGS = ("select", "open_score", "open_score_options", "open_score_candidates",
+                 "threshold", "accept_rate", "logit_adjustment", "tau_normalization",
+                 "open_score_logits")
+
+
+def rule_settings(eval_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: eval_cfg.get(key) for key in RULE_SETTINGS}
+
+
+def saved_rule(stage_dir: Path, info: Mapping[str, Any],
+               eval_cfg: Mapping[str, Any] | None = None) -> DecisionRule | None:
+    """The rule saved beside the weights, or None when there is none (or, given
+    ``eval_cfg``, when it was fitted from other ``eval`` settings — a stage shared by several
+    methods in ``oltr bench``, or an edited config); InputError when it belongs to other
+    weights (a rule and a report are tied to the weights they were fitted for: re-fit with
+    ``oltr evaluate``)."""
+    if not (stage_dir / DECISION_JSON).exists():
+        return None
+    rule = DecisionRule.load(stage_dir)
+    if eval_cfg is not None and rule.record.get("eval") != rule_settings(eval_cfg):
+        return None
+    fitted_for = (rule.record.get("weights") or {}).get("sha256")
+    if fitted_for != info["weights_sha256"]:
+        raise InputError("the decision rule was fitted for other weights (the stage was trained "
+                         "again after it); re-run `oltr evaluate RUN --data DIR` to fit it anew",
+                         path=stage_dir / DECISION_JSON)
+    return rule
+
+
+def fit_decision(run_dir: str | Path, data_dir: str | Path, *,
+                 runtime: Runtime | None = None) -> DecisionRule:
+    """Fit the decision rule of a trained run's final stage on val and save it beside the
+    weights (rank 0 writes; every rank passes its shard of each split)."""
+    stage_cfg = run_stage_config(run_dir)
+    runtime = runtime or init_runtime(stage_cfg["device"])
+    stage_dir = final_stage_dir(run_dir)
+    net, info = load_model(stage_dir, runtime.device)
+    bench = load_benchmark(data_dir, image_root=stage_cfg["data"]["image_root"],
+                           allow_outside_root=stage_cfg["data"]["allow_outside_root"])
+    check_benchmark_fits(bench, info, data_dir)
+    eval_cfg = stage_cfg["eval"]
+    splits = ["val", *(["val_open"] if bench.has_split("val_open") else []),
+              *(["train"] if rule_needs_train(eval_cfg) else [])]
+    if stage_cfg["data"]["skip_bad_images"]:  # as the training did (counted there)
+        bench.drop_unreadable_images(tuple(splits), num_workers=stage_cfg["data"]["num_workers"])
+    outputs = forward_splits(net, bench, stage_cfg, splits, runtime, keys=("logits", "features"))
+    rule = fit_rule(net, info, eval_cfg, outputs)
+    if runtime.is_primary:
+        rule.save(stage_dir)
+        source = rule.record["open_score"]["source"]
+        print(f"decision rule: τ-norm {rule.tau_normalization:g}, logit adjustment "
+              f"{rule.logit_adjustment:g}, open score {rule.open_score} ({source}), threshold "
+              f"{rule.threshold:.4g}; saved to {stage_dir / DECISION_JSON}", flush=True)
+    runtime.barrier()
+    return rule
+
+
+__all__ = ["AUTO_OPEN_SCORES", "DEFAULT_OPEN_SCORE", "check_benchmark_fits", "classifier_of",
+           "fit_decision", "fit_rule", "forward_splits", "rule_needs_train", "run_stage_config",
+           "saved_rule"]
