@@ -150,6 +150,31 @@ def test_openmax_fit_uses_correct_samples_and_scipy_weibull():
     assert np.array_equal(detector.score(logits=TEST_LOGITS), expected)
 
 
+def test_openmax_matches_the_scipy_formula_and_ranks_equal_logits_by_class():
+    """The torch recalibration (traceable, for ONNX export) against Alg. 2 written with scipy
+    (cdist, weibull_min.cdf, a stable argsort), on rows with tied logits."""
+    from scipy.spatial.distance import cdist
+    from scipy.special import softmax
+
+    generator = np.random.default_rng(0)
+    logits = generator.normal(size=(6, 5)) * 3
+    logits[0] = [2.0, 2.0, 2.0, 1.0, 0.0]  # a three-way tie at the top
+    logits[1] = [0.0, 1.0, 1.0, 1.0, 1.0]
+    means = generator.normal(size=(5, 5)) * 3
+    shapes, scales = generator.uniform(0.5, 3, 5), generator.uniform(1, 8, 5)
+    for alpha in (1, 2, 3, 5):
+        cdf = weibull_min.cdf(cdist(logits, means), shapes[None, :], scale=scales[None, :])
+        rank_weights = np.zeros(5)
+        rank_weights[:alpha] = (alpha - np.arange(alpha)) / alpha
+        ranks = np.argsort(np.argsort(-logits, axis=1, kind="stable"), axis=1)
+        omega = 1.0 - rank_weights[ranks] * cdf
+        revised = logits * omega
+        expected = softmax(np.concatenate(
+            [revised, (logits - revised).sum(axis=1, keepdims=True)], axis=1), axis=1)
+        got = openmax_probabilities(logits, means, shapes, scales, alpha=alpha)
+        assert np.allclose(got, expected, rtol=1e-12, atol=1e-15)
+
+
 def test_weibull_fit_of_degenerate_tails():
     assert fit_weibull_tail(np.array([0.0]), 20) == (1.0, np.finfo(np.float64).tiny)
     assert fit_weibull_tail(np.array([0.5, 0.5]), 20) == (1.0, 0.5)

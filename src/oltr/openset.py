@@ -59,23 +59,19 @@ def msp_score(logits: TensorOrArray, temperature: float = 1.0) -> TensorOrArray:
     score = 1 - max_k softmax(z / T)_k, computed as -expm1(max_k log_softmax(z / T)_k) so
     that confident inputs keep distinct scores even when the probability rounds to 1.
     """
-    z = _as_float_tensor("logits", logits) / _check_temperature(temperature)
-    score = -torch.expm1(torch.log_softmax(z, dim=1).max(dim=1).values)
-    return _like_input(score, logits)
+    temperature = _check_temperature(temperature)
+    return _like_input(msp_formula(_as_float_tensor("logits", logits), temperature), logits)
 
 
 def max_logit_score(logits: TensorOrArray) -> TensorOrArray:
     """-max_k z_k, the negated maximum logit (Hendrycks et al., ICML 2022)."""
-    score = -_as_float_tensor("logits", logits).max(dim=1).values
-    return _like_input(score, logits)
+    return _like_input(max_logit_formula(_as_float_tensor("logits", logits)), logits)
 
 
 def energy_score(logits: TensorOrArray, temperature: float = 1.0) -> TensorOrArray:
     """Free energy E(x) = -T logsumexp_k(z_k / T) (Liu et al., NeurIPS 2020)."""
     temperature = _check_temperature(temperature)
-    z = _as_float_tensor("logits", logits)
-    score = -temperature * torch.logsumexp(z / temperature, dim=1)
-    return _like_input(score, logits)
+    return _like_input(energy_formula(_as_float_tensor("logits", logits), temperature), logits)
 
 
 def reachability_score(features: TensorOrArray, centroids: TensorOrArray) -> TensorOrArray:
@@ -89,9 +85,38 @@ def reachability_score(features: TensorOrArray, centroids: TensorOrArray) -> Ten
     if v.shape[1] != c.shape[1]:
         raise InputError(f"features have dimension {v.shape[1]} but centroids have "
                          f"{c.shape[1]}")
-    dtype = torch.promote_types(v.dtype, c.dtype)
-    score = torch.cdist(v.to(dtype), c.to(device=v.device, dtype=dtype)).min(dim=1).values
-    return _like_input(score, features)
+    return _like_input(nearest_centroid_distance(v, c), features)
+
+
+# ------------------------------------------------------------------ the formulas
+# Torch operations only, on tensors already checked (finite, 2-D): no checks of values, no
+# numpy, no Python branch on the data. The public scores above check their inputs and call
+# these; the detectors' ``traceable_score`` (what ``oltr.export`` traces to ONNX) calls them
+# without the checks, so each formula has one implementation.
+
+
+def msp_formula(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``1 − max_k softmax(z / T)_k`` as ``−expm1(max_k log_softmax(z / T)_k)`` (N,), in the
+    logits' dtype (:func:`msp_score` without its checks)."""
+    return -torch.expm1(torch.log_softmax(logits / temperature, dim=1).max(dim=1).values)
+
+
+def max_logit_formula(logits: torch.Tensor) -> torch.Tensor:
+    """``−max_k z_k`` (N,) (:func:`max_logit_score` without its checks)."""
+    return -logits.max(dim=1).values
+
+
+def energy_formula(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``−T · logsumexp_k(z_k / T)`` (N,) (:func:`energy_score` without its checks)."""
+    return -temperature * torch.logsumexp(logits / temperature, dim=1)
+
+
+def nearest_centroid_distance(features: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """``min_i ‖v − c_i‖₂`` (N,) in the wider dtype of features (N, d) and centroids (K, d),
+    with ``torch.cdist`` (:func:`reachability_score` without its checks)."""
+    dtype = torch.promote_types(features.dtype, centroids.dtype)
+    return torch.cdist(features.to(dtype),
+                       centroids.to(device=features.device, dtype=dtype)).min(dim=1).values
 
 
 def probability_threshold_to_msp_score(probability: float) -> float:

@@ -11,6 +11,12 @@ and those that reshape the features (ReAct, ASH, SCALE, ViM) also on the network
     react = create_detector("react").fit(features=train_features)
     open_score = react.score(features=test_features, head=head)
 
+``score`` checks its inputs, then applies the detector's formula (in blocks of rows where the
+memory needs it); ``traceable_score`` applies the same formula with torch operations only —
+no checks of values, no numpy, no Python branch on the data — for ONNX export
+(:mod:`oltr.export`). ``export_refusal()`` says why a detector cannot be traced (ODIN with
+input perturbation: it needs gradients); every other detector can.
+
 A fitted detector is saved as ``name``, ``detector.config()`` (JSON) and
 ``detector.state_dict()`` (tensors, e.g. for ``safetensors.torch.save_file``), and rebuilt by
 :func:`restore_detector`.

@@ -8,10 +8,10 @@ from typing import ClassVar
 import torch
 
 from oltr.detectors.base import ArrayLike, Detector
-from oltr.detectors.head import Head, head_logits
+from oltr.detectors.head import Head, checked_head
 from oltr.detectors.react import check_percentile
 from oltr.errors import InputError
-from oltr.openset import _as_float_tensor, energy_score
+from oltr.openset import _as_float_tensor, energy_formula
 
 ASH_VARIANTS = ("s", "b", "p")
 
@@ -99,5 +99,8 @@ class ASH(Detector):
     def _score(self, features: ArrayLike, head: Head) -> torch.Tensor:
         vectors = _as_float_tensor("features", features)
         check_activations("ASH", vectors)
-        shaped = ash(vectors, self.percentile, self.variant).to(vectors.dtype)
-        return energy_score(head_logits(self.name, head, shaped))
+        return self._formula(vectors, checked_head(self.name, head))
+
+    def _formula(self, features: torch.Tensor, head: Head) -> torch.Tensor:
+        shaped = ash(features, self.percentile, self.variant).to(features.dtype)
+        return energy_formula(head(shaped).double())

@@ -106,6 +106,38 @@ class Detector(ABC):
             result = result.detach().cpu().numpy()
         return np.asarray(result, dtype=np.float64)
 
+    def export_refusal(self) -> str | None:
+        """Why :meth:`traceable_score` cannot express this detector (e.g. a step that needs
+        gradients), or None when it can. ONNX export (:mod:`oltr.export`) refuses a detector
+        with a reason."""
+        return None
+
+    def traceable_score(
+        self,
+        *,
+        logits: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
+        head: Head | None = None,
+    ) -> torch.Tensor:
+        """The open score (N,) as torch operations only — the formula :meth:`score` applies
+        once it has checked its inputs — for tracing (``torch.onnx.export``, :mod:`oltr.export`):
+        no checks of values (the inputs must be finite, 2-D floating tensors of the fitted
+        dimension), no numpy, no Python branch on the data, one block for all rows, ``head``
+        called directly. The dtype is the formula's (float64 where :meth:`score` computes in
+        float64; the logits' dtype for the softmax and energy scores).
+
+        Raises:
+            NotFittedError: the detector learns from training data and was not fitted.
+            InputError: a declared input is missing, or the detector cannot be traced
+                (:meth:`export_refusal`).
+        """
+        self._check_fitted("export")
+        reason = self.export_refusal()
+        if reason is not None:
+            raise InputError(f"open score {self.name!r} cannot be exported: {reason}")
+        given = {"logits": logits, "features": features, "head": head}
+        return self._formula(**_required(self.name, "score", self.inputs, given))
+
     def config(self) -> dict[str, Any]:
         """The constructor options, JSON-able: ``type(self)(**config())`` is this detector
         before ``fit`` (tensors a constructor takes, e.g. given centroids, are state)."""
@@ -164,7 +196,13 @@ class Detector(ABC):
 
     @abstractmethod
     def _score(self, **inputs: Any) -> torch.Tensor | np.ndarray:
-        """The score formula on the declared ``inputs``."""
+        """The score on the declared ``inputs``: checks them, then applies the formula
+        (:meth:`_formula`, in blocks of rows where the memory needs it)."""
+
+    def _formula(self, **inputs: Any) -> torch.Tensor:
+        """The score formula on checked ``inputs``, torch operations only (see
+        :meth:`traceable_score`); detectors that :meth:`export_refusal` need not have one."""
+        raise NotImplementedError(f"detector {self.name!r} has no traceable formula")
 
 
 def check_state_shape(detector: str, key: str, tensor: torch.Tensor,

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from oltr.detectors.base import ArrayLike, Detector
-from oltr.openset import _check_temperature, energy_score
+from oltr.openset import _check_temperature, energy_formula, energy_score
 
 
 class Energy(Detector):
@@ -24,3 +24,6 @@ class Energy(Detector):
 
     def _score(self, logits: ArrayLike) -> torch.Tensor | np.ndarray:
         return energy_score(logits, self.temperature)
+
+    def _formula(self, logits: torch.Tensor) -> torch.Tensor:
+        return energy_formula(logits, self.temperature)

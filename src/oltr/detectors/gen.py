@@ -62,4 +62,7 @@ class GEN(Detector):
         self.gamma, self.top_m = gamma, int(top_m)
 
     def _score(self, logits: ArrayLike) -> torch.Tensor:
-        return generalized_entropy(_as_float_tensor("logits", logits), self.gamma, self.top_m)
+        return self._formula(_as_float_tensor("logits", logits))
+
+    def _formula(self, logits: torch.Tensor) -> torch.Tensor:
+        return generalized_entropy(logits, self.gamma, self.top_m)

@@ -103,6 +103,15 @@ def network_head(net: nn.Module) -> Head:
     return NetworkHead(net)
 
 
+def checked_head(detector: str, head: Head) -> Head:
+    """``head`` as a detector's ``score`` runs it: :func:`head_logits` (checked, without
+    gradients, in blocks of rows, float64). The detectors' formulas call their head directly,
+    so ``score`` passes them this and ``traceable_score`` (ONNX export) the plain head."""
+    def run(features: torch.Tensor) -> torch.Tensor:
+        return head_logits(detector, head, features)
+    return run
+
+
 def head_logits(detector: str, head: Head, features: torch.Tensor) -> torch.Tensor:
     """``head(features)`` as float64 logits (N, K), computed without gradients in blocks of
     rows (``features`` are passed in their own dtype and device).

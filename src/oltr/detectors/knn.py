@@ -57,11 +57,12 @@ class KNN(Detector):
         if vectors.shape[1] != train.shape[1]:
             raise InputError(f"features have dimension {vectors.shape[1]} but KNN was fitted "
                              f"on {train.shape[1]}")
-        dtype = torch.promote_types(vectors.dtype, train.dtype)
-        queries = F.normalize(vectors.to(dtype), dim=1)
-        train = train.to(device=queries.device, dtype=dtype)
         rows = max(1, _MAX_CHUNK_ENTRIES // train.shape[0])
-        kth_cosine = torch.cat([
-            (chunk @ train.t()).topk(self.k, dim=1).values[:, -1] for chunk in queries.split(rows)
-        ])
+        return torch.cat([self._formula(chunk) for chunk in vectors.split(rows)])
+
+    def _formula(self, features: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(features.dtype, self.train_features.dtype)
+        queries = F.normalize(features.to(dtype), dim=1)
+        train = self.train_features.to(device=queries.device, dtype=dtype)
+        kth_cosine = (queries @ train.t()).topk(self.k, dim=1).values[:, -1]
         return (2.0 - 2.0 * kth_cosine.double()).clamp_min(0).sqrt()

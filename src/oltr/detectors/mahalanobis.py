@@ -13,7 +13,7 @@ from oltr.detectors.covariance import check_estimator, estimate_covariance, prec
 from oltr.errors import InputError
 from oltr.openset import _as_float_tensor
 
-_MAX_BLOCK_ENTRIES = 1 << 24  # test rows × classes per distance block (128 MB in float64)
+MAX_BLOCK_ENTRIES = 1 << 24  #: test rows × classes per distance block (128 MB in float64)
 
 
 def class_gaussians(
@@ -67,12 +67,19 @@ def mahalanobis_distances(
             + ((mu @ precision) * mu).sum(dim=1)).clamp_min(0.0)
 
 
+def nearest_mahalanobis(
+    features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor
+) -> torch.Tensor:
+    """``min_k (x − μ_k)ᵀ P (x − μ_k)`` (N,), float64, in one block (traceable)."""
+    return mahalanobis_distances(features, means, precision).min(dim=1).values
+
+
 def min_mahalanobis(
     features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor
 ) -> torch.Tensor:
     """``min_k (x − μ_k)ᵀ P (x − μ_k)`` (N,), float64, computed in blocks of rows."""
-    rows = max(1, _MAX_BLOCK_ENTRIES // means.shape[0])
-    return torch.cat([mahalanobis_distances(block, means, precision).min(dim=1).values
+    rows = max(1, MAX_BLOCK_ENTRIES // means.shape[0])
+    return torch.cat([nearest_mahalanobis(block, means, precision)
                       for block in features.split(rows)])
 
 
@@ -134,3 +141,6 @@ class Mahalanobis(Detector):
         vectors = _as_float_tensor("features", features)
         check_dimension("Mahalanobis", vectors, self.class_means.shape[1])
         return min_mahalanobis(vectors, self.class_means, self.precision)
+
+    def _formula(self, features: torch.Tensor) -> torch.Tensor:
+        return nearest_mahalanobis(features, self.class_means, self.precision)

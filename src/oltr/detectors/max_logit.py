@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from oltr.detectors.base import ArrayLike, Detector
-from oltr.openset import max_logit_score
+from oltr.openset import max_logit_formula, max_logit_score
 
 
 class MaxLogit(Detector):
@@ -19,3 +19,6 @@ class MaxLogit(Detector):
 
     def _score(self, logits: ArrayLike) -> torch.Tensor | np.ndarray:
         return max_logit_score(logits)
+
+    def _formula(self, logits: torch.Tensor) -> torch.Tensor:
+        return max_logit_formula(logits)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from oltr.detectors.base import ArrayLike, Detector
-from oltr.openset import msp_score
+from oltr.openset import msp_formula, msp_score
 
 
 class MSP(Detector):
@@ -19,3 +19,6 @@ class MSP(Detector):
 
     def _score(self, logits: ArrayLike) -> torch.Tensor | np.ndarray:
         return msp_score(logits)
+
+    def _formula(self, logits: torch.Tensor) -> torch.Tensor:
+        return msp_formula(logits)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from oltr.detectors.base import ArrayLike, Detector
 from oltr.errors import InputError
-from oltr.openset import _check_temperature, msp_score
+from oltr.openset import _check_temperature, msp_formula, msp_score
 
 
 def _check_epsilon(epsilon: float) -> float:
@@ -75,3 +75,14 @@ class ODIN(Detector):
 
     def _score(self, logits: ArrayLike) -> torch.Tensor | np.ndarray:
         return msp_score(logits, self.temperature)
+
+    def export_refusal(self) -> str | None:
+        if self.epsilon > 0:
+            return (f"ODIN's input perturbation (epsilon {self.epsilon:g} > 0) takes the gradient "
+                    "of the network's softmax with respect to the input image, which an ONNX "
+                    "inference graph cannot compute; export ODIN with epsilon 0 (temperature "
+                    "scaling only) or another open score")
+        return None
+
+    def _formula(self, logits: torch.Tensor) -> torch.Tensor:
+        return msp_formula(logits, self.temperature)

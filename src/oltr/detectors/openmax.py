@@ -6,8 +6,6 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from scipy.spatial.distance import cdist
-from scipy.special import softmax
 from scipy.stats import weibull_min
 
 from oltr.detectors.base import ArrayLike, Detector, as_labels, check_state_shape
@@ -18,22 +16,27 @@ OPENMAX_DISTANCES = ("euclidean", "eucos")
 
 
 def openmax_distances(
-    activations: np.ndarray, mean_activations: np.ndarray, distance: str = "euclidean"
-) -> np.ndarray:
-    """Distances (N, K) of activation vectors (N, K) to the class means (K, K).
+    activations: torch.Tensor | np.ndarray, mean_activations: torch.Tensor | np.ndarray,
+    distance: str = "euclidean",
+) -> torch.Tensor | np.ndarray:
+    """Distances (N, K) of activation vectors (N, K) to the class means (K, K), float64 (a
+    numpy array for numpy activations, else a tensor).
 
-    ``euclidean``: ‖v − μ_k‖; ``eucos``: ‖v − μ_k‖ / 200 + (1 − cos(v, μ_k)), the authors'
-    code's choice for ImageNet.
+    ``euclidean``: ‖v − μ_k‖ (``torch.cdist`` without the matrix-product shortcut: exact like
+    ``scipy.spatial.distance.cdist``); ``eucos``: ‖v − μ_k‖ / 200 + (1 − cos(v, μ_k)), the
+    authors' code's choice for ImageNet. Torch operations only (traceable).
     """
     if distance not in OPENMAX_DISTANCES:
         raise InputError(f"unknown OpenMax distance (valid: {', '.join(OPENMAX_DISTANCES)})",
                          value=distance)
-    euclidean = cdist(activations, mean_activations)
-    if distance == "euclidean":
-        return euclidean
-    norms = np.linalg.norm(activations, axis=1)[:, None] * np.linalg.norm(mean_activations, axis=1)
-    cosine = (activations @ mean_activations.T) / np.maximum(norms, np.finfo(np.float64).tiny)
-    return euclidean / 200.0 + (1.0 - cosine)
+    v = torch.as_tensor(activations).double()
+    means = torch.as_tensor(mean_activations).to(device=v.device, dtype=torch.float64)
+    result = torch.cdist(v, means, compute_mode="donot_use_mm_for_euclid_dist")
+    if distance == "eucos":
+        norms = v.norm(dim=1)[:, None] * means.norm(dim=1)[None, :]
+        cosine = (v @ means.t()) / norms.clamp_min(torch.finfo(torch.float64).tiny)
+        result = result / 200.0 + (1.0 - cosine)
+    return result if isinstance(activations, torch.Tensor) else result.numpy()
 
 
 def fit_weibull_tail(distances: np.ndarray, tail_size: int) -> tuple[float, float]:
@@ -54,6 +57,51 @@ def fit_weibull_tail(distances: np.ndarray, tail_size: int) -> tuple[float, floa
     return float(shape), float(scale)
 
 
+def weibull_cdf(x: torch.Tensor, shape: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``1 − exp(−(x/λ)^κ)`` for x >= 0 (``scipy.stats.weibull_min.cdf(x, κ, scale=λ)``,
+    location 0), as ``−expm1(−(x/λ)^κ)``."""
+    return -torch.expm1(-torch.pow(x / scale, shape))
+
+
+def openmax_recalibration(
+    logits: torch.Tensor,
+    mean_activations: torch.Tensor,
+    shapes: torch.Tensor,
+    scales: torch.Tensor,
+    alpha: int,
+    distance: str = "euclidean",
+) -> torch.Tensor:
+    """OpenMax recalibration (Alg. 2) of activation vectors (N, K) → probabilities
+    (N, K + 1), float64, the unknown class **last**; torch operations only (traceable).
+
+    For the α top-ranked classes of each activation vector v (rank r = 0 … α − 1):
+    ``ω_k = 1 − ((α − r)/α) · WeibullCDF_k(dist(v, μ_k))``, ω = 1 elsewhere;
+    ``v̂ = v ⊙ ω``, ``v̂_unknown = Σ_k v_k (1 − ω_k)``; ``P = softmax(v̂, v̂_unknown)``.
+    The rank weights (α − r)/α follow the authors' code (the top class gets weight 1); equal
+    logits are ranked by class index (a stable sort).
+    """
+    v = logits.double()
+    num_classes = v.shape[1]
+    means = mean_activations.to(device=v.device, dtype=torch.float64)
+    cdf = weibull_cdf(openmax_distances(v, means, distance),
+                      shapes.to(device=v.device, dtype=torch.float64)[None, :],
+                      scales.to(device=v.device, dtype=torch.float64)[None, :])
+    alpha = min(int(alpha), num_classes)
+    # the rank weight of each class: (α − r)/α for the class of rank r < α, 0 for the others;
+    # ranks by α arg-max passes (torch and ONNX take the first of equal maxima: a stable sort,
+    # without a K-wide sort, which ONNX export lacks)
+    weights = torch.zeros_like(v)
+    remaining = v
+    for rank in range(alpha):
+        top = remaining.argmax(dim=1, keepdim=True)
+        weights = weights.scatter(1, top, (alpha - rank) / alpha)
+        remaining = remaining.scatter(1, top, -torch.inf)
+    omega = 1.0 - weights * cdf
+    revised = v * omega
+    unknown = (v - revised).sum(dim=1, keepdim=True)
+    return torch.softmax(torch.cat([revised, unknown], dim=1), dim=1)
+
+
 def openmax_probabilities(
     logits: np.ndarray,
     mean_activations: np.ndarray,
@@ -62,26 +110,13 @@ def openmax_probabilities(
     alpha: int,
     distance: str = "euclidean",
 ) -> np.ndarray:
-    """OpenMax recalibration (Alg. 2) → probabilities (N, K + 1), the unknown class **last**.
-
-    For the α top-ranked classes of each activation vector v (rank r = 0 … α − 1):
-    ``ω_k = 1 − ((α − r)/α) · WeibullCDF_k(dist(v, μ_k))``, ω = 1 elsewhere;
-    ``v̂ = v ⊙ ω``, ``v̂_unknown = Σ_k v_k (1 − ω_k)``; ``P = softmax(v̂, v̂_unknown)``.
-    The rank weights (α − r)/α follow the authors' code (the top class gets weight 1).
-    """
-    logits = np.asarray(logits, dtype=np.float64)
-    num_classes = logits.shape[1]
-    cdf = weibull_min.cdf(openmax_distances(logits, mean_activations, distance),
-                          np.asarray(shapes)[None, :], scale=np.asarray(scales)[None, :])
-    alpha = min(int(alpha), num_classes)
-    rank_weights = np.zeros(num_classes)
-    rank_weights[:alpha] = (alpha - np.arange(alpha)) / alpha
-    order = np.argsort(-logits, axis=1, kind="stable")
-    ranks = np.argsort(order, axis=1)  # rank of each class, 0 = the largest logit
-    omega = 1.0 - rank_weights[ranks] * cdf
-    revised = logits * omega
-    unknown = (logits - revised).sum(axis=1, keepdims=True)
-    return softmax(np.concatenate([revised, unknown], axis=1), axis=1)
+    """:func:`openmax_recalibration` on numpy arrays → probabilities (N, K + 1), float64,
+    the unknown class **last**."""
+    return openmax_recalibration(
+        torch.as_tensor(np.asarray(logits, dtype=np.float64)),
+        torch.as_tensor(np.asarray(mean_activations, dtype=np.float64)),
+        torch.as_tensor(np.asarray(shapes, dtype=np.float64)),
+        torch.as_tensor(np.asarray(scales, dtype=np.float64)), alpha, distance).numpy()
 
 
 class OpenMax(Detector):
@@ -147,6 +182,8 @@ class OpenMax(Detector):
         if activations.shape[1] != self.mean_activations.shape[0]:
             raise InputError(f"logits have {activations.shape[1]} classes but OpenMax was "
                              f"fitted on {self.mean_activations.shape[0]}")
-        probabilities = openmax_probabilities(activations, self.mean_activations, self.shapes,
-                                              self.scales, self.alpha, self.distance)
-        return probabilities[:, -1]
+        return self._formula(torch.from_numpy(activations))
+
+    def _formula(self, logits: torch.Tensor) -> torch.Tensor:
+        state = [torch.from_numpy(getattr(self, key)) for key in self.state_names]
+        return openmax_recalibration(logits, *state, self.alpha, self.distance)[:, -1]

@@ -9,7 +9,7 @@ import torch
 
 from oltr.detectors.base import ArrayLike, Detector, as_labels, check_state_shape
 from oltr.models.memory import class_means
-from oltr.openset import _as_float_tensor, reachability_score
+from oltr.openset import _as_float_tensor, nearest_centroid_distance, reachability_score
 
 
 class Reachability(Detector):
@@ -43,3 +43,6 @@ class Reachability(Detector):
 
     def _score(self, features: ArrayLike) -> torch.Tensor | np.ndarray:
         return reachability_score(features, self.centroids)
+
+    def _formula(self, features: torch.Tensor) -> torch.Tensor:
+        return nearest_centroid_distance(features, self.centroids)

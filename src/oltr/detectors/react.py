@@ -8,9 +8,9 @@ from typing import ClassVar
 import torch
 
 from oltr.detectors.base import ArrayLike, Detector, check_state_shape
-from oltr.detectors.head import Head, head_logits
+from oltr.detectors.head import Head, checked_head
 from oltr.errors import InputError
-from oltr.openset import _as_float_tensor, energy_score
+from oltr.openset import _as_float_tensor, energy_formula
 
 
 def check_percentile(detector: str, percentile: float, *, below_100: bool = False) -> float:
@@ -84,6 +84,9 @@ class ReAct(Detector):
         self.threshold = state["threshold"]
 
     def _score(self, features: ArrayLike, head: Head) -> torch.Tensor:
-        vectors = _as_float_tensor("features", features)
-        clipped = vectors.clamp(max=float(self.threshold))
-        return energy_score(head_logits(self.name, head, clipped))
+        return self._formula(_as_float_tensor("features", features),
+                             checked_head(self.name, head))
+
+    def _formula(self, features: torch.Tensor, head: Head) -> torch.Tensor:
+        clipped = features.clamp(max=float(self.threshold))
+        return energy_formula(head(clipped).double())

@@ -9,7 +9,12 @@ import torch
 
 from oltr.detectors.base import ArrayLike, Detector, as_labels, check_state_shape
 from oltr.detectors.covariance import check_estimator, estimate_covariance, precision_matrix
-from oltr.detectors.mahalanobis import check_dimension, class_gaussians, min_mahalanobis
+from oltr.detectors.mahalanobis import (
+    MAX_BLOCK_ENTRIES,
+    check_dimension,
+    class_gaussians,
+    nearest_mahalanobis,
+)
 from oltr.openset import _as_float_tensor
 
 
@@ -72,6 +77,10 @@ class RelativeMahalanobis(Detector):
     def _score(self, features: ArrayLike) -> torch.Tensor:
         vectors = _as_float_tensor("features", features)
         check_dimension("relative Mahalanobis", vectors, self.class_means.shape[1])
-        background = min_mahalanobis(vectors, self.background_mean[None, :],
-                                     self.background_precision)
-        return min_mahalanobis(vectors, self.class_means, self.precision) - background
+        rows = max(1, MAX_BLOCK_ENTRIES // self.class_means.shape[0])
+        return torch.cat([self._formula(block) for block in vectors.split(rows)])
+
+    def _formula(self, features: torch.Tensor) -> torch.Tensor:
+        background = nearest_mahalanobis(features, self.background_mean[None, :],
+                                         self.background_precision)
+        return nearest_mahalanobis(features, self.class_means, self.precision) - background

@@ -9,9 +9,9 @@ import torch
 
 from oltr.detectors.ash import check_activations, kept_count, pruning_ratio
 from oltr.detectors.base import ArrayLike, Detector
-from oltr.detectors.head import Head, head_logits
+from oltr.detectors.head import Head, checked_head
 from oltr.detectors.react import check_percentile
-from oltr.openset import _as_float_tensor, energy_score
+from oltr.openset import _as_float_tensor, energy_formula
 
 
 def scale_activations(features: torch.Tensor, percentile: float = 85.0) -> torch.Tensor:
@@ -55,5 +55,8 @@ class SCALE(Detector):
     def _score(self, features: ArrayLike, head: Head) -> torch.Tensor:
         vectors = _as_float_tensor("features", features)
         check_activations("SCALE", vectors)
-        scaled = scale_activations(vectors, self.percentile).to(vectors.dtype)
-        return energy_score(head_logits(self.name, head, scaled))
+        return self._formula(vectors, checked_head(self.name, head))
+
+    def _formula(self, features: torch.Tensor, head: Head) -> torch.Tensor:
+        scaled = scale_activations(features, self.percentile).to(features.dtype)
+        return energy_formula(head(scaled).double())

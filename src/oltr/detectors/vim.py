@@ -9,7 +9,7 @@ from torch import nn
 
 from oltr.detectors.base import ArrayLike, Detector, check_state_shape
 from oltr.detectors.covariance import empirical_covariance
-from oltr.detectors.head import Head, LinearHead, head_logits
+from oltr.detectors.head import Head, LinearHead, checked_head, head_logits
 from oltr.detectors.mahalanobis import check_dimension
 from oltr.errors import InputError
 from oltr.openset import _as_float_tensor
@@ -132,5 +132,7 @@ class ViM(Detector):
     def _score(self, features: ArrayLike, head: Head) -> torch.Tensor:
         vectors = _as_float_tensor("features", features)
         check_dimension("ViM", vectors, self.u.shape[0])
-        logits = head_logits(self.name, head, vectors)
-        return self.virtual_logit(vectors) - torch.logsumexp(logits, dim=1)
+        return self._formula(vectors, checked_head(self.name, head))
+
+    def _formula(self, features: torch.Tensor, head: Head) -> torch.Tensor:
+        return self.virtual_logit(features) - torch.logsumexp(head(features).double(), dim=1)
