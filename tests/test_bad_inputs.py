@@ -567,20 +567,13 @@ def predict_mixed_sizes(case: Case) -> list[str]:
     return ["predict", str(case.run), str(first), str(case.tmp / "copy.png"), "--threshold", "0.5"]
 
 
-def predict_truncated(case: Case) -> list[str]:
-    image = Path(shutil.copy(next((case.fmnist / "images" / "test").glob("*.png")),
-                             case.tmp / "copy.png"))
-    truncate(image)
-    return ["predict", str(case.run), str(image), "--threshold", "0.5"]
-
-
-def predict_with_report(edit: Callable[[dict], object]) -> Callable[[Case], list[str]]:
-    """Evaluate the run, edit its report, then predict with the report's threshold."""
+def predict_with_rule(edit: Callable[[dict], object]) -> Callable[[Case], list[str]]:
+    """Edit the run's decision rule (decision.json, saved when it was trained), then predict."""
     def argv(case: Case) -> list[str]:
-        evaluate_run(case.run, case.fmnist, output=case.run / "report.json")
-        report = json.loads((case.run / "report.json").read_text())
-        edit(report)
-        (case.run / "report.json").write_text(json.dumps(report))
+        path = case.run / "decision.json"
+        rule = json.loads(path.read_text())
+        edit(rule)
+        path.write_text(json.dumps(rule))
         return ["predict", str(case.run), str(next((case.fmnist / "images").rglob("*.png")))]
     return argv
 
@@ -609,7 +602,6 @@ CLI_ROWS = [
      lambda case: ["evaluate", str(case.run), "--data", str(case.fmnist), "--open",
                    "--threshold", "1.5"],
      "oltr evaluate: error: a probability threshold must lie in [0, 1] (value: 1.5)"),
-    ("predict a truncated image", predict_truncated, "copy.png: cannot read image"),
     ("a bad image in a DataLoader worker", lambda case: train_argv(
         case, damage=lambda root: truncate(root / "i" / "t0.png")),
      ("oltr train: error: {bench}/train.txt:1: cannot read image {bench}/i/t0.png (image file "
@@ -654,19 +646,15 @@ CLI_ROWS = [
      lambda case: ["evaluate", str(case.run), "--data", str(case.fmnist), "--output",
                    str(a_file(case))],
      "notes.txt: report path holds a file that is not an oltr report; it is not overwritten"),
-    ("predict with a text threshold in the report",
-     predict_with_report(lambda r: r["open"].update(threshold="high")),
-     ("report.json: report key 'open.threshold' must be a finite number (edited? re-run "
-     "`oltr evaluate`) (value: 'high')")),
-    ("predict with a null threshold in the report",
-     predict_with_report(lambda r: r["open"].update(threshold=None)),
-     "report.json: report key 'open.threshold' must be a finite number"),
-    ("predict with no threshold in the report",
-     predict_with_report(lambda r: r["open"].pop("threshold")),
-     "report.json: the report lacks key 'open.threshold'"),
-    ("predict with a report of other weights",
-     predict_with_report(lambda r: r["weights"].update(sha256="0" * 64, epoch=13)),
-     "report.json: the report was computed from other weights (epoch 13) than "),
+    ("predict with a text threshold in the decision rule",
+     predict_with_rule(lambda r: r.update(threshold="high")),
+     "decision.json: 'threshold' must be a finite number or null (value: 'high')"),
+    ("predict with no threshold in the decision rule",
+     predict_with_rule(lambda r: r.pop("threshold")),
+     "decision.json: lacks key 'threshold' (null for a closed-set rule)"),
+    ("predict with a decision rule of other weights",
+     predict_with_rule(lambda r: r["record"]["weights"].update(sha256="0" * 64, epoch=13)),
+     "decision.json: the decision rule was fitted for other weights"),
     ("predict --threshold nan",
      lambda case: ["predict", str(case.run), str(next((case.fmnist / "images").rglob("*.png"))),
                    "--threshold", "nan"],

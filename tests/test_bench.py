@@ -172,7 +172,7 @@ def test_bench_reports_use_each_methods_own_decision_rule(bench_run):
     tau_norm = results["reports"]["tau_norm"][0]
     plain = results["reports"]["plain"][0]
     assert tau_norm["tau_normalization_source"].startswith("selected on val")
-    assert plain["tau_normalization"] == 0.0 and plain["tau_normalization_source"] is None
+    assert plain["tau_normalization"] == 0.0 and plain["tau_normalization_source"] == "given"
     assert "selected on val" in results["reports"]["oltr"][0]["logit_adjustment_source"]
 
 
@@ -222,7 +222,8 @@ def test_tau_norm_run_folder_evaluates_with_its_own_rule(bench_run, fmnist_small
     from oltr.predict import Predictor
 
     predictor = Predictor.from_run(out / "runs" / "tau_norm-seed0")
-    assert predictor.tau_normalization == results["reports"]["tau_norm"][0]["tau_normalization"]
+    assert predictor.rule.tau_normalization == (
+        results["reports"]["tau_norm"][0]["tau_normalization"])
     report = evaluate_run(out / "runs" / "tau_norm-seed0", fmnist_small, open_set=True)
     expected = results["reports"]["tau_norm"][0]
     assert report["tau_normalization_source"] == expected["tau_normalization_source"]

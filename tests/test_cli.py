@@ -107,9 +107,9 @@ def test_train_evaluate_predict_commands(fmnist_small, tiny, tmp_path, capsys) -
     report = json.loads((run / "report.json").read_text())
     assert report["open"]["threshold"] == pytest.approx(0.5)
     image = next((fmnist_small / "images").rglob("*.png"))
-    assert main(["predict", str(run), str(image), "--json"]) == 0
-    (row,) = json.loads(capsys.readouterr().out)
-    assert row["path"] == str(image)
+    assert main(["predict", str(run), str(image), "--format", "jsonl"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert json.loads(line)["path"] == str(image)
     # --resume of a finished run trains nothing more and succeeds.
     assert main(["train", "--method", "plain", "--data", str(fmnist_small), "--out", str(run),
                  "--no-progress", "--resume", *tiny, "train.epochs=1"]) == 0

@@ -70,7 +70,7 @@ def test_every_base_key_has_a_value_check() -> None:
     def keys(section: dict, prefix: str = "") -> list[str]:
         out = []
         for key, value in section.items():
-            if isinstance(value, dict):
+            if isinstance(value, dict) and value:  # an empty mapping is a key's value
                 out += keys(value, f"{prefix}{key}.")
             elif key != "stages":
                 out.append(prefix + key)

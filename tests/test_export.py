@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from oltr.decision import SplitOutputs, fit_decision_rule, weights_digest
+from oltr.decision import SplitOutputs, fit_decision_rule
+from oltr.run import weights_digest
 from oltr.detectors import LinearHead, create_detector, list_detectors, network_head
 from oltr.errors import InputError
 from oltr.export import (
@@ -323,7 +324,7 @@ def test_exported_file_runs_without_oltr(oltr_export, tmp_path):
 
 # --------------------------------------------------------------------------- the command
 def _run_dir(tmp_path: Path, net, rule=None) -> Path:
-    from oltr.engine import save_model
+    from oltr.train.checkpoint import save_model
 
     run = tmp_path / "run"
     stage = run / "stage1"
@@ -334,7 +335,7 @@ def _run_dir(tmp_path: Path, net, rule=None) -> Path:
                             "train_counts": COUNTS})
     if rule is not None:
         rule.record["weights"] = {"sha256": weights_digest(stage / "model.safetensors")}
-        rule.save(stage)
+        rule.save(run)
     return run
 
 
@@ -408,7 +409,7 @@ def test_export_command_refuses_foreign_onnx_links_and_stale_rules(tmp_path):
         _command(["export", str(run), "--onnx", str(tmp_path), "--force"])
     # a rule fitted for other weights
     rule.record["weights"] = {"sha256": "0" * 64}
-    rule.save(run / "stage1")
+    rule.save(run)
     with pytest.raises(InputError, match="fitted for other weights"):
         _command(["export", str(run), "--onnx", str(tmp_path / "new.onnx")])
     assert not (tmp_path / "new.onnx").exists()

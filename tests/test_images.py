@@ -199,4 +199,4 @@ def test_sources_datasets_and_predict_read_through_the_loader(tmp_path):
     predictor.mode = "L"
     predictor.transform = build_transform("none", train=False, image_size=4, channels=1,
                                           mean=[0.0], std=[1.0])
-    assert round(predictor._load(path)[0, 0, 0].item() * 255) == 128
+    assert round(predictor.preprocess(path)[0, 0, 0].item() * 255) == 128

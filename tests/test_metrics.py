@@ -332,42 +332,21 @@ def test_calibrate_threshold_picks_smallest_score_reaching_rate():
         calibrate_threshold([], 0.9)
 
 
-def test_adjust_logits_adds_tau_times_log_prior():
-    from oltr.evaluate import adjust_logits
+def test_logit_adjustment_adds_tau_times_log_prior():
+    """The decision rule's logit adjustment (oltr.decision; its selection on val: tests/
+    test_decision.py)."""
+    import torch
+
+    from oltr.decision import DecisionRule
 
     logits = np.array([[1.0, 1.0], [0.0, 2.0]], dtype=np.float32)
     counts = np.array([300, 100])  # prior 0.75 / 0.25
-    adjusted = adjust_logits(logits, counts, 0.5)
+    rule = DecisionRule(["a", "b"], torch.as_tensor(counts), logit_adjustment=0.5)
+    adjusted = rule.adjust(torch.from_numpy(logits)).numpy()
     expected = logits + 0.5 * np.log([0.75, 0.25])
     assert np.allclose(adjusted, expected)
     assert adjusted.argmax(1).tolist() == [0, 1]  # a tie goes to the head class
-    assert adjust_logits(logits, counts, 0.0) is logits
+    rule.logit_adjustment = 0.0
+    assert np.array_equal(rule.adjust(torch.from_numpy(logits)).numpy(), logits)
 
 
-def test_select_logit_adjustment_smallest_tau_keeping_head_accuracy():
-    from oltr.evaluate import select_logit_adjustment
-
-    counts = np.array([1000, 10])  # class 0 many-shot, class 1 few-shot
-    # Class-0 images: margins 1.0 and 3.0 over class 1; log prior gap ln(100) ≈ 4.6.
-    logits = np.array([[0.0, 1.0], [0.0, 3.0], [0.0, 5.0]])
-    labels = np.array([0, 0, 1])
-    kw = {"many_threshold": 100, "few_threshold": 20, "strict": True}
-    # τ = 1 gets both class-0 images right (many = 1.0); τ needs 3.0 / 4.6 ≈ 0.65 for the second,
-    # so the grid's first τ reaching many = 1.0 is 0.75.
-    assert select_logit_adjustment(logits, labels, counts, kw) == 0.75
-    # Without many-shot classes there is nothing to keep: τ = 0.
-    assert select_logit_adjustment(logits, labels, np.array([50, 10]), kw) == 0.0
-
-
-def test_select_logit_adjustment_takes_the_best_head_accuracy_not_that_of_tau_one():
-    from oltr.evaluate import select_logit_adjustment
-
-    counts = np.array([1000, 200, 10])  # classes 0 and 1 many-shot, class 2 few-shot
-    # Image of class 0: needs τ·ln(1000/10) > 1, i.e. τ > 0.217, to beat class 2.
-    # Image of class 1: beats class 0 while 0.5 > τ·ln(1000/200), i.e. τ < 0.311.
-    logits = np.array([[0.0, 0.0, 1.0], [0.0, 0.5, 0.0]])
-    labels = np.array([0, 1])
-    kw = {"many_threshold": 100, "few_threshold": 20, "strict": True}
-    # many-shot accuracy over τ = 0, 1/8, 1/4, 3/8, …, 1: 0.5, 0.5, 1.0, 0.5, …, 0.5 —
-    # τ = 1 reaches only 0.5 (so "keep τ = 1's accuracy" would give τ = 0); the best is τ = 1/4.
-    assert select_logit_adjustment(logits, labels, counts, kw) == 0.25

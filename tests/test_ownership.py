@@ -285,16 +285,21 @@ def test_a_run_being_trained_is_locked_against_train_and_evaluate(fmnist_small, 
 
 
 # ------------------------------------------------------------------ stale thresholds
-def test_predict_refuses_a_report_of_other_weights(fmnist_small, tmp_path, capsys) -> None:
+def test_predict_refuses_a_decision_rule_of_other_weights(fmnist_small, tmp_path,
+                                                         capsys) -> None:
+    """The decision rule (threshold, τ's, open score) saved when the run was trained belongs
+    to those weights: new weights make predict refuse it, and evaluate fits it anew."""
     run = tmp_path / "run"
     train_run(load_config("plain", overrides=TINY), fmnist_small, run, progress=False)
-    assert main(["evaluate", str(run), "--data", str(fmnist_small), "--open"]) == 0
-    report = json.loads((run / "report.json").read_text())
+    rule = json.loads((run / "decision.json").read_text())
     weights = run / "main" / "model.safetensors"
-    assert report["weights"] == {"stage": "main", "epoch": 1,
-                                 "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    assert rule["record"]["weights"] == {
+        "stage": "main", "epoch": 1, "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
     image = str(next((fmnist_small / "images").rglob("*.png")))
     assert main(["predict", str(run), image]) == 0
+    assert main(["evaluate", str(run), "--data", str(fmnist_small), "--open"]) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert report["weights"] == rule["record"]["weights"]
     capsys.readouterr()
 
     # training went on (as when evaluate ran during training): new weights of a later epoch
@@ -304,14 +309,16 @@ def test_predict_refuses_a_report_of_other_weights(fmnist_small, tmp_path, capsy
             tensor.add_(0.01)
     info = {k: v for k, v in info.items() if k != "weights_sha256"} | {"epoch": 13}
     save_model(run / "main", net, info)
-    assert hashlib.sha256(weights.read_bytes()).hexdigest() != report["weights"]["sha256"]
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() != rule["record"]["weights"]["sha256"]
     _refused(["predict", str(run), image], capsys,
-             "report.json: the report was computed from other weights (epoch 1) than "
-             f"{weights} now holds (epoch 13): its threshold does not apply; re-run "
-             "`oltr evaluate`")
-    _refused(["predict", str(run), image, "--threshold", "0.5"], capsys, "re-run `oltr evaluate`")
+             f"{run / 'decision.json'}: the decision rule was fitted for other weights "
+             "(the stage was trained again after it); re-run `oltr evaluate RUN --data DIR` to "
+             "fit it anew")
+    _refused(["predict", str(run), image, "--threshold", "0.5"], capsys, "re-run `oltr evaluate")
     assert main(["evaluate", str(run), "--data", str(fmnist_small), "--open"]) == 0
     assert json.loads((run / "report.json").read_text())["weights"]["epoch"] == 13
+    refit = json.loads((run / "decision.json").read_text())
+    assert refit["record"]["weights"]["epoch"] == 13
     assert main(["predict", str(run), image]) == 0
 
 

@@ -1,5 +1,5 @@
 """The trained artifact of a run: the final stage's weights, ``model.json`` and the decision rule
-fitted for them (`oltr.decision`).
+fitted for them (`oltr.decision`), saved in the run (``RUN/decision.json``).
 
 :func:`fit_decision` is what ``oltr train`` calls when a run's last stage is done: it runs the
 selected weights once over the splits the rule is chosen on (val, val_open where the benchmark
@@ -135,30 +135,37 @@ def rule_settings(eval_cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {key: eval_cfg.get(key) for key in RULE_SETTINGS}
 
 
-def saved_rule(stage_dir: Path, info: Mapping[str, Any],
-               eval_cfg: Mapping[str, Any] | None = None) -> DecisionRule | None:
-    """The rule saved beside the weights, or None when there is none (or, given
+def saved_rule(directory: Path, info: Mapping[str, Any],
+               eval_cfg: Mapping[str, Any] | None = None, *,
+               refuse_stale: bool = True) -> DecisionRule | None:
+    """The rule saved in ``directory`` (a run's, or an artifact folder's), or None when there
+    is none (or, given
     ``eval_cfg``, when it was fitted from other ``eval`` settings — a stage shared by several
-    methods in ``oltr bench``, or an edited config); InputError when it belongs to other
-    weights (a rule and a report are tied to the weights they were fitted for: re-fit with
-    ``oltr evaluate``)."""
-    if not (stage_dir / DECISION_JSON).exists():
+    methods in ``oltr bench``, or an edited config). A rule fitted for other weights (the
+    stage trained again after it) is an InputError (``refuse_stale``: prediction must not use
+    it) or None (evaluation fits it anew)."""
+    directory = Path(directory)
+    if not (directory / DECISION_JSON).exists():
         return None
-    rule = DecisionRule.load(stage_dir)
+    rule = DecisionRule.load(directory)
     if eval_cfg is not None and rule.record.get("eval") != rule_settings(eval_cfg):
         return None
     fitted_for = (rule.record.get("weights") or {}).get("sha256")
     if fitted_for != info["weights_sha256"]:
+        if not refuse_stale:
+            return None
         raise InputError("the decision rule was fitted for other weights (the stage was trained "
                          "again after it); re-run `oltr evaluate RUN --data DIR` to fit it anew",
-                         path=stage_dir / DECISION_JSON)
+                         path=directory / DECISION_JSON)
     return rule
 
 
 def fit_decision(run_dir: str | Path, data_dir: str | Path, *,
                  runtime: Runtime | None = None) -> DecisionRule:
-    """Fit the decision rule of a trained run's final stage on val and save it beside the
-    weights (rank 0 writes; every rank passes its shard of each split)."""
+    """Fit the decision rule of a trained run's final stage on val and save it in the run
+    (``RUN/decision.json``; rank 0 writes, every rank passes its shard of each split). The
+    rule belongs to the run, not to the stage folder: stages shared by several methods
+    (``oltr bench``) keep one set of weights but each run its own rule."""
     stage_cfg = run_stage_config(run_dir)
     runtime = runtime or init_runtime(stage_cfg["device"])
     stage_dir = final_stage_dir(run_dir)
@@ -174,11 +181,11 @@ def fit_decision(run_dir: str | Path, data_dir: str | Path, *,
     outputs = forward_splits(net, bench, stage_cfg, splits, runtime, keys=("logits", "features"))
     rule = fit_rule(net, info, eval_cfg, outputs)
     if runtime.is_primary:
-        rule.save(stage_dir)
+        rule.save(Path(run_dir))
         source = rule.record["open_score"]["source"]
         print(f"decision rule: τ-norm {rule.tau_normalization:g}, logit adjustment "
               f"{rule.logit_adjustment:g}, open score {rule.open_score} ({source}), threshold "
-              f"{rule.threshold:.4g}; saved to {stage_dir / DECISION_JSON}", flush=True)
+              f"{rule.threshold:.4g}; saved to {Path(run_dir) / DECISION_JSON}", flush=True)
     runtime.barrier()
     return rule
 

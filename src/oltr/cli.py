@@ -131,10 +131,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     results = train_run(config, args.data, args.out, resume=args.resume,
                         progress=not args.no_progress, stages=args.stage,
                         tensorboard=args.tensorboard)
-    from oltr.train.runtime import launched_by_torchrun
+    from oltr.train.runtime import init_runtime, launched_by_torchrun, shutdown_runtime
 
-    if launched_by_torchrun() and int(os.environ.get("RANK", "0")) != 0:
-        return 0  # rank 0 reports (and evaluates)
+    if launched_by_torchrun():
+        shutdown_runtime(init_runtime(config["device"]))
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0  # rank 0 reports (and evaluates)
     for result in results:
         print(f"stage {result.stage_dir.name}: best val accuracy {result.best_val_accuracy:.4f} "
               f"at epoch {result.best_epoch} ({result.seconds:.0f} s)")
@@ -483,6 +485,11 @@ def build_parser() -> argparse.ArgumentParser:
     from oltr.analysis import add_analysis_command
 
     add_analysis_command(sub)
+    from oltr.evaluation.page import add_report_command
+    from oltr.export import add_export_command
+
+    add_report_command(sub)
+    add_export_command(sub)
     for command in sub.choices.values():  # every command's help: real defaults only
         if issubclass(command.formatter_class, argparse.ArgumentDefaultsHelpFormatter):
             command.formatter_class = DefaultsHelpFormatter

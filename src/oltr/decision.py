@@ -35,7 +35,6 @@ weights it was fitted for; evaluation, ``oltr predict`` and ONNX export all appl
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -117,15 +116,6 @@ def best_f_threshold(known_logits: torch.Tensor, known_labels: np.ndarray,
         if value > best_f + 1e-12:
             best_t, best_f = float(t), value
     return best_t, best_f
-
-
-def weights_digest(path: str | Path) -> str:
-    """sha256 of a weights file: what a decision rule (or a report) was computed for."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -250,7 +240,9 @@ class DecisionRule:
             if not isinstance(document.get(key), kind) or isinstance(document.get(key), bool):
                 raise InputError(f"key '{key}' is missing or of the wrong type", path=path,
                                  value=document.get(key))
-        threshold = document.get("threshold")
+        if "threshold" not in document:
+            raise InputError("lacks key 'threshold' (null for a closed-set rule)", path=path)
+        threshold = document["threshold"]
         if threshold is not None and (isinstance(threshold, bool)
                                       or not isinstance(threshold, (int, float))
                                       or not math.isfinite(threshold)):

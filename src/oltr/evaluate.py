@@ -190,6 +190,7 @@ def collect_run_outputs(
     overrides: dict[str, Any] | None = None,
     open_set: bool = True,
     runtime: Runtime | None = None,
+    save_rule: bool = False,
 ) -> RunOutputs:
     """Run a trained model once over ``splits`` of ``data_dir`` (and each external open set of
     ``open_sets``, stored under ``"open:<name>"``), and apply the run's decision rule.
@@ -200,7 +201,9 @@ def collect_run_outputs(
     settings — never on test. A benchmark without an open split is evaluated without it when
     ``open_sets`` are given: they are then the only open images. ``odin_perturbation``
     (temperature, ε) adds ``odin_logits`` / ``odin_features``: the outputs of ODIN's perturbed
-    inputs (:func:`oltr.detectors.odin_perturb`), for every split but train.
+    inputs (:func:`oltr.detectors.odin_perturb`), for every split but train. ``save_rule``:
+    a rule fitted here without overrides (the run had none, or one of other weights) is saved
+    in the run (``RUN/decision.json``).
     """
     stage_dir = final_stage_dir(run_dir)
     stage_cfg = run_stage_config(run_dir)
@@ -211,7 +214,7 @@ def collect_run_outputs(
     bench = load_benchmark(data_dir, image_root=stage_cfg["data"]["image_root"],
                            allow_outside_root=stage_cfg["data"]["allow_outside_root"])
     check_benchmark_fits(bench, info, data_dir)
-    rule = None if given else saved_rule(stage_dir, info, eval_cfg)
+    rule = None if given else saved_rule(Path(run_dir), info, eval_cfg, refuse_stale=False)
     rule_source = "saved with the weights" if rule is not None else "fitted on val for this report"
     wanted = list(dict.fromkeys(splits))
     if rule is None:
@@ -220,7 +223,7 @@ def collect_run_outputs(
     if open_sets and "open" in wanted and not bench.has_split("open"):
         wanted.remove("open")  # curated without open classes: the external sets are the open ones
     wanted = [split for split in dict.fromkeys(wanted)
-              if split not in ("open", "val_open") or bench.has_split(split)]
+              if split != "val_open" or bench.has_split(split)]
     if skip_bad_images is None:
         skip_bad_images = stage_cfg["data"]["skip_bad_images"]
     skipped = {split: 0 for split in wanted}
@@ -249,10 +252,8 @@ def collect_run_outputs(
                                          keys=keys, description=split)
     if rule is None:
         rule = fit_rule(net, info, eval_cfg, outputs, open_set=open_set)
-        own_stage = stage_dir.parent == Path(run_dir) and not stage_dir.is_symlink()
-        if not given and open_set and own_stage and marker_kind(Path(run_dir)) == "run" \
-                and runtime.is_primary and lock_holder(Path(run_dir)) is None:
-            rule.save(stage_dir)  # a run trained before rules were saved: predict can use it now
+        if save_rule and not given and open_set and runtime.is_primary:
+            rule.save(Path(run_dir))  # a run without one (or a stale one): predict can use it
             rule_source = "fitted on val and saved with the weights"
     classifier, head = classifier_of(net), network_head(net)
     if odin_perturbation is not None:  # ODIN's input pre-processing: one backward pass each
@@ -427,11 +428,16 @@ def evaluate_run(
     overrides = {"open_score": open_score, "threshold": threshold, "accept_rate": accept_rate,
                  "logit_adjustment": logit_adjustment, "tau_normalization": tau_normalization,
                  "select": select}
+    # the rule is saved into the run only by an evaluation that holds its lock, or of a run
+    # that nobody trains
+    save_rule = marker_kind(Path(run_dir)) == "run" and (
+        writes_into_run or lock_holder(Path(run_dir)) is None)
     with guard:
         return _evaluate(run_dir, data_dir, stage_cfg, started, open_set=open_set,
                          overrides=overrides, device=device, output=output,
                          skip_bad_images=skip_bad_images, detectors=detectors,
-                         detector_options=detector_options, open_sets=open_sets)
+                         detector_options=detector_options, open_sets=open_sets,
+                         save_rule=save_rule)
 
 
 def _evaluate(
@@ -448,6 +454,7 @@ def _evaluate(
     detectors: list[str] | None,
     detector_options: dict[str, dict[str, Any]] | None,
     open_sets: dict[str, str | Path] | None,
+    save_rule: bool = False,
 ) -> dict[str, Any]:
     """The body of :func:`evaluate_run`, its output checked and its run locked."""
     eval_settings(stage_cfg, {k: v for k, v in overrides.items() if v is not None})
@@ -469,7 +476,7 @@ def _evaluate(
     outputs = collect_run_outputs(
         run_dir, data_dir, splits, open_sets=open_sets, device=device,
         skip_bad_images=skip_bad_images, odin_perturbation=odin_perturbation,
-        overrides=overrides, open_set=open_set)
+        overrides=overrides, open_set=open_set, save_rule=save_rule)
     info, group_kw, train_counts = outputs.info, outputs.group_kw, outputs.train_counts
     rule, eval_cfg = outputs.rule, outputs.stage_cfg["eval"]
     assert rule is not None

@@ -63,10 +63,11 @@ import torch
 from torch import nn
 
 from oltr import __version__
-from oltr.decision import DECISION_JSON, DecisionRule, weights_digest
+from oltr.decision import DECISION_JSON, DecisionRule
 from oltr.detectors import MSP, network_head
 from oltr.detectors.base import Detector
 from oltr.errors import InputError, OltrError
+from oltr.run import weights_digest
 from oltr.io import atomic_write
 
 #: The exporter's own opset in torch 2.14 (``torch.onnx`` dynamo exporter, onnxscript's
@@ -329,7 +330,8 @@ def _load_source(source: str | Path | nn.Module, data: Mapping[str, Any] | None
                  ) -> tuple[nn.Module, dict[str, Any], list[str] | None, str | None]:
     if isinstance(source, nn.Module):
         return source, _data_settings(data), None, None
-    from oltr.engine import WEIGHTS, load_model
+    from oltr.inference import load_model
+    from oltr.run import WEIGHTS
 
     stage_dir = Path(source)
     net, info = load_model(stage_dir)
@@ -363,7 +365,7 @@ def export_onnx(
 
     Args:
         source: a trained stage directory (``model.safetensors`` + ``model.json``, read with
-            :func:`oltr.engine.load_model`) or an :class:`~oltr.models.network.OLTRNetwork`.
+            :func:`oltr.inference.load_model`) or an :class:`~oltr.models.network.OLTRNetwork`.
         rule: the decision rule (:meth:`DecisionRule.load`); None: :func:`closed_set_rule`.
         path: the ONNX file to write (atomically; parent folders are created).
         data: the data settings (``image_size``, ``channels``, ``mean``, ``std``,
@@ -519,14 +521,14 @@ def compare_outputs(got: Mapping[str, np.ndarray], expected: Mapping[str, np.nda
 # --------------------------------------------------------------------------- command line
 def cmd_export(args: argparse.Namespace) -> int:
     """``oltr export RUN --onnx FILE``: the run's final stage and its decision rule."""
-    from oltr.engine import final_stage_dir
+    from oltr.run import final_stage_dir
 
     stage_dir = final_stage_dir(args.run)
     rule = None
-    if (stage_dir / DECISION_JSON).exists():
-        rule = DecisionRule.load(stage_dir)
+    if (Path(args.run) / DECISION_JSON).exists():
+        rule = DecisionRule.load(Path(args.run))
     else:
-        print(f"note: {stage_dir / DECISION_JSON} not found: exporting a closed-set rule (the "
+        print(f"note: {Path(args.run) / DECISION_JSON} not found: exporting a closed-set rule (the "
               "model's logits, msp open score, no threshold: never 'unknown')")
     result = export_onnx(stage_dir, rule, args.onnx, opset=args.opset, batch=args.batch,
                          force=args.force)

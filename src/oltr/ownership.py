@@ -45,7 +45,7 @@ from oltr.io import TEMPORARY_NAME, atomic_write_bytes
 
 MARKER = ".oltr"
 LOCK = ".oltr-lock"
-KINDS = ("curate", "run", "stage", "bench")
+KINDS = ("curate", "run", "stage", "bench", "report")
 MANIFEST = "manifest.json"
 _MARKER_MAX_BYTES = 4096
 

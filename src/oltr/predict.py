@@ -93,30 +93,35 @@ class Predictor:
                                          mean=data["mean"], std=data["std"])
 
     @classmethod
-    def from_artifact(cls, stage_dir: str | Path, *, device: str = "auto",
-                      threshold: float | None = None, amp: str = "off") -> Predictor:
-        """The predictor of a trained stage folder (``model.safetensors``, ``model.json``,
-        ``decision.json``); InputError naming the file when the rule is missing or belongs to
-        other weights."""
-        stage_dir = Path(stage_dir)
+    def from_artifact(cls, directory: str | Path, *, device: str = "auto",
+                      threshold: float | None = None, amp: str = "off",
+                      weights_dir: str | Path | None = None) -> Predictor:
+        """The predictor of a folder holding ``model.safetensors``, ``model.json`` and the
+        decision rule (``decision.json`` + ``decision.safetensors``); ``weights_dir``: where
+        the weights are when the rule lies elsewhere (a run: the rule in ``RUN/``, the
+        weights in its final stage). InputError naming the file when the rule is missing or
+        belongs to other weights."""
+        directory = Path(directory)
         torch_device = select_device(device)
-        net, info = load_model(stage_dir, torch_device)
-        rule = saved_rule(stage_dir, info)
+        net, info = load_model(Path(weights_dir) if weights_dir is not None else directory,
+                               torch_device)
+        rule = saved_rule(directory, info)
         if rule is None:
-            raise InputError("the run has no decision rule (trained by an older oltr, or "
-                             "stopped before its end): run `oltr evaluate RUN --data DIR` once "
-                             "to fit it on val", path=stage_dir / DECISION_JSON)
+            raise InputError("no decision rule (trained by an older oltr, or stopped before "
+                             "its end): run `oltr evaluate RUN --data DIR` once to fit it on val",
+                             path=directory / DECISION_JSON)
         return cls(net, info, rule, device=torch_device, threshold=threshold, amp=amp)
 
     @classmethod
     def from_run(cls, run_dir: str | Path, *, device: str = "auto",
                  threshold: float | None = None) -> Predictor:
-        """The predictor of a run's final stage (see :meth:`from_artifact`)."""
+        """The predictor of a trained run: its final stage's weights and the run's decision
+        rule (see :meth:`from_artifact`)."""
         from oltr.artifact import run_stage_config
 
         amp = run_stage_config(run_dir)["eval"]["amp"]
-        return cls.from_artifact(final_stage_dir(run_dir), device=device, threshold=threshold,
-                                 amp=amp)
+        return cls.from_artifact(run_dir, device=device, threshold=threshold, amp=amp,
+                                 weights_dir=final_stage_dir(run_dir))
 
     # ------------------------------------------------------------------ preprocessing
     def preprocess(self, image: ImageInput) -> torch.Tensor:

@@ -12,8 +12,9 @@
                             (model.json: architecture, class names, train counts, data settings —
                             the model's metadata, as timm's pretrained_cfg / torchvision's Weights)
     RUN/<stage>/history.jsonl   one line per epoch
-    RUN/<final stage>/decision.json + decision.safetensors   the decision rule fitted on val for
-                            these weights (oltr.decision): τ's, open score and its state, threshold
+    RUN/decision.json + decision.safetensors   the decision rule fitted on val for the final
+                            stage's weights (oltr.decision): τ's, open score and its state,
+                            threshold; in the run, since a stage folder may be shared by runs
     RUN/report.json         the last evaluation (oltr.evaluate)
 
 Every write is atomic (temporary file, fsync, rename: ``kill -9`` leaves the old or the new

@@ -55,8 +55,11 @@ def sample_seeds(seed: int, epoch: int, positions: Sequence[int] | np.ndarray) -
 def normalize_uint8(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]
                     ) -> torch.Tensor:
     """uint8 (B, C, H, W) → float32 ``(x / 255 − mean) / std`` per channel, exactly as
-    torchvision's ``ToTensor`` + ``Normalize`` compute it."""
-    floats = images.to(torch.float32).div_(255.0)
+    torchvision's ``ToTensor`` + ``Normalize`` compute it, in the standard (NCHW) strides: a
+    one-channel batch whose strides merely look channels-last would send convolutions down
+    oneDNN's channels-last path (which crashes for narrow networks on AVX2 CPUs)."""
+    floats = torch.empty(images.shape, dtype=torch.float32, device=images.device)
+    floats.copy_(images).div_(255.0)
     mean_t = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
     std_t = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
     return floats.sub_(mean_t).div_(std_t)

@@ -133,7 +133,10 @@ def check_stage(cfg: dict[str, Any], bench: Benchmark) -> None:
     weights read), losses (e.g. ``train.centroid_loss`` needs ``model.meta_embedding``), steps
     per epoch and pretrained weights file. InputError naming the key and value."""
     train_cfg, data_cfg = cfg["train"], cfg["data"]
-    select_device(cfg["device"])
+    device = select_device(cfg["device"])
+    if train_cfg["sync_batchnorm"] and device.type != "cuda":
+        raise InputError("train.sync_batchnorm needs CUDA devices (torch's SyncBatchNorm does "
+                         "not run on the CPU)", value=str(device))
     for train in (True, False):
         build_transform(data_cfg["transform"], train=train, image_size=data_cfg["image_size"],
                         channels=data_cfg["channels"], mean=data_cfg["mean"],
@@ -151,10 +154,7 @@ def check_stage(cfg: dict[str, Any], bench: Benchmark) -> None:
     except (NotImplementedError, RuntimeError):  # a module that needs real values to build
         net = create_network(model_cfg, bench.num_classes, data_cfg["channels"],
                              class_counts=counts)
-    try:
-        check_stage_losses(train_cfg, net)
-    except InputError as exc:
-        raise InputError(f"stage '{cfg['stage']}': {exc}") from None
+    check_stage_losses(train_cfg, net, cfg["stage"])
     steps_per_epoch(train_cfg, len(bench.split("train")))
 
 

@@ -33,8 +33,9 @@ from oltr.models import OLTRNetwork
 from oltr.models.margin import MarginClassifier
 
 
-def check_stage_losses(train_cfg: dict[str, Any], net: nn.Module | None = None) -> None:
-    """The loss settings that exclude each other (InputError naming them)."""
+def check_stage_losses(train_cfg: dict[str, Any], net: nn.Module | None = None,
+                       stage: str | None = None) -> None:
+    """The loss settings that exclude each other (InputError naming them and ``stage``)."""
     name = train_cfg["loss"]
     if train_cfg["label_smoothing"] and name != "ce":
         raise InputError("train.label_smoothing applies to train.loss: ce only", value=name)
@@ -47,8 +48,9 @@ def check_stage_losses(train_cfg: dict[str, Any], net: nn.Module | None = None) 
                          "train.loss: ce", value=name)
     if net is not None and train_cfg["centroid_loss"] != "none" \
             and getattr(net, "meta_embedding", None) is None:
-        raise InputError("train.centroid_loss needs model.meta_embedding: true (the centroids "
-                         "live there)", value=train_cfg["centroid_loss"])
+        where = f" in stage '{stage}'" if stage else ""
+        raise InputError(f"train.centroid_loss needs model.meta_embedding: true{where} (the "
+                         "centroids live there)", value=train_cfg["centroid_loss"])
 
 
 class Objective(nn.Module):
