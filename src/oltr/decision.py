@@ -444,14 +444,14 @@ def _fit_open_score(rule: DecisionRule, eval_cfg: Mapping[str, Any], context: _F
     fitted: dict[str, Detector] = {}
     labels = context.outputs["val"].labels.numpy()
     for candidate in candidates:
-        try:
-            detector = context.fitted(candidate, {}, rule)
-        except InputError as exc:  # e.g. ViM on a head that is not linear
+        try:  # a candidate that does not apply (ViM on a head that is not linear, ASH on
+            detector = context.fitted(candidate, {}, rule)  # negative features) is skipped
+            rule.detector, rule.open_score = detector, candidate
+            known, opened = context.scores(rule, "val"), context.scores(rule, "val_open")
+        except InputError as exc:
             results[candidate] = float("nan")
             rule.record.setdefault("open_score_skipped", {})[candidate] = str(exc)
             continue
-        rule.detector, rule.open_score = detector, candidate
-        known, opened = context.scores(rule, "val"), context.scores(rule, "val_open")
         if select == "f_measure":
             logits = rule.adjust(context.model_logits(rule, "val"))
             results[candidate] = best_f_threshold(logits, labels, known, opened)[1]
