@@ -157,7 +157,7 @@ def test_state_round_trip_through_safetensors(case, tmp_path):
 def test_reachability_with_given_centroids_round_trips(tmp_path):
     centroids = np.array([[5.0, 0, 0, 0, 0, 0, 0, 0], [0, 5.0, 0, 0, 0, 0, 0, 0]])
     given = Reachability(centroids=centroids)
-    assert given.config() == {}
+    assert given.config() == {"normalize": False, "prototypes": 1}  # the published form
     save_file(given.state_dict(), tmp_path / "r.safetensors")
     restored = restore_detector("reachability", {}, load_file(tmp_path / "r.safetensors"))
     assert np.array_equal(restored.score(features=TEST), given.score(features=TEST))
@@ -483,3 +483,36 @@ def test_feature_shaping_detectors_run_through_an_oltr_head():
         assert np.isfinite(detector.score(features=test, head=head)).all()
     with pytest.raises(InputError, match="needs a linear head"):
         ViM().fit(features=train, head=head)
+
+
+def test_reachability_on_unit_vectors_and_with_several_prototypes_per_class():
+    """normalize: ‖v/‖v‖ − c/‖c‖‖ (hand-computed); prototypes: k-means centres per class, so a
+    class made of two clusters has a memory entry at each."""
+    centroids = np.array([[3.0, 0.0], [0.0, 2.0]])
+    plain = Reachability(centroids=centroids)
+    unit = Reachability(centroids=centroids, normalize=True)
+    features = np.array([[10.0, 0.0], [1.0, 1.0]])
+    assert plain.score(features=features).tolist() == pytest.approx([7.0, math.sqrt(2.0)])
+    # (1, 0) vs (1, 0): 0; (1, 1)/√2 vs (1, 0) or (0, 1): √(2 − √2)
+    assert unit.score(features=features).tolist() == pytest.approx(
+        [0.0, math.sqrt(2 - math.sqrt(2))])
+    labels = np.array([0] * 4 + [1] * 2)
+    train = np.array([[0.0, 0.0], [0.2, 0.0], [10.0, 0.0], [10.2, 0.0], [5.0, 5.0], [5.0, 5.2]])
+    two = Reachability(prototypes=2).fit(features=train, labels=labels)
+    assert sorted(map(tuple, two.state_dict()["centroids"].round(decimals=3).tolist())) == [
+        (0.1, 0.0), (5.0, 5.0), (5.0, 5.2), (10.1, 0.0)]
+    assert two.score(features=np.array([[0.1, 0.0]]))[0] == pytest.approx(0.0, abs=1e-6)
+    one = Reachability().fit(features=train, labels=labels)  # the class mean (5.1, 0) instead
+    assert one.score(features=np.array([[0.1, 0.0]]))[0] == pytest.approx(5.0, abs=1e-6)
+    with pytest.raises(InputError, match="takes no given centroids"):
+        Reachability(centroids=centroids, prototypes=2)
+
+
+def test_knn_without_normalisation_is_the_kth_nearest_euclidean_distance():
+    from oltr.detectors import KNN
+
+    train = np.array([[0.0, 0.0], [3.0, 0.0], [0.0, 10.0]])
+    knn = KNN(k=2, normalize=False).fit(features=train)
+    # from (0, 4): distances 4, 5, 6 → the 2nd nearest is 5
+    assert knn.score(features=np.array([[0.0, 4.0]]))[0] == pytest.approx(5.0)
+    assert knn.config() == {"k": 2, "normalize": False}

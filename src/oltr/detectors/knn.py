@@ -21,25 +21,29 @@ class KNN(Detector):
     ``fit(features=...)`` stores the normalised training features (labels are not used).
     Computed blockwise as ``sqrt(2 − 2·cos)`` from the k-th largest cosine, in the inputs'
     precision (float32 gives about 1e-3 absolute error on near-zero distances).
+    ``normalize=False``: the plain Euclidean distance of v to its k-th nearest training
+    feature — OLTR's reachability (Eq. 3) against the whole training set instead of the class
+    centroids (an ablation row of benchmarks/README.md).
     """
 
     name: ClassVar[str] = "knn"
     inputs: ClassVar[tuple[str, ...]] = ("features",)
     fit_inputs = ("features",)
-    options: ClassVar[tuple[str, ...]] = ("k",)
+    options: ClassVar[tuple[str, ...]] = ("k", "normalize")
     state_names: ClassVar[tuple[str, ...]] = ("train_features",)
 
-    def __init__(self, k: int = 1) -> None:
+    def __init__(self, k: int = 1, normalize: bool = True) -> None:
         if int(k) != k or k < 1:
             raise InputError("KNN k must be an integer >= 1", value=k)
         self.k = int(k)
+        self.normalize = bool(normalize)
 
     def _fit(self, features: ArrayLike) -> None:
         vectors = _as_float_tensor("features", features)
         if vectors.shape[0] < self.k:
             raise InputError(f"KNN with k={self.k} needs at least {self.k} training features",
                              value=vectors.shape[0])
-        self.train_features = F.normalize(vectors, dim=1)
+        self.train_features = F.normalize(vectors, dim=1) if self.normalize else vectors
 
     def _state(self) -> dict[str, torch.Tensor]:
         return {"train_features": self.train_features}
@@ -62,7 +66,10 @@ class KNN(Detector):
 
     def _formula(self, features: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(features.dtype, self.train_features.dtype)
+        train = self.train_features.to(device=features.device, dtype=dtype)
+        if not self.normalize:
+            distances = torch.cdist(features.to(dtype), train)
+            return distances.topk(self.k, dim=1, largest=False).values[:, -1].double()
         queries = F.normalize(features.to(dtype), dim=1)
-        train = self.train_features.to(device=queries.device, dtype=dtype)
         kth_cosine = (queries @ train.t()).topk(self.k, dim=1).values[:, -1]
         return (2.0 - 2.0 * kth_cosine.double()).clamp_min(0).sqrt()
