@@ -1,0 +1,98 @@
+"""`oltr predict` / `Predictor` on a run trained without any test split (issue 12): a folder of
+PNG and JPEG files, grayscale and RGB, odd sizes, an open-class image and a text file named
+.png; labels or "unknown", the bad file reported by name, three output formats."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from oltr.cli import main
+from oltr.config import load_config
+from oltr.predict import Predictor
+from oltr.train import train_run
+
+
+@pytest.fixture(scope="module")
+def trained(fmnist_small, tmp_path_factory) -> tuple[Path, Path]:
+    """A plain model trained on train + val only (no test, no open split) and a folder of new
+    images."""
+    root = tmp_path_factory.mktemp("predict")
+    data = root / "no-test"
+    data.mkdir()
+    for name in ("train.txt", "val.txt", "classes.txt"):
+        shutil.copy(fmnist_small / name, data / name)
+    overrides = ["model.width=8", "train.batch_size=32", "train.max_steps_per_epoch=3",
+                 "eval.batch_size=256", "train.epochs=1", "eval.open_score=energy",
+                 f"data.image_root={fmnist_small / 'images'}"]
+    run = root / "run"
+    train_run(load_config("plain", overrides=overrides), data, run, progress=False)
+    assert (run / "decision.json").is_file()  # the rule needs no test split
+    images = root / "new"
+    (images / "sub").mkdir(parents=True)
+    known = [fmnist_small / "images" / line.split()[0]
+             for line in (fmnist_small / "test.txt").read_text().splitlines()[:3]]
+    opened = fmnist_small / "images" / (fmnist_small / "open.txt").read_text().split()[0]
+    shutil.copy(known[0], images / "a.png")  # grayscale PNG
+    Image.open(known[1]).convert("RGB").save(images / "sub" / "b.jpg", quality=95)  # RGB JPEG
+    Image.open(known[2]).resize((37, 23)).save(images / "odd.png")  # an odd size
+    shutil.copy(opened, images / "open.png")  # an image of a class never seen
+    (images / "notes.png").write_text("not an image")  # a text file named .png
+    return run, images
+
+
+def test_predictor_answers_every_readable_image_and_names_the_bad_one(trained):
+    run, images = trained
+    predictor = Predictor.from_run(run, device="cpu")
+    rows = predictor.predict_paths(sorted(images.rglob("*.*")), top_k=2)
+    by_name = {Path(row["path"]).name: row for row in rows}
+    assert set(by_name) == {"a.png", "b.jpg", "odd.png", "open.png", "notes.png"}
+    assert "notes.png" in by_name["notes.png"]["error"] and "cannot read image" in \
+        by_name["notes.png"]["error"]
+    names = set(predictor.info["class_names"]) | {"unknown"}
+    for name in ("a.png", "b.jpg", "odd.png", "open.png"):
+        row = by_name[name]
+        assert row["error"] is None and row["label_name"] in names
+        assert (row["label_name"] == "unknown") == (row["open_score"] > row["threshold"])
+        assert 0.0 <= row["confidence"] <= 1.0 and len(row["top_k"]) == 2
+    # the threshold decides "unknown": between two images' scores, the higher one is unknown
+    low, high = sorted((by_name[n] for n in ("a.png", "open.png")), key=lambda r: r["open_score"])
+    if high["open_score"] > low["open_score"]:
+        middle = (low["open_score"] + high["open_score"]) / 2
+        again = Predictor.from_run(run, device="cpu", threshold=middle).predict_paths(
+            [low["path"], high["path"]])
+        assert again[0]["label_name"] != "unknown" and again[1]["label_name"] == "unknown"
+    # PIL images and tensors, converted as training did
+    image = Image.open(images / "a.png")
+    as_pil, as_tensor = predictor.predict([image, torch.from_numpy(np.array(image))])
+    assert as_pil.open_score == pytest.approx(by_name["a.png"]["open_score"], rel=1e-6)
+    assert as_tensor.open_score == pytest.approx(as_pil.open_score, rel=1e-6)
+
+
+@pytest.mark.parametrize("form", ["table", "jsonl", "csv"])
+def test_predict_command_formats_and_exit_status(trained, capsys, form):
+    run, images = trained
+    code = main(["predict", str(run), str(images), "--format", form, "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 1  # a file could not be read; the others were answered
+    assert captured.err.strip().splitlines() == [
+        f"oltr predict: skipped: {images / 'notes.png'}: cannot read image "
+        + captured.err.split("cannot read image ", 1)[1].strip()]
+    if form == "jsonl":
+        rows = [json.loads(line) for line in captured.out.splitlines()]
+    elif form == "csv":
+        rows = list(csv.DictReader(io.StringIO(captured.out)))
+    else:
+        lines = captured.out.splitlines()
+        assert lines[0].split()[:3] == ["image", "answer", "confidence"]
+        rows = [{"path": line.split()[0]} for line in lines[1:]]
+    answered = {Path(row["path"]).name for row in rows if not row.get("error")}
+    assert answered == {"a.png", "b.jpg", "odd.png", "open.png"}
+    assert main(["predict", str(run), str(images / "a.png"), "--format", form]) == 0
