@@ -189,3 +189,19 @@ def test_stages_one_at_a_time_and_centroids_start_as_class_means(fmnist_small, t
     # auto reachability scale: the median |v_meta| over the train set is 1 at the start.
     meta = net.meta_embedding(torch.from_numpy(outputs["features"]))["meta"]
     assert float(meta.norm(dim=1).median()) == pytest.approx(1.0, rel=1e-3)
+
+
+def test_tensorboard_logs_losses_and_val_accuracies_per_shot_group(fmnist_small, tiny, tmp_path,
+                                                                   one_thread):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = load_config("plain", overrides=[*tiny, "train.epochs=2"])
+    train_run(config, fmnist_small, tmp_path / "run", progress=False,
+              tensorboard=tmp_path / "tb")
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"main/step/loss", "main/step/lr", "main/epoch/val_accuracy", "main/epoch/val_many",
+            "main/epoch/val_few", "main/epoch/train_loss"} <= tags
+    assert [event.step for event in events.Scalars("main/epoch/val_accuracy")] == [3, 6]
