@@ -303,3 +303,28 @@ def test_bench_command_bad_input_exits_2(fmnist_small, tmp_path, capsys, args, m
     assert code == 2
     assert message in err and "Traceback" not in err
     assert not (out / "stages").exists()
+
+
+def test_bench_over_several_curations_pairs_each_with_its_seed_and_runs_variants(
+        fmnist_small, tmp_path, one_thread):
+    """The reporting protocol: benchmark i with training seed i; a variant (name, preset,
+    overrides) is a method of its own; stages never mix benchmarks in the cache."""
+    from oltr.data import curate
+
+    other = tmp_path / "second"
+    curate("fashion-mnist", other, seed=1, known=4, open=1, profile="exp", max_count=200,
+           min_count=5, val_per_class=5, test_per_class=30)
+    out = tmp_path / "out"
+    results = run_bench([fmnist_small, other], out,
+                        methods=["plain", ("plain, lr 0.05", "plain", ["train.lr=0.05"])],
+                        detectors=["msp"], seeds=[3, 4], epochs=1, quick=True)
+    assert results["seeds"] == [3, 4] and len(results["data"]) == 2
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert runs == sorted([f"plain-{fmnist_small.name}-seed3", f"plain-second-seed4",
+                           f"plain__lr_0.05-{fmnist_small.name}-seed3",
+                           "plain__lr_0.05-second-seed4"])
+    assert len(list((out / "stages").iterdir())) == 4  # 2 configs × 2 benchmarks
+    assert [len(runs) for runs in results["reports"].values()] == [2, 2]
+    assert results["reports"]["plain, lr 0.05"][0]["method"] == "plain, lr 0.05"
+    with pytest.raises(InputError, match="one training seed per benchmark"):
+        run_bench([fmnist_small, other], tmp_path / "x", methods=["plain"], seeds=[1])

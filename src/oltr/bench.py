@@ -1,4 +1,11 @@
-"""``oltr bench``: methods × open-set detectors × seeds on one benchmark, as tables.
+"""``oltr bench``: methods × open-set detectors × seeds on one or several benchmarks, as tables.
+
+With several benchmarks (``--data`` repeated: the reporting protocol's fresh curations, one per
+curation seed) each run pairs benchmark *i* with training seed *i*, and the tables give the
+mean ± std over those runs. A method is a preset name, or — from Python — a variant
+``(name, preset, overrides)`` (an ablation: ``("oltr w/o memory", "oltr",
+["stage2.model.use_memory=false"])``), which shares every stage it has in common with the
+others through the cache.
 
 Every method is a preset over the one engine (``configs/<benchmark>/<method>.yaml``). Stages are
 trained into a content-addressed cache, ``OUT/stages/<stage>-<hash>``, the hash covering the
@@ -90,23 +97,35 @@ def scale_epochs(config: dict[str, Any], total: int) -> dict[str, Any]:
     return config
 
 
-def stage_key(cfg: dict[str, Any], previous_key: str | None) -> str:
+def stage_key(cfg: dict[str, Any], previous_key: str | None, data: str | None = None) -> str:
     """Hash of what a stage's training depends on: its resolved config less the method's name
     and the evaluation settings (plain, τ-norm and post-hoc logit adjustment share one
-    training), and the key of the stage it starts from."""
+    training), the key of the stage it starts from, and the benchmark (``data``: the digest of
+    its manifest, :func:`data_key`)."""
     body = {k: v for k, v in cfg.items() if k not in ("method", "eval")}
-    text = json.dumps({"config": body, "from": previous_key}, sort_keys=True, default=str)
+    text = json.dumps({"config": body, "from": previous_key, **({"data": data} if data else {})},
+                      sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def data_key(data_dir: Path) -> str:
+    """A benchmark's identity for the stage cache: the sha256 of its manifest (which holds the
+    sha256 of every split file), or of its split files when it has none."""
+    manifest = data_dir / "manifest.json"
+    files = [manifest] if manifest.is_file() else sorted(data_dir.glob("*.txt"))
+    return hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()[:16]
+
+
 def train_cached(
-    config: dict[str, Any], data_dir: Path, out: Path, run_dir: Path, *, progress: bool = False
+    config: dict[str, Any], data_dir: Path, out: Path, run_dir: Path, *, progress: bool = False,
+    data_digest: bool = False,
 ) -> dict[str, float]:
     """Train (or reuse) every stage of ``config`` in the cache under ``out/stages`` and link
     them into ``run_dir``; returns the training seconds per stage (0 for a reused one)."""
     claim_directory(run_dir, "run", what="bench run directory", reuse=True, protect=(data_dir,))
     previous: Path | None = None
     previous_key: str | None = None
+    data = data_key(data_dir) if data_digest else None
     seconds: dict[str, float] = {}
     names = [stage["name"] for stage in config["stages"]]
     for name in names:
@@ -116,7 +135,7 @@ def train_cached(
             raise InputError("oltr bench trains each method's stages in order: "
                              "train.init_from must be previous or none", value=init)
         start = previous if init == "previous" else None
-        key = stage_key(cfg, previous_key if start is not None else None)
+        key = stage_key(cfg, previous_key if start is not None else None, data)
         stage_dir = out / "stages" / f"{name}-{key}"
         done = stage_dir / DONE
         cfg = _config_of_started_stage(stage_dir, cfg)
@@ -167,11 +186,22 @@ def _stage_seconds(run_dir: Path, names: Sequence[str]) -> float:
     return total
 
 
+Method = str | tuple[str, str, Sequence[str]]
+
+
+def _method(entry: Method) -> tuple[str, str, list[str]]:
+    """``(name, preset, overrides)`` of a method entry (a preset name is its own name)."""
+    if isinstance(entry, str):
+        return entry, entry, []
+    name, preset, overrides = entry
+    return name, preset, list(overrides)
+
+
 def run_bench(
-    data_dir: str | Path,
+    data_dir: str | Path | Sequence[str | Path],
     out: str | Path,
     *,
-    methods: Sequence[str] = DEFAULT_METHODS,
+    methods: Sequence[Method] = DEFAULT_METHODS,
     detectors: Sequence[str] = DEFAULT_DETECTORS,
     seeds: Sequence[int] = (0, 1, 2),
     epochs: int | None = None,
@@ -182,37 +212,55 @@ def run_bench(
     quick: bool = False,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Train (or reuse) and evaluate every method × seed; write and return the results."""
-    data_dir, out = Path(data_dir), Path(out)
+    """Train (or reuse) and evaluate every method × run; write and return the results. The
+    runs are the training ``seeds`` on one benchmark, or — ``data_dir`` a list of several —
+    benchmark *i* with seed *i* (``seeds`` one per benchmark)."""
+    data_dirs = [Path(d) for d in ([data_dir] if isinstance(data_dir, (str, Path))
+                                   else data_dir)]
+    out = Path(out)
     unknown = [d for d in detectors if d not in list_detectors()]
     if unknown:
         raise InputError(f"unknown detector (valid: {', '.join(list_detectors())})",
                          value=unknown[0])
-    if not methods or not seeds:
-        raise InputError("oltr bench needs at least one method and one seed")
+    if not methods or not seeds or not data_dirs:
+        raise InputError("oltr bench needs at least one method, one seed and one benchmark")
+    if len(data_dirs) > 1 and len(seeds) != len(data_dirs):
+        raise InputError(f"with {len(data_dirs)} benchmarks, give one training seed per "
+                         f"benchmark (--seeds), not {len(seeds)}", value=list(seeds))
+    pairs = ([(data_dirs[0], seed) for seed in seeds] if len(data_dirs) == 1
+             else list(zip(data_dirs, seeds)))
+    entries = [_method(entry) for entry in methods]
+    names = [name for name, _, _ in entries]
+    if len(set(names)) != len(names):
+        raise InputError("method names must be unique", value=names)
     extra = [*(QUICK_OVERRIDES if quick else ()), *overrides]
     configs = {}
-    for method in methods:  # resolve every preset first: a typo fails before hours of training
-        for seed in seeds:
-            config = load_config(method, benchmark=benchmark,
-                                 overrides=[f"seed={seed}", *extra])
-            configs[method, seed] = scale_epochs(config, epochs) if epochs else config
-    claim_directory(out, "bench", what="bench directory", reuse=True, protect=(data_dir,))
+    for name, preset, own in entries:  # resolve every preset first: a typo fails before hours
+        for data, seed in pairs:       # of training
+            config = load_config(preset, benchmark=benchmark,
+                                 overrides=[f"seed={seed}", *extra, *own])
+            config["method"] = name
+            configs[name, data, seed] = scale_epochs(config, epochs) if epochs else config
+    claim_directory(out, "bench", what="bench directory", reuse=True, protect=data_dirs)
     with locked(out, "bench directory"):
-        return _run_matrix(configs, data_dir, out, methods=methods, detectors=detectors,
-                           seeds=seeds, epochs=epochs, extra=extra, benchmark=benchmark,
+        return _run_matrix(configs, pairs, out, methods=names, detectors=detectors,
+                           epochs=epochs, extra=extra, benchmark=benchmark,
                            open_sets=open_sets, detector_options=detector_options, quick=quick,
-                           progress=progress)
+                           progress=progress, several=len(data_dirs) > 1)
+
+
+def _run_name(method: str, data: Path, seed: int, several: bool) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in method)
+    return f"{safe}-{data.name}-seed{seed}" if several else f"{safe}-seed{seed}"
 
 
 def _run_matrix(
-    configs: dict[tuple[str, int], dict[str, Any]],
-    data_dir: Path,
+    configs: dict[tuple[str, Path, int], dict[str, Any]],
+    pairs: list[tuple[Path, int]],
     out: Path,
     *,
     methods: Sequence[str],
     detectors: Sequence[str],
-    seeds: Sequence[int],
     epochs: int | None,
     extra: list[str],
     benchmark: str,
@@ -220,16 +268,18 @@ def _run_matrix(
     detector_options: dict[str, dict[str, Any]] | None,
     quick: bool,
     progress: bool,
+    several: bool = False,
 ) -> dict[str, Any]:
     """The body of :func:`run_bench` in its claimed and locked directory."""
     started = time.perf_counter()
     reports: dict[str, list[dict[str, Any]]] = {method: [] for method in methods}
-    for seed in seeds:
+    for data_dir, seed in pairs:
         for method in methods:
-            config = configs[method, seed]
-            run_dir = out / "runs" / f"{method}-seed{seed}"
-            print(f"[bench] {method} seed {seed}", flush=True)
-            train_cached(config, data_dir, out, run_dir, progress=progress)
+            config = configs[method, data_dir, seed]
+            run_dir = out / "runs" / _run_name(method, data_dir, seed, several)
+            print(f"[bench] {method} on {data_dir} seed {seed}", flush=True)
+            train_cached(config, data_dir, out, run_dir, progress=progress,
+                         data_digest=several)
             report_path = run_dir / "report.json"
             report = read_json_object(report_path, "report") if report_path.exists() else None
             if report is None or not _report_is_current(report, run_dir) or sorted(
@@ -247,10 +297,10 @@ def _run_matrix(
             reports[method].append(report)
     results = {
         "benchmark": benchmark,
-        "data": str(data_dir),
+        "data": [str(d) for d, _ in pairs] if several else str(pairs[0][0]),
         "methods": list(methods),
         "detectors": list(detectors),
-        "seeds": list(seeds),
+        "seeds": [seed for _, seed in pairs],
         "epochs": epochs,
         "overrides": extra,
         "detector_options": detector_options or {},
@@ -320,17 +370,18 @@ def format_results(results: dict[str, Any]) -> str:
     """The Markdown tables of a bench run."""
     summary = results["summary"]
     seeds = ", ".join(str(s) for s in results["seeds"])
+    data = results["data"] if isinstance(results["data"], str) else ", ".join(results["data"])
     lines = [
-        f"# oltr bench: {results['benchmark']} ({results['data']})",
+        f"# oltr bench: {results['benchmark']} ({data})",
         "",
-        f"Seeds {seeds}; mean ± std over seeds (%). Epochs per method: "
+        f"Seeds {seeds}; mean ± std over runs (%). Epochs per method: "
         f"{results['epochs'] or 'as in each preset'}; machine: {results['machine']}; "
         f"wall time {results['wall_seconds'] / 60:.1f} min (reused runs cost nothing).",
         "",
         "## Closed and open set (paper Tab. 3)",
         "",
-        "Open set: each method's own open score (max softmax probability of its decision "
-        "logits), threshold calibrated on val to accept 95 % of known images.",
+        "Open set: each run's decision rule (its open score and threshold, fitted on val; "
+        "docs/decision.md).",
         "",
         "| method | closed many | closed medium | closed few | closed overall | open many | "
         "open medium | open few | open F-measure | train min |",

@@ -212,7 +212,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise InputError("--seeds must be comma-separated integers", value=args.seeds) from None
     epochs = args.epochs if args.epochs is not None else (2 if args.quick else None)
     results = run_bench(
-        args.data, args.out, methods=_comma_list(args.methods),
+        args.data if len(args.data) > 1 else args.data[0], args.out,
+        methods=_comma_list(args.methods),
         detectors=_comma_list(args.detectors), seeds=seeds, epochs=epochs,
         overrides=args.overrides, benchmark=args.benchmark,
         open_sets=_named_paths(args.open_sets), quick=args.quick,
@@ -456,7 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "stage 1 of two-stage methods) train once; a killed bench resumes.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--data", required=True, help="a curated benchmark directory")
+    p.add_argument("--data", required=True, action="append",
+                   help="a curated benchmark directory; repeat it for the reporting protocol's "
+                        "curations (--seeds then gives one training seed per benchmark)")
     p.add_argument("--out", required=True, help="bench directory (runs, stage cache, results)")
     p.add_argument("--methods", default=",".join(COMPARISON_METHODS),
                    help="comma-separated method presets")
