@@ -320,7 +320,7 @@ def test_bench_over_several_curations_pairs_each_with_its_seed_and_runs_variants
                         detectors=["msp"], seeds=[3, 4], epochs=1, quick=True)
     assert results["seeds"] == [3, 4] and len(results["data"]) == 2
     runs = sorted(p.name for p in (out / "runs").iterdir())
-    assert runs == sorted([f"plain-{fmnist_small.name}-seed3", f"plain-second-seed4",
+    assert runs == sorted([f"plain-{fmnist_small.name}-seed3", "plain-second-seed4",
                            f"plain__lr_0.05-{fmnist_small.name}-seed3",
                            "plain__lr_0.05-second-seed4"])
     assert len(list((out / "stages").iterdir())) == 4  # 2 configs × 2 benchmarks
