@@ -1,14 +1,20 @@
-"""OLTR vs the plain model of equal epochs, and OLTR's ablations (paper Fig. 5), on Fashion-MNIST-LT.
+"""OLTR against the plain model of equal epochs, OLTR's ablations (paper Fig. 5) and its open-set
+answers, on Fashion-MNIST-LT — on the development or the reporting protocol.
 
-    python benchmarks/fmnist_lt_oltr.py                 # 3 seeds, the full schedule
-    python benchmarks/fmnist_lt_oltr.py --all           # + published s = 10, original centroid loss
-    python benchmarks/fmnist_lt_oltr.py --quick         # a smoke run in a few minutes
+    python benchmarks/fmnist_lt_oltr.py                          # reporting: curations 1, 2, 3
+    python benchmarks/fmnist_lt_oltr.py --protocol development   # design choices: val figures
+    python benchmarks/fmnist_lt_oltr.py --quick                  # a smoke run (minutes)
 
-Per seed: the plain model trained for as many epochs as OLTR's two stages together; OLTR stage 1
-(the plain model, shared by every OLTR variant of that seed) and stage 2 for the full method and
-for each ablation. Every run is evaluated closed- and open-set (threshold calibrated on val).
-Finished runs are reused, so a killed benchmark continues where it stopped. Writes
-``OUT/results.md`` (mean ± std over seeds) and ``OUT/results.json`` (every report).
+Protocols (benchmarks/README.md): *development* — the curation seed 0 (data/fmnist-lt), training
+seed 0; every design choice is made on its val and val_open splits, and this mode prints val
+figures only. *reporting* — fresh curations with seeds 1, 2, 3 (other known, open and
+validation-open classes, other class orders; data/fmnist-lt-s1 …), training seed = curation seed,
+test figures as mean ± std over the three, once the choices are frozen.
+
+Every variant is a method of `oltr bench` (oltr.bench.run_bench): stages are cached, so every
+OLTR variant shares its stage 1 and a killed benchmark continues where it stopped. Each run's
+decision rule is fitted on val when it is trained (docs/decision.md). Writes OUT/results.md and
+OUT/results.json, and OUT/bench/ (the runs).
 """
 from __future__ import annotations
 
@@ -20,172 +26,207 @@ from typing import Any
 
 import numpy as np
 
-from oltr.bench import machine_description
+from oltr.bench import machine_description, run_bench
+from oltr.cli import protocol_defaults
 from oltr.config import load_config, stage_config
 from oltr.data import curate
-from oltr.train import train_run
 from oltr.evaluate import evaluate_run
 from oltr.io import read_json_object
 
-# name → (method, overrides, evaluation overrides). Stage-2 variants reuse the full OLTR run's
-# stage 1; a variant without training overrides only re-evaluates the full OLTR run.
-VARIANTS: dict[str, tuple[str, list[str], dict[str, Any]]] = {
-    "plain": ("plain", [], {}),
-    "oltr": ("oltr", [], {}),
-    "oltr, τ = 0 (no logit adjustment)": ("oltr", [], {"logit_adjustment": 0.0}),
-    "oltr, published s = 10": ("oltr", ["stage2.model.reachability_scale=10.0"], {}),
-    "oltr w/o memory feature": ("oltr", ["stage2.model.use_memory=false"], {}),
-    "oltr w/o concept selector": ("oltr", ["stage2.model.use_selector=false"], {}),
-    "oltr w/o reachability": ("oltr", ["stage2.model.use_reachability=false"], {}),
-    "oltr w/o modulated attention": ("oltr", ["stage2.model.attention=false"], {}),
-    "oltr, original centroid loss": ("oltr", ["stage2.train.centroid_loss=original",
-                                              "stage2.train.centroid_margin=10.0",
-                                              "stage2.train.centroid_weight=0.01"], {}),
+OLTR_EPOCHS = sum(stage_config(load_config("oltr"), s["name"])["train"]["epochs"]
+                  for s in load_config("oltr")["stages"])
+# name → (preset, overrides): each a method of oltr bench
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "plain": ("plain", [f"train.epochs={OLTR_EPOCHS}"]),
+    "oltr": ("oltr", []),
+    "oltr w/o memory feature": ("oltr", ["stage2.model.use_memory=false"]),
+    "oltr w/o concept selector": ("oltr", ["stage2.model.use_selector=false"]),
+    "oltr w/o reachability": ("oltr", ["stage2.model.use_reachability=false"]),
+    "oltr w/o modulated attention": ("oltr", ["stage2.model.attention=false"]),
+    "oltr w/o centroid loss": ("oltr", ["stage2.train.centroid_loss=none"]),
+    "oltr, printed Eq. 9 (sum over all centroids)": ("oltr", [
+        "stage2.train.centroid_loss=printed", "stage2.train.centroid_margin=5.0",
+        "stage2.train.centroid_relative_margin=false"]),
+    "oltr, original centroid loss": ("oltr", [
+        "stage2.train.centroid_loss=original", "stage2.train.centroid_margin=10.0",
+        "stage2.train.centroid_weight=0.01", "stage2.train.centroid_relative_margin=false"]),
+    "oltr, published s = 10": ("oltr", ["stage2.model.reachability_scale=10.0"]),
 }
-# The issue's set: plain, OLTR and its Fig. 5 ablations (+ τ = 0, a re-evaluation). The other
-# variants answer "why" questions and run with --variants ... or --all.
-EXTRA = ("oltr, published s = 10", "oltr, original centroid loss")
+EXTRA = ("oltr, published s = 10", "oltr, original centroid loss",
+         "oltr, printed Eq. 9 (sum over all centroids)")
 DEFAULT_VARIANTS = [name for name in VARIANTS if name not in EXTRA]
-QUICK = ["model.width=8", "train.max_steps_per_epoch=5", "stage1.train.epochs=1",
-         "stage2.train.epochs=1"]
+# OLTR's own open-set answers, each an evaluation of the full OLTR runs (name → eval overrides)
+OPEN_ANSWERS: dict[str, dict[str, Any]] = {
+    "decision rule (auto: chosen on val_open)": {},
+    "reachability γ (Eq. 3, published)": {"open_score": "reachability"},
+    "reachability on unit vectors": {"open_score": "reachability",
+                                     "open_score_options": {"normalize": True}},
+    "reachability, 4 prototypes per class": {"open_score": "reachability",
+                                             "open_score_options": {"prototypes": 4}},
+    "k-th nearest train feature (k = 10)": {"open_score": "knn",
+                                            "open_score_options": {"k": 10, "normalize": False}},
+    "msp": {"open_score": "msp"},
+}
+QUICK = ["model.width=8", "train.max_steps_per_epoch=3"]
+QUICK_EPOCHS = {"plain": ["train.epochs=2"], "oltr": ["stage1.train.epochs=1",
+                                                      "stage2.train.epochs=1"]}
 COLUMNS = [("closed", "many"), ("closed", "medium"), ("closed", "few"), ("closed", "overall"),
            ("open", "many"), ("open", "medium"), ("open", "few"), ("open", "f_measure"),
            ("open", "auroc"), ("open", "fpr95")]
 
 
-def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
+def curations(protocol: str, seeds: list[int], data_root: Path) -> list[Path]:
+    """The benchmark of each curation seed (curated here when missing)."""
+    settings = protocol_defaults("fmnist_lt")
+    dirs = []
+    for seed in seeds:
+        path = data_root / ("fmnist-lt" if seed == 0 and protocol == "development"
+                            else f"fmnist-lt-s{seed}")
+        if not (path / "manifest.json").exists():
+            curate("fashion-mnist", path, **(settings | {"seed": seed}))
+        dirs.append(path)
+    return dirs
 
 
-def run_variant(name: str, seed: int, data: Path, out: Path, extra: list[str],
-                reevaluate: bool = False) -> dict[str, Any]:
-    """Train (or reuse) one variant for one seed and return its evaluation report
-    (``reevaluate``: evaluate a finished run again, keeping its recorded training time)."""
-    method, overrides, evaluation = VARIANTS[name]
-    eval_only = method == "oltr" and name != "oltr" and not overrides
-    run_dir = out / f"{slug('oltr' if eval_only else name)}-seed{seed}"
-    report_path = run_dir / f"report-{slug(name)}.json"
-    if report_path.exists():
-        report = read_json_object(report_path, "evaluation report")
-        if not reevaluate:
-            return report
-        fresh = evaluate_run(run_dir, data, open_set=True, **evaluation)
-        if "open_reachability" in report:
-            fresh["open_reachability"] = evaluate_run(
-                run_dir, data, open_set=True, open_score="reachability")["open"]
-        fresh["train_seconds"] = report["train_seconds"]
-        report_path.write_text(json.dumps(fresh, indent=2) + "\n")
-        return fresh
-    if method == "plain":  # as many epochs as OLTR's stages together
-        oltr = load_config("oltr", overrides=[f"seed={seed}", *extra])
-        total = sum(stage_config(oltr, s["name"])["train"]["epochs"] for s in oltr["stages"])
-        shared = [o for o in extra if o.split(".")[0] not in ("stage1", "stage2")]
-        config = load_config(method, overrides=[f"seed={seed}", *shared, *overrides,
-                                                f"train.epochs={total}"])
-    else:
-        config = load_config(method, overrides=[f"seed={seed}", *extra, *overrides])
-    if method == "oltr" and name != "oltr" and not eval_only:  # stage 2 only, from the full OLTR run's stage 1
-        stage2 = next(s for s in config["stages"] if s["name"] == "stage2")
-        stage2.setdefault("train", {})["init_from"] = str(out / f"oltr-seed{seed}" / "stage1")
-        config["stages"] = [stage2]
-    train_seconds = 0.0
-    if not eval_only:
-        started = time.perf_counter()
-        train_run(config, data, run_dir, resume=run_dir.exists(), progress=False)
-        train_seconds = time.perf_counter() - started
-    report = evaluate_run(run_dir, data, open_set=True, **evaluation)
-    if name == "oltr":
-        reach = evaluate_run(run_dir, data, open_set=True, open_score="reachability")
-        report["open_reachability"] = reach["open"]
-    report["train_seconds"] = train_seconds
-    report_path.write_text(json.dumps(report, indent=2) + "\n")
-    return report
+def val_figures(run_dir: Path) -> dict[str, float | None]:
+    """What the development protocol decides on: the balanced val accuracy after the rule's
+    logit adjustment, its val many/medium/few (at the selected epoch), the val_open AUROC of
+    the rule's open score."""
+    rule = read_json_object(run_dir / "decision.json", "decision rule")
+    record = rule["record"]
+    stage = read_json_object(run_dir / "run.json", "run")["final_stage"]
+    info = read_json_object(run_dir / stage / "model.json", "model")
+    history = [json.loads(line) for line in (run_dir / stage / "history.jsonl").read_text()
+               .splitlines()]
+    best = next(h for h in history if h["epoch"] == info["epoch"])
+    la = record.get("logit_adjustment", {})
+    grid, objective = la.get("grid"), la.get("objective")
+    balanced = (objective[grid.index(rule["logit_adjustment"])] if grid and objective
+                else info["val_accuracy"])
+    choice = record.get("open_score", {})
+    auroc = None
+    if "candidates" in choice:
+        auroc = dict(zip(choice["candidates"], choice["objective"]))[rule["open_score"]]
+    return {"val balanced": balanced, "val many": best["val_many"],
+            "val medium": best["val_medium"], "val few": best["val_few"],
+            "val_open AUROC": auroc, "τ": rule["logit_adjustment"],
+            "open score": rule["open_score"]}
 
 
-def summarise(reports: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
-    """Mean ± std (percent) of each column per variant, as Markdown and as a dict."""
-    header = ("| method | " + " | ".join(f"{s} {k}" for s, k in COLUMNS)
-              + " | τ | train min |")
-    lines = [header, "|" + " --- |" * (len(COLUMNS) + 3)]
-    summary: dict[str, Any] = {}
-    for name, runs in reports.items():
-        cells, summary[name] = [], {}
-        for section, key in COLUMNS:
-            values = np.array([r[section][key] for r in runs], dtype=float) * 100
-            summary[name][f"{section}.{key}"] = (float(values.mean()), float(values.std()))
-            cells.append(f"{values.mean():.1f} ± {values.std():.1f}")
-        taus = sorted({r.get("logit_adjustment", 0.0) for r in runs})
-        cells.append(", ".join(f"{t:g}" for t in taus))
-        minutes = np.mean([r["train_seconds"] for r in runs]) / 60
-        cells.append(f"{minutes:.1f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines), summary
+def val_open_figures(run_dir: Path, data: Path, overrides: dict[str, Any]) -> dict[str, float]:
+    """An open score's figures on val (known) against val_open, its threshold fitted on val."""
+    from oltr.evaluate import collect_run_outputs, open_set_figures
+
+    outputs = collect_run_outputs(run_dir, data, ("val", "val_open"), overrides=overrides)
+    val, val_open = outputs.splits["val"], outputs.splits["val_open"]
+    assert outputs.rule is not None and outputs.rule.threshold is not None
+    return open_set_figures(val, val_open, val["open_score"], val_open["open_score"],
+                            outputs.rule.threshold, outputs.train_counts, outputs.group_kw)
+
+
+def _cell(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    array = np.array(values, dtype=float) * scale
+    return f"{array.mean():.{digits}f} ± {array.std():.{digits}f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path("data/fmnist-lt"))
-    parser.add_argument("--out", type=Path, default=Path("runs/bench-oltr"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS),
-                        help="default: plain, OLTR, τ = 0 and the four ablations")
-    parser.add_argument("--all", action="store_true",
-                        help="every variant, also: " + "; ".join(EXTRA))
+    parser.add_argument("--protocol", choices=["development", "reporting"], default="reporting")
+    parser.add_argument("--seeds", type=int, nargs="+",
+                        help="curation (= training) seeds; default 0 for development, 1 2 3 "
+                             "for reporting")
+    parser.add_argument("--data-root", type=Path, default=Path("data"))
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
+                        choices=list(VARIANTS))
+    parser.add_argument("--all", action="store_true", help="also: " + "; ".join(EXTRA))
     parser.add_argument("--quick", action="store_true", help="tiny model, a few steps")
-    parser.add_argument("--reevaluate", action="store_true",
-                        help="evaluate finished runs again (after a change of the evaluation), "
-                             "keeping their recorded training times")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides for every variant")
     args = parser.parse_args()
-    if args.all:
-        args.variants = list(VARIANTS)
-    extra = [*(QUICK if args.quick else []), *args.overrides]
-    if args.quick and args.out == parser.get_default("out"):
-        args.out = Path("runs/bench-oltr-quick")
-    if not (args.data / "manifest.json").exists():
-        protocol = load_protocol()
-        curate("fashion-mnist", args.data, **protocol)
+    development = args.protocol == "development"
+    seeds = args.seeds or ([0] if development else [1, 2, 3])
+    variants = list(VARIANTS) if args.all else args.variants
+    out = args.out or Path(f"runs/bench-oltr-{args.protocol}{'-quick' if args.quick else ''}")
+    data = curations(args.protocol, seeds, args.data_root)
+    methods = []
+    for name in variants:
+        preset, own = VARIANTS[name]
+        if args.quick:  # a smoke run: a step or two per stage (the plain model as many epochs)
+            own = [o for o in own if not o.startswith("train.epochs=")] + QUICK_EPOCHS[preset]
+        methods.append((name, preset, own))
     started = time.perf_counter()
-    reports: dict[str, list[dict[str, Any]]] = {name: [] for name in args.variants}
-    order = ["oltr", *[v for v in args.variants if v != "oltr"]]  # stage 1 first
-    for seed in args.seeds:
-        for name in order:
-            if name in args.variants or (name == "oltr" and len(args.variants) > 1):
-                report = run_variant(name, seed, args.data, args.out, extra,
-                                     args.reevaluate)
-                if name in reports:
-                    reports[name].append(report)
-                print(f"seed {seed} {name}: closed {report['closed']['overall']:.3f} "
-                      f"few {report['closed']['few']:.3f} many {report['closed']['many']:.3f} "
-                      f"F {report['open']['f_measure']:.3f} AUROC {report['open']['auroc']:.3f}",
-                      flush=True)
-    table, summary = summarise(reports)
-    reach = [r["open_reachability"] for r in reports.get("oltr", [])]
-    if reach:
-        table += ("\n\nOLTR with the reachability γ (Eq. 3) as the open score: AUROC "
-                  f"{100 * np.mean([r['auroc'] for r in reach]):.1f} ± "
-                  f"{100 * np.std([r['auroc'] for r in reach]):.1f}, F-measure "
-                  f"{np.mean([r['f_measure'] for r in reach]):.3f} ± "
-                  f"{np.std([r['f_measure'] for r in reach]):.3f}")
+    results = run_bench(data if len(data) > 1 else data[0], out / "bench", methods=methods,
+                        detectors=["msp", "energy", "knn", "reachability"], seeds=seeds,
+                        overrides=[*(QUICK if args.quick else []), *args.overrides],
+                        quick=False)
+    runs = {name: [out / "bench" / "runs" / p for p in _run_names(results, name, data, seeds)]
+            for name in variants}
+    lines = [f"Fashion-MNIST-LT, {args.protocol} protocol, curation/training seeds {seeds}; "
+             f"machine: {machine_description()}.", ""]
+    summary: dict[str, Any] = {}
+    if development:  # val figures only: this is where choices are made
+        keys = ["val balanced", "val many", "val medium", "val few", "val_open AUROC"]
+        lines += ["| variant | " + " | ".join(keys) + " | τ | open score |",
+                  "|---|" + "---|" * (len(keys) + 2)]
+        for name in variants:
+            figures = [val_figures(run) for run in runs[name]]
+            summary[name] = figures
+            cells = [_cell([f[k] for f in figures]) if all(f[k] is not None for f in figures)
+                     else "n/a" for k in keys]
+            lines.append(f"| {name} | " + " | ".join(cells) + " | "
+                         + ", ".join(f"{f['τ']:g}" for f in figures) + " | "
+                         + ", ".join(f["open score"] for f in figures) + " |")
+    else:
+        lines += ["| variant | " + " | ".join(f"{s} {k}" for s, k in COLUMNS)
+                  + " | τ | open score | train min |", "|---|" + "---|" * (len(COLUMNS) + 3)]
+        for name in variants:
+            reports = results["reports"][name]
+            summary[name] = reports
+            cells = [_cell([r[s][k] for r in reports], 1.0 if k == "f_measure" else 100.0,
+                           3 if k == "f_measure" else 1) for s, k in COLUMNS]
+            lines.append(f"| {name} | " + " | ".join(cells) + " | "
+                         + ", ".join(f"{r['logit_adjustment']:g}" for r in reports) + " | "
+                         + ", ".join(r["open"]["open_score"] for r in reports) + " | "
+                         + f"{np.mean([r['train_seconds'] for r in reports]) / 60:.1f} |")
+    if "oltr" in variants:  # OLTR's open-set answers, each with its threshold fitted on val
+        lines += ["", "OLTR's open-set answers (the full OLTR runs; each open score with its "
+                  "threshold fitted on val" + ("; val_open AUROC" if development else "; test")
+                  + "):", ""]
+        answers = {}
+        for answer, overrides in OPEN_ANSWERS.items():
+            if development:  # val (known) against val_open, never the test splits
+                answers[answer] = [val_open_figures(run, d, overrides)
+                                   for run, d in zip(runs["oltr"], data)]
+            else:
+                answers[answer] = [evaluate_run(run, d, open_set=True, **overrides)["open"]
+                                   for run, d in zip(runs["oltr"], data)]
+        summary["open answers"] = answers
+        lines += ["| open score | AUROC | FPR@95 | F-measure | open overall |",
+                  "|---|---|---|---|---|"]
+        for answer, figures in answers.items():
+            lines.append(f"| {answer} | {_cell([f['auroc'] for f in figures])} | "
+                         f"{_cell([f['fpr95'] for f in figures])} | "
+                         f"{_cell([f['f_measure'] for f in figures], 1.0, 3)} | "
+                         f"{_cell([f['overall'] for f in figures])} |")
     minutes = (time.perf_counter() - started) / 60
-    machine = machine_description()
-    text = (f"Fashion-MNIST-LT, seeds {args.seeds}, open score msp (threshold calibrated on val), "
-            f"percent, mean ± std over seeds.\n\n{table}\n\nwall time {minutes:.1f} min "
-            f"({'re-evaluation only' if args.reevaluate else 'reused runs count 0'}) on "
-            f"{machine}\n")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.md").write_text(text)
-    (args.out / "results.json").write_text(json.dumps(
-        {"seeds": args.seeds, "overrides": extra, "summary": summary, "reports": reports},
-        indent=2) + "\n")
+    lines += ["", f"wall time {minutes:.1f} min (finished runs are reused: they cost nothing)."]
+    text = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(text)
+    (out / "results.json").write_text(json.dumps(
+        {"protocol": args.protocol, "seeds": seeds, "data": [str(d) for d in data],
+         "summary": summary}, indent=2, default=str) + "\n")
     print(text)
 
 
-def load_protocol() -> dict[str, Any]:
-    from oltr.cli import protocol_defaults
+def _run_names(results: dict[str, Any], name: str, data: list[Path], seeds: list[int]
+               ) -> list[str]:
+    from oltr.bench import _run_name
 
-    return protocol_defaults("fmnist_lt")
+    return [_run_name(name, d, s, len(data) > 1) for d, s in (
+        zip(data, seeds) if len(data) > 1 else [(data[0], s) for s in seeds])]
 
 
 if __name__ == "__main__":

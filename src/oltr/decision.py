@@ -328,7 +328,8 @@ class _FitContext:
     def fitted(self, name: str, options: Mapping[str, Any], rule: DecisionRule) -> Detector:
         """Detector ``name`` fitted on the train split's outputs where it learns; reachability
         on the model's memory where there is one."""
-        if name == "reachability" and self.centroids is not None and "centroids" not in options:
+        if (name == "reachability" and self.centroids is not None and "centroids" not in options
+                and options.get("prototypes", 1) == 1):  # prototypes are fitted on train
             options = {**options, "centroids": self.centroids}
         detector = create_detector(name, **options)
         if not detector.is_fitted:

@@ -58,8 +58,8 @@ from oltr.train.runtime import Runtime, init_runtime
 
 REPORT_VERSION = 2
 #: ``eval`` settings an evaluation may override (fitting a rule on val for its report only).
-OVERRIDABLE = ("open_score", "threshold", "accept_rate", "logit_adjustment",
-               "tau_normalization", "select")
+OVERRIDABLE = ("open_score", "open_score_options", "threshold", "accept_rate",
+               "logit_adjustment", "tau_normalization", "select")
 
 
 def _round(value: Any) -> Any:
@@ -151,11 +151,16 @@ def eval_settings(stage_cfg: dict[str, Any], overrides: dict[str, Any]) -> dict[
     """The run's ``eval`` section with the evaluation's overrides (None = the run's own),
     checked: an InputError names the bad value."""
     eval_cfg = dict(stage_cfg["eval"])
+    if overrides.get("open_score") is not None and overrides.get("open_score_options") is None:
+        eval_cfg["open_score_options"] = {}  # the run's options belong to its own open score
     for key, value in overrides.items():
         if key not in OVERRIDABLE:
             raise ValueError(f"not an overridable eval setting: {key}")
         if value is not None:
             eval_cfg[key] = value
+    if not isinstance(eval_cfg.get("open_score_options") or {}, dict):
+        raise InputError("open-score options must be a mapping",
+                         value=eval_cfg["open_score_options"])
     if eval_cfg["open_score"] not in (*list_detectors(), "auto"):
         raise InputError(f"unknown open score (valid: auto, {', '.join(list_detectors())})",
                          value=eval_cfg["open_score"])
@@ -393,6 +398,7 @@ def evaluate_run(
     logit_adjustment: float | str | None = None,
     tau_normalization: float | str | None = None,
     select: str | None = None,
+    open_score_options: dict[str, Any] | None = None,
     detectors: list[str] | None = None,
     detector_options: dict[str, dict[str, Any]] | None = None,
     open_sets: dict[str, str | Path] | None = None,
@@ -427,7 +433,7 @@ def evaluate_run(
                   "selected so far", file=sys.stderr, flush=True)
     overrides = {"open_score": open_score, "threshold": threshold, "accept_rate": accept_rate,
                  "logit_adjustment": logit_adjustment, "tau_normalization": tau_normalization,
-                 "select": select}
+                 "select": select, "open_score_options": open_score_options}
     # the rule is saved into the run only by an evaluation that holds its lock, or of a run
     # that nobody trains
     save_rule = marker_kind(Path(run_dir)) == "run" and (
