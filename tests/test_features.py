@@ -6,12 +6,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from oltr import artifact
 from oltr.config import load_config, stage_config
 from oltr.data import load_benchmark
 from oltr.errors import InputError
-from oltr.features import FeatureStore, cache_key, frozen_state_digest
+from oltr.features import FeatureStore, cache_key, frozen_state_digest, store_outputs
 from oltr.models import create_network
 from oltr.run import read_history
 from oltr.train import train_run
@@ -69,7 +69,8 @@ def _assert_same_training(runs, atol):
         assert a["val_accuracy"] == b["val_accuracy"]
 
 
-def test_crt_cached_equals_uncached_without_augmentation(fmnist_small, tmp_path, one_thread):
+def test_crt_cached_equals_uncached_without_augmentation(fmnist_small, tmp_path, one_thread,
+                                                         monkeypatch):
     """cRT (pooled split point): 2 epochs × 3 steps give the same weights with and without
     the cache, to float tolerance (measured max difference: 0, the same operations; LWS and
     FSLwF measured 0 too)."""
@@ -78,6 +79,14 @@ def test_crt_cached_equals_uncached_without_augmentation(fmnist_small, tmp_path,
     cached = sorted(p.name for p in (runs["on"] / "stage2").glob("features-*"))
     assert [name.split("-")[1] for name in cached] == ["train", "train", "val", "val"]
     assert not list((runs["off"] / "stage2").glob("features-*"))
+    # the decision rule is fitted from the cached val rows: the same rule
+    calls = []
+    monkeypatch.setattr(artifact, "store_outputs",
+                        lambda *a, **k: calls.append(a[1].path.name) or store_outputs(*a, **k))
+    rules = {cache: artifact.fit_decision(runs[cache], fmnist_small) for cache in ("off", "on")}
+    assert calls == [next((runs["on"] / "stage2").glob("features-val-*.npy")).name]
+    assert rules["on"].threshold == pytest.approx(rules["off"].threshold, rel=1e-6)
+    assert rules["on"].open_score == rules["off"].open_score
 
 
 def test_frozen_oltr_cached_equals_uncached(fmnist_small, tmp_path, one_thread):
