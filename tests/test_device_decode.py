@@ -218,7 +218,7 @@ def test_prefetcher_normalises_uint8_exactly_as_to_tensor_and_normalize(tmp_path
     loader = build_train_loader(bench, cfg, CPU)
     assert isinstance(loader, DevicePrefetcher)
     loader.set_epoch(0)
-    positions, indices = loader.sampler.stream()
+    _, indices = loader.sampler.stream()
     dataset = dataset_for(bench, "train", cfg["data"], train=False)
     for (images, labels), index in zip(loader, indices):
         expected, label = dataset[int(index)]

@@ -3,6 +3,7 @@ training without augmentation, the cache key, float16 storage, the config checks
 from __future__ import annotations
 
 import json
+
 import numpy as np
 import pytest
 import torch
