@@ -223,3 +223,44 @@ def test_prefetcher_normalises_uint8_exactly_as_to_tensor_and_normalize(tmp_path
     for (images, labels), index in zip(loader, indices):
         expected, label = dataset[int(index)]
         assert torch.equal(images[0], expected) and int(labels[0]) == label
+
+
+# --------------------------------------------------------------------------- on a GPU
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@CUDA
+def test_gpu_eval_batches_match_the_pil_transform(tmp_path):
+    """nvJPEG decoding and torchvision's float resize on the GPU against the PIL eval
+    transform. Provisional tolerance (no GPU was available when this was written): at most
+    4/255 per pixel, mean below 0.5/255; the GPU check prints the measured values."""
+    bench = load_benchmark(jpeg_benchmark(tmp_path / "b"))
+    batches = {}
+    for decode, device in (("cpu", "cpu"), ("device", "cuda")):
+        cfg = data_config(f"data.decode={decode}")
+        dataset = dataset_for(bench, "train", cfg["data"], train=False)
+        batches[decode] = torch.cat([images.cpu() for images, _ in EvalBatches(
+            dataset, cfg["data"], batch_size=5, device=torch.device(device))])
+    std = torch.tensor(data_config()["data"]["std"]).view(1, 3, 1, 1)
+    levels = ((batches["device"] - batches["cpu"]) * std * 255).abs()
+    print(f"GPU eval vs PIL: max {float(levels.max()):.3f}/255, mean {float(levels.mean()):.4f}/255")
+    assert float(levels.max()) <= 4.0 and float(levels.mean()) <= 0.5
+
+
+@CUDA
+def test_gpu_training_batches_and_prefetcher(tmp_path):
+    bench = load_benchmark(jpeg_benchmark(tmp_path / "b"))
+    gpu = Runtime(torch.device("cuda"))
+    loader = build_train_loader(bench, data_config("data.decode=device"), gpu)
+    loader.set_epoch(0)
+    first = [images for images, _ in loader]
+    loader.set_epoch(0)
+    assert all(images.device.type == "cuda" for images in first)
+    assert all(torch.equal(a, b) for a, b in zip(first, [images for images, _ in loader]))
+    cfg = data_config("data.transform=none", "data.loader=files", "data.image_size=8",
+                      "train.batch_size=1")
+    on_gpu, on_cpu = (build_train_loader(bench, cfg, runtime) for runtime in (gpu, CPU))
+    for loader in (on_gpu, on_cpu):
+        loader.set_epoch(0)
+    for (a, la), (b, lb) in zip(on_gpu, on_cpu):  # side-stream copies, normalised on the GPU
+        assert a.device.type == "cuda" and torch.equal(a.cpu(), b) and torch.equal(la.cpu(), lb)

@@ -163,3 +163,11 @@ def test_feature_cache_needs_a_frozen_backbone():
     config = load_config("crt", overrides=["stage2.train.feature_cache=on"])
     assert stage_config(config, "stage2")["train"]["feature_cache"] == "on"
     assert stage_config(config, "stage1")["train"]["feature_cache"] == "off"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_crt_cached_equals_uncached_on_a_gpu(fmnist_small, tmp_path):
+    """As on the CPU, with train.amp off (bf16 autocast would run the live backbone in bf16,
+    while the cache holds its fp32 outputs, eval.amp)."""
+    runs = _stage_pair(fmnist_small, tmp_path, "crt", ["device=cuda", "train.amp=off"])
+    _assert_same_training(runs, atol=1e-4)
