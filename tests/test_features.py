@@ -171,3 +171,43 @@ def test_crt_cached_equals_uncached_on_a_gpu(fmnist_small, tmp_path):
     while the cache holds its fp32 outputs, eval.amp)."""
     runs = _stage_pair(fmnist_small, tmp_path, "crt", ["device=cuda", "train.amp=off"])
     _assert_same_training(runs, atol=1e-4)
+
+
+def test_resume_on_the_cache_matches_uninterrupted(fmnist_small, tmp_path, monkeypatch,
+                                                   one_thread):
+    """A cRT stage 2 on the cache killed in its second epoch and resumed reads the same cache
+    (not written again) and ends with the weights of an uninterrupted run."""
+    from oltr.train import loop
+
+    base = tmp_path / "base"
+    overrides = [*NO_AUGMENT, "stage1.train.epochs=1", "stage2.train.epochs=3",
+                 "stage2.train.feature_cache=on", "deterministic=true"]
+    train_run(load_config("crt", overrides=overrides), fmnist_small, base, progress=False,
+              stages=["stage1"], fit_decision=False)
+    config = load_config("crt", overrides=[*overrides,
+                                           f"stage2.train.init_from={base / 'stage1'}"])
+    train_run(config, fmnist_small, tmp_path / "reference", progress=False, stages=["stage2"],
+              fit_decision=False)
+    original, calls = loop.train_one_epoch, {"n": 0}
+
+    def crash_in_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    crashed = tmp_path / "crashed"
+    monkeypatch.setattr(loop, "train_one_epoch", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(config, fmnist_small, crashed, progress=False, stages=["stage2"],
+                  fit_decision=False)
+    monkeypatch.setattr(loop, "train_one_epoch", original)
+    cache = next((crashed / "stage2").glob("features-train-*.npy"))
+    written = cache.stat().st_mtime_ns
+    train_run(config, fmnist_small, crashed, progress=False, stages=["stage2"], resume=True,
+              fit_decision=False)
+    assert cache.stat().st_mtime_ns == written
+    final, expected = (torch.load(run / "stage2" / "checkpoint.pt", weights_only=True)["model"]
+                       for run in (crashed, tmp_path / "reference"))
+    for key, value in expected.items():
+        assert torch.equal(final[key], value), key

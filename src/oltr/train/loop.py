@@ -14,6 +14,10 @@ Distributed: under ``torchrun`` every process runs this loop on its share of eac
 SyncBatchNorm), validation and centroid initialisation gather every rank's outputs, and only
 rank 0 writes files (torchvision's ``references/classification`` is the shape followed: builders
 above, one screen of loop below).
+
+A stage with a frozen backbone and ``train.feature_cache: on`` computes the backbone's outputs
+once (`oltr.features`) and trains, validates and initialises its memory from them; with
+``train.compile`` the training task runs through ``torch.compile`` (docs/speed.md).
 """
 from __future__ import annotations
 
