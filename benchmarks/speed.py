@@ -32,10 +32,12 @@ Method: synthetic data already on the device (no loading or decoding is timed), 
 warm-up units excluded, the cases interleaved within each repetition (so drift of the machine
 hits all alike), the median of ``--repeats`` repetitions. Peak memory is the most memory held
 during a unit above what was held before it (weights, gradients and optimiser state were
-there already): on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the peak resident set
-size (``VmHWM``, reset before each unit through ``/proc/self/clear_refs``; Linux ≥ 4.0) with
-glibc's malloc told to return every large block to the system when freed (``mallopt``), so
-that the resident size follows live tensors — tracemalloc would not see tensor memory at all.
+there already), measured in one more unit per case after the timed ones: on CUDA
+``torch.cuda.max_memory_allocated``; on the CPU the peak resident set size (``VmHWM``, reset
+before the unit through ``/proc/self/clear_refs``; Linux ≥ 4.0) with glibc's malloc told to
+return every block ≥ 128 KiB to the system when freed (``mallopt``; set only after the timing,
+since it costs page faults) and ``malloc_trim`` before the unit, so that the resident size
+follows live tensors — tracemalloc would not see tensor memory at all.
 oltr runs with its defaults (``train.amp: auto`` — bf16 autocast where bf16 is native —, channels
 last); where auto means bf16 (CUDA), oltr's fp32 rows are added, compared with the original's
 fp32.
@@ -53,7 +55,7 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,7 +90,6 @@ class Size:
     batch: int
     eval_batch: int
     cache_batches: int  # batches in the frozen-backbone epoch
-    overrides: tuple[str, ...] = ()
 
 
 def sizes(device: torch.device, quick: bool) -> list[Size]:
@@ -105,7 +106,7 @@ def sizes(device: torch.device, quick: bool) -> list[Size]:
 def stage_cfg(size: Size, method: str, stage: str, *extra: str) -> dict[str, Any]:
     """The flat config of ``stage`` of ``method`` at ``size`` (the preset's network and loss)."""
     return stage_config(load_config(method, benchmark=size.benchmark, overrides=[
-        f"train.batch_size={size.batch}", "device=cpu", *size.overrides, *extra]), stage)
+        f"train.batch_size={size.batch}", "device=cpu", *extra]), stage)
 
 
 def train_counts(classes: int) -> np.ndarray:
@@ -157,6 +158,9 @@ class PeakMemory:
             self.base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             return self
+        libc = _libc()
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)  # hand memory freed earlier back, so reusing it shows again
         try:
             Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
             self.base = _status_kib("VmRSS")
@@ -192,14 +196,16 @@ class Case:
     seconds: list[float] = field(default_factory=list)
     peaks: list[int] = field(default_factory=list)
 
-    def measure(self, device: torch.device) -> None:
+    def measure_time(self, device: torch.device) -> None:
         synchronize(device)
+        start = time.perf_counter()
+        self.run()
+        synchronize(device)
+        self.seconds.append(time.perf_counter() - start)
+
+    def measure_memory(self, device: torch.device) -> None:
         with PeakMemory(device) as memory:
-            start = time.perf_counter()
             self.run()
-            synchronize(device)
-            elapsed = time.perf_counter() - start
-        self.seconds.append(elapsed)
         if memory.peak is not None:
             self.peaks.append(memory.peak)
 
@@ -545,7 +551,7 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     if len(by_group.get("head", [])) == 2:
         ours, naive = by_group["head"]
-        add("stage-2 head: oltr vs B×K×d (time ratio = B×K×d time / oltr time)", ours, naive)
+        add("stage-2 head: oltr vs B×K×d expand-and-norm", ours, naive)
     for name, group in by_group.items():
         if name.startswith("cache-") and not name.startswith("cache-build") and len(group) == 2:
             add(f"frozen-backbone epoch, {group[0]['size']}: cached rows vs images", group[1],
@@ -581,7 +587,8 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"| {row['case']} | {row['size']} | {row['batch']} | {row['precision']} | "
                      f"{row['per_second']:.1f} | {row['min']:.1f}–{row['max']:.1f} | {peak} |")
     if result["ratios"]:
-        lines += ["", "| comparison | speed ratio | peak-memory ratio |", "| --- | --- | --- |"]
+        lines += ["", ("| comparison (A vs B) | speed ratio (A ÷ B, img/s) | peak-memory ratio "
+                       "(A ÷ B) |"), "| --- | --- | --- |"]
         for ratio in result["ratios"]:
             memory = f"{ratio['memory_ratio']:.3f}" if ratio["memory_ratio"] else "n/a"
             lines.append(f"| {ratio['comparison']} | {ratio['speed_ratio']:.2f}× | {memory} |")
@@ -589,8 +596,10 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def interleaved(cases: list[Case], device: torch.device, *, warmup: int, repeats: int,
-                log: Callable[[str], None]) -> Iterator[Case]:
-    """Warm every case up, then measure each once per repetition, cases interleaved."""
+                log: Callable[[str], None]) -> None:
+    """Warm every case up, time each once per repetition (cases interleaved), then measure
+    each one's peak memory in one more unit (on the CPU with malloc returning freed blocks,
+    :func:`return_freed_memory`, which costs page faults: so never while timing)."""
     for case in cases:
         log(f"warm-up: {case.name} [{case.size}]")
         for _ in range(warmup):
@@ -599,8 +608,12 @@ def interleaved(cases: list[Case], device: torch.device, *, warmup: int, repeats
     for repeat in range(repeats):
         log(f"repetition {repeat + 1}/{repeats}")
         for case in cases:
-            case.measure(device)
-    return iter(cases)
+            case.measure_time(device)
+    log("peak memory")
+    if device.type == "cpu":
+        return_freed_memory()
+    for case in cases:
+        case.measure_memory(device)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -624,8 +637,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     repeats = args.repeats or (1 if quick else 5)
     steps = args.steps or (1 if quick else (20 if device.type == "cuda" else 3))
     warmup = args.warmup if args.warmup is not None else (1 if quick else 2)
-    if device.type == "cpu":
-        return_freed_memory()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 

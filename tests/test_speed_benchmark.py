@@ -44,7 +44,7 @@ def test_quick_run_prints_and_writes_one_table(tmp_path):
     assert sum("cached rows vs images" in c for c in comparisons) == 2
     assert all(ratio["speed_ratio"] > 0 for ratio in saved["ratios"])
     table = (tmp_path / "speed-cpu-quick.md").read_text()
-    assert table in result.stdout and "| comparison | speed ratio | peak-memory ratio |" in table
+    assert table in result.stdout and "| comparison (A vs B) | speed ratio (A ÷ B, img/s) |" in table
 
 
 FAKE_ORIGINAL = {
