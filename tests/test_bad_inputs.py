@@ -443,6 +443,14 @@ ROWS = [
     ("accept rate above 1", config("eval.accept_rate=1.5"),
      r"config key 'eval\.accept_rate' must be a number in \(0, 1\] \(value: 1\.5\)"),
     ("bad device", config("device=gpu"), r"config key 'device' must be auto, cpu, mps, cuda"),
+    ("feature cache of a trained backbone", config("stage2.train.feature_cache=on"),
+     (r"config key 'stage2\.train\.feature_cache': on needs train\.freeze_backbone: true "
+      r"\(only a frozen part can be computed once\) \(value: 'on'\)")),
+    ("feature cache word", config("train.feature_cache=yes please"),
+     r"config key 'train\.feature_cache' must be one of off, on \(value: 'yes please'\)"),
+    ("device decode of small images", config("data.decode=device"),
+     (r"config key 'data\.decode': device decodes and augments with the imagenet preset only "
+      r".* \(value: 'small'\)")),
     ("mean per channel", config("data.mean=[0.5,0.5]"),
      r"config key 'data\.mean' needs one value per channel \(data\.channels = 1\)"),
     ("number as YAML text", config_file("train:\n  lr: 1e-3\n"),

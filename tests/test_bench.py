@@ -328,3 +328,22 @@ def test_bench_over_several_curations_pairs_each_with_its_seed_and_runs_variants
     assert results["reports"]["plain, lr 0.05"][0]["method"] == "plain, lr 0.05"
     with pytest.raises(InputError, match="one training seed per benchmark"):
         run_bench([fmnist_small, other], tmp_path / "x", methods=["plain"], seeds=[1])
+
+
+def test_stage_key_leaves_out_later_keys_at_their_defaults():
+    """Keys added after stages were first cached (data.decode, train.feature_cache, …) do not
+    enter the key at their defaults: stages cached before them are found again."""
+    import hashlib
+    import json
+
+    cfg = stage_config(load_config("crt"), "stage2")
+    body = {k: v for k, v in cfg.items() if k not in ("method", "eval")}
+    body = {k: ({kk: vv for kk, vv in v.items() if kk not in ("decode", "feature_cache",
+                                                               "feature_cache_dtype", "compile")}
+                if isinstance(v, dict) else v) for k, v in body.items()}
+    before = hashlib.sha256(json.dumps({"config": body, "from": "x"}, sort_keys=True,
+                                       default=str).encode()).hexdigest()[:16]
+    assert stage_key(cfg, "x") == before
+    assert cfg["train"]["compile"] is False  # the config itself is left as it is
+    assert _key("crt", "stage2", "x", ["stage2.train.feature_cache=on"]) != before
+    assert _key("crt", "stage2", "x", ["train.compile=true"]) != before

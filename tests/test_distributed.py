@@ -83,3 +83,28 @@ def test_ddp_metrics_match_one_process_of_the_same_global_batch(fmnist_small, tm
     for a, b in zip(ddp, one):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=0.10)
         assert abs(a["val_accuracy"] - b["val_accuracy"]) <= 0.10
+
+
+def test_ddp_feature_cache_written_by_rank_0_and_same_weights_as_one_process(
+        fmnist_small, tmp_path, one_thread):
+    """cRT stage 2 on the frozen-backbone feature cache: rank 0 alone writes the cache, both
+    ranks read their shares of its rows, and since the backbone and its BatchNorm are frozen,
+    2 processes × 16 rows compute the mean gradient of 1 process × 32 rows: the weights agree
+    to float tolerance (1e-5)."""
+    base = tmp_path / "base"
+    overrides = [*TINY, "stage1.train.epochs=1", "stage2.train.epochs=2",
+                 "stage2.train.feature_cache=on"]
+    train_run(load_config("crt", overrides=overrides), fmnist_small, base, progress=False,
+              stages=["stage1"], fit_decision=False)
+    stage2 = [*overrides, f"stage2.train.init_from={base / 'stage1'}"]
+    torchrun(tmp_path, "train", "--method", "crt", "--data", str(fmnist_small), "--out",
+             str(tmp_path / "ddp"), "--stage", "stage2", "--no-progress", *stage2)
+    train_run(load_config("crt", overrides=stage2), fmnist_small, tmp_path / "one",
+              progress=False, stages=["stage2"])
+    writes = {rank: (tmp_path / f"writes-{rank}.txt").read_text().split() for rank in (0, 1)}
+    assert [w for w in writes[0] if "features-train-" in w and w.endswith(".npy")]
+    assert not [w for w in writes[1] if "features-" in w]
+    ddp, one = (torch.load(tmp_path / name / "stage2" / "checkpoint.pt",
+                           weights_only=True)["model"] for name in ("ddp", "one"))
+    for key, value in one.items():
+        assert torch.allclose(ddp[key].float(), value.float(), atol=1e-5), key

@@ -4,7 +4,9 @@ fitted for them (`oltr.decision`), saved in the run (``RUN/decision.json``).
 :func:`fit_decision` is what ``oltr train`` calls when a run's last stage is done: it runs the
 selected weights once over the splits the rule is chosen on (val, val_open where the benchmark
 has it, and train for open scores that learn), fits every ``eval`` choice on them and saves the
-rule beside the weights with the sha256 of the weights it belongs to. Evaluation, ``oltr
+rule beside the weights with the sha256 of the weights it belongs to. A stage trained with a
+frozen-backbone feature cache (``train.feature_cache: on``) is fitted from its cached val and
+train rows (`oltr.features`): the backbone does not run over them again. Evaluation, ``oltr
 predict`` and ``oltr export`` all apply that one rule; :func:`saved_rule` gives it back only
 while it still belongs to the weights on disk.
 """
@@ -29,6 +31,7 @@ from oltr.decision import (
 from oltr.detectors import create_detector
 from oltr.detectors.head import network_head
 from oltr.errors import InputError
+from oltr.features import FeatureStore, find_stores, store_outputs
 from oltr.inference import (
     EvalBatches,
     collect_outputs,
@@ -78,10 +81,17 @@ def check_benchmark_fits(bench: Benchmark, info: Mapping[str, Any], data_dir: st
 
 def forward_splits(net: OLTRNetwork, bench: Benchmark, stage_cfg: dict[str, Any],
                    splits: list[str], runtime: Runtime, *, keys: tuple[str, ...] = (
-                       "logits", "features", "reachability")) -> dict[str, dict[str, np.ndarray]]:
-    """One forward pass of ``net`` over each split of ``bench`` (each rank its shard)."""
+                       "logits", "features", "reachability"),
+                   stores: Mapping[str, FeatureStore] | None = None
+                   ) -> dict[str, dict[str, np.ndarray]]:
+    """One forward pass of ``net`` over each split of ``bench`` (each rank its shard); a split
+    with a frozen-backbone feature cache in ``stores`` runs from its rows instead."""
     outputs = {}
     for split in splits:
+        if stores and split in stores:
+            outputs[split] = store_outputs(net, stores[split], stage_cfg, runtime, keys=keys,
+                                           description=split if runtime.is_primary else None)
+            continue
         dataset = dataset_for(bench, split, stage_cfg["data"], train=False)
         batches = EvalBatches(dataset, stage_cfg["data"], batch_size=stage_cfg["eval"]["batch_size"],
                               num_workers=stage_cfg["data"]["num_workers"], device=runtime.device,
@@ -178,7 +188,10 @@ def fit_decision(run_dir: str | Path, data_dir: str | Path, *,
               *(["train"] if rule_needs_train(eval_cfg) else [])]
     if stage_cfg["data"]["skip_bad_images"]:  # as the training did (counted there)
         bench.drop_unreadable_images(tuple(splits), num_workers=stage_cfg["data"]["num_workers"])
-    outputs = forward_splits(net, bench, stage_cfg, splits, runtime, keys=("logits", "features"))
+    stores = (find_stores(stage_dir, net, bench, stage_cfg, splits, runtime.device)
+              if stage_cfg["train"]["feature_cache"] == "on" else None)
+    outputs = forward_splits(net, bench, stage_cfg, splits, runtime, keys=("logits", "features"),
+                             stores=stores)
     rule = fit_rule(net, info, eval_cfg, outputs)
     if runtime.is_primary:
         rule.save(Path(run_dir))

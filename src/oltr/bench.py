@@ -97,12 +97,22 @@ def scale_epochs(config: dict[str, Any], total: int) -> dict[str, Any]:
     return config
 
 
+#: Keys added after the stage cache existed, with their defaults: left out of a stage's key
+#: while they hold them, so the stages cached before the keys existed are still found.
+LATER_KEYS = {("data", "decode"): "cpu", ("train", "feature_cache"): "off",
+              ("train", "feature_cache_dtype"): "float32", ("train", "compile"): False}
+
+
 def stage_key(cfg: dict[str, Any], previous_key: str | None, data: str | None = None) -> str:
     """Hash of what a stage's training depends on: its resolved config less the method's name
     and the evaluation settings (plain, τ-norm and post-hoc logit adjustment share one
-    training), the key of the stage it starts from, and the benchmark (``data``: the digest of
-    its manifest, :func:`data_key`)."""
-    body = {k: v for k, v in cfg.items() if k not in ("method", "eval")}
+    training), less the :data:`LATER_KEYS` at their defaults, the key of the stage it starts
+    from, and the benchmark (``data``: the digest of its manifest, :func:`data_key`)."""
+    body = {k: (dict(v) if isinstance(v, dict) else v) for k, v in cfg.items()
+            if k not in ("method", "eval")}
+    for (section, key), default in LATER_KEYS.items():
+        if section in body and body[section].get(key, default) == default:
+            body[section].pop(key, None)
     text = json.dumps({"config": body, "from": previous_key, **({"data": data} if data else {})},
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -387,6 +387,7 @@ CHECKS: dict[str, Check] = {
     "data.cache_images": _BOOL,
     "data.num_workers": _int(0),
     "data.loader": _choice("auto", "tensor", "files"),
+    "data.decode": _choice("cpu", "device"),
     "data.skip_bad_images": _BOOL,
     "data.allow_outside_root": _BOOL,
     "model.backbone": _TEXT,
@@ -444,6 +445,9 @@ CHECKS: dict[str, Check] = {
     "train.centroid_margin": _number(">= 0", lambda v: v >= 0),
     "train.centroid_feature": _choice("direct", "meta"),
     "train.freeze_backbone": _BOOL,
+    "train.feature_cache": _choice("off", "on"),
+    "train.feature_cache_dtype": _choice("float32", "float16"),
+    "train.compile": _BOOL,
     "train.init_from": _or_null(_TEXT),
     "train.amp": _choice("auto", "bf16", "off"),
     "train.channels_last": _BOOL,
@@ -518,6 +522,14 @@ def _check_flat(config: dict[str, Any], name_of: Callable[[str], str]) -> None:
     if train["nesterov"] and train["momentum"] == 0:
         raise InputError(f"config key '{name_of('train.nesterov')}' needs train.momentum > 0",
                          value=train["momentum"])
+    if train["feature_cache"] == "on" and not train["freeze_backbone"]:
+        raise InputError(f"config key '{name_of('train.feature_cache')}': on needs "
+                         "train.freeze_backbone: true (only a frozen part can be computed once)",
+                         value=train["feature_cache"])
+    if data["decode"] == "device" and data["transform"] != "imagenet":
+        raise InputError(f"config key '{name_of('data.decode')}': device decodes and augments "
+                         "with the imagenet preset only (small and none datasets are decoded once "
+                         "into memory, data.loader)", value=data["transform"])
     if evaluation["few_threshold"] > evaluation["many_threshold"]:
         raise InputError(f"config key '{name_of('eval.few_threshold')}' must be <= "
                          "eval.many_threshold", value=evaluation["few_threshold"])

@@ -21,13 +21,14 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from oltr.data import Benchmark, ImageListDataset, build_transform
+from oltr.data.jpeg import EncodedImages, decode_images
 from oltr.data.loader import ImageLoader
 from oltr.data.tensors import TensorImages, use_tensor_path
 from oltr.decision import SplitOutputs
 from oltr.errors import InputError
 from oltr.models import OLTRNetwork, create_network
 from oltr.run import MODEL_INFO, WEIGHTS, read_model_info, weights_digest
-from oltr.train.augment import normalize_uint8
+from oltr.train.augment import DeviceImagenetTransform, normalize_uint8
 from oltr.train.runtime import Runtime, autocast
 
 OUTPUT_KEYS = ("logits", "features", "reachability")
@@ -108,7 +109,10 @@ class EvalBatches:
 
     ``data.loader`` chooses the path (`oltr.data.tensors.use_tensor_path`): the split decoded
     once into memory (``small``/``none`` transforms), or a DataLoader over the files with the
-    evaluation transform. ``indices`` restricts the pass to those items (a DDP rank's shard).
+    evaluation transform — with ``data.decode: device`` its workers read the files' bytes and
+    each batch is decoded, resized, centre-cropped and normalised on ``device``
+    (`oltr.data.jpeg`, `oltr.train.augment.DeviceImagenetTransform`). ``indices`` restricts the
+    pass to those items (a DDP rank's shard).
     """
 
     def __init__(self, dataset: ImageListDataset, data_cfg: dict[str, Any], *, batch_size: int,
@@ -119,11 +123,19 @@ class EvalBatches:
         self.mean, self.std = data_cfg["mean"], data_cfg["std"]
         self.tensors: TensorImages | None = None
         self.loader: ImageLoader | None = None
+        self.device_decode: DeviceImagenetTransform | None = None
+        self.dataset, self.device = dataset, torch.device(device or "cpu")
         if use_tensor_path(data_cfg, len(dataset)):
             tensors = TensorImages.decode(dataset, transform=data_cfg["transform"],
                                           image_size=data_cfg["image_size"],
                                           channels=data_cfg["channels"])
             self.tensors = tensors.to(device) if device is not None else tensors
+        elif data_cfg.get("decode", "cpu") == "device":
+            self.device_decode = DeviceImagenetTransform(
+                data_cfg["image_size"], data_cfg["mean"], data_cfg["std"], train=False)
+            self.loader = ImageLoader(Subset(EncodedImages(dataset), self.indices.tolist()),
+                                      batch_size=batch_size, shuffle=False,
+                                      num_workers=num_workers, collate_fn=list)
         else:
             dataset.transform = eval_transform(data_cfg)
             subset = dataset if indices is None else Subset(dataset, self.indices.tolist())
@@ -136,6 +148,12 @@ class EvalBatches:
         if self.tensors is not None:
             for images, labels in self.tensors.batches(self.indices, self.batch_size):
                 yield normalize_uint8(images, self.mean, self.std), labels
+        elif self.device_decode is not None:
+            assert self.loader is not None
+            for items in self.loader:
+                payloads, labels, indices = zip(*items)
+                images = decode_images(payloads, indices, self.dataset, self.device)
+                yield self.device_decode(images), torch.as_tensor(labels, dtype=torch.int64)
         else:
             assert self.loader is not None
             yield from self.loader

@@ -170,6 +170,33 @@ class OLTRNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
         return self.forward_head(self.pool(self.forward_features(x)))
 
+    # ------------------------------------------------------------ the frozen-backbone split
+    @property
+    def frozen_split(self) -> str:
+        """Where a frozen backbone ends (``train.freeze_backbone``), the split point of the
+        feature cache (`oltr.features`): ``"feature_map"`` — the backbone's last feature map
+        (B, C, h, w) — when modulated attention (trainable) follows it, else ``"pooled"`` — its
+        global average pool (B, C), since pooling has no parameters. Everything after the
+        split (attention, embedding, meta-embedding, classifier) stays trainable."""
+        return "feature_map" if self.attention is not None else "pooled"
+
+    def frozen_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The output of the frozen part for images ``x`` (B, C_in, H, W): the backbone's
+        feature map (B, C, h, w) or its average pool (B, C), as :attr:`frozen_split` says.
+        ``forward_from_frozen(frozen_features(x))`` computes ``forward(x)``."""
+        fmap = self.backbone.forward_features(x)
+        if self.attention is not None:
+            return fmap
+        return F.adaptive_avg_pool2d(fmap, 1).flatten(1)
+
+    def forward_from_frozen(self, frozen: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """``forward`` from the split point on: ``frozen`` is what :meth:`frozen_features`
+        returns (a row of the feature cache); returns the dict of :meth:`forward_head`."""
+        if self.attention is not None:
+            return self.forward_head(self.pool(self.attention(frozen)))
+        v = self.embed(frozen) if self.embed is not None else frozen
+        return self.forward_head(v)
+
     def train(self, mode: bool = True) -> OLTRNetwork:
         """As ``nn.Module.train``, but a frozen backbone's BatchNorm layers stay in eval mode."""
         super().train(mode)

@@ -125,3 +125,141 @@ class BatchAugment:
             if self.flip:
                 images = random_flip(images, flip)
         return normalize_uint8(images, self.mean, self.std)
+
+
+# --------------------------------------------------------------------------- imagenet preset
+#: torchvision's RandomResizedCrop defaults and the preset's ColorJitter strength.
+CROP_SCALE = (0.08, 1.0)
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+JITTER = 0.4
+_CROP_ATTEMPTS = 10
+#: Independent streams of :func:`sample_uniform` per image: 2 per crop attempt, then these.
+_TOP, _LEFT, _FLIP, _BRIGHTNESS, _CONTRAST, _SATURATION, _ORDER = range(20, 27)
+_ORDERS = torch.tensor([[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]])
+
+
+def resized_crop_params(heights: np.ndarray, widths: np.ndarray, seed: int, epoch: int,
+                        positions: Sequence[int] | np.ndarray,
+                        scale: tuple[float, float] = CROP_SCALE,
+                        ratio: tuple[float, float] = CROP_RATIO
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``RandomResizedCrop.get_params`` (torchvision) for images of ``heights``/``widths``
+    (B,) at stream ``positions``, vectorised, with :func:`sample_uniform` draws: up to 10
+    attempts of an area fraction in ``scale`` and a log-uniform aspect ratio in ``ratio``,
+    the first crop that fits wins; none → the central crop of the clamped aspect ratio.
+    Returns ``(top, left, height, width)`` int64 (B,)."""
+    heights, widths = np.asarray(heights, np.int64), np.asarray(widths, np.int64)
+    area = (heights * widths).astype(np.float64)
+    log_ratio = np.log(ratio)
+    found = np.zeros(len(heights), dtype=bool)
+    crop_h, crop_w = heights.copy(), widths.copy()
+    for attempt in range(_CROP_ATTEMPTS):
+        target = area * (scale[0] + (scale[1] - scale[0])
+                         * sample_uniform(seed, epoch, positions, 2 * attempt))
+        aspect = np.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0])
+                        * sample_uniform(seed, epoch, positions, 2 * attempt + 1))
+        w = np.round(np.sqrt(target * aspect)).astype(np.int64)
+        h = np.round(np.sqrt(target / aspect)).astype(np.int64)
+        fits = ~found & (w > 0) & (w <= widths) & (h > 0) & (h <= heights)
+        crop_h[fits], crop_w[fits] = h[fits], w[fits]
+        found |= fits
+    # torchvision's fallback: the whole image, its aspect ratio clamped to ``ratio``
+    in_ratio = widths / heights
+    narrow, wide = ~found & (in_ratio < min(ratio)), ~found & (in_ratio > max(ratio))
+    crop_h[narrow] = np.round(widths[narrow] / min(ratio)).astype(np.int64)
+    crop_w[wide] = np.round(heights[wide] * max(ratio)).astype(np.int64)
+    top = np.where(found, np.floor(sample_uniform(seed, epoch, positions, _TOP)
+                                   * (heights - crop_h + 1)), (heights - crop_h) // 2)
+    left = np.where(found, np.floor(sample_uniform(seed, epoch, positions, _LEFT)
+                                    * (widths - crop_w + 1)), (widths - crop_w) // 2)
+    return top.astype(np.int64), left.astype(np.int64), crop_h, crop_w
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``rgb_to_grayscale`` of float (B, 3, H, W) → (B, 1, H, W); grey input
+    as it is."""
+    if x.shape[1] == 1:
+        return x
+    return (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).to(x.dtype)
+
+
+def color_jitter(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor,
+                 saturation: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``ColorJitter`` (brightness, contrast, saturation; no hue) on a float batch
+    (B, C, H, W) in [0, 1], per sample: factors (B,) and the order (B, 3) in which the three
+    adjustments (0 brightness, 1 contrast, 2 saturation) apply, each one
+    ``(f·x + (1 − f)·reference).clamp(0, 1)`` with reference 0, the mean grey value, the grey
+    image (``torchvision.transforms.functional.adjust_*`` on tensors)."""
+    shape = (-1, 1, 1, 1)
+    f_b, f_c, f_s = (f.to(x).view(shape) for f in (brightness, contrast, saturation))
+    for step in range(3):
+        op = order[:, step].to(x.device).view(shape)
+        grey = _grey(x)
+        bright = (f_b * x).clamp(0, 1)
+        contrasted = (f_c * x + (1 - f_c) * grey.mean(dim=(1, 2, 3), keepdim=True)).clamp(0, 1)
+        saturated = (f_s * x + (1 - f_s) * grey).clamp(0, 1)
+        x = torch.where(op == 0, bright, torch.where(op == 1, contrasted, saturated))
+    return x
+
+
+class DeviceImagenetTransform:
+    """The ``imagenet`` preset (`oltr.data.transforms`) on decoded uint8 images (C, H, W) of
+    any sizes, on their device, for a whole batch (``data.decode: device``):
+
+    - ``train=True``: RandomResizedCrop(``image_size``) + RandomHorizontalFlip +
+      ColorJitter(0.4, 0.4, 0.4; saturation only with 3 channels), then normalisation; every
+      draw from :func:`sample_uniform` at the image's stream position, so a sample's
+      augmentation is a function of ``(seed, epoch, position)`` only, as the other loaders';
+    - ``train=False``: Resize(round(image_size·256/224)) + CenterCrop(image_size), then
+      normalisation.
+
+    Resizing is torchvision's (``transforms.v2.functional``, bilinear, antialiased) per image;
+    flip, jitter and normalisation act on the stacked batch. Same distributions as the PIL
+    pipeline, not its random stream; the eval output matches the PIL transform within the
+    tolerance stated in docs/speed.md.
+    """
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], *,
+                 train: bool, seed: int = 0) -> None:
+        self.image_size, self.train, self.seed = image_size, train, seed
+        self.resize_to = round(image_size * 256 / 224)
+        self.mean, self.std = list(mean), list(std)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __call__(self, images: Sequence[torch.Tensor],
+                 positions: Sequence[int] | np.ndarray | None = None) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as TF
+
+        size = self.image_size
+        if not self.train:
+            batch = torch.stack([TF.center_crop(TF.resize(image, [self.resize_to], antialias=True),
+                                                [size]) for image in images])
+            return normalize_uint8(batch, self.mean, self.std)
+        if positions is None:
+            raise ValueError("training augmentation needs the images' stream positions")
+        seed, epoch = self.seed, self.epoch
+        top, left, height, width = resized_crop_params(
+            np.array([image.shape[1] for image in images]),
+            np.array([image.shape[2] for image in images]), seed, epoch, positions)
+        batch = torch.stack([
+            TF.resized_crop(image, int(t), int(lf), int(h), int(w), [size, size], antialias=True)
+            for image, t, lf, h, w in zip(images, top, left, height, width)])
+        batch = random_flip(batch, torch.from_numpy(
+            sample_uniform(seed, epoch, positions, _FLIP) < 0.5))
+        x = batch.float().div_(255.0)
+
+        def factor(stream: int) -> torch.Tensor:
+            return torch.from_numpy(1 - JITTER + 2 * JITTER
+                                    * sample_uniform(seed, epoch, positions, stream))
+
+        saturation = factor(_SATURATION) if x.shape[1] == 3 else torch.ones(len(images),
+                                                                             dtype=torch.float64)
+        order = _ORDERS[torch.from_numpy(np.floor(
+            sample_uniform(seed, epoch, positions, _ORDER) * 6).astype(np.int64))]
+        x = color_jitter(x, factor(_BRIGHTNESS), factor(_CONTRAST), saturation, order)
+        mean = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        return x.sub_(mean).div_(std)

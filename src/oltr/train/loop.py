@@ -14,6 +14,10 @@ Distributed: under ``torchrun`` every process runs this loop on its share of eac
 SyncBatchNorm), validation and centroid initialisation gather every rank's outputs, and only
 rank 0 writes files (torchvision's ``references/classification`` is the shape followed: builders
 above, one screen of loop below).
+
+A stage with a frozen backbone and ``train.feature_cache: on`` computes the backbone's outputs
+once (`oltr.features`) and trains, validates and initialises its memory from them; with
+``train.compile`` the training task runs through ``torch.compile`` (docs/speed.md).
 """
 from __future__ import annotations
 
@@ -41,6 +45,12 @@ from oltr.config import (
 )
 from oltr.data import Benchmark, build_transform, load_benchmark
 from oltr.errors import InputError, OltrError
+from oltr.features import (
+    FeatureStore,
+    FeatureTrainLoader,
+    build_stage_stores,
+    store_outputs,
+)
 from oltr.inference import EvalBatches, collect_outputs, dataset_for, shard
 from oltr.models import (
     FSLwFClassifier,
@@ -60,7 +70,7 @@ from oltr.run import (
     write_run_info,
 )
 from oltr.train.checkpoint import load_checkpoint, save_checkpoint, save_model, unwrap_model
-from oltr.train.loaders import build_train_loader, rank_batch_size
+from oltr.train.loaders import build_train_loader, make_sampler, rank_batch_size
 from oltr.train.objective import Objective, TrainTask, check_stage_losses
 from oltr.train.runtime import (
     Runtime,
@@ -210,12 +220,9 @@ def check_run(config: dict[str, Any], data_dir: str | Path, run_dir: Path,
 
 
 # --------------------------------------------------------------------------- stage 2's start
-def init_from_previous(net: OLTRNetwork, init_from: Path, bench: Benchmark, cfg: dict[str, Any],
-                       runtime: Runtime) -> list[str]:
-    """Load a previous stage's weights; then initialise the memory's centroids as class means of
-    direct features over the train split, computed with *this* stage's feature model (fp32;
-    under DDP each rank passes its shard and the features are gathered, so every rank gets the
-    single-process means), and an FSLwF head's novel-class prototypes from the same pass."""
+def load_previous_weights(net: OLTRNetwork, init_from: Path) -> list[str]:
+    """Load a previous stage's weights into ``net`` (`oltr.models.load_stage1_into_stage2`);
+    returns the state-dict names set. InputError naming the file."""
     weights = init_weights_path(init_from)
     if not weights.is_file():
         raise InputError("train.init_from: no weights found", path=weights)
@@ -224,20 +231,34 @@ def init_from_previous(net: OLTRNetwork, init_from: Path, bench: Benchmark, cfg:
     except Exception as exc:
         raise InputError(f"train.init_from: cannot read weights: {exc}", path=weights) from exc
     try:
-        copied = load_stage1_into_stage2(net, previous)
+        return load_stage1_into_stage2(net, previous)
     except InputError as exc:
         raise InputError(f"train.init_from: {exc}", path=weights) from None
+
+
+def init_from_train_features(net: OLTRNetwork, bench: Benchmark, cfg: dict[str, Any],
+                             runtime: Runtime, store: FeatureStore | None = None) -> None:
+    """Initialise the memory's centroids as class means of direct features over the train
+    split, computed with *this* stage's feature model (fp32; under DDP each rank passes its
+    shard and the features are gathered, so every rank gets the single-process means), and an
+    FSLwF head's novel-class prototypes from the same pass. With a frozen-backbone feature
+    cache (``store``) the pass runs from the cached rows (the same evaluation transform and
+    precision; the backbone does not run again)."""
     fslwf = net.classifier if isinstance(net.classifier, FSLwFClassifier) else None
     if net.meta_embedding is None and fslwf is None:
-        return copied
-    dataset = dataset_for(bench, "train", cfg["data"], train=False)
-    batches = EvalBatches(dataset, cfg["data"], batch_size=cfg["eval"]["batch_size"],
-                          num_workers=cfg["data"]["num_workers"], device=runtime.device,
-                          indices=shard(len(dataset), runtime.rank, runtime.world_size))
-    outputs = collect_outputs(net, batches, runtime.device, amp=cfg["eval"]["amp"],
-                              channels_last=cfg["train"]["channels_last"],
-                              keys=("features",), runtime=runtime,
-                              description="class means" if runtime.is_primary else None)
+        return
+    description = "class means" if runtime.is_primary else None
+    if store is not None:
+        outputs = store_outputs(net, store, cfg, runtime, keys=("features",),
+                                description=description)
+    else:
+        dataset = dataset_for(bench, "train", cfg["data"], train=False)
+        batches = EvalBatches(dataset, cfg["data"], batch_size=cfg["eval"]["batch_size"],
+                              num_workers=cfg["data"]["num_workers"], device=runtime.device,
+                              indices=shard(len(dataset), runtime.rank, runtime.world_size))
+        outputs = collect_outputs(net, batches, runtime.device, amp=cfg["eval"]["amp"],
+                                  channels_last=cfg["train"]["channels_last"],
+                                  keys=("features",), runtime=runtime, description=description)
     features = torch.from_numpy(outputs["features"]).to(runtime.device)
     labels = torch.from_numpy(outputs["labels"]).long().to(runtime.device)
     if fslwf is not None:  # FSLwF's w_avg of each novel class (Gidaris & Komodakis §3.2)
@@ -246,6 +267,15 @@ def init_from_previous(net: OLTRNetwork, init_from: Path, bench: Benchmark, cfg:
         net.meta_embedding.init_centroids(class_means(features, labels, net.num_classes))
         if cfg["model"]["reachability_scale"] == "auto":
             calibrate_reachability_scale(net, features)
+
+
+def init_from_previous(net: OLTRNetwork, init_from: Path, bench: Benchmark, cfg: dict[str, Any],
+                       runtime: Runtime) -> list[str]:
+    """Load a previous stage's weights (:func:`load_previous_weights`), then initialise the
+    memory's centroids and an FSLwF head's prototypes from the train features
+    (:func:`init_from_train_features`)."""
+    copied = load_previous_weights(net, init_from)
+    init_from_train_features(net, bench, cfg, runtime)
     return copied
 
 
@@ -364,13 +394,18 @@ def train_one_epoch(
     return stats
 
 
-def validate(net: OLTRNetwork, batches: EvalBatches, cfg: dict[str, Any], runtime: Runtime,
-             train_counts: np.ndarray) -> dict[str, float | None]:
+def validate(net: OLTRNetwork, batches: Any, cfg: dict[str, Any], runtime: Runtime,
+             train_counts: np.ndarray, *, store: FeatureStore | None = None
+             ) -> dict[str, float | None]:
     """Val accuracy of ``net`` (what selects the best epoch) and its many/medium/few-shot
-    means; every rank passes its shard and the outputs are gathered, so all ranks agree."""
-    outputs = collect_outputs(net, batches, runtime.device, amp=cfg["eval"]["amp"],
-                              channels_last=cfg["train"]["channels_last"], keys=("logits",),
-                              runtime=runtime)
+    means; every rank passes its shard and the outputs are gathered, so all ranks agree.
+    ``store``: the val split's frozen-backbone cache, read instead of ``batches``."""
+    if store is not None:
+        outputs = store_outputs(net, store, cfg, runtime, keys=("logits",))
+    else:
+        outputs = collect_outputs(net, batches, runtime.device, amp=cfg["eval"]["amp"],
+                                  channels_last=cfg["train"]["channels_last"],
+                                  keys=("logits",), runtime=runtime)
     predictions = outputs["logits"].argmax(1)
     groups = metrics.closed_set_accuracy(
         predictions, outputs["labels"], train_counts, many_threshold=cfg["eval"]["many_threshold"],
@@ -410,13 +445,18 @@ def _build_network(cfg: dict[str, Any], bench: Benchmark, runtime: Runtime) -> O
 
 
 def _wrap(task: TrainTask, cfg: dict[str, Any], runtime: Runtime) -> nn.Module:
-    """DDP around the task under torchrun (SyncBatchNorm first if ``train.sync_batchnorm``)."""
-    if not runtime.distributed:
-        return task
-    if cfg["train"]["sync_batchnorm"]:
-        task = nn.SyncBatchNorm.convert_sync_batchnorm(task)
-    device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(task, device_ids=device_ids)
+    """DDP around the task under torchrun (SyncBatchNorm first if ``train.sync_batchnorm``),
+    then ``torch.compile`` with ``train.compile`` (the DDP-wrapped module is compiled, as
+    PyTorch's DDP notes advise; `oltr.train.checkpoint.unwrap_model` takes both off)."""
+    wrapped: nn.Module = task
+    if runtime.distributed:
+        if cfg["train"]["sync_batchnorm"]:
+            wrapped = nn.SyncBatchNorm.convert_sync_batchnorm(wrapped)
+        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        wrapped = nn.parallel.DistributedDataParallel(wrapped, device_ids=device_ids)
+    if cfg["train"]["compile"]:
+        wrapped = torch.compile(wrapped)
+    return wrapped
 
 
 def train_stage(
@@ -460,8 +500,9 @@ def train_stage(
     net = _build_network(cfg, bench, runtime)
     checkpoint_path = stage_dir / CHECKPOINT
     state = load_checkpoint(checkpoint_path) if resume and checkpoint_path.exists() else None
-    if state is None and init_from is not None:
-        init_from_previous(net, init_from, bench, cfg, runtime)
+    starts_from_previous = state is None and init_from is not None
+    if starts_from_previous:
+        load_previous_weights(net, init_from)
     if train_cfg["freeze_backbone"]:
         freeze_backbone(net, freeze_bn=True)
 
@@ -502,6 +543,18 @@ def train_stage(
         start_epoch, best_epoch, best_acc = state["epoch"], state["best_epoch"], state["best_acc"]
         if primary:
             print(f"[{cfg['stage']}] resuming after epoch {start_epoch} of {epochs}", flush=True)
+    # the frozen part's outputs, once per weights (train.feature_cache; the weights are final)
+    stores = None
+    if train_cfg["feature_cache"] == "on" and start_epoch < epochs:
+        stores = build_stage_stores(stage_dir, net, bench, cfg, runtime,
+                                    progress=progress and primary)
+        if primary:
+            print(f"[{cfg['stage']}] feature cache: training on the frozen backbone's "
+                  f"{net.frozen_split} outputs of the evaluation transform (no augmentation "
+                  f"in this stage), {stores.train.path.name}", flush=True)
+    if starts_from_previous:
+        init_from_train_features(net, bench, cfg, runtime,
+                                 store=stores.train if stores is not None else None)
     model_info = {
         "model": cfg["model"],
         "num_classes": bench.num_classes,
@@ -518,14 +571,23 @@ def train_stage(
         if start_epoch == 0 and epochs == 0:
             save_model(stage_dir, net, model_info | {"epoch": 0, "val_accuracy": None})
 
-    task = _wrap(TrainTask(net, objective), cfg, runtime)
-    loader = build_train_loader(bench, cfg, runtime) if start_epoch < epochs else None
-    val_set = dataset_for(bench, "val", data_cfg, train=False)
-    val_batches = EvalBatches(val_set, data_cfg, batch_size=cfg["eval"]["batch_size"],
-                              num_workers=data_cfg["num_workers"], device=runtime.device,
-                              indices=shard(len(val_set), runtime.rank, runtime.world_size))
+    task = _wrap(TrainTask(net, objective, from_frozen=stores is not None), cfg, runtime)
+    loader: Any = None
+    val_batches: Any = None
+    if stores is not None:
+        loader = FeatureTrainLoader(
+            stores.train, make_sampler(stores.train.labels.numpy(), train_cfg, cfg["seed"], runtime),
+            rank_batch_size(train_cfg["batch_size"], runtime), runtime.device,
+            drop_last=len(stores.train) > train_cfg["batch_size"])
+    else:
+        loader = build_train_loader(bench, cfg, runtime) if start_epoch < epochs else None
+        val_set = dataset_for(bench, "val", data_cfg, train=False)
+        val_batches = EvalBatches(val_set, data_cfg, batch_size=cfg["eval"]["batch_size"],
+                                  num_workers=data_cfg["num_workers"], device=runtime.device,
+                                  indices=shard(len(val_set), runtime.rank, runtime.world_size))
     history = read_history(stage_dir)[:start_epoch]
-    use_channels_last = train_cfg["channels_last"] and net.supports_channels_last
+    use_channels_last = (train_cfg["channels_last"] and net.supports_channels_last
+                         and stores is None)
     if primary and start_epoch < epochs:
         print(f"[{cfg['stage']}] training epochs {start_epoch + 1}..{epochs} ({steps} steps "
               f"each, {runtime.world_size} process{'es' if runtime.distributed else ''} on "
@@ -555,7 +617,8 @@ def train_stage(
             loss_sum, correct, seen, skipped_steps = (float(x) for x in totals[:4])
             parts = dict(zip(stats.parts, (float(x) / max(1.0, seen) for x in totals[4:])))
             train_seconds = time.perf_counter() - epoch_start
-            val = validate(net, val_batches, cfg, runtime, bench.train_counts)
+            val = validate(net, val_batches, cfg, runtime, bench.train_counts,
+                           store=stores.val if stores is not None else None)
             record = {
                 "epoch": epoch + 1,
                 "train_loss": loss_sum / max(1.0, seen),

@@ -127,16 +127,21 @@ class Objective(nn.Module):
 
 class TrainTask(nn.Module):
     """``task(images, labels)`` → (loss parts, logits): the network and its objective in one
-    forward, the module DDP wraps (so the centroids' gradient is all-reduced too)."""
+    forward, the module DDP wraps (so the centroids' gradient is all-reduced too) and
+    ``train.compile`` compiles. ``from_frozen=True``: the inputs are rows of the frozen-backbone
+    feature cache (`oltr.features`) and the network runs from its split point
+    (``net.forward_from_frozen``)."""
 
-    def __init__(self, net: OLTRNetwork, objective: Objective) -> None:
+    def __init__(self, net: OLTRNetwork, objective: Objective, *, from_frozen: bool = False
+                 ) -> None:
         super().__init__()
         self.net = net
         self.objective = objective
+        self.from_frozen = from_frozen
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor
                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        outputs = self.net(images)
+        outputs = self.net.forward_from_frozen(images) if self.from_frozen else self.net(images)
         return self.objective(outputs, labels), outputs["logits"]
 
     def train(self, mode: bool = True) -> TrainTask:

@@ -1,0 +1,161 @@
+"""JPEG files decoded as a batch on the training device (``data.decode: device``).
+
+DataLoader workers only read each file's bytes (:class:`EncodedImages`); the main process
+decodes a batch at once with ``torchvision.io.decode_jpeg(list_of_bytes, device=…)`` (nvJPEG
+on CUDA, libjpeg-turbo on the CPU) — :func:`decode_images` — and the batch is then resized,
+augmented and normalised on the device (`oltr.train.augment.DeviceImagenetTransform`).
+
+Which files are decoded where (decided here, documented in docs/speed.md):
+
+- **JPEG streams torchvision decodes** — 8-bit, Huffman-coded baseline, extended or progressive
+  (SOF0/1/2) with 1 (grey) or 3 (YCbCr/RGB) components, sniffed from the header by
+  :func:`device_decodable` — go to the device as bytes.
+- **every other file** (PNG, a PNG named ``.JPEG`` — ImageNet has one —, CMYK/YCCK JPEGs —
+  ImageNet has 22 —, 12-bit, arithmetic-coded or lossless JPEGs, BMP, …) is **decoded by
+  Pillow in the worker** with the one image loader (`oltr.data.images.load_image`: the same
+  mode rules as everywhere else) and travels as a uint8 tensor: a dataset with a few such
+  files works, at the CPU's speed for those files only. Refusing them would stop ImageNet-LT.
+- a JPEG that ``decode_jpeg`` rejects after all (corrupt data its header did not show) is
+  retried alone, then read by Pillow in the main process; if Pillow fails too, its error names
+  the split file, line and image, as every other unreadable image does.
+
+Pixels: RGB decodes equal Pillow's (libjpeg-turbo both, same IDCT and upsampling; measured
+equal on the CPU). For one-channel models (``L``) the RGB decode is converted with Pillow's
+own integer luma (``(19595 R + 38470 G + 7471 B + 2¹⁵) >> 16``), so grey pixels equal
+``Image.convert("L")``'s; libjpeg's own greyscale output (the Y plane) differs from it by up
+to 10 levels on noisy images.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from oltr.data.datasets import ImageListDataset
+
+#: JPEG start-of-frame markers torchvision's decoders handle (Huffman: baseline, extended
+#: sequential, progressive); SOF3/5-7/9-11/13-15 (lossless, hierarchical, arithmetic) do not.
+_DECODABLE_SOF = frozenset({0xC0, 0xC1, 0xC2})
+_NOT_SOF = frozenset({0xC4, 0xC8, 0xCC})  # DHT, JPG, DAC share the 0xCn range
+
+
+def device_decodable(data: bytes | memoryview) -> bool:
+    """Whether ``data`` is a JPEG stream for ``torchvision.io.decode_jpeg``: SOI, then a
+    SOF0/1/2 frame of 8-bit samples with 1 or 3 components before the first scan. False for
+    any other file (and for a header cut short)."""
+    view = memoryview(data)
+    if len(view) < 4 or view[0] != 0xFF or view[1] != 0xD8:
+        return False
+    position, size = 2, len(view)
+    while position + 4 <= size:
+        if view[position] != 0xFF:
+            return False
+        marker = view[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            position += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, or a scan before any frame header
+            return False
+        length = (view[position + 2] << 8) | view[position + 3]
+        if 0xC0 <= marker <= 0xCF and marker not in _NOT_SOF:
+            if marker not in _DECODABLE_SOF or position + 10 > size:
+                return False
+            precision, components = view[position + 4], view[position + 9]
+            return precision == 8 and components in (1, 3)
+        position += 2 + length
+    return False
+
+
+class EncodedImages(Dataset):
+    """Item ``i`` of an `ImageListDataset` as ``(payload, label, i)`` without decoding a JPEG:
+    ``payload`` is the file's bytes (uint8 (n,)) when :func:`device_decodable`, else the
+    image decoded by Pillow (uint8 (C, H, W), the dataset's mode). A file that cannot be read
+    raises the dataset's own located error (split file, line, image). Batch the items with
+    ``collate_fn=list`` (their sizes differ)."""
+
+    def __init__(self, dataset: ImageListDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        label = self.dataset.entries[index][1]
+        try:
+            data = self.dataset.image_path(index).read_bytes()
+        except OSError:
+            data = b""  # Pillow then raises the located error
+        if device_decodable(data):
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, index
+        return pil_tensor(self.dataset, index), label, index
+
+    def image_path(self, index: int) -> Any:
+        return self.dataset.image_path(index)
+
+    def error_at(self, index: int, message: str) -> Any:
+        return self.dataset.error_at(index, message)
+
+
+def pil_tensor(dataset: ImageListDataset, index: int) -> torch.Tensor:
+    """Image ``index`` decoded by Pillow (`ImageListDataset.load_image`: its mode, its located
+    errors) as uint8 (C, H, W)."""
+    array = np.asarray(dataset.load_image(index), dtype=np.uint8)
+    array = array[:, :, None] if array.ndim == 2 else array
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def pillow_luma(rgb: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB (3, H, W) → uint8 L (1, H, W) exactly as Pillow's ``convert("L")``: ITU-R
+    601-2 luma in 16-bit fixed point, ``(19595 R + 38470 G + 7471 B + 32768) >> 16``."""
+    r, g, b = rgb.to(torch.int32).unbind(0)
+    return ((19595 * r + 38470 * g + 7471 * b + 32768) >> 16).to(torch.uint8).unsqueeze(0)
+
+
+def decode_images(payloads: Sequence[torch.Tensor], indices: Sequence[int],
+                  dataset: ImageListDataset, device: torch.device) -> list[torch.Tensor]:
+    """The images of a batch as uint8 (C, H, W) tensors on ``device`` in the dataset's mode:
+    JPEG bytes decoded together by ``torchvision.io.decode_jpeg`` (on ``device``), images the
+    workers decoded moved there. A batch the decoder refuses is decoded image by image; an
+    image it still refuses is read by Pillow, whose error (split file, line, image) is raised
+    when it cannot read it either."""
+    images: list[torch.Tensor | None] = [None] * len(payloads)
+    encoded = [i for i, payload in enumerate(payloads) if payload.ndim == 1]
+    if encoded:
+        data = [payloads[i] for i in encoded]
+        try:
+            decoded = _decode_jpeg(data, device)
+        except RuntimeError:
+            decoded = [_decode_one(payloads[i], indices[i], dataset, device) for i in encoded]
+        for i, image in zip(encoded, decoded):
+            images[i] = pillow_luma(image) if dataset.mode == "L" and image.shape[0] == 3 \
+                else image
+    for i, payload in enumerate(payloads):
+        if images[i] is None:
+            images[i] = payload.to(device, non_blocking=True)
+    return images  # type: ignore[return-value]
+
+
+def _decode_jpeg(data: Any, device: torch.device) -> Any:
+    """``torchvision.io.decode_jpeg`` to RGB on ``device``, without torchvision 0.29's
+    per-call notice that its image codecs will move to TorchCodec (docs/speed.md)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning,
+                                message="The image decoding and encoding capabilities")
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+
+def _decode_one(data: torch.Tensor, index: int, dataset: ImageListDataset,
+                device: torch.device) -> torch.Tensor:
+    try:
+        return _decode_jpeg(data, device)
+    except RuntimeError:
+        return pil_tensor(dataset, index).to(device)  # Pillow's located error if unreadable
