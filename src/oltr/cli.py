@@ -580,7 +580,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_analysis_command(sub)
     from oltr.evaluation.page import add_report_command
     from oltr.export import add_export_command
-
     from oltr.identify import add_identify_command
 
     add_report_command(sub)

@@ -277,11 +277,11 @@ def _pct(value: float | None) -> str:
 
 def format_identification(report: dict[str, Any]) -> str:
     """Tab. 4's row for one model: rank-1 (%) overall, per pseudo-shot group and attribute."""
-    lines = [f"{report.get('method')} (stage {report.get('stage')}): rank-1 identification "
-             f"{_pct(report['rank1'])} % over {report['trials']} trials "
-             f"({report['probes']} probes, gallery {report['gallery']}"
-             f"{' leave-one-out' if report['leave_one_out'] else ''}, "
-             f"{report['distractors']} distractors, mode {report['gallery_mode']})"]
+    lines = [(f"{report.get('method')} (stage {report.get('stage')}): rank-1 identification "
+              f"{_pct(report['rank1'])} % over {report['trials']} trials "
+              f"({report['probes']} probes, gallery {report['gallery']}"
+              f"{' leave-one-out' if report['leave_one_out'] else ''}, "
+              f"{report['distractors']} distractors, mode {report['gallery_mode']})")]
     if report.get("groups"):
         names = list(report["groups"])
         lines.append("pseudo-shots " + "  ".join(f"{name:>10}" for name in names))

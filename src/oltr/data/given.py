@@ -10,13 +10,14 @@ this module reads the two forms such lists take:
 
 - **labelled**, the split-file format (`oltr.data.splits`): ``a/abbey/sun_aaa.jpg 0``;
 - **path only**, SUN397's own partition files (``Training_01.txt``): ``/a/abbey/sun_aaa.jpg``,
-  one image per line, its class the folder it lies in (``a/abbey``); a leading ``/`` means the
-  SUN397 root, as in those files. Class names (and label order) come from SUN397's
-  ``ClassName.txt`` (``/a/abbey`` per line) or a ``classes.txt`` next to the lists, else from
-  the sorted folders.
+  one image per line, its class the folder it lies in (``a/abbey``, ``b/bakery/shop``); a
+  leading ``/`` means the SUN397 root, as in those files. Class names (and label order) come
+  from SUN397's ``ClassName.txt`` (``/a/abbey`` per line; beside the lists or in the SUN397
+  folder, where ``SUN397.tar.gz`` has it — torchvision's ``SUN397`` reads it there) or a
+  ``classes.txt`` beside the lists, else from the sorted folders.
 
 A directory holds the lists: one ``*train*.txt``, one ``*test*.txt`` and optionally one
-``*val*.txt`` (then nothing is drawn). Paths are relative to ``image_root`` (the SUN397 folder).
+``*val*.txt`` (then nothing is drawn), matched in any case (SUN397's ``Training_01.txt``). Paths are relative to ``image_root`` (the SUN397 folder).
 The val pool of a class is every image in the folders its train and test images lie in that
 neither list names (``un-used training data``); ``val_per_class`` of them are drawn (seeded,
 without replacement), as many as a class has when it has fewer. Output: `oltr.data.curation`'s
@@ -34,7 +35,7 @@ import numpy as np
 
 from oltr.data.curation import FORMAT_VERSION, _count_argument, _pick, write_benchmark
 from oltr.data.paths import IMAGE_EXTENSIONS, check_image_paths
-from oltr.data.sources import Source, find_split_file, read_class_names
+from oltr.data.sources import Source, read_class_names
 from oltr.data.splits import leaves_root, read_split_lines, sha256_file
 from oltr.errors import InputError
 from oltr.io import read_text
@@ -79,11 +80,13 @@ def _read_paths(path: Path) -> tuple[list[str], list[int]]:
     return images, lines
 
 
-def _class_names(directory: Path, folders: list[str]) -> list[str]:
-    """Class names of path-only lists: SUN397's ClassName.txt (``/a/abbey``), classes.txt, or
-    the sorted folders."""
-    sun = directory / SUN397_CLASS_FILE
-    if sun.is_file():
+def _class_names(directory: Path, root: Path, folders: list[str]) -> list[str]:
+    """Class names of path-only lists: SUN397's ClassName.txt (``/a/abbey``; beside the lists,
+    else in the SUN397 folder itself, where SUN397.tar.gz has it), classes.txt, or the sorted
+    folders."""
+    sun = next((folder / SUN397_CLASS_FILE for folder in (directory, root)
+                if (folder / SUN397_CLASS_FILE).is_file()), None)
+    if sun is not None:
         names = [line.strip().strip("/") for line in read_text(sun, "class-name file").splitlines()]
         names = [name for name in names if name]
         if len(set(names)) != len(names):
@@ -95,7 +98,7 @@ def _class_names(directory: Path, folders: list[str]) -> list[str]:
     return sorted(set(folders))
 
 
-def _read_given(path: Path, directory: Path, labelled: bool,
+def _read_given(path: Path, directory: Path, root: Path, labelled: bool,
                 class_names: list[str] | None) -> tuple[list[tuple[str, int]], list[int],
                                                         list[str] | None]:
     if labelled:
@@ -105,7 +108,7 @@ def _read_given(path: Path, directory: Path, labelled: bool,
     images, lines = _read_paths(path)
     folders = [str(PurePosixPath(image).parent) for image in images]
     if class_names is None:
-        class_names = _class_names(directory, folders)
+        class_names = _class_names(directory, root, folders)
     index_of = {name: label for label, name in enumerate(class_names)}
     entries = []
     for image, folder, line in zip(images, folders, lines):
@@ -114,6 +117,21 @@ def _read_given(path: Path, directory: Path, labelled: bool,
                              path=path, line=line, value=image)
         entries.append((image, index_of[folder]))
     return entries, lines, class_names
+
+
+def _find_list(directory: Path, word: str, required: bool) -> Path | None:
+    """The one ``*.txt`` in ``directory`` whose name contains ``word`` in any case
+    (``SUN-LT_train.txt``, SUN397's ``Training_01.txt``); InputError when several do, or
+    none does and ``required``."""
+    matches = sorted(path for path in directory.glob("*.txt")
+                     if word in path.name.lower() and path.is_file())
+    if len(matches) > 1:
+        raise InputError(f"several files name the {word} split: "
+                         f"{', '.join(path.name for path in matches)} (keep one per folder)",
+                         path=directory)
+    if not matches and required:
+        raise InputError(f"no *{word}*.txt list (any case) in the folder", path=directory)
+    return matches[0] if matches else None
 
 
 def _folder_images(root: Path, folder: str) -> list[str]:
@@ -152,7 +170,7 @@ def curate_given(
         raise InputError("image root not found", path=root)
     val_per_class = _count_argument("val_per_class", val_per_class, minimum=1)
     seed = _count_argument("seed", seed, minimum=0)
-    files = {name: find_split_file(directory, name, required=name != "val")
+    files = {name: _find_list(directory, name, required=name != "val")
              for name in ("train", "test", "val")}
     labelled = _is_labelled(files["train"])  # type: ignore[arg-type]
     named = read_class_names(directory) if labelled else None
@@ -165,7 +183,7 @@ def curate_given(
         if _is_labelled(path) != labelled:
             raise InputError("the given lists mix the 'path label' and the path-only form",
                              path=path)
-        entries[name], lines[name], class_names = _read_given(path, directory, labelled,
+        entries[name], lines[name], class_names = _read_given(path, directory, root, labelled,
                                                               class_names)
     assert class_names is not None or labelled
     num_classes = (len(class_names) if class_names is not None
