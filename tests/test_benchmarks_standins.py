@@ -22,6 +22,7 @@ from oltr.data.given import curate_given
 from oltr.data.images import load_image
 from oltr.data.profiles import keep_probabilities
 from oltr.errors import InputError
+from oltr.evaluate import open_set_entries
 from oltr.evaluation.identification import evaluate_identification
 from oltr.inference import eval_transform, load_model
 from oltr.models.backbones import create_backbone
@@ -150,6 +151,17 @@ def test_every_guide_command_runs_on_the_standins(standin_data, tmp_path, monkey
     paper = report("runs/imagenet_lt/oltr/report.json")
     assert paper["shot_rule"] == {"many": "> 6", "few": "< 4"}
     assert set(paper["detectors"]) == {"energy", "knn"}
+    # train counts 12, 6, 4, 3: the boundary classes change group with the rule, nothing else
+    assert {k: paper["closed"]["counts"][k] for k in ("many", "medium", "few")} == {
+        "many": 1, "medium": 2, "few": 1}
+    assert main(["evaluate", "runs/imagenet_lt/oltr", "--data", str(standin_data["IMAGENET_LT"]),
+                 "--shot-rule", "original", "--output", "original_rule.json"]) == 0
+    other = report("original_rule.json")
+    assert other["shot_rule"] == {"many": ">= 6", "few": "<= 4"}
+    assert {k: other["closed"]["counts"][k] for k in ("many", "medium", "few")} == {
+        "many": 2, "medium": 0, "few": 2}
+    assert other["closed"]["overall"] == paper["closed"]["overall"]
+    assert other["closed"]["per_class"] == paper["closed"]["per_class"]
     regenerated = report("runs/imagenet_lt/oltr_regenerated/report.json")
     assert "open" not in regenerated  # ILSVRC-2012 alone has no open classes
     assert regenerated["open_sets"]["ImageNet_LT_open"]["num_open"] == 6
@@ -333,7 +345,10 @@ def test_published_open_folder_is_the_open_splits_root(tmp_path) -> None:
     assert bench.split_root("test") == imagenet
     assert bench.split("open")[0] == ("n09999999_1.JPEG", -1)
     assert bench.dataset("open")[0][0].shape == (3, standins.SIZE, standins.SIZE)
-    assert len(bench.split("train")) == 12 + 8 + 5 + 3
+    assert len(bench.split("train")) == 12 + 6 + 4 + 3
+    # the list itself as an external open set reads from the same folder
+    entries, root, _ = open_set_entries(published / "ImageNet_LT_open.txt")
+    assert root == published / "ImageNet_LT_open" and entries[0] == ("n09999999_1.JPEG", -1)
 
 
 # --------------------------------------------------------------------------- pretrained files

@@ -60,7 +60,7 @@ def imagenet(root: Path, *, classes: int = 6, train: int = 16, val: int = 3) -> 
     return root
 
 
-def imagenet_lt(directory: Path, imagenet_root: Path, *, counts: tuple[int, ...] = (12, 8, 5, 3),
+def imagenet_lt(directory: Path, imagenet_root: Path, *, counts: tuple[int, ...] = (12, 6, 4, 3),
                 val: int = 2, open_images: int = 6) -> Path:
     """The published ImageNet-LT directory over an `imagenet` stand-in: class k keeps
     ``counts[k]`` train images, ``val`` more go to val, every val image of the class to test;
