@@ -40,6 +40,7 @@ examples:
   oltr train --method oltr --data data/fmnist-lt --out runs/oltr stage2.train.epochs=4
   oltr evaluate runs/plain --data data/fmnist-lt --open --output runs/plain/report.json
   oltr predict runs/oltr image1.png image2.png
+  oltr identify runs/faces --probes facescrub.txt --distractors megaface/ --attributes gender.tsv
 """
 
 
@@ -75,14 +76,20 @@ NO_OPEN_CLASSES_NOTICE = (
     "to hold classes out as open)")
 
 
+#: Settings of the fixed-count profiles that the proportional profile does not use.
+FIXED_COUNT_SETTINGS = ("max_count", "min_count", "alpha", "ratio")
+
+
 def cmd_curate(args: argparse.Namespace) -> int:
     from oltr.data import curate, parse_source
 
+    if args.source.startswith("given:"):
+        return _curate_given(args)
     settings: dict[str, Any] = {
         "seed": 0, "profile": "pareto", "alpha": 6.0, "ratio": None, "max_count": 1280,
         "min_count": 5, "known": None, "open": None, "val_per_class": 20,
         "test_per_class": None, "open_per_class": None, "val_open": 0,
-        "val_open_per_class": None,
+        "val_open_per_class": None, "reference_count": None, "class_order": None,
     }
     if args.protocol:
         settings.update(protocol_defaults(args.protocol))
@@ -90,6 +97,16 @@ def cmd_curate(args: argparse.Namespace) -> int:
     if "ratio" in given and "min_count" not in given:
         settings["min_count"] = None
     settings.update(given)
+    if settings["profile"] == "proportional":
+        named = [key for key in FIXED_COUNT_SETTINGS if key in given]
+        if named:
+            raise InputError(f"--{named[0].replace('_', '-')} does not apply to the "
+                             "proportional profile (each class keeps a random share of its "
+                             "images; --reference-count sets the share)", value=given[named[0]])
+        for key in FIXED_COUNT_SETTINGS:
+            settings.pop(key)
+    if isinstance(settings["class_order"], str) and settings["class_order"] != "size":
+        settings["class_order"] = _class_order_file(settings["class_order"])
     settings["known"] = _names_or_count(settings["known"]) if isinstance(
         settings["known"], str) else settings["known"]
     settings["open"] = _names_or_count(settings["open"]) if isinstance(
@@ -100,7 +117,7 @@ def cmd_curate(args: argparse.Namespace) -> int:
                           allow_outside_root=args.allow_outside_root)
     started = time.perf_counter()
     manifest = curate(source, args.out, force=args.force, **settings)
-    if settings["known"] is None and settings["open"] is None:
+    if settings["known"] is None and settings["open"] is None and not args.protocol:
         print(NO_OPEN_CLASSES_NOTICE, file=sys.stderr)
     counts = manifest["counts"]
     print(f"wrote {args.out}: {len(manifest['known_classes'])} known classes "
@@ -108,9 +125,65 @@ def cmd_curate(args: argparse.Namespace) -> int:
           f"{len(manifest['open_classes'])} open classes ({counts['open']} open test images)"
           + (f", {len(manifest['val_open_classes'])} validation open classes "
              f"({counts['val_open']} val_open images)" if manifest.get("val_open_classes") else "")
+          + (f"; {len(manifest['dropped_classes'])} classes kept no image and were dropped"
+             if manifest.get("dropped_classes") else "")
           + " "
           f"in {time.perf_counter() - started:.1f} s")
-    print(f"train images per class (label 0 = head): {counts['train']}")
+    shown = counts["train"] if len(counts["train"]) <= 50 else (
+        f"{counts['train'][:10]} … {counts['train'][-10:]}")
+    print(f"train images per class (label 0 = head): {shown}")
+    return 0
+
+
+def _class_order_file(path_text: str) -> list[str]:
+    """Class names, head first, one per line (blank lines and ``#`` comments skipped)."""
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise InputError("--class-order must be 'size' or a file of class names (one per line, "
+                         "head first)", path=path)
+    names = [line.strip() for line in read_text(path, "class order").splitlines()]
+    names = [name for name in names if name and not name.startswith("#")]
+    if not names:
+        raise InputError("the class-order file names no class", path=path)
+    return names
+
+
+#: The settings ``oltr curate given:DIR`` uses; any other one is an error.
+GIVEN_SETTINGS = ("seed", "val_per_class")
+
+
+def _curate_given(args: argparse.Namespace) -> int:
+    """``oltr curate given:DIR``: published train/test lists read as they are, val drawn from
+    the images they leave unused (SUN-LT; `oltr.data.given`)."""
+    from oltr.data.given import curate_given
+
+    settings: dict[str, Any] = {"seed": 0, "val_per_class": 20}
+    if args.protocol:
+        settings.update(protocol_defaults(args.protocol))
+    for key in ("profile", "alpha", "ratio", "max_count", "min_count", "known", "open",
+                "test_per_class", "open_per_class", "val_open", "val_open_per_class",
+                "reference_count", "class_order", *settings):
+        value = getattr(args, key, None)
+        if key not in GIVEN_SETTINGS and (value is not None or key in settings):
+            raise InputError(f"'{key}' does not apply to given splits (given:DIR reads the "
+                             "train and test lists as they are; only --seed and "
+                             "--val-per-class apply)", value=settings.get(key, value))
+        if value is not None:
+            settings[key] = value
+    directory = args.source.partition(":")[2]
+    if not directory:
+        raise InputError("'given:' needs a path, as in 'given:DIR'", value=args.source)
+    started = time.perf_counter()
+    manifest = curate_given(directory, args.image_root, args.out,
+                            val_per_class=settings["val_per_class"], seed=settings["seed"],
+                            force=args.force)
+    counts = manifest["counts"]
+    short = sum(1 for n in counts["val"] if n < settings["val_per_class"])
+    print(f"wrote {args.out}: {len(manifest['known_classes'])} classes ({sum(counts['train'])} "
+          f"train, {sum(counts['val'])} val, {sum(counts['test'])} test) from the given lists "
+          f"({manifest['profile']['form']}); val: {manifest['profile']['val']}"
+          + (f" ({short} classes had fewer)" if short else "")
+          + f" in {time.perf_counter() - started:.1f} s")
     return 0
 
 
@@ -169,7 +242,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                      tau_normalization=args.tau_normalization, detectors=args.detectors,
                      detector_options=_odin_options(args),
                      open_sets=_named_paths(args.open_sets),
-                     output=output, skip_bad_images=args.skip_bad_images or None)
+                     output=output, skip_bad_images=args.skip_bad_images or None,
+                     strict_shots=None if args.shot_rule is None else args.shot_rule == "paper")
 
 
 def _named_paths(items: list[str] | None) -> dict[str, str] | None:
@@ -308,7 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("source", help="fashion-mnist[:ROOT] | folder:PATH (one sub-folder per class) "
-                                  "| splits:PATH (a split file or a folder with *train*.txt)")
+                                  "| trainval:ROOT (ROOT/train/<class>/, ROOT/val/<class>/ as "
+                                  "the test split: ImageNet, Places365-standard) | "
+                                  "splits:PATH (a split file or a folder with *train*.txt) | "
+                                  "given:DIR (published train/test lists read as they are, "
+                                  "val drawn from unused images: SUN-LT)")
     p.add_argument("--out", required=True,
                    help="output directory: absent or empty; --force replaces only a benchmark "
                         "oltr curated that holds nothing oltr did not write; never the source, "
@@ -316,13 +394,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", help=f"start from a written-down protocol, e.g. "
                                       f"{DEFAULT_BENCHMARK} (configs/<name>/protocol.yaml)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--profile", choices=["pareto", "exp"],
-                   help="per-class train counts: pareto (ImageNet-LT: --alpha 6, 1280 → 5) or "
-                        "exp (CIFAR-LT: --ratio 100); default pareto")
+    p.add_argument("--profile", choices=["pareto", "exp", "proportional"],
+                   help="per-class train counts: pareto (ImageNet-LT: --alpha 6, 1280 → 5), "
+                        "exp (CIFAR-LT: --ratio 100) or proportional (MS1M-LT: each image of "
+                        "a class of n images kept with probability n / --reference-count); "
+                        "default pareto")
     p.add_argument("--alpha", type=float, help="Pareto power (default 6)")
     p.add_argument("--ratio", type=float, help="imbalance ratio max/min (exp)")
+    p.add_argument("--reference-count", type=int, dest="reference_count",
+                   help="proportional: keep probability min(1, n / N) (default: N = the "
+                        "largest class's image count)")
     p.add_argument("--max-count", type=int, dest="max_count", help="train images of the head class")
     p.add_argument("--min-count", type=int, dest="min_count", help="train images of the tail class")
+    p.add_argument("--class-order", dest="class_order", metavar="size|FILE",
+                   help="which class gets which rank: size (most images first, ties by seed; "
+                        "always fits when any order does) or a file of class names, head "
+                        "first (default: drawn by seed)")
     p.add_argument("--known", help="number of known classes (chosen by seed) or a comma list "
                                    "(default: all but --open; with neither, every class is known "
                                    "and there are no open classes)")
@@ -337,7 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 0)")
     p.add_argument("--val-open-per-class", type=int, dest="val_open_per_class",
                    help="images per validation open class (default: --val-per-class)")
-    p.add_argument("--image-root", help="image root of a splits: source")
+    p.add_argument("--image-root", help="image root of a splits: or given: source (default: "
+                                        "the folder of its split files)")
     p.add_argument("--allow-outside-root", action="store_true",
                    help="let a splits: source list absolute paths, paths with '..' or paths "
                         "that lead out of the image root through a symbolic link, and a "
@@ -422,6 +510,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--odin-epsilon", type=float, dest="odin_epsilon",
                    help="ODIN's input perturbation ε in normalised-image units (default 0: "
                         "temperature scaling only; > 0 costs a backward pass per image)")
+    p.add_argument("--shot-rule", dest="shot_rule", choices=["paper", "original"],
+                   help="shot groups: paper (many > 100, few < 20 train images) or original "
+                        "(the original code's >= 100 / <= 20, behind its published numbers); "
+                        "default: the run's eval.strict_shots. The report's shot_rule says "
+                        "which was used")
     p.add_argument("--device", default="auto")
     p.add_argument("--output", help="report path (default RUN/report.json)")
     p.add_argument("--skip-bad-images", action="store_true",
@@ -490,9 +583,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_analysis_command(sub)
     from oltr.evaluation.page import add_report_command
     from oltr.export import add_export_command
+    from oltr.identify import add_identify_command
 
     add_report_command(sub)
     add_export_command(sub)
+    add_identify_command(sub)
     for command in sub.choices.values():  # every command's help: real defaults only
         if issubclass(command.formatter_class, argparse.ArgumentDefaultsHelpFormatter):
             command.formatter_class = DefaultsHelpFormatter
@@ -526,7 +621,7 @@ def _interrupted_hint(args: argparse.Namespace) -> str:
         return "no epoch had finished, nothing was kept; run the command again"
     if args.command == "curate":
         return "nothing was written; run the command again"
-    if args.command == "evaluate":
+    if args.command in ("evaluate", "identify"):
         return "no report was written; run the command again"
     if args.command == "bench":
         return "finished stages and reports are kept; run the same command to continue"

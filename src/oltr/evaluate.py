@@ -42,6 +42,7 @@ from oltr.artifact import (
     saved_rule,
 )
 from oltr.data import load_benchmark
+from oltr.data.datasets import published_open_folder
 from oltr.data.paths import IMAGE_EXTENSIONS, check_image_paths, walk_images
 from oltr.data.splits import read_split_lines
 from oltr.decision import SELECT_OBJECTIVES, DecisionRule
@@ -78,8 +79,10 @@ def _round(value: Any) -> Any:
 def open_set_entries(spec: str | Path) -> tuple[list[tuple[str, int]], Path, Path | None]:
     """An external open set (paper Tab. 2's far-away images): a folder (every image under it,
     found by `oltr.data.paths.walk_images`) or a split file (``path label`` per line, paths
-    relative to the file's folder; labels are ignored — every image counts as open). Returns
-    entries, image root and the split file.
+    relative to the file's folder — or, for ImageNet-LT's and Places-LT's published
+    ``*_open.txt`` with its ``*_open/`` folder beside it, to that folder, a leading ``/``
+    included (`oltr.data.datasets.published_open_folder`); labels are ignored — every image
+    counts as open). Returns entries, image root and the split file.
 
     The user names this folder or file explicitly, so its images may lie anywhere: a split
     file may list absolute paths and paths with ``..``, and links in a folder may lead out of
@@ -99,10 +102,13 @@ def open_set_entries(spec: str | Path) -> tuple[list[tuple[str, int]], Path, Pat
     if not path.exists():
         raise InputError("open set not found (give a folder of images or a split file)",
                          path=path)
-    entries, lines = read_split_lines(path, allow_open=True, allow_outside_root=True)
-    check_image_paths({"open": entries}, {"open": lines}, {"open": path}, path.parent,
+    folder = published_open_folder(path)  # ImageNet_LT_open.txt → ImageNet_LT_open/
+    root = path.parent if folder is None else folder
+    entries, lines = read_split_lines(path, allow_open=True, allow_outside_root=True,
+                                      slash_is_root=folder is not None)
+    check_image_paths({"open": entries}, {"open": lines}, {"open": path}, root,
                       allow_outside_root=True)
-    return [(image, -1) for image, _ in entries], path.parent, path
+    return [(image, -1) for image, _ in entries], root, path
 
 
 def score_logits(outputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -402,6 +408,7 @@ def evaluate_run(
     detectors: list[str] | None = None,
     detector_options: dict[str, dict[str, Any]] | None = None,
     open_sets: dict[str, str | Path] | None = None,
+    strict_shots: bool | None = None,
 ) -> dict[str, Any]:
     """Evaluate a trained run on ``data_dir``; write the report to ``output`` if given.
 
@@ -415,7 +422,10 @@ def evaluate_run(
     (``detector_options``: constructor arguments per detector; ODIN with ``epsilon`` > 0 runs
     its input perturbation, a backward pass per image); ``open_sets``
     (name → folder or split file) adds the same figures per external open set under
-    ``report["open_sets"]``.
+    ``report["open_sets"]``. ``strict_shots`` (default: the run's ``eval.strict_shots``)
+    chooses the shot groups' boundaries: the paper's ``> many`` / ``< few`` or the original
+    code's ``>=`` / ``<=``; it changes only how classes are grouped in the report
+    (``shot_rule`` says which), never a decision.
     """
     started = time.perf_counter()
     stage_cfg = run_stage_config(run_dir)
@@ -443,7 +453,7 @@ def evaluate_run(
                          overrides=overrides, device=device, output=output,
                          skip_bad_images=skip_bad_images, detectors=detectors,
                          detector_options=detector_options, open_sets=open_sets,
-                         save_rule=save_rule)
+                         save_rule=save_rule, strict_shots=strict_shots)
 
 
 def _evaluate(
@@ -461,6 +471,7 @@ def _evaluate(
     detector_options: dict[str, dict[str, Any]] | None,
     open_sets: dict[str, str | Path] | None,
     save_rule: bool = False,
+    strict_shots: bool | None = None,
 ) -> dict[str, Any]:
     """The body of :func:`evaluate_run`, its output checked and its run locked."""
     eval_settings(stage_cfg, {k: v for k, v in overrides.items() if v is not None})
@@ -484,6 +495,8 @@ def _evaluate(
         skip_bad_images=skip_bad_images, odin_perturbation=odin_perturbation,
         overrides=overrides, open_set=open_set, save_rule=save_rule)
     info, group_kw, train_counts = outputs.info, outputs.group_kw, outputs.train_counts
+    if strict_shots is not None:
+        group_kw = {**group_kw, "strict": bool(strict_shots)}
     rule, eval_cfg = outputs.rule, outputs.stage_cfg["eval"]
     assert rule is not None
     test = outputs.splits["test"]

@@ -319,12 +319,15 @@ def remove_stale_temporaries(directory: Path) -> list[Path]:
 
 # --------------------------------------------------------------------------- reports
 def is_oltr_report(path: Path) -> bool:
-    """Whether ``path`` is a file holding an oltr evaluation report (JSON, ``report_version``)."""
+    """Whether ``path`` is a file holding an oltr report (JSON with ``report_version``): an
+    evaluation report (``closed``) or an identification report (``kind``: identification,
+    `oltr.identify`)."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return False
-    return isinstance(data, dict) and "report_version" in data and "closed" in data
+    return isinstance(data, dict) and "report_version" in data and (
+        "closed" in data or data.get("kind") == "identification")
 
 
 def check_report_output(path: str | os.PathLike[str]) -> None:

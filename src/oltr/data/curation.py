@@ -31,13 +31,14 @@ import json
 import operator
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from oltr.data.images import check_images
-from oltr.data.profiles import class_counts
+from oltr.data.profiles import PROPORTIONAL, class_counts, keep_probabilities
 from oltr.data.sources import Source, parse_source
 from oltr.data.splits import OPEN_LABEL, read_split_lines, sha256_file, write_split_file
 from oltr.errors import InputError
@@ -209,7 +210,7 @@ def _source_paths(source: Source) -> list[Path]:
     """The paths a source reads: its image root and the path named in its spec."""
     paths = [] if source.image_root is None else [source.image_root]
     kind, _, argument = source.name.partition(":")
-    if argument and kind in ("folder", "splits", "fashion-mnist"):
+    if argument and kind in ("folder", "trainval", "given", "splits", "fashion-mnist"):
         paths.append(Path(argument).expanduser())
     return paths
 
@@ -218,7 +219,8 @@ def _output_ready(out_dir: Path, force: bool, source: Source) -> None:
     """InputError unless ``out_dir`` is absent, empty, or may be replaced (``force`` and a
     benchmark oltr curated, see :mod:`oltr.ownership`); never the source or around it."""
     check_not_source(out_dir, _source_paths(source), what="output directory",
-                     inside_forbidden=source.name.startswith("folder:"), working_directory=True)
+                     inside_forbidden=source.name.startswith(("folder:", "trainval:")),
+                     working_directory=True)
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
         raise InputError("output path exists and is not a directory", path=out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()):
@@ -254,10 +256,12 @@ def curate(
     open: ClassSelection = None,
     val_open: ClassSelection = 0,
     profile: str = "pareto",
-    max_count: int,
+    max_count: int | None = None,
     min_count: int | None = None,
     alpha: float = 6.0,
     ratio: float | None = None,
+    reference_count: int | None = None,
+    class_order: str | Sequence[str] | None = None,
     val_per_class: int = 20,
     test_per_class: int | None = None,
     open_per_class: int | None = None,
@@ -269,9 +273,22 @@ def curate(
 
     - ``known`` / ``open``: a count drawn at random (seeded) or a list of class names; ``None``
       means all classes not otherwise chosen (see `choose_classes`).
-    - Train counts: ``class_counts(profile, K, max_count=..., min_count=..., alpha=...,
-      ratio=...)``; label 0 is the largest class, and which known class gets which rank is
-      drawn at random.
+    - Train counts (``profile`` ``pareto`` or ``exp``): ``class_counts(profile, K,
+      max_count=..., min_count=..., alpha=..., ratio=...)``; label 0 is the largest class.
+      Which known class gets which rank (``class_order``): ``None`` drawn at random;
+      ``"size"`` the classes with the most source train images first (ties drawn at random),
+      the order that always fits when any does; or a list of class names, head first (every
+      known class must be listed; others are ignored), e.g. ImageNet-LT's base classes of
+      Hariharan & Girshick first, or Places-365-challenge's class sizes (paper App. D.1).
+    - ``profile="proportional"`` (MS1M-LT, paper App. D.1): no fixed counts; every image of a
+      known class is kept for train independently with probability ``p_i = min(1, n_i / Z)``,
+      ``n_i`` the class's source images and ``Z = reference_count`` (default: the largest
+      ``n_i``; `oltr.data.profiles.keep_probabilities`). A class that keeps no image is dropped
+      (listed under ``dropped_classes`` in the manifest); the others are labelled by kept count,
+      largest first (ties: source order). Val (``val_per_class``) and test (``test_per_class``,
+      default 0: the face benchmark's test set is MegaFace, `oltr identify`) are drawn from the
+      images not kept, as many as a class has left; the manifest's ``counts`` list them per
+      class. ``max_count``, ``min_count``, ``alpha`` and ``ratio`` do not apply.
     - Test: from the source's own test split when it has one (``test_per_class`` defaults to
       the fewest test images of any known class), otherwise ``test_per_class`` images
       (default 50, as ImageNet-LT) are held out of each class before train sampling.
@@ -300,11 +317,20 @@ def curate(
     seed = _count_argument("seed", seed, minimum=0)
     val_per_class = _count_argument("val_per_class", val_per_class, minimum=1)
     if test_per_class is not None:
-        test_per_class = _count_argument("test_per_class", test_per_class, minimum=1)
+        test_per_class = _count_argument("test_per_class", test_per_class,
+                                         minimum=0 if profile == PROPORTIONAL else 1)
     if open_per_class is not None:
         open_per_class = _count_argument("open_per_class", open_per_class, minimum=1)
     val_open_per_class = val_per_class if val_open_per_class is None else _count_argument(
         "val_open_per_class", val_open_per_class, minimum=1)
+    if class_order is not None and profile == PROPORTIONAL:
+        raise InputError("class_order does not apply to the proportional profile (its classes "
+                         "are ordered by the images they keep)")
+    if reference_count is not None:
+        if profile != PROPORTIONAL:
+            raise InputError("reference_count applies to the proportional profile only",
+                             value=reference_count)
+        reference_count = _count_argument("reference_count", reference_count, minimum=1)
     for name in source.class_names:
         if not name or name != name.strip() or "\n" in name or "\r" in name:
             raise InputError(
@@ -316,21 +342,100 @@ def curate(
     rng = np.random.Generator(np.random.PCG64(seed))
     known_classes, open_classes, val_open_classes = choose_classes(
         source.class_names, known, open, rng, val_open)
+    num_source_classes = len(source.class_names)
+    train_pools = _by_class(source.train, num_source_classes)
+    test_pools = None if source.test is None else _by_class(source.test, num_source_classes)
+    if profile == PROPORTIONAL:
+        plan = _proportional_plan(rng, source, known_classes, train_pools, test_pools,
+                                  reference_count=reference_count, val_per_class=val_per_class,
+                                  test_per_class=test_per_class)
+    else:
+        plan = _fixed_count_plan(rng, source, known_classes, train_pools, test_pools,
+                                 profile=profile, max_count=max_count, min_count=min_count,
+                                 alpha=alpha, ratio=ratio, val_per_class=val_per_class,
+                                 test_per_class=test_per_class, class_order=class_order)
+    splits = plan.splits
+    test_per_class = plan.test_per_class
+    if open_per_class is None:
+        open_per_class = test_per_class or DEFAULT_TEST_PER_CLASS
+    open_class_of: list[int] = []  # per open image, its index in open_classes
+    for position, index in enumerate(open_classes):
+        pool = train_pools[index] if test_pools is None else test_pools[index]
+        open_keys, _ = _pick(rng, pool, min(open_per_class, len(pool)))
+        splits["open"] += [(key, OPEN_LABEL) for key in open_keys]
+        open_class_of += [position] * len(open_keys)
+    for index in val_open_classes:
+        pool = train_pools[index]
+        if len(pool) < val_open_per_class:
+            raise InputError(f"validation open class has {len(pool)} images, needs "
+                             f"val_open_per_class={val_open_per_class}",
+                             value=source.class_names[index])
+        val_open_keys, _ = _pick(rng, pool, val_open_per_class)
+        splits["val_open"] += [(key, OPEN_LABEL) for key in val_open_keys]
+
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "source": source.name,
+        "image_root": EXPORT_DIR if source.needs_export else str(source.image_root),
+        "seed": seed,
+        "profile": plan.profile_record,
+        "val_per_class": val_per_class,
+        "test_per_class": test_per_class,
+        "open_per_class": open_per_class,
+        "known_classes": [source.class_names[index] for index in plan.rank_order],
+        "open_classes": [source.class_names[index] for index in open_classes],
+        "counts": {**plan.counts, "open": len(splits["open"])},
+    }
+    if plan.dropped_classes:
+        manifest["dropped_classes"] = [source.class_names[i] for i in plan.dropped_classes]
+    if val_open_classes:
+        manifest["val_open_classes"] = [source.class_names[i] for i in val_open_classes]
+        manifest["val_open_per_class"] = val_open_per_class
+        manifest["counts"]["val_open"] = len(splits["val_open"])
+    return write_benchmark(source, out_dir, splits, manifest, open_class_of=open_class_of,
+                           force=force, verify_images=verify_images)
+
+
+@dataclass
+class _Plan:
+    """The known classes' part of a curation: label order (source class indices, label 0
+    first), their train/val/test entries, the manifest's counts and profile record."""
+
+    rank_order: list[int]
+    splits: dict[str, list[tuple[str, int]]]
+    counts: dict[str, list[int]]
+    test_per_class: int
+    profile_record: dict[str, Any]
+    dropped_classes: list[int] = field(default_factory=list)
+
+
+def _empty_splits() -> dict[str, list[tuple[str, int]]]:
+    return {"train": [], "val": [], "test": [], "open": [], "val_open": []}
+
+
+def _fixed_count_plan(
+    rng: np.random.Generator, source: Source, known_classes: list[int],
+    train_pools: list[list[str]], test_pools: list[list[str]] | None, *, profile: str,
+    max_count: int | None, min_count: int | None, alpha: float, ratio: float | None,
+    val_per_class: int, test_per_class: int | None,
+    class_order: str | Sequence[str] | None = None,
+) -> _Plan:
+    """Counts from ``class_counts(profile, …)``, ranks by ``class_order`` (default: at random),
+    images without replacement (the ImageNet-LT / CIFAR-LT recipe)."""
     try:
         counts = class_counts(
             profile,
             len(known_classes),
-            max_count=max_count,
+            max_count=max_count,  # type: ignore[arg-type]
             min_count=min_count,
             alpha=alpha,
             ratio=ratio,
         )
     except (TypeError, ValueError) as exc:
         raise InputError(f"invalid long-tail profile: {exc}") from None
-    rank_order = [known_classes[i] for i in rng.permutation(len(known_classes))]
-    num_source_classes = len(source.class_names)
-    train_pools = _by_class(source.train, num_source_classes)
-    test_pools = None if source.test is None else _by_class(source.test, num_source_classes)
+    rank_order = _rank_order(source, known_classes,
+                             [known_classes[i] for i in rng.permutation(len(known_classes))],
+                             train_pools, class_order)
 
     if test_pools is not None:
         available = {index: len(test_pools[index]) for index in rank_order}
@@ -351,8 +456,6 @@ def curate(
             )
     elif test_per_class is None:
         test_per_class = DEFAULT_TEST_PER_CLASS
-    if open_per_class is None:
-        open_per_class = test_per_class
 
     held_out_test = test_pools is None
     needs = [
@@ -375,9 +478,7 @@ def curate(
             value=source.class_names[index],
         )
 
-    splits: dict[str, list[tuple[str, int]]] = {"train": [], "val": [], "test": [], "open": [],
-                                                "val_open": []}
-    open_class_of: list[int] = []  # per open image, its index in open_classes
+    splits = _empty_splits()
     for label, index in enumerate(rank_order):
         pool = train_pools[index]
         if test_pools is None:
@@ -389,20 +490,123 @@ def curate(
         splits["train"] += [(key, label) for key in train_keys]
         splits["val"] += [(key, label) for key in val_keys]
         splits["test"] += [(key, label) for key in test_keys]
-    for position, index in enumerate(open_classes):
-        pool = train_pools[index] if test_pools is None else test_pools[index]
-        open_keys, _ = _pick(rng, pool, min(open_per_class, len(pool)))
-        splits["open"] += [(key, OPEN_LABEL) for key in open_keys]
-        open_class_of += [position] * len(open_keys)
-    for index in val_open_classes:
-        pool = train_pools[index]
-        if len(pool) < val_open_per_class:
-            raise InputError(f"validation open class has {len(pool)} images, needs "
-                             f"val_open_per_class={val_open_per_class}",
-                             value=source.class_names[index])
-        val_open_keys, _ = _pick(rng, pool, val_open_per_class)
-        splits["val_open"] += [(key, OPEN_LABEL) for key in val_open_keys]
+    profile_record: dict[str, Any] = {
+        "name": profile,
+        "max_count": int(max_count),  # type: ignore[arg-type]
+        "min_count": None if min_count is None else int(min_count),
+        "ratio": None if ratio is None else float(ratio),
+    }
+    if profile == "pareto":
+        profile_record["alpha"] = float(alpha)
+    if class_order is not None:
+        profile_record["class_order"] = class_order if isinstance(class_order, str) else "given"
+    return _Plan(
+        rank_order=rank_order,
+        splits=splits,
+        counts={"train": [int(count) for count in counts],
+                "val": [val_per_class] * len(rank_order),
+                "test": [test_per_class] * len(rank_order)},
+        test_per_class=test_per_class,
+        profile_record=profile_record,
+    )
 
+
+def _rank_order(source: Source, known_classes: list[int], drawn: list[int],
+                train_pools: list[list[str]], class_order: str | Sequence[str] | None,
+                ) -> list[int]:
+    """Known classes (source indices) in label order, head first: ``drawn`` (a seeded random
+    order) as it is, sorted by pool size (stable: ties keep the drawn order), or by position
+    in a list of names."""
+    if class_order is None:
+        return drawn
+    if isinstance(class_order, str):
+        if class_order != "size":
+            raise InputError("class_order must be 'size' or a list of class names",
+                             value=class_order)
+        return sorted(drawn, key=lambda index: -len(train_pools[index]))
+    position: dict[str, int] = {}
+    for number, name in enumerate(class_order):
+        if name in position:
+            raise InputError("class order lists a class twice", value=name)
+        position[name] = number
+    missing = [index for index in known_classes if source.class_names[index] not in position]
+    if missing:
+        raise InputError(f"class order lacks {len(missing)} known classes",
+                         value=source.class_names[missing[0]])
+    return sorted(known_classes, key=lambda index: position[source.class_names[index]])
+
+
+def _proportional_plan(
+    rng: np.random.Generator, source: Source, known_classes: list[int],
+    train_pools: list[list[str]], test_pools: list[list[str]] | None, *,
+    reference_count: int | None, val_per_class: int, test_per_class: int | None,
+) -> _Plan:
+    """MS1M-LT's sampling (paper App. D.1): each image of class i kept with probability
+    ``min(1, n_i / Z)`` (`keep_probabilities`), one uniform draw per image in source order."""
+    sizes = np.array([len(train_pools[index]) for index in known_classes], dtype=np.int64)
+    probabilities = keep_probabilities(sizes, reference_count=reference_count)
+    kept: dict[int, list[str]] = {}
+    unused: dict[int, list[str]] = {}
+    for index, probability in zip(known_classes, probabilities):
+        pool = train_pools[index]
+        keep = rng.random(len(pool)) < probability
+        kept[index] = [key for key, flag in zip(pool, keep) if flag]
+        unused[index] = [key for key, flag in zip(pool, keep) if not flag]
+    rank_order = sorted((index for index in known_classes if kept[index]),
+                        key=lambda index: (-len(kept[index]), index))
+    if not rank_order:
+        raise InputError("the proportional profile kept no image of any known class (a "
+                         "smaller reference_count keeps more)", value=reference_count)
+    from_test_split = test_pools is not None
+    if test_per_class is None:
+        test_per_class = 0
+    splits = _empty_splits()
+    counts: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    for label, index in enumerate(rank_order):
+        val_keys, rest = _pick(rng, unused[index], min(val_per_class, len(unused[index])))
+        test_pool = test_pools[index] if test_pools is not None else rest
+        wanted = len(test_pool) if from_test_split and test_per_class == 0 else test_per_class
+        test_keys, _ = _pick(rng, test_pool, min(wanted, len(test_pool)))
+        splits["train"] += [(key, label) for key in kept[index]]
+        splits["val"] += [(key, label) for key in val_keys]
+        splits["test"] += [(key, label) for key in test_keys]
+        for name, keys in (("train", kept[index]), ("val", val_keys), ("test", test_keys)):
+            counts[name].append(len(keys))
+    if not splits["val"]:
+        raise InputError("the proportional profile left no unused image for the val split "
+                         "(every kept class kept all its images)")
+    return _Plan(
+        rank_order=rank_order,
+        splits=splits,
+        counts=counts,
+        test_per_class=test_per_class,
+        profile_record={"name": PROPORTIONAL,
+                        "reference_count": int(reference_count if reference_count is not None
+                                               else sizes.max()),
+                        "rule": "each image kept with probability min(1, n_i / reference_count)"},
+        dropped_classes=[index for index in known_classes if not kept[index]],
+    )
+
+
+def write_benchmark(
+    source: Source,
+    out_dir: str | os.PathLike[str],
+    splits: dict[str, list[tuple[str, int]]],
+    manifest: dict[str, Any],
+    *,
+    open_class_of: Sequence[int] = (),
+    force: bool = False,
+    verify_images: bool = True,
+) -> dict[str, Any]:
+    """Write a curated benchmark: the non-empty ``splits`` as split files, ``open_classes.txt``
+    (``open_class_of``: per open image, its index in ``manifest["open_classes"]``),
+    ``classes.txt`` (``manifest["known_classes"]``) and ``manifest.json`` (``manifest`` plus
+    ``files``: the sha256 of each file). Array sources have their images exported first.
+    Everything goes into a staging sibling renamed to ``out_dir`` at the end (`_install`);
+    returns the manifest written."""
+    out_dir = Path(os.path.abspath(Path(out_dir).expanduser()))
+    _output_ready(out_dir, force, source)
+    remove_stale_staging(out_dir)
     used_keys = [key for entries in splits.values() for key, _ in entries]
     if verify_images and not source.needs_export:
         check_images([source.image_path(key) for key in used_keys])
@@ -424,48 +628,16 @@ def curate(
             if entries:
                 write_split_file(staging / f"{name}.txt", entries)
                 files[f"{name}.txt"] = sha256_file(staging / f"{name}.txt")
-        if splits["open"]:
+        if splits.get("open"):
             write_split_file(staging / OPEN_CLASSES_NAME,
                              [(key, position) for (key, _), position
                               in zip(splits["open"], open_class_of)])
             files[OPEN_CLASSES_NAME] = sha256_file(staging / OPEN_CLASSES_NAME)
-        known_names = [source.class_names[index] for index in rank_order]
         atomic_write_bytes(
-            staging / CLASSES_NAME, "".join(f"{name}\n" for name in known_names).encode("utf-8")
-        )
+            staging / CLASSES_NAME,
+            "".join(f"{name}\n" for name in manifest["known_classes"]).encode("utf-8"))
         files[CLASSES_NAME] = sha256_file(staging / CLASSES_NAME)
-        profile_record: dict[str, Any] = {
-            "name": profile,
-            "max_count": int(max_count),
-            "min_count": None if min_count is None else int(min_count),
-            "ratio": None if ratio is None else float(ratio),
-        }
-        if profile == "pareto":
-            profile_record["alpha"] = float(alpha)
-        manifest: dict[str, Any] = {
-            "format_version": FORMAT_VERSION,
-            "source": source.name,
-            "image_root": EXPORT_DIR if source.needs_export else str(source.image_root),
-            "seed": seed,
-            "profile": profile_record,
-            "val_per_class": val_per_class,
-            "test_per_class": test_per_class,
-            "open_per_class": open_per_class,
-            "known_classes": known_names,
-            "open_classes": [source.class_names[index] for index in open_classes],
-
-            "counts": {
-                "train": [int(count) for count in counts],
-                "val": [val_per_class] * len(rank_order),
-                "test": [test_per_class] * len(rank_order),
-                "open": len(splits["open"]),
-            },
-            "files": files,
-        }
-        if val_open_classes:
-            manifest["val_open_classes"] = [source.class_names[i] for i in val_open_classes]
-            manifest["val_open_per_class"] = val_open_per_class
-            manifest["counts"]["val_open"] = len(splits["val_open"])
+        manifest = {**manifest, "files": files}
         atomic_write_bytes(staging / MANIFEST_NAME, _json_bytes(manifest))
         _install(staging, out_dir, force, source)
     except BaseException:

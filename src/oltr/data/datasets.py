@@ -4,7 +4,9 @@ A curated directory holds ``train.txt``, ``val.txt``, ``test.txt``, optionally `
 ``classes.txt`` and ``manifest.json`` (see `oltr.data.curation`). A plain directory of split files
 works too: ``*train*.txt`` (required), ``*val*.txt``, ``*test*.txt``, ``*open*.txt`` and an optional
 ``classes.txt`` / ``classnames.txt``; its images are relative to ``image_root`` (default: the
-directory itself). The companion files ``classes.txt``, ``classnames.txt`` and
+directory itself), except that an open split file with a folder of the same name beside it is
+the published ImageNet-LT / Places-LT layout (`published_open_folder`): its images are in that
+folder. The companion files ``classes.txt``, ``classnames.txt`` and
 ``open_classes.txt`` are never split files, so a curated directory whose ``manifest.json`` is
 gone still reads as a plain one.
 
@@ -158,6 +160,12 @@ class Benchmark:
     split_files: dict[str, Path]
     _entries: dict[str, list[tuple[str, int]]] = field(repr=False)
     _line_numbers: dict[str, list[int]] = field(repr=False)
+    #: splits whose images lie under another root than ``image_root`` (published open folders)
+    split_roots: dict[str, Path] = field(default_factory=dict)
+
+    def split_root(self, name: str) -> Path:
+        """Where the paths of split ``name`` are relative to."""
+        return self.split_roots.get(name, self.image_root)
 
     @property
     def num_classes(self) -> int:
@@ -227,13 +235,23 @@ class Benchmark:
         """An `ImageListDataset` over split ``name`` whose errors point at its file and lines."""
         return ImageListDataset(
             self.split(name),
-            self.image_root,
+            self.split_root(name),
             transform,
             source_file=self.split_files[name],
             line_numbers=self._line_numbers[name],
             mode=mode,
             cache=cache,
         )
+
+
+def published_open_folder(split_file: Path) -> Path | None:
+    """The folder of open images that ImageNet-LT and Places-LT ship beside their open split
+    file (``ImageNet_LT_open/`` beside ``ImageNet_LT_open.txt``, the original code's
+    ``data/<name>/<name>_open/``), or None. The original loader reads that file's paths
+    relative to this folder, joining ``root + line`` when a line starts with ``/``; oltr reads
+    them the same way (`oltr.data.splits.read_split_lines`'s ``slash_is_root``)."""
+    folder = split_file.with_suffix("")
+    return folder if folder != split_file and folder.is_dir() else None
 
 
 def _split_files(data_dir: Path, manifest: dict[str, Any] | None) -> dict[str, Path]:
@@ -284,12 +302,17 @@ def load_benchmark(
 
     entries: dict[str, list[tuple[str, int]]] = {}
     line_numbers: dict[str, list[int]] = {}
+    split_roots: dict[str, Path] = {}
     for name in SPLITS:
         if name not in split_files:
             continue
+        folder = (published_open_folder(split_files[name])
+                  if manifest is None and name in OPEN_SPLITS else None)
+        if folder is not None:
+            split_roots[name] = folder
         entries[name], line_numbers[name] = read_split_lines(
             split_files[name], num_classes=num_classes, allow_open=name in OPEN_SPLITS,
-            allow_outside_root=allow_outside_root,
+            allow_outside_root=allow_outside_root, slash_is_root=folder is not None,
         )
         if name == "train" and num_classes is None:
             present = {label for _, label in entries["train"]}
@@ -330,8 +353,11 @@ def load_benchmark(
         root = data_dir
     if not root.is_dir():
         raise InputError("image root not found", path=root)
-    check_image_paths(entries, line_numbers, split_files, root,
-                      allow_outside_root=allow_outside_root)
+    for group_root in {split_roots.get(name, root) for name in entries}:
+        names = [name for name in entries if split_roots.get(name, root) == group_root]
+        check_image_paths({name: entries[name] for name in names},
+                          {name: line_numbers[name] for name in names}, split_files, group_root,
+                          allow_outside_root=allow_outside_root)
     return Benchmark(
         data_dir=data_dir,
         manifest=manifest,
@@ -341,4 +367,5 @@ def load_benchmark(
         split_files=split_files,
         _entries=entries,
         _line_numbers=line_numbers,
+        split_roots=split_roots,
     )

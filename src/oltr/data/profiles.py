@@ -90,3 +90,37 @@ def class_counts(
         values = max_count * grid ** (-(float(alpha) + 1.0))
     lowest = max(1.0, float(np.rint(max_count / imbalance)))
     return np.clip(np.rint(values), lowest, max_count).astype(np.int64)
+
+
+#: Profiles that sample each class's images at random instead of drawing fixed counts.
+PROPORTIONAL = "proportional"
+
+
+def keep_probabilities(counts: object, *, reference_count: int | None = None) -> np.ndarray:
+    """Per-class probability of keeping each image, proportional to the class's image count:
+    MS1M-LT (paper §4 and App. D.1: "we sampled images for each identity with a probability
+    proportional to the image numbers of each identity").
+
+    With ``n_i = counts[i]`` and ``Z = reference_count`` (default: the largest ``n_i``),
+    ``p_i = min(1, n_i / Z)``, float64. Every image of class i is then kept independently with
+    probability ``p_i`` (see `oltr.data.curation.curate`), so class i keeps ``n_i · p_i =
+    n_i² / Z`` images in expectation: the head keeps all of its images and the imbalance is
+    squared; a small class may keep none (the paper: 85K identities → 74.5K). The paper does
+    not state Z; ``Z = max n_i`` is the one choice that needs no further number and keeps every
+    ``p_i <= 1``. Raises ValueError for a negative, non-integer or empty ``counts`` or a
+    ``reference_count`` < 1.
+    """
+    values = np.asarray(counts)
+    if values.ndim != 1 or values.size == 0 or not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"counts must be a non-empty 1-D array of integers, got {counts!r}")
+    if (values < 0).any():
+        raise ValueError(f"counts must be >= 0, got {int(values.min())}")
+    if reference_count is None:
+        reference = int(values.max())
+    else:
+        reference = _as_int("reference_count", reference_count)
+        if reference < 1:
+            raise ValueError(f"reference_count must be >= 1, got {reference}")
+    if reference == 0:  # every class is empty
+        return np.zeros(values.shape, dtype=np.float64)
+    return np.minimum(1.0, values.astype(np.float64) / reference)

@@ -11,6 +11,11 @@ Spec strings accepted by `parse_source`:
 - ``folder:PATH`` — one sub-folder per class, images found recursively inside each by
   `oltr.data.paths.walk_images` (symbolic links followed inside PATH; a loop, a folder or file
   reached twice, or a link leading out of PATH is an error naming the link);
+- ``trainval:ROOT`` — ``ROOT/train/<class>/…`` (train) and, if present, ``ROOT/val/<class>/…``
+  (the source's test split), each read as ``folder:``; keys are relative to ROOT, so split files
+  read ``train/n01440764/n01440764_10026.JPEG 0`` and ``val/n01440764/ILSVRC2012_val_….JPEG 0``
+  as ImageNet-LT's published files do (ImageNet with its val images sorted into class folders,
+  Places365-standard's "easy directory structure"); a val class that train lacks is an error;
 - ``splits:PATH`` — a split file (train) or a directory with one ``*train*.txt`` and optionally
   one ``*test*.txt``; class names from ``classes.txt`` / ``classnames.txt`` if present. One image
   file named twice (``x`` and ``./x``, a link, a hard link), in train or between train and test,
@@ -60,7 +65,8 @@ _IDX_LABELS_MAGIC = 2049
 _CLASS_NAME_FILES = ("classes.txt", "classnames.txt")
 #: Files that sit next to split files but are not splits (``open_classes.txt``: see curation).
 NOT_SPLIT_FILES = frozenset({*_CLASS_NAME_FILES, "open_classes.txt"})
-SOURCE_KINDS = ("fashion-mnist", "fashion-mnist:ROOT", "folder:PATH", "splits:PATH")
+SOURCE_KINDS = ("fashion-mnist", "fashion-mnist:ROOT", "folder:PATH", "trainval:ROOT",
+                "splits:PATH")
 _FOLDER_OUTSIDE_HINT = ("pass allow_outside_root=True (oltr curate --allow-outside-root) to "
                         "follow it")
 
@@ -293,6 +299,36 @@ def _load_folder(spec: str, root_text: str, allow_outside_root: bool) -> Source:
     )
 
 
+def _load_train_val(spec: str, root_text: str, allow_outside_root: bool) -> Source:
+    """``trainval:ROOT``: ROOT/train/<class>/ is the train pool, ROOT/val/<class>/ (optional)
+    the source's test split; keys relative to ROOT (see the module docstring)."""
+    root = Path(root_text).expanduser()
+    if not root.is_dir():
+        raise InputError("image folder not found (trainval:ROOT wants ROOT/train/<class>/ and "
+                         "ROOT/val/<class>/)", path=root)
+    train_dir, val_dir = root / "train", root / "val"
+    if not train_dir.is_dir():
+        raise InputError("no train folder (trainval:ROOT wants ROOT/train/<class>/ and "
+                         "ROOT/val/<class>/)", path=train_dir)
+    train = _load_folder(f"folder:{train_dir}", str(train_dir), allow_outside_root)
+    test = None
+    if val_dir.is_dir():
+        val = _load_folder(f"folder:{val_dir}", str(val_dir), allow_outside_root)
+        label_of = {name: label for label, name in enumerate(train.class_names)}
+        unknown = [name for name in val.class_names if name not in label_of]
+        if unknown:
+            raise InputError(f"val class folder has no train folder ({len(unknown)} such "
+                             "classes)", path=val_dir / unknown[0])
+        test = [(f"val/{key}", label_of[val.class_names[label]]) for key, label in val.train]
+    return Source(
+        name=spec,
+        class_names=train.class_names,
+        train=[(f"train/{key}", label) for key, label in train.train],
+        test=test,
+        image_root=root.resolve(),
+    )
+
+
 # --- split files ---------------------------------------------------------------------------
 
 
@@ -413,10 +449,12 @@ def parse_source(
         raise InputError("image_root applies to 'splits:PATH' sources only", value=spec)
     if kind == "fashion-mnist":
         return _load_fashion_mnist(spec, argument or None)
-    if kind in ("folder", "splits") and not argument:
+    if kind in ("folder", "trainval", "splits") and not argument:
         raise InputError(f"'{kind}:' needs a path, as in '{kind}:PATH'", value=spec)
     if kind == "folder":
         return _load_folder(spec, argument, allow_outside_root)
+    if kind == "trainval":
+        return _load_train_val(spec, argument, allow_outside_root)
     if kind == "splits":
         return _load_splits(spec, argument, image_root, allow_outside_root)
     raise InputError(f"unknown source; expected one of {', '.join(SOURCE_KINDS)}", value=spec)

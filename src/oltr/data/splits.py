@@ -36,8 +36,13 @@ def read_split_lines(
     num_classes: int | None = None,
     allow_open: bool = True,
     allow_outside_root: bool = False,
+    slash_is_root: bool = False,
 ) -> tuple[list[tuple[str, int]], list[int]]:
     """Read a split file; return its ``(path, label)`` entries and their 1-based line numbers.
+
+    ``slash_is_root``: a leading ``/`` names the image root, not the file system's (the
+    original OLTR loader joins ``root + line`` for such lines; `oltr.data.datasets.published_open_folder`), so it is
+    dropped from the returned path.
 
     Raises InputError (naming file, line and value) for a malformed line, a non-integer label,
     a label below -1 or ``>= num_classes``, ``-1`` when ``allow_open`` is false, a path listed
@@ -57,6 +62,10 @@ def read_split_lines(
         if len(fields) != 2:
             raise InputError("expected 'path label'", path=path, line=line_number, value=raw)
         image_path, label_text = fields
+        if slash_is_root:
+            image_path = image_path.lstrip("/")
+            if not image_path:
+                raise InputError("expected 'path label'", path=path, line=line_number, value=raw)
         if not _INTEGER.fullmatch(label_text):
             raise InputError(
                 "label is not an integer", path=path, line=line_number, value=label_text

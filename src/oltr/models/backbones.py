@@ -167,10 +167,33 @@ def create_backbone(
     return backbone
 
 
+#: Keys under which training scripts commonly nest a state dict in a checkpoint file.
+CHECKPOINT_KEYS = ("state_dict", "model")
+
+
+def _unwrap_state(state: object) -> object:
+    """A checkpoint's state dict: the mapping itself, or the one under ``state_dict`` /
+    ``model`` (a training script's checkpoint), with a ``module.`` prefix on every key (a
+    ``DataParallel`` model's) removed."""
+    if isinstance(state, Mapping) and not all(isinstance(v, torch.Tensor) for v in state.values()):
+        for key in CHECKPOINT_KEYS:
+            if isinstance(state.get(key), Mapping):
+                state = state[key]
+                break
+    if isinstance(state, Mapping) and state and all(
+            isinstance(k, str) and k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
 def load_pretrained(backbone: nn.Module, path: str | PathLike[str]) -> None:
     """Load a torchvision-style state dict file into ``backbone`` (``fc.*`` keys dropped).
 
-    Every backbone key must be present with the same shape, and no other key may remain.
+    The file is read with ``torch.load(weights_only=True)``: a state dict (torchvision's
+    ``model.state_dict()``, e.g. ResNet-152 IMAGENET1K_V1 saved once), or a checkpoint holding
+    one under ``state_dict`` or ``model``; a ``module.`` prefix (``DataParallel``) is removed.
+    Every backbone key must be present with the same shape, and no other key may remain: a
+    converted model (e.g. from Caffe) must use torchvision's key names. Nothing is downloaded.
     """
     path = Path(path)
     if not path.is_file():
@@ -179,6 +202,7 @@ def load_pretrained(backbone: nn.Module, path: str | PathLike[str]) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or non-tensor files
         raise InputError(f"cannot read pretrained weights: {exc}", path=path) from exc
+    state = _unwrap_state(state)
     if not isinstance(state, Mapping) or not all(
         isinstance(v, torch.Tensor) for v in state.values()
     ):

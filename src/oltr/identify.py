@@ -1,0 +1,364 @@
+"""``oltr identify``: face identification with a trained run (paper Tab. 4: MS1M-LT → MegaFace).
+
+The run's network embeds every image as its direct feature ``v_direct`` (the ``features``
+output of :class:`oltr.models.OLTRNetwork`, the embedding the memory and the classifier read;
+the 512-d face embedding of the ms1m_lt presets), with the evaluation transform the run was
+trained with. The embeddings are streamed into ``.npy`` files (one row per image, float32,
+written batch by batch through ``numpy.lib.format.open_memmap``: a million distractors never
+sit in memory) and compared by :mod:`oltr.evaluation.identification`, which streams them in
+blocks (docs/identification.md has the protocol: hits, ties, gallery modes, pseudo-shot
+groups, attributes).
+
+Inputs:
+
+- **probes** and **gallery**: split files ``path identity`` (identities are integers; paths
+  relative to the file's folder, or to ``--image-root``); without a gallery the probes are
+  their own gallery, each left out of its own search (FaceScrub in MegaFace);
+- **distractors**: a folder of images (searched recursively) or a split file (labels ignored);
+- **pseudo-shots** (paper §4: the number of training images whose similarity to the probe is
+  above 0.7): from the run's own embeddings of its training split (``--data``, default the
+  benchmark the run was trained on), or from a reference model's embeddings of the probes and
+  of the training set (``--reference-embeddings PROBES TRAIN``: ``.npy`` / ``.safetensors``,
+  the paper's ArcFace features), or none (``--no-pseudo-shots``);
+- **attributes**: a tab-separated file ``identity<TAB>gender`` (docs/identification.md).
+
+The report (JSON) is the identification result (``rank1``, ``groups``, ``attributes``, …) plus
+what produced it: the run, stage and sha256 of the weights, the embedding, and the inputs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from oltr.artifact import run_stage_config
+from oltr.data import load_benchmark
+from oltr.data.datasets import ImageListDataset
+from oltr.data.paths import check_image_paths
+from oltr.data.splits import read_split_lines
+from oltr.errors import InputError
+from oltr.evaluation.identification import (
+    DEFAULT_THRESHOLD,
+    GALLERY_MODES,
+    TIE_RULES,
+    IdentificationProtocol,
+)
+from oltr.inference import EvalBatches, load_model
+from oltr.io import atomic_write_text, read_json_object
+from oltr.ownership import check_report_output
+from oltr.run import RUN_INFO, final_stage_dir
+from oltr.train.runtime import autocast, init_runtime
+
+IDENTIFY_REPORT_VERSION = 1
+REPORT_KIND = "identification"
+LABEL_FILES = {"probes": "probe_labels.npy", "gallery": "gallery_labels.npy"}
+EMBEDDING = ("v_direct: the network's direct feature (its 'features' output), L2-normalised "
+             "for the cosine similarity")
+
+
+def read_identities(spec: str | Path, image_root: str | Path | None, what: str
+                    ) -> tuple[list[tuple[str, int]], Path, Path]:
+    """A probe or gallery list: a split file ``path identity`` (identities >= 0). Returns its
+    entries, the root its paths are relative to (``image_root``, else the file's folder) and
+    the file. The user names the file, so paths may be absolute or contain ``..``. InputError
+    naming the file (and line) for anything else, or for a folder."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        raise InputError(f"the {what} must be a split file ('path identity' per line), not a "
+                         "folder", path=path)
+    if not path.is_file():
+        raise InputError(f"{what} list not found", path=path)
+    entries, lines = read_split_lines(path, allow_open=False, allow_outside_root=True)
+    root = Path(image_root).expanduser() if image_root is not None else path.parent
+    if not root.is_dir():
+        raise InputError("image root not found", path=root)
+    check_image_paths({what: entries}, {what: lines}, {what: path}, root,
+                      allow_outside_root=True)
+    return entries, root, path
+
+
+def read_distractors(spec: str | Path) -> tuple[list[tuple[str, int]], Path, Path | None]:
+    """Distractors: a folder of images or a split file (labels ignored), as an external open
+    set (`oltr.evaluate.open_set_entries`)."""
+    from oltr.evaluate import open_set_entries
+
+    return open_set_entries(spec)
+
+
+@torch.no_grad()
+def embed_to_file(
+    net: torch.nn.Module, dataset: ImageListDataset, data_cfg: dict[str, Any],
+    out_path: Path, *, device: torch.device, batch_size: int, num_workers: int,
+    amp: str = "off", channels_last: bool = True,
+) -> Path:
+    """Write the direct features of every image of ``dataset`` (in order) to ``out_path``, a
+    float32 ``.npy`` of shape (N, d), batch by batch (``open_memmap``: bounded memory). The
+    images go through the model's evaluation transform, read by files (never decoded whole
+    into memory)."""
+    batches = EvalBatches(dataset, data_cfg | {"loader": "files"}, batch_size=batch_size,
+                          num_workers=num_workers, device=device)
+    dim = int(net.feature_dim)
+    array = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32,
+                                      shape=(len(dataset), dim))
+    row = 0
+    use_channels_last = channels_last and getattr(net, "supports_channels_last", False)
+    for images, _ in batches:
+        images = images.to(device, non_blocking=True)
+        if use_channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(amp, device):
+            features = net(images)["features"]
+        block = features.float().cpu().numpy()
+        array[row:row + len(block)] = block
+        row += len(block)
+    assert row == len(dataset)
+    array.flush()
+    del array
+    return out_path
+
+
+def _dataset(entries: list[tuple[str, int]], root: Path, source_file: Path | None,
+             channels: int) -> ImageListDataset:
+    return ImageListDataset(entries, root, source_file=source_file,
+                            mode="L" if channels == 1 else "RGB")
+
+
+def _training_data(run_dir: Path, data: str | Path | None) -> Path:
+    """The benchmark the run trained on (``run.json``'s ``data``) unless ``data`` is given."""
+    if data is not None:
+        return Path(data).expanduser()
+    info_path = Path(run_dir) / RUN_INFO
+    if info_path.is_file():
+        recorded = read_json_object(info_path, "run description").get("data")
+        if isinstance(recorded, str) and recorded:
+            return Path(recorded)
+    raise InputError("pseudo-shots need the training images: pass --data (the benchmark the "
+                     "run was trained on), --reference-embeddings or --no-pseudo-shots",
+                     path=run_dir)
+
+
+def identify_run(
+    run_dir: str | Path,
+    probes: str | Path,
+    *,
+    gallery: str | Path | None = None,
+    distractors: str | Path | None = None,
+    image_root: str | Path | None = None,
+    data: str | Path | None = None,
+    reference_embeddings: tuple[str | Path, str | Path] | None = None,
+    pseudo_shots: bool = True,
+    attributes: str | Path | None = None,
+    gallery_mode: str = "all",
+    ties: str = "miss",
+    threshold: float = DEFAULT_THRESHOLD,
+    device: str = "auto",
+    batch_size: int | None = None,
+    embeddings_dir: str | Path | None = None,
+    output: str | Path | None = None,
+) -> dict[str, Any]:
+    """Identification report of a trained run (see the module docstring); written to
+    ``output`` if given (an existing file there must be an oltr report). ``embeddings_dir``
+    keeps the embeddings (``probes.npy``, ``probe_labels.npy``, ``gallery.npy``, …); by
+    default they go to a temporary folder removed at the end. InputError for bad input, before
+    any image is embedded where it can be checked earlier."""
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    if output is not None:
+        check_report_output(output)
+    protocol = IdentificationProtocol(gallery_mode=gallery_mode, ties=ties,
+                                      threshold=threshold)  # checks the settings
+    stage_cfg = run_stage_config(run_dir)
+    stage_dir = final_stage_dir(run_dir)
+    probe_entries, probe_root, probe_file = read_identities(probes, image_root, "probes")
+    sets: dict[str, tuple[list[tuple[str, int]], Path, Path | None]] = {
+        "probes": (probe_entries, probe_root, probe_file)}
+    if gallery is not None:
+        sets["gallery"] = read_identities(gallery, image_root, "gallery")
+    if distractors is not None:
+        sets["distractors"] = read_distractors(distractors)
+    if reference_embeddings is not None and not pseudo_shots:
+        raise InputError("--reference-embeddings give pseudo-shots; drop --no-pseudo-shots")
+    train_data = None
+    if pseudo_shots and reference_embeddings is None:
+        train_data = _training_data(run_dir, data)
+        bench = load_benchmark(train_data, image_root=stage_cfg["data"]["image_root"],
+                               allow_outside_root=stage_cfg["data"]["allow_outside_root"])
+        train = bench.dataset("train")
+        sets["train"] = (train.entries, train.image_root, train.source_file)
+    if attributes is not None and not Path(attributes).expanduser().is_file():
+        raise InputError("attribute file not found", path=attributes)
+    if batch_size is not None and batch_size < 1:
+        raise InputError("--batch-size must be >= 1", value=batch_size)
+    if embeddings_dir is not None:
+        kept = Path(embeddings_dir).expanduser()
+        if kept.exists() and (not kept.is_dir() or any(kept.iterdir())):
+            raise InputError("--embeddings-dir must be a new or empty folder (nothing there is "
+                             "overwritten)", path=kept)
+
+    runtime = init_runtime(device)
+    net, info = load_model(stage_dir, runtime.device)
+    data_cfg = dict(info["data"])
+    eval_cfg, train_cfg = stage_cfg["eval"], stage_cfg["train"]
+    workers = stage_cfg["data"]["num_workers"]
+    size = batch_size or eval_cfg["batch_size"]
+    with tempfile.TemporaryDirectory(prefix="oltr-identify-") as scratch:
+        folder = Path(embeddings_dir).expanduser() if embeddings_dir is not None else Path(scratch)
+        folder.mkdir(parents=True, exist_ok=True)
+        files: dict[str, Path] = {}
+        for name, (entries, root, source_file) in sets.items():
+            dataset = _dataset(entries, root, source_file, data_cfg["channels"])
+            print(f"embedding {len(dataset)} {name} images …", file=sys.stderr, flush=True)
+            files[name] = embed_to_file(net, dataset, data_cfg, folder / f"{name}.npy",
+                                        device=runtime.device, batch_size=size,
+                                        num_workers=workers, amp=eval_cfg["amp"],
+                                        channels_last=train_cfg["channels_last"])
+            if name in LABEL_FILES:
+                np.save(folder / LABEL_FILES[name],
+                        np.array([label for _, label in entries], dtype=np.int64))
+        labels = {name: np.array([label for _, label in sets[name][0]], dtype=np.int64)
+                  for name in ("probes", "gallery") if name in sets}
+        shot_probes = train_embeddings = None
+        if reference_embeddings is not None:
+            shot_probes, train_embeddings = (Path(p).expanduser() for p in reference_embeddings)
+        elif "train" in files:
+            train_embeddings = files["train"]
+        protocol.device = runtime.device
+        result = protocol.evaluate(
+            files["probes"], labels["probes"],
+            gallery=files.get("gallery"), gallery_labels=labels.get("gallery"),
+            distractors=files.get("distractors"), train=train_embeddings,
+            shot_probes=shot_probes, attributes=attributes)
+    inputs: dict[str, Any] = {
+        name: {"file": None if source is None else str(source), "root": str(root),
+               "images": len(entries)}
+        for name, (entries, root, source) in sets.items() if name != "train"}
+    if reference_embeddings is not None:
+        inputs["pseudo_shots"] = {"reference_embeddings": {
+            "probes": str(reference_embeddings[0]), "train": str(reference_embeddings[1])}}
+    elif train_data is not None:
+        inputs["pseudo_shots"] = {"model_embeddings_of_train": str(train_data),
+                                  "images": len(sets["train"][0])}
+    else:
+        inputs["pseudo_shots"] = None
+    if attributes is not None:
+        inputs["attributes"] = str(attributes)
+    report: dict[str, Any] = {
+        "report_version": IDENTIFY_REPORT_VERSION,
+        "kind": REPORT_KIND,
+        "run": str(run_dir),
+        "stage": info["stage"],
+        "method": stage_cfg.get("method"),
+        "weights": {"stage": info["stage"], "epoch": info.get("epoch"),
+                    "sha256": info["weights_sha256"]},
+        "embedding": EMBEDDING,
+        "embedding_dim": int(net.feature_dim),
+        "embeddings_dir": None if embeddings_dir is None else str(embeddings_dir),
+        "inputs": inputs,
+        **result,
+        "seconds": time.perf_counter() - started,
+    }
+    if output is not None:
+        output = Path(output).expanduser()
+        output.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(output, json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def format_identification(report: dict[str, Any]) -> str:
+    """Tab. 4's row for one model: rank-1 (%) overall, per pseudo-shot group and attribute."""
+    lines = [(f"{report.get('method')} (stage {report.get('stage')}): rank-1 identification "
+              f"{_pct(report['rank1'])} % over {report['trials']} trials "
+              f"({report['probes']} probes, gallery {report['gallery']}"
+              f"{' leave-one-out' if report['leave_one_out'] else ''}, "
+              f"{report['distractors']} distractors, mode {report['gallery_mode']})")]
+    if report.get("groups"):
+        names = list(report["groups"])
+        lines.append("pseudo-shots " + "  ".join(f"{name:>10}" for name in names))
+        lines.append("rank-1 %     " + "  ".join(
+            f"{_pct(report['groups'][name]['rank1']):>10}" for name in names))
+        lines.append("probes       " + "  ".join(
+            f"{report['groups'][name]['probes']:>10}" for name in names))
+    if report.get("attributes"):
+        lines.append(f"{report['attribute']}: " + ", ".join(
+            f"{value} {_pct(figures['rank1'])} % ({figures['probes']} probes)"
+            for value, figures in report["attributes"].items()))
+    return "\n".join(lines)
+
+
+def cmd_identify(args: argparse.Namespace) -> int:
+    output = args.output or Path(args.run) / "identification.json"
+    report = identify_run(
+        args.run, args.probes, gallery=args.gallery, distractors=args.distractors,
+        image_root=args.image_root, data=args.data,
+        reference_embeddings=tuple(args.reference_embeddings) if args.reference_embeddings
+        else None,
+        pseudo_shots=not args.no_pseudo_shots, attributes=args.attributes,
+        gallery_mode=args.gallery_mode, ties=args.ties, threshold=args.threshold,
+        device=args.device, batch_size=args.batch_size, embeddings_dir=args.embeddings_dir,
+        output=output)
+    print(format_identification(report))
+    print(f"report written to {output}")
+    return 0
+
+
+def add_identify_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``oltr identify`` on the ``oltr`` command's sub-parsers."""
+    p = subparsers.add_parser(
+        "identify", help="face identification by pseudo-shot group (MegaFace, paper Tab. 4)",
+        description="Embed probes, gallery, distractors and the training images with RUN's "
+                    "network (its direct features v_direct) and report rank-1 identification "
+                    "overall, per pseudo-shot group (training images with cosine similarity > "
+                    "--threshold: many >= 6, few 2-5, one = 1, zero = 0) and per attribute "
+                    "value (docs/identification.md).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("run", metavar="RUN", help="trained run directory (or a stage directory)")
+    p.add_argument("--probes", required=True, metavar="SPLIT",
+                   help="split file of probe images: 'path identity' per line")
+    p.add_argument("--gallery", metavar="SPLIT",
+                   help="split file of gallery images ('path identity'); default: the probes "
+                        "are their own gallery, each left out of its own search")
+    p.add_argument("--distractors", metavar="DIR|SPLIT",
+                   help="distractor images: a folder (searched recursively) or a split file")
+    p.add_argument("--image-root", dest="image_root", metavar="DIR",
+                   help="where the probe and gallery paths are relative to (default: the "
+                        "split file's folder)")
+    p.add_argument("--data", metavar="DIR",
+                   help="benchmark whose train split gives the pseudo-shots (default: the one "
+                        "the run was trained on, run.json)")
+    p.add_argument("--reference-embeddings", dest="reference_embeddings", nargs=2,
+                   metavar=("PROBES", "TRAIN"),
+                   help="pseudo-shots from a reference model's embeddings (.npy or "
+                        ".safetensors, rows in the order of --probes and of the training "
+                        "split), as the paper's ArcFace features, instead of the run's own")
+    p.add_argument("--no-pseudo-shots", dest="no_pseudo_shots", action="store_true",
+                   help="no pseudo-shot groups (no training images needed)")
+    p.add_argument("--attributes", metavar="FILE",
+                   help="'identity<TAB>NAME' header, then 'identity<TAB>value' rows (e.g. "
+                        "gender, Tab. 4's male / female)")
+    p.add_argument("--gallery-mode", dest="gallery_mode", choices=GALLERY_MODES, default="all",
+                   help="all: one gallery of every image; megaface: one mate per trial against "
+                        "the distractors (MegaFace challenge 1)")
+    p.add_argument("--ties", choices=TIE_RULES, default="miss",
+                   help="a mate tied with a non-mate: a miss, or a hit (MegaFace devkit)")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help="pseudo-shot cosine-similarity threshold (paper: 0.7)")
+    p.add_argument("--batch-size", dest="batch_size", type=int,
+                   help="images per forward pass (default: the run's eval.batch_size)")
+    p.add_argument("--embeddings-dir", dest="embeddings_dir", metavar="DIR",
+                   help="keep the embeddings (.npy) there (default: a temporary folder)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--output", help="report path (default RUN/identification.json)")
+    p.set_defaults(func=cmd_identify)
+    return p
