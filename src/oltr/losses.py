@@ -45,19 +45,10 @@ def _margins(features: torch.Tensor, margin: float, relative: bool) -> torch.Ten
     return margin * features.detach().float().norm(dim=1)
 
 
-class LargeMarginCentroidLoss(nn.Module):
-    """Large-margin loss of Eq. 9 **as printed** (form ``printed``), averaged over the batch:
-
-    ``L = mean_b max(0, ‖v_b − c_{y_b}‖ − Σ_{i≠y_b} ‖v_b − c_i‖ + m)``  (paper: m = 5, λ = 0.1).
-
-    Distances are Euclidean (not squared), computed with ``torch.cdist``. The repelling sum
-    runs over all K − 1 other centroids, so it grows with K and the hinge practically never
-    opens: measured at the start of stage 2 on Fashion-MNIST-LT (development curation, the
-    stage-1 model's direct features, centroids = class means) it is active for 0.0 % of the
-    train images (docs/method.md); the loss and its gradient are then exactly zero and Eq. 7
-    is plain cross-entropy. Kept to reproduce the printed equation; :class:`NearestCentroidLoss`
-    is the form that acts. ``relative=True`` scales the margin by each feature's norm.
-    """
+class _CentroidHinge(nn.Module):
+    """``mean_b max(0, ‖v_b − c_{y_b}‖ − repel_b + m_b)`` with Euclidean distances from
+    ``torch.cdist``; subclasses say what ``repel_b`` is (:meth:`_repel`). ``m_b = m``, or
+    ``m · ‖v_b‖`` (detached) with ``relative=True``."""
 
     def __init__(self, margin: float = 5.0, *, relative: bool = False) -> None:
         super().__init__()
@@ -66,15 +57,19 @@ class LargeMarginCentroidLoss(nn.Module):
         self.margin = float(margin)
         self.relative = bool(relative)
 
+    def _repel(self, distances: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def hinge(
         self, features: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor
     ) -> torch.Tensor:
         """The per-sample hinge argument (B,): the sample is *active* where it is > 0."""
         _check_inputs(features, labels, centroids)
+        labels = labels.long().unsqueeze(1)
         distances = torch.cdist(features.float(), centroids.float())  # (B, K)
-        own = distances.gather(1, labels.long().unsqueeze(1)).squeeze(1)
-        others = distances.sum(dim=1) - own
-        return own - others + _margins(features, self.margin, self.relative)
+        own = distances.gather(1, labels).squeeze(1)
+        return own - self._repel(distances, labels) + _margins(features, self.margin,
+                                                                 self.relative)
 
     def forward(
         self, features: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor
@@ -85,7 +80,25 @@ class LargeMarginCentroidLoss(nn.Module):
         return f"margin={self.margin:g}, relative={self.relative}"
 
 
-class NearestCentroidLoss(nn.Module):
+class LargeMarginCentroidLoss(_CentroidHinge):
+    """Large-margin loss of Eq. 9 **as printed** (form ``printed``), averaged over the batch:
+
+    ``L = mean_b max(0, ‖v_b − c_{y_b}‖ − Σ_{i≠y_b} ‖v_b − c_i‖ + m)``  (paper: m = 5, λ = 0.1).
+
+    The repelling sum runs over all K − 1 other centroids, so it grows with K and the hinge
+    practically never opens: measured at the start of stage 2 on Fashion-MNIST-LT (development
+    curation, the stage-1 model's direct features, centroids = class means) it is active for
+    0.0 % of the train images (docs/method.md); the loss and its gradient are then exactly zero
+    and Eq. 7 is plain cross-entropy. Kept to reproduce the printed equation;
+    :class:`NearestCentroidLoss` is the form that acts. ``relative=True`` scales the margin by
+    each feature's norm.
+    """
+
+    def _repel(self, distances: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return distances.sum(dim=1) - distances.gather(1, labels).squeeze(1)
+
+
+class NearestCentroidLoss(_CentroidHinge):
     """Large-margin centroid loss against the **nearest other** centroid (form ``nearest``, a
     triplet on the memory: anchor v, positive c_y, negative the closest c_i, i ≠ y), averaged
     over the batch:
@@ -101,34 +114,10 @@ class NearestCentroidLoss(nn.Module):
     is then ``max(0, ‖v − c_y‖ + m)`` (attraction only).
     """
 
-    def __init__(self, margin: float = 5.0, *, relative: bool = False) -> None:
-        super().__init__()
-        if margin < 0:
-            raise InputError("margin must be >= 0", value=margin)
-        self.margin = float(margin)
-        self.relative = bool(relative)
-
-    def hinge(
-        self, features: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor
-    ) -> torch.Tensor:
-        """The per-sample hinge argument (B,): the sample is *active* where it is > 0."""
-        _check_inputs(features, labels, centroids)
-        labels = labels.long().unsqueeze(1)
-        distances = torch.cdist(features.float(), centroids.float())  # (B, K)
-        own = distances.gather(1, labels).squeeze(1)
-        if centroids.shape[0] > 1:
-            nearest_other = distances.scatter(1, labels, float("inf")).min(dim=1).values
-        else:
-            nearest_other = torch.zeros_like(own)
-        return own - nearest_other + _margins(features, self.margin, self.relative)
-
-    def forward(
-        self, features: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor
-    ) -> torch.Tensor:
-        return self.hinge(features, labels, centroids).clamp_min(0).mean()
-
-    def extra_repr(self) -> str:
-        return f"margin={self.margin:g}, relative={self.relative}"
+    def _repel(self, distances: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if distances.shape[1] == 1:
+            return torch.zeros_like(distances[:, 0])
+        return distances.scatter(1, labels, float("inf")).min(dim=1).values
 
 
 class _OriginalAttract(torch.autograd.Function):
