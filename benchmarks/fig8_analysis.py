@@ -33,10 +33,10 @@ from oltr.bench import machine_description
 from oltr.config import load_config, load_saved_config
 from oltr.data import curate, load_manifest
 from oltr.data.curation import OPEN_CLASSES_NAME
-from oltr.train import train_run
 from oltr.errors import InputError
 from oltr.evaluate import evaluate_run
 from oltr.io import read_json_object
+from oltr.train import train_run
 
 CURATION = {"seed": 0, "known": 6, "open": 4, "profile": "exp", "max_count": 4000,
             "val_per_class": 100}

@@ -163,8 +163,8 @@ def main() -> None:
                         quick=False)
     runs = {name: [out / "bench" / "runs" / p for p in _run_names(results, name, data, seeds)]
             for name in variants}
-    lines = [f"Fashion-MNIST-LT, {args.protocol} protocol, curation/training seeds {seeds}; "
-             f"machine: {machine_description()}.", ""]
+    lines = [(f"Fashion-MNIST-LT, {args.protocol} protocol, curation/training seeds {seeds}; "
+             f"machine: {machine_description()}."), ""]
     summary: dict[str, Any] = {}
     if development:  # val figures only: this is where choices are made
         keys = ["val balanced", "val many", "val medium", "val few", "val_open AUROC"]

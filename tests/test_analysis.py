@@ -125,7 +125,7 @@ def test_threshold_curve_input_errors():
 def test_open_classes_curve_hand_computed_two_class_toy():
     # val max softmax .9 .8 .75 .62 → scores .1 .2 .25 .38; accepting 75 % gives t = .25:
     # reject max softmax < .75, i.e. k2 (.6), k3 (.7) and o1 (.55); k1, k4, o2 are accepted.
-    curve = open_classes_curve(toy_outputs(), [0, 1], accept_rate=0.75)
+    curve = open_classes_curve(toy_outputs(), [0, 1], accept_rate=0.75, open_score="msp")
     assert curve["threshold"] == pytest.approx(0.25)
     assert curve["num_open_classes"] == [0, 1, 2]
     assert curve["num_subsets"] == [1, 2, 1]
@@ -144,7 +144,7 @@ def test_open_classes_curve_hand_computed_two_class_toy():
 
 def test_zero_open_classes_equals_the_known_only_figures():
     outputs = toy_outputs()
-    curve = open_classes_curve(outputs, [0, 1])  # default: accept 95 % of val
+    curve = open_classes_curve(outputs, [0, 1], open_score="msp")  # default: accept 95 % of val
     test = outputs.splits["test"]
     from oltr.openset import msp_score
 
@@ -225,7 +225,7 @@ def test_plots_are_written_as_png_files(tmp_path):
     assert path.read_bytes().startswith(PNG_SIGNATURE)
     with Image.open(path) as image:
         assert image.format == "PNG" and image.width > 300
-    curves = {"plain": open_classes_curve(outputs, [0, 1])}
+    curves = {"plain": open_classes_curve(outputs, [0, 1], open_score="msp")}
     path = plot_open_classes(curves, tmp_path / "c.png")
     assert path.read_bytes().startswith(PNG_SIGNATURE)
     assert not list(tmp_path.rglob(".*"))  # no temporary left over

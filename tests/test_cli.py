@@ -101,7 +101,7 @@ def test_train_evaluate_predict_commands(fmnist_small, tiny, tmp_path, capsys) -
     assert main(["train", "--method", "plain", "--data", str(fmnist_small), "--out", str(run),
                  "--no-progress", *tiny, "train.epochs=1"]) == 0
     assert main(["evaluate", str(run), "--data", str(fmnist_small), "--open",
-                 "--threshold", "0.5"]) == 0
+                 "--open-score", "msp", "--threshold", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "closed" in out and "open" in out and "probability 0.5" in out
     report = json.loads((run / "report.json").read_text())

@@ -8,14 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from oltr.train import loop as engine
 from oltr.config import load_config
-from oltr.run import final_stage_dir
-from oltr.train import lr_factor, train_run
-from oltr.train.checkpoint import load_checkpoint
 from oltr.errors import InputError, OltrError
 from oltr.evaluate import evaluate_run
 from oltr.predict import Predictor
+from oltr.run import final_stage_dir
+from oltr.train import loop as engine
+from oltr.train import lr_factor, train_run
+from oltr.train.checkpoint import load_checkpoint
 
 
 def test_lr_factor_schedules() -> None:
@@ -142,8 +142,8 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(fmnist_small, tiny, tmp_path
 
 
 def test_auto_reachability_scale_puts_median_meta_norm_at_one() -> None:
-    from oltr.train import calibrate_reachability_scale
     from oltr.models import create_network
+    from oltr.train import calibrate_reachability_scale
 
     torch.manual_seed(0)
     net = create_network({"backbone": "resnet10_small", "width": 8, "classifier": "cosine",

@@ -22,7 +22,6 @@ import pytest
 import torch
 
 from oltr.decision import SplitOutputs, fit_decision_rule
-from oltr.run import weights_digest
 from oltr.detectors import LinearHead, create_detector, list_detectors, network_head
 from oltr.errors import InputError
 from oltr.export import (
@@ -37,6 +36,7 @@ from oltr.export import (
     export_onnx,
 )
 from oltr.models import create_network
+from oltr.run import weights_digest
 
 torch.set_num_threads(1)
 
@@ -365,7 +365,7 @@ def test_export_command_writes_the_run_with_its_decision_rule(tmp_path, capsys):
     meta = {entry.key: json.loads(entry.value) for entry in model.metadata_props}
     assert meta["oltr.export_format"] == 1 and meta["oltr.class_names"] == CLASSES
     assert meta["oltr.threshold"] == rule.threshold and meta["oltr.open_score"] == "knn"
-    assert meta["oltr.open_score_options"] == {"k": 1}
+    assert meta["oltr.open_score_options"] == {"k": 1, "normalize": True}  # every option, spelt out
     assert (meta["oltr.tau_normalization"], meta["oltr.logit_adjustment"]) == (0.5, -0.25)
     assert meta["oltr.data"] == DATA and "(x - mean) / std" in meta["oltr.input"]
     assert meta["oltr.weights_sha256"] == weights_digest(run / "stage1" / "model.safetensors")

@@ -12,9 +12,9 @@ from oltr.cli import main
 from oltr.config import load_config
 from oltr.data import load_benchmark, parse_source
 from oltr.data.splits import read_split_lines
-from oltr.run import read_history as _read_history
 from oltr.errors import InputError
 from oltr.io import read_json_object, read_text
+from oltr.run import read_history as _read_history
 
 BOM = "\ufeff"
 

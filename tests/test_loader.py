@@ -13,10 +13,10 @@ from PIL import Image
 from oltr.config import load_config, stage_config
 from oltr.data import load_benchmark
 from oltr.data.loader import ImageLoader, LoadFailure
+from oltr.errors import InputError
 from oltr.inference import dataset_for, eval_loader
 from oltr.train.loaders import build_train_loader
 from oltr.train.runtime import Runtime
-from oltr.errors import InputError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

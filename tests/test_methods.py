@@ -21,8 +21,6 @@ from oltr.decision import DecisionRule, SplitOutputs, fit_decision_rule
 from oltr.errors import InputError
 from oltr.evaluate import collect_run_outputs, evaluate_run, format_report
 from oltr.inference import collect_outputs, dataset_for, eval_loader, load_model
-from oltr.train import train_run
-from oltr.train.objective import Objective
 from oltr.losses import LiftedStructureLoss, RangeLoss
 from oltr.models import (
     CosineClassifier,
@@ -33,6 +31,8 @@ from oltr.models import (
     load_stage1_into_stage2,
     squash,
 )
+from oltr.train import train_run
+from oltr.train.objective import Objective
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -467,7 +467,8 @@ def plain_run(fmnist_small, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        config = load_config("plain", overrides=[*SMALL, "train.epochs=1", "train.amp=off"])
+        config = load_config("plain", overrides=[*SMALL, "train.epochs=1", "train.amp=off",
+                                                 "eval.open_score=msp"])
         train_run(config, fmnist_small, run, progress=False)
     finally:
         torch.set_num_threads(threads)

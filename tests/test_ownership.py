@@ -20,15 +20,15 @@ import pytest
 import torch
 from PIL import Image
 
-from oltr.train import loop as engine
 from oltr.cli import main
 from oltr.config import load_config
 from oltr.data.sources import FASHION_MNIST_SYSTEM_DIR
-from oltr.train import train_run
-from oltr.inference import load_model
-from oltr.train.checkpoint import save_model
 from oltr.errors import InputError
+from oltr.inference import load_model
 from oltr.ownership import MARKER, locked, marker_kind, remove_stale_staging, write_marker
+from oltr.train import loop as engine
+from oltr.train import train_run
+from oltr.train.checkpoint import save_model
 
 TINY = ["model.width=8", "train.batch_size=32", "train.max_steps_per_epoch=2",
         "eval.batch_size=256", "train.epochs=1"]

@@ -23,11 +23,11 @@ from safetensors.torch import load_file
 from oltr.cli import main
 from oltr.config import load_config
 from oltr.data import load_benchmark
-from oltr.train import train_run
-from oltr.train.checkpoint import load_checkpoint
 from oltr.errors import InputError, OltrError
 from oltr.evaluate import evaluate_run
 from oltr.ownership import remove_stale_temporaries, write_marker
+from oltr.train import train_run
+from oltr.train.checkpoint import load_checkpoint
 
 EPOCHS = 12
 # One OpenMP thread: the runs compared must use the same thread count, and on a busy 2-core

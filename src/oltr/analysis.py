@@ -141,7 +141,7 @@ def open_classes_curve(
     *,
     num_open_classes: int | None = None,
     accept_rate: float = 0.95,
-    open_score: str = "msp",
+    open_score: str | None = None,
     max_subsets: int = DEFAULT_MAX_SUBSETS,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -154,9 +154,19 @@ def open_classes_curve(
     averaged over every such subset (or ``max_subsets`` seeded random ones when there are
     more; ``*_std`` is their standard deviation). The threshold is fixed for all k: it accepts
     ``accept_rate`` of the known *val* images (``metrics.calibrate_threshold``), under the open
-    score ``open_score`` (``oltr.openset``). k = 0 gives the known-only figures.
+    score ``open_score`` (a stateless score of ``oltr.openset``; None: the run's own decision
+    rule's open score, ``outputs.splits[split]["open_score"]``). k = 0 gives the known-only
+    figures.
     """
-    from oltr.evaluate import open_scores as split_scores
+    from oltr.evaluate import open_scores as stateless_scores
+
+    def split_scores(split: dict[str, np.ndarray]) -> np.ndarray:
+        if open_score is None:
+            if "open_score" not in split:
+                raise InputError("the run outputs hold no open scores of the run's decision "
+                                 "rule; name a stateless open score (msp, energy, …)")
+            return np.asarray(split["open_score"], dtype=np.float64)
+        return stateless_scores(open_score, split, outputs.centroids)
 
     test, val, opened = _split(outputs, "test"), _split(outputs, "val"), _split(outputs, "open")
     classes = np.asarray(open_class_of_each_open_image)
@@ -174,13 +184,11 @@ def open_classes_curve(
     elif num_open_classes < present:
         raise InputError(f"open class index {present - 1} is out of range for "
                          f"num_open_classes={num_open_classes}", value=num_open_classes)
-    threshold = metrics.calibrate_threshold(split_scores(open_score, val, outputs.centroids),
-                                            accept_rate)
+    threshold = metrics.calibrate_threshold(split_scores(val), accept_rate)
     known_predictions = test["logits"].argmax(axis=1)
-    known_scores = split_scores(open_score, test, outputs.centroids)
+    known_scores = split_scores(test)
     open_predictions = opened["logits"].argmax(axis=1)
-    open_scores_ = (split_scores(open_score, opened, outputs.centroids) if len(classes)
-                    else np.zeros(0))
+    open_scores_ = split_scores(opened) if len(classes) else np.zeros(0)
     rng = np.random.Generator(np.random.PCG64(seed))
     curve: dict[str, Any] = {"num_open_classes": [], "num_subsets": [], "num_open_images": []}
     curve |= {key: [] for key in POINT_KEYS} | {f"{key}_std": [] for key in POINT_KEYS}
@@ -200,7 +208,8 @@ def open_classes_curve(
             mean, std = _mean_std([point[key] for point in points])
             curve[key].append(mean)
             curve[f"{key}_std"].append(std)
-    curve |= {"threshold": threshold, "accept_rate": accept_rate, "open_score": open_score,
+    used = open_score or (outputs.rule.open_score if outputs.rule is not None else "run's own")
+    curve |= {"threshold": threshold, "accept_rate": accept_rate, "open_score": used,
               "num_known_images": len(test["labels"])}
     return curve
 
@@ -471,7 +480,7 @@ def analyze(
     from the manifest); their reports come from ``reports`` (keyed by run directory) or
     ``evaluate_run``. ``threshold`` and ``open-classes`` use, per method, its run on the most
     imbalanced benchmark. ``accept_rate`` (default: the run's ``eval.accept_rate``) calibrates
-    Fig. 8c's threshold on val; its open score is the run's ``eval.open_score``.
+    Fig. 8c's threshold on val; its open score is the run's decision rule's (``RUN/decision.json``).
     """
     from oltr.data.curation import load_open_classes
     from oltr.evaluate import collect_run_outputs, evaluate_run
@@ -523,7 +532,7 @@ def analyze(
                 open_curves[name] = open_classes_curve(
                     outputs, of_image, num_open_classes=len(class_names),
                     accept_rate=eval_cfg["accept_rate"] if accept_rate is None else accept_rate,
-                    open_score=eval_cfg["open_score"], max_subsets=max_subsets, seed=seed)
+                    max_subsets=max_subsets, seed=seed)
                 open_curves[name]["open_classes"] = class_names
         if threshold_curves:
             result["curves"]["threshold"] = threshold_curves

@@ -384,17 +384,17 @@ def format_results(results: dict[str, Any]) -> str:
     lines = [
         f"# oltr bench: {results['benchmark']} ({data})",
         "",
-        f"Seeds {seeds}; mean ± std over runs (%). Epochs per method: "
+        (f"Seeds {seeds}; mean ± std over runs (%). Epochs per method: "
         f"{results['epochs'] or 'as in each preset'}; machine: {results['machine']}; "
-        f"wall time {results['wall_seconds'] / 60:.1f} min (reused runs cost nothing).",
+        f"wall time {results['wall_seconds'] / 60:.1f} min (reused runs cost nothing)."),
         "",
         "## Closed and open set (paper Tab. 3)",
         "",
-        "Open set: each run's decision rule (its open score and threshold, fitted on val; "
-        "docs/decision.md).",
+        ("Open set: each run's decision rule (its open score and threshold, fitted on val; "
+        "docs/decision.md)."),
         "",
-        "| method | closed many | closed medium | closed few | closed overall | open many | "
-        "open medium | open few | open F-measure | train min |",
+        ("| method | closed many | closed medium | closed few | closed overall | open many | "
+        "open medium | open few | open F-measure | train min |"),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, entry in summary.items():
@@ -412,8 +412,8 @@ def format_results(results: dict[str, Any]) -> str:
         for method, entry in summary.items():
             lines.append(f"| {method} | " + " | ".join(
                 _cell(entry["detectors"][d][column]) for d in detectors) + " |")
-    lines += ["", "Detectors that learn (OpenMax, kNN, reachability without a memory) are "
+    lines += ["", ("Detectors that learn (OpenMax, kNN, reachability without a memory) are "
               "fitted on train-split outputs; each detector's threshold for the F-measure is "
               "calibrated on val. The shared stage-1 training of two-stage methods counts in "
-              "full for each of them in 'train min'.", ""]
+              "full for each of them in 'train min'."), ""]
     return "\n".join(lines)

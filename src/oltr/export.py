@@ -67,8 +67,8 @@ from oltr.decision import DECISION_JSON, DecisionRule
 from oltr.detectors import MSP, network_head
 from oltr.detectors.base import Detector
 from oltr.errors import InputError, OltrError
-from oltr.run import weights_digest
 from oltr.io import atomic_write
+from oltr.run import weights_digest
 
 #: The exporter's own opset in torch 2.14 (``torch.onnx`` dynamo exporter, onnxscript's
 #: torchlib): every op is emitted natively, no version conversion.

@@ -17,7 +17,7 @@ log_dir, mode, *rest = sys.argv[1:]
 rank = os.environ["RANK"]
 log_dir = Path(log_dir)
 
-import oltr.io  # noqa: E402  (patched before any other oltr module imports it)
+import oltr.io
 
 writes: list[str] = []
 original_write = oltr.io.atomic_write

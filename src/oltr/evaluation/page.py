@@ -104,11 +104,11 @@ def build_report(run_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
         summary_rows.append({"setting": "open", **{k: _pct(opened_figures[k]) for k in
                                                    ("many", "medium", "few", "overall")},
                              "F-measure": f"{f:.3f}"})
-    text = [f"Run {run_dir} on {data_dir}; weights of stage {outputs.info['stage']}, epoch "
-            f"{outputs.info.get('epoch')} (sha256 {outputs.info['weights_sha256'][:12]}…).",
-            f"Decision rule ({outputs.rule_source}): open score {rule.open_score}, threshold "
+    text = [(f"Run {run_dir} on {data_dir}; weights of stage {outputs.info['stage']}, epoch "
+            f"{outputs.info.get('epoch')} (sha256 {outputs.info['weights_sha256'][:12]}…)."),
+            (f"Decision rule ({outputs.rule_source}): open score {rule.open_score}, threshold "
             f"{rule.threshold:.4g}, logit adjustment τ = {rule.logit_adjustment:g}, "
-            f"τ-normalisation {rule.tau_normalization:g}."]
+            f"τ-normalisation {rule.tau_normalization:g}.")]
     return render_report(out_dir, inputs, title=f"oltr report — {Path(run_dir).name}",
                          tables=[ReportTable("Accuracy (%) and F-measure", summary_rows)],
                          text=text)
@@ -140,4 +140,4 @@ def add_report_command(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-__all__ = ["add_report_command", "build_report", "InputError"]
+__all__ = ["InputError", "add_report_command", "build_report"]
