@@ -12,7 +12,7 @@ One table (printed, and written as ``OUT/speed-<device>.json`` and ``.md``):
   presets' networks and losses: ``configs/<benchmark>/oltr.yaml``) at the paper's ImageNet-LT
   size (ResNet-10 from scratch, 224 px, K = 1000; stage 2 = modulated attention +
   meta-embedding + cosine classifier + nearest-centroid loss) and at the default benchmark's
-  size (Fashion-MNIST-LT's ResNet-10 of width 32, 28 px grey, K = 8); img/s and peak memory.
+  size (Fashion-MNIST-LT's preset ResNet-10, width 16, 28 px grey, K = 8); img/s and peak memory.
 - **stage-2 head** — meta-embedding + nearest-centroid loss + cosine classifier, forward and
   backward at B = 128, K = 1000, d = 512: oltr's (B×K distances, ``torch.cdist``) against a
   straightforward B×K×d version written here as the original code does it (expand, subtract,
