@@ -7,7 +7,8 @@ The default run trains 6 models, ~22 000 train images per epoch over the three l
 (estimated 8-10 min on 2 CPU cores, from ~9 s per epoch of 6 500 images).
 
 1. Curates Fashion-MNIST-LT at three longtail levels under ``OUT/data/``: 6 known + 4 open
-   classes (curation seed 0, so the same classes at every level), exp profile 4000 → 400 / 40 /
+   classes (curation seed 1, a reporting-protocol seed — the development curation's seed 0 is
+   where choices are made — and the same classes at every level), exp profile 4000 → 400 / 40 /
    5 train images per class (imbalance ratio 10 / 100 / 800), 100 val images per class, all test
    images (1 000 per known and per open class).
 2. Trains the plain model (8 epochs) and OLTR (stage 1 6 epochs + stage 2 2 epochs with the
@@ -38,7 +39,7 @@ from oltr.evaluate import evaluate_run
 from oltr.io import read_json_object
 from oltr.train import train_run
 
-CURATION = {"seed": 0, "known": 6, "open": 4, "profile": "exp", "max_count": 4000,
+CURATION = {"seed": 1, "known": 6, "open": 4, "profile": "exp", "max_count": 4000,
             "val_per_class": 100}
 MIN_COUNTS = (400, 40, 5)
 # --quick: a small benchmark (100 test images per class) and a tiny model for a few steps
@@ -140,7 +141,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/fig8"))
-    parser.add_argument("--seed", type=int, default=0, help="training seed")
+    parser.add_argument("--seed", type=int, default=1, help="training seed")
     parser.add_argument("--min-counts", type=int, nargs="+", dest="min_counts",
                         help=f"tail-class train images per level (default {MIN_COUNTS})")
     parser.add_argument("--plain-epochs", type=int, default=8, dest="plain_epochs")
