@@ -86,9 +86,8 @@ def test_crt_cached_equals_uncached_without_augmentation(fmnist_small, tmp_path,
                         lambda *a, **k: calls.append(a[1].path.name) or store_outputs(*a, **k))
     rules = {cache: artifact.fit_decision(runs[cache], fmnist_small) for cache in ("off", "on")}
     # val for the threshold, train for the default open score (knn, which learns on train)
-    assert sorted(calls) == sorted(p.name for p in (runs["on"] / "stage2").glob("features-*.npy")
-                                   if p.name in calls)
     assert sorted(name.split("-")[1] for name in calls) == ["train", "val"]
+    assert all((runs["on"] / "stage2" / name).is_file() for name in calls)
     assert rules["on"].threshold == pytest.approx(rules["off"].threshold, rel=1e-6)
     assert rules["on"].open_score == rules["off"].open_score
 

@@ -43,6 +43,12 @@ def _write(path: Path, lines: list[str]) -> Path:
     return path
 
 
+def _write_published_splits(directory: Path, prefix: str, **splits: list[str]) -> None:
+    """``directory/<prefix>_<split>.txt`` for each split (the published LT lists' names)."""
+    for split, lines in splits.items():
+        _write(directory / f"{prefix}_{split}.txt", lines)
+
+
 # --------------------------------------------------------------------------- ImageNet-LT
 WNIDS = [f"n{1440764 + 1000 * k:08d}" for k in range(8)]
 
@@ -79,10 +85,8 @@ def imagenet_lt(directory: Path, imagenet_root: Path, *, counts: tuple[int, ...]
         name = f"n09999999_{n + 1}.JPEG"
         image(directory / "ImageNet_LT_open" / name, 50, n)
         open_lines.append(f"{name} -1")
-    _write(directory / "ImageNet_LT_train.txt", train_lines)
-    _write(directory / "ImageNet_LT_val.txt", val_lines)
-    _write(directory / "ImageNet_LT_test.txt", test_lines)
-    _write(directory / "ImageNet_LT_open.txt", open_lines)
+    _write_published_splits(directory, "ImageNet_LT", train=train_lines, val=val_lines,
+                            test=test_lines, open=open_lines)
     return directory
 
 
@@ -128,10 +132,8 @@ def places_lt(directory: Path, places_root: Path, *, counts: tuple[int, ...] = (
         name = f"Places365_test_{n + 1:08d}.jpg"
         image(directory / "Places_LT_open" / name, 60, n)
         open_lines.append(f"/{name} -1")
-    _write(directory / "Places_LT_train.txt", train_lines)
-    _write(directory / "Places_LT_val.txt", val_lines)
-    _write(directory / "Places_LT_test.txt", test_lines)
-    _write(directory / "Places_LT_open.txt", open_lines)
+    _write_published_splits(directory, "Places_LT", train=train_lines, val=val_lines,
+                            test=test_lines, open=open_lines)
     return directory
 
 
