@@ -349,3 +349,49 @@ def test_stage_key_leaves_out_later_keys_at_their_defaults():
     assert cfg["train"]["compile"] is False  # the config itself is left as it is
     assert _key("crt", "stage2", "x", ["stage2.train.feature_cache=on"]) != before
     assert _key("crt", "stage2", "x", ["train.compile=true"]) != before
+
+
+def test_a_detector_that_does_not_apply_is_recorded_and_shown_as_na():
+    """ASH needs non-negative features: on features that can be negative it is left out with
+    its reason (the bench goes on), and the tables show n/a for it."""
+    from types import SimpleNamespace
+
+    from oltr.bench import format_results, summarize
+    from oltr.evaluate import detector_scores
+    from oltr.errors import InputError
+
+    rng = np.random.default_rng(0)
+
+    def split(n: int) -> dict[str, np.ndarray]:
+        return {"logits": rng.normal(size=(n, 3)), "features": rng.normal(size=(n, 4)),
+                "labels": rng.integers(0, 3, n)}
+
+    class Tiny(torch.nn.Module):  # an OLTRNetwork's head interface: a linear classifier
+        def __init__(self) -> None:
+            super().__init__()
+            self.meta_embedding, self.classifier = None, torch.nn.Linear(4, 3).double()
+
+        def forward_head(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"logits": self.classifier(v)}
+
+    outputs = SimpleNamespace(net=Tiny().eval(), centroids=None,
+                              splits={"train": split(30), "val": split(6), "test": split(6)})
+    with pytest.raises(InputError, match="non-negative"):
+        detector_scores(["msp", "ash"], outputs, ["val", "test"])
+    inapplicable: dict[str, str] = {}
+    scores = detector_scores(["msp", "ash"], outputs, ["val", "test"],
+                             inapplicable=inapplicable)
+    assert sorted(scores) == ["msp"] and sorted(scores["msp"]) == ["test", "val"]
+    assert list(inapplicable) == ["ash"] and "non-negative" in inapplicable["ash"]
+
+    figures = {"detection_error": 0.2, "auroc": 0.8, "fpr95": 0.5, "f_measure": 0.7}
+    report = {"closed": dict.fromkeys(("many", "medium", "few", "overall"), 0.5),
+              "open": dict.fromkeys(("many", "medium", "few", "f_measure", "detection_error",
+                                     "auroc", "fpr95"), 0.5),
+              "detectors": {"msp": figures}, "detectors_inapplicable": inapplicable}
+    summary = summarize({"oltr": [report]}, ["msp", "ash"])
+    assert summary["oltr"]["detectors"]["ash"]["auroc"] == {"mean": None, "std": None, "n": 0}
+    table = format_results({"summary": summary, "seeds": [0], "data": "d", "benchmark": "b",
+                            "epochs": 2, "machine": "m", "wall_seconds": 1.0,
+                            "detectors": ["msp", "ash"]})
+    assert "| oltr | 80.0 ± 0.0 | n/a |" in table

@@ -321,7 +321,7 @@ def test_vim_matches_the_reference_computation():
     assert np.allclose(default.score(features=queries, head=linear), expected, rtol=1e-9)
 
 
-def test_vim_non_linear_heads_need_the_mean_origin():
+def test_vim_non_linear_heads_take_the_mean_origin():
     generator = np.random.default_rng(1)
     weight, bias = generator.normal(size=(4, 10)), generator.normal(size=4)
     features = np.maximum(generator.normal(size=(200, 10)) + 0.5, 0.0)
@@ -330,10 +330,14 @@ def test_vim_non_linear_heads_need_the_mean_origin():
     opaque = lambda v: head(v)  # a head whose W and b ViM cannot see
     with pytest.raises(InputError, match=r"ViM's origin u = −W⁺b needs a linear head .*"
                                          r"use ViM\(origin='mean'\)"):
-        ViM().fit(features=features, head=opaque)
+        ViM(origin="head").fit(features=features, head=opaque)
     expected, _, _ = _vim_reference(features, queries, weight, bias, 3, u=features.mean(axis=0))
     detector = ViM(principal_dim=3, origin="mean").fit(features=features, head=opaque)
     assert np.allclose(detector.score(features=queries, head=opaque), expected, rtol=1e-9)
+    automatic = ViM(principal_dim=3).fit(features=features, head=opaque)  # origin="auto"
+    assert automatic.origin_used == "mean"
+    assert np.allclose(automatic.score(features=queries, head=opaque), expected, rtol=1e-9)
+    assert ViM(principal_dim=3).fit(features=features, head=head).origin_used == "head"
     with pytest.raises(InputError, match="principal_dim must be below the feature dimension"):
         ViM(principal_dim=10).fit(features=features, head=head)
     with pytest.raises(InputError, match="unknown ViM origin"):
@@ -482,7 +486,8 @@ def test_feature_shaping_detectors_run_through_an_oltr_head():
     for detector in (ASH(), SCALE(), ViM(origin="mean").fit(features=train, head=head)):
         assert np.isfinite(detector.score(features=test, head=head)).all()
     with pytest.raises(InputError, match="needs a linear head"):
-        ViM().fit(features=train, head=head)
+        ViM(origin="head").fit(features=train, head=head)
+    assert ViM().fit(features=train, head=head).origin_used == "mean"  # auto: the mean origin
 
 
 def test_reachability_on_unit_vectors_and_with_several_prototypes_per_class():

@@ -293,7 +293,8 @@ def _run_matrix(
             report_path = run_dir / "report.json"
             report = read_json_object(report_path, "report") if report_path.exists() else None
             if report is None or not _report_is_current(report, run_dir) or sorted(
-                    report.get("detectors", {})) != sorted(detectors) or (
+                    [*report.get("detectors", {}), *report.get("detectors_inapplicable", {})]
+            ) != sorted(detectors) or (
                     sorted(report.get("open_sets", {})) != sorted(open_sets or {})) or (
                     report.get("detector_options", {}) != (detector_options or {})) or (
                     "open_score_logits" not in report):  # written before that choice existed
@@ -359,7 +360,7 @@ def summarize(reports: dict[str, list[dict[str, Any]]],
                      for c in (*OPEN_COLUMNS, *DETECTION_COLUMNS)},
             "train_minutes": _mean_std([r.get("train_seconds", 0.0) / 60 for r in runs]),
             "detectors": {
-                name: {c: _mean_std([r["detectors"][name][c] for r in runs])
+                name: {c: _mean_std([r["detectors"].get(name, {}).get(c) for r in runs])
                        for c in (*DETECTION_COLUMNS, "f_measure")}
                 for name in detectors
             },
@@ -414,6 +415,8 @@ def format_results(results: dict[str, Any]) -> str:
                 _cell(entry["detectors"][d][column]) for d in detectors) + " |")
     lines += ["", ("Detectors that learn (OpenMax, kNN, reachability without a memory) are "
               "fitted on train-split outputs; each detector's threshold for the F-measure is "
-              "calibrated on val. The shared stage-1 training of two-stage methods counts in "
-              "full for each of them in 'train min'."), ""]
+              "calibrated on val. n/a: the detector does not apply to the method's model "
+              "(e.g. ASH or SCALE on features that can be negative; the reason is in each "
+              "run's report.json, detectors_inapplicable). The shared stage-1 training of "
+              "two-stage methods counts in full for each of them in 'train min'."), ""]
     return "\n".join(lines)

@@ -30,7 +30,10 @@ COMPARISON_METHODS = (
     "plain", "class_aware", "focal", "range_loss", "lifted_loss", "fslwf",
     "crt", "tau_norm", "lws", "balanced_softmax", "logit_adjustment", "ldam_drw", "oltr",
 )
-COMPARISON_DETECTORS = ("msp", "max_logit", "energy", "odin", "openmax", "knn", "reachability")
+#: Every detector of :mod:`oltr.detectors` (``oltr bench``'s default: the comparison is run with all).
+COMPARISON_DETECTORS = ("msp", "max_logit", "energy", "odin", "openmax", "knn", "reachability",
+                        "mahalanobis", "relative_mahalanobis", "vim", "react", "ash", "scale",
+                        "gen")
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
 
 

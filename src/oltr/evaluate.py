@@ -363,11 +363,16 @@ def open_set_figures(
 def detector_scores(
     names: list[str], outputs: RunOutputs, splits: list[str],
     options: dict[str, dict[str, Any]] | None = None,
+    inapplicable: dict[str, str] | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
     """Open scores of each detector in ``names`` on each of ``splits``; detectors that learn
     are fitted on the *train* split's outputs (features, logits, labels). Reachability uses
     the model's own memory where it has one, else class means of train features; ReAct, ASH,
-    SCALE and ViM read the model's head."""
+    SCALE and ViM read the model's head.
+
+    A detector that does not apply to this model (its fit or score raises
+    :class:`~oltr.errors.InputError`, e.g. ASH on features that can be negative) raises, or —
+    with a dict ``inapplicable`` — is left out of the result and its reason recorded there."""
     options = options or {}
     head = network_head(outputs.net) if outputs.net is not None else None
     scores: dict[str, dict[str, np.ndarray]] = {}
@@ -376,17 +381,23 @@ def detector_scores(
         if name == "reachability" and outputs.centroids is not None:
             kwargs.setdefault("centroids", outputs.centroids)
         detector = create_detector(name, **kwargs)
-        if not detector.is_fitted:
-            train = outputs.splits["train"]
-            detector.fit(logits=score_logits(train), features=train["features"],
-                         labels=train["labels"], head=head)
-        scores[name] = {
-            split: detector.score(
-                logits=outputs.splits[split].get("odin_logits", score_logits(outputs.splits[split]))
-                if name == "odin" else score_logits(outputs.splits[split]),  # perturbed for ODIN
-                features=outputs.splits[split]["features"], head=head)
-            for split in splits
-        }
+        try:
+            if not detector.is_fitted:
+                train = outputs.splits["train"]
+                detector.fit(logits=score_logits(train), features=train["features"],
+                             labels=train["labels"], head=head)
+            scores[name] = {
+                split: detector.score(
+                    logits=outputs.splits[split].get("odin_logits",
+                                                     score_logits(outputs.splits[split]))
+                    if name == "odin" else score_logits(outputs.splits[split]),  # ODIN: perturbed
+                    features=outputs.splits[split]["features"], head=head)
+                for split in splits
+            }
+        except InputError as exc:
+            if inapplicable is None:
+                raise
+            inapplicable[name] = str(exc)
     return scores
 
 
@@ -558,12 +569,17 @@ def _evaluate(
                 for split in external
             }
         if detectors:
+            inapplicable: dict[str, str] = {}
             scored = detector_scores(
                 detectors, outputs,
                 ["val", "test", *(["open"] if opened is not None else []), *external],
-                detector_options)
+                detector_options, inapplicable=inapplicable)
             report["detectors"] = {}
             report["detector_options"] = detector_options or {}
+            for name, reason in inapplicable.items():
+                print(f"warning: detector {name} does not apply to this model: {reason}",
+                      file=sys.stderr)
+            report["detectors_inapplicable"] = inapplicable
             for name, by_split in scored.items():
                 cut = metrics.calibrate_threshold(by_split["val"], eval_cfg["accept_rate"])
                 entry = {} if opened is None else open_set_figures(

@@ -14,7 +14,7 @@ from oltr.detectors.mahalanobis import check_dimension
 from oltr.errors import InputError
 from oltr.openset import _as_float_tensor
 
-VIM_ORIGINS = ("head", "mean")
+VIM_ORIGINS = ("auto", "head", "mean")
 
 
 def linear_head_parameters(head: Head) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,16 +45,18 @@ class ViM(Detector):
     ``fit(features=..., head=...)`` on training features (Wang et al., §3.2–3.3):
 
     * origin u: ``−W⁺ b`` for a linear head (``origin="head"``, the paper's), where the logits
-      vanish (for W of full row rank); with ``origin="mean"``, the training features' mean — the choice for a
-      non-linear head such as OLTR's meta-embedding + cosine classifier, which has no W, b
-      (``origin="head"`` refuses such a head with an ``InputError``);
+      vanish (for W of full row rank); with ``origin="mean"``, the training features' mean — the
+      choice for a non-linear head such as OLTR's meta-embedding + cosine classifier, which has
+      no W, b (``origin="head"`` refuses such a head with an ``InputError``); ``origin="auto"``
+      (default): the paper's ``−W⁺ b`` where the head is linear, else the mean — the origin used
+      is kept in ``origin_used``;
     * principal space: the D eigenvectors of largest eigenvalue of ``Σ = (1/N) Σ_i (x_i −
       u)(x_i − u)ᵀ``; R (d, d − D) spans the rest, so ‖(x − u) R‖ is the residual norm;
     * α = mean_i max_k z_ik / mean_i ‖(x_i − u) R‖ matches the virtual logit to the logits.
 
     Args:
         principal_dim: D, 0 <= D < d; None: d // 2 (OpenOOD v1.5's 256 for ResNet-18's 512).
-        origin: ``head`` or ``mean``.
+        origin: ``auto`` (default), ``head`` or ``mean``.
 
     Inputs: ``fit(features=(N, d), head=...)``, ``score(features=(M, d), head=...)`` with
     head: features → logits (:mod:`oltr.detectors.head`).
@@ -75,7 +77,7 @@ class ViM(Detector):
     options: ClassVar[tuple[str, ...]] = ("principal_dim", "origin")
     state_names: ClassVar[tuple[str, ...]] = ("u", "residual_basis", "alpha")
 
-    def __init__(self, principal_dim: int | None = None, origin: str = "head") -> None:
+    def __init__(self, principal_dim: int | None = None, origin: str = "auto") -> None:
         if principal_dim is not None and (int(principal_dim) != principal_dim
                                           or principal_dim < 0):
             raise InputError("ViM principal_dim must be an integer >= 0 or None",
@@ -85,6 +87,7 @@ class ViM(Detector):
                              value=origin)
         self.principal_dim = None if principal_dim is None else int(principal_dim)
         self.origin = origin
+        self.origin_used: str | None = None
 
     def _fit(self, features: ArrayLike, head: Head) -> None:
         vectors = _as_float_tensor("features", features)
@@ -94,7 +97,10 @@ class ViM(Detector):
             raise InputError(f"ViM principal_dim must be below the feature dimension {dim}",
                              value=principal_dim)
         x = vectors.double()
-        if self.origin == "head":
+        origin = self.origin
+        if origin == "auto":
+            origin = "head" if isinstance(head, (LinearHead, nn.Linear)) else "mean"
+        if origin == "head":
             weight, bias = linear_head_parameters(head)
             if weight.shape[1] != dim:
                 raise InputError(f"the head takes features of dimension {weight.shape[1]}, "
@@ -109,7 +115,7 @@ class ViM(Detector):
         if not float(residual) > 0:
             raise InputError("ViM: the training features lie in the principal space (residual "
                              "norm 0); choose a smaller principal_dim", value=principal_dim)
-        self.u, self.residual_basis = u, basis
+        self.u, self.residual_basis, self.origin_used = u, basis, origin
         self.alpha = (max_logit / residual).to(torch.float64)
 
     def _state(self) -> dict[str, torch.Tensor]:
