@@ -357,8 +357,8 @@ def test_a_detector_that_does_not_apply_is_recorded_and_shown_as_na():
     from types import SimpleNamespace
 
     from oltr.bench import format_results, summarize
-    from oltr.evaluate import detector_scores
     from oltr.errors import InputError
+    from oltr.evaluate import detector_scores
 
     rng = np.random.default_rng(0)
 
