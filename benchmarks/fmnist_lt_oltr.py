@@ -51,9 +51,14 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         "stage2.train.centroid_loss=original", "stage2.train.centroid_margin=10.0",
         "stage2.train.centroid_weight=0.01", "stage2.train.centroid_relative_margin=false"]),
     "oltr, published s = 10": ("oltr", ["stage2.model.reachability_scale=10.0"]),
+    # the stage split of the 30 epochs (the preset's 22 + 8), decided on the development val
+    "oltr, stages 26 + 4": ("oltr", ["stage1.train.epochs=26", "stage2.train.epochs=4"]),
+    "oltr, stages 18 + 12": ("oltr", ["stage1.train.epochs=18", "stage2.train.epochs=12"]),
+    "oltr, stages 14 + 16": ("oltr", ["stage1.train.epochs=14", "stage2.train.epochs=16"]),
 }
 EXTRA = ("oltr, published s = 10", "oltr, original centroid loss",
-         "oltr, printed Eq. 9 (sum over all centroids)")
+         "oltr, printed Eq. 9 (sum over all centroids)", "oltr, stages 26 + 4",
+         "oltr, stages 18 + 12", "oltr, stages 14 + 16")
 DEFAULT_VARIANTS = [name for name in VARIANTS if name not in EXTRA]
 # OLTR's own open-set answers, each an evaluation of the full OLTR runs (name → eval overrides)
 OPEN_ANSWERS: dict[str, dict[str, Any]] = {

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,19 @@ def test_train_evaluate_predict_commands(fmnist_small, tiny, tmp_path, capsys) -
     assert "closed" in out and "open" in out and "probability 0.5" in out
     report = json.loads((run / "report.json").read_text())
     assert report["open"]["threshold"] == pytest.approx(0.5)
+    # the benchmark's files without its images (moved elsewhere): --image-root finds them
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for item in fmnist_small.iterdir():
+        if item.is_file() and item.suffix in (".txt", ".json"):
+            shutil.copy(item, moved / item.name)
+    args = ["evaluate", str(run), "--data", str(moved), "--open", "--open-score", "msp",
+            "--threshold", "0.5", "--output", str(tmp_path / "moved.json")]
+    assert main(args) == 2
+    assert "images" in capsys.readouterr().err  # names the missing image
+    assert main([*args, "--image-root", str(fmnist_small / "images")]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "moved.json").read_text())["closed"] == report["closed"]
     image = next((fmnist_small / "images").rglob("*.png"))
     assert main(["predict", str(run), str(image), "--format", "jsonl"]) == 0
     (line,) = capsys.readouterr().out.splitlines()

@@ -127,6 +127,34 @@ def test_auto_open_score_is_chosen_on_val_open_and_defaults_without_it():
     assert default.open_score == "knn" and "default" in default.record["open_score"]["source"]
 
 
+def test_auto_candidate_vim_is_the_papers_form():
+    """Among auto's candidates ViM needs a linear head (origin −W⁺b): with an opaque head it is
+    skipped and recorded; with a linear one it is fitted and scored like the others."""
+    from oltr.detectors.head import LinearHead
+
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(3, 6, generator=generator, dtype=torch.float64)
+    bias = torch.randn(3, generator=generator, dtype=torch.float64)
+    linear = LinearHead(weight, bias)
+
+    def split(n, labels):
+        features = torch.randn(n, 6, generator=generator, dtype=torch.float64).abs()
+        return SplitOutputs(logits=linear(features), features=features,
+                            labels=torch.as_tensor(labels))
+
+    outputs = {"train": split(90, torch.arange(3).repeat(30)),
+               "val": split(30, torch.arange(3).repeat(10)), "val_open": split(12, [-1] * 12)}
+    settings = {"open_score": "auto", "open_score_candidates": ["msp", "vim"]}
+    opaque = fit_decision_rule(settings, outputs, class_names=["a", "b", "c"],
+                               train_counts=[30, 30, 30], head=lambda v: linear(v))
+    assert "needs a linear head" in opaque.record["open_score_skipped"]["vim"]
+    assert np.isnan(opaque.record["open_score"]["objective"][1])
+    plain = fit_decision_rule(settings, outputs, class_names=["a", "b", "c"],
+                              train_counts=[30, 30, 30], head=linear)
+    assert "open_score_skipped" not in plain.record
+    assert np.isfinite(plain.record["open_score"]["objective"]).all()
+
+
 def test_rule_round_trips_through_its_files(tmp_path):
     labels = torch.arange(3).repeat_interleave(20)
     features = torch.nn.functional.one_hot(labels, 3).float() * 3 + 0.1

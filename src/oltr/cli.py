@@ -243,7 +243,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                      detector_options=_odin_options(args),
                      open_sets=_named_paths(args.open_sets),
                      output=output, skip_bad_images=args.skip_bad_images or None,
-                     strict_shots=None if args.shot_rule is None else args.shot_rule == "paper")
+                     strict_shots=None if args.shot_rule is None else args.shot_rule == "paper",
+                     image_root=args.image_root)
 
 
 def _named_paths(items: list[str] | None) -> dict[str, str] | None:
@@ -520,6 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-images", action="store_true",
                    help="skip unreadable images (counted in the report) instead of stopping "
                         "(default: the run's data.skip_bad_images)")
+    p.add_argument("--image-root", help="where the split files' image paths are looked up, "
+                   "when the images moved since training (default: the run's data.image_root, "
+                   "else the benchmark's own)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(

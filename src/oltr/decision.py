@@ -67,6 +67,11 @@ DEFAULT_OPEN_SCORE = "knn"
 #: The candidates ``eval.open_score: auto`` chooses from on ``val_open``.
 AUTO_OPEN_SCORES = ("msp", "max_logit", "energy", "gen", "knn", "mahalanobis",
                     "relative_mahalanobis", "vim", "react", "ash", "scale")
+#: Options of the auto candidates: ViM in the paper's form only (origin −W⁺b, linear heads),
+#: the candidate set with which the default open score and the reported rules were decided
+#: (docs/protocol.md); ViM's mean-origin variant for other heads is there by name
+#: (``eval.open_score: vim``, ``oltr evaluate --detector vim``).
+AUTO_CANDIDATE_OPTIONS: dict[str, dict[str, Any]] = {"vim": {"origin": "head"}}
 
 
 def select_on_grid(
@@ -448,7 +453,8 @@ def _fit_open_score(rule: DecisionRule, eval_cfg: Mapping[str, Any], context: _F
     labels = context.outputs["val"].labels.numpy()
     for candidate in candidates:
         try:  # a candidate that does not apply (ViM on a head that is not linear, ASH on
-            detector = context.fitted(candidate, {}, rule)  # negative features) is skipped
+            detector = context.fitted(  # negative features) is skipped
+                candidate, AUTO_CANDIDATE_OPTIONS.get(candidate, {}), rule)
             rule.detector, rule.open_score = detector, candidate
             known, opened = context.scores(rule, "val"), context.scores(rule, "val_open")
         except InputError as exc:

@@ -202,6 +202,7 @@ def collect_run_outputs(
     open_set: bool = True,
     runtime: Runtime | None = None,
     save_rule: bool = False,
+    image_root: str | Path | None = None,
 ) -> RunOutputs:
     """Run a trained model once over ``splits`` of ``data_dir`` (and each external open set of
     ``open_sets``, stored under ``"open:<name>"``), and apply the run's decision rule.
@@ -214,7 +215,8 @@ def collect_run_outputs(
     (temperature, ε) adds ``odin_logits`` / ``odin_features``: the outputs of ODIN's perturbed
     inputs (:func:`oltr.detectors.odin_perturb`), for every split but train. ``save_rule``:
     a rule fitted here without overrides (the run had none, or one of other weights) is saved
-    in the run (``RUN/decision.json``).
+    in the run (``RUN/decision.json``). ``image_root`` replaces the run's ``data.image_root``
+    (images moved since training; the benchmark's manifest still vouches for them).
     """
     stage_dir = final_stage_dir(run_dir)
     stage_cfg = run_stage_config(run_dir)
@@ -222,7 +224,8 @@ def collect_run_outputs(
     eval_cfg = eval_settings(stage_cfg, given)
     runtime = runtime or init_runtime(device)
     net, info = load_model(stage_dir, runtime.device)
-    bench = load_benchmark(data_dir, image_root=stage_cfg["data"]["image_root"],
+    bench = load_benchmark(data_dir, image_root=image_root if image_root is not None
+                           else stage_cfg["data"]["image_root"],
                            allow_outside_root=stage_cfg["data"]["allow_outside_root"])
     check_benchmark_fits(bench, info, data_dir)
     rule = None if given else saved_rule(Path(run_dir), info, eval_cfg, refuse_stale=False)
@@ -420,6 +423,7 @@ def evaluate_run(
     detector_options: dict[str, dict[str, Any]] | None = None,
     open_sets: dict[str, str | Path] | None = None,
     strict_shots: bool | None = None,
+    image_root: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a trained run on ``data_dir``; write the report to ``output`` if given.
 
@@ -436,7 +440,8 @@ def evaluate_run(
     ``report["open_sets"]``. ``strict_shots`` (default: the run's ``eval.strict_shots``)
     chooses the shot groups' boundaries: the paper's ``> many`` / ``< few`` or the original
     code's ``>=`` / ``<=``; it changes only how classes are grouped in the report
-    (``shot_rule`` says which), never a decision.
+    (``shot_rule`` says which), never a decision. ``image_root`` (default: the run's
+    ``data.image_root``) is where the split files' image paths are looked up.
     """
     started = time.perf_counter()
     stage_cfg = run_stage_config(run_dir)
@@ -464,7 +469,8 @@ def evaluate_run(
                          overrides=overrides, device=device, output=output,
                          skip_bad_images=skip_bad_images, detectors=detectors,
                          detector_options=detector_options, open_sets=open_sets,
-                         save_rule=save_rule, strict_shots=strict_shots)
+                         save_rule=save_rule, strict_shots=strict_shots,
+                         image_root=image_root)
 
 
 def _evaluate(
@@ -483,6 +489,7 @@ def _evaluate(
     open_sets: dict[str, str | Path] | None,
     save_rule: bool = False,
     strict_shots: bool | None = None,
+    image_root: str | Path | None = None,
 ) -> dict[str, Any]:
     """The body of :func:`evaluate_run`, its output checked and its run locked."""
     eval_settings(stage_cfg, {k: v for k, v in overrides.items() if v is not None})
@@ -504,7 +511,7 @@ def _evaluate(
     outputs = collect_run_outputs(
         run_dir, data_dir, splits, open_sets=open_sets, device=device,
         skip_bad_images=skip_bad_images, odin_perturbation=odin_perturbation,
-        overrides=overrides, open_set=open_set, save_rule=save_rule)
+        overrides=overrides, open_set=open_set, save_rule=save_rule, image_root=image_root)
     info, group_kw, train_counts = outputs.info, outputs.group_kw, outputs.train_counts
     if strict_shots is not None:
         group_kw = {**group_kw, "strict": bool(strict_shots)}
