@@ -51,6 +51,8 @@ def test_registry():
                                 "reachability", "knn", "mahalanobis", "relative_mahalanobis",
                                 "vim", "react", "ash", "scale", "gen"]
     assert list(DETECTORS) == list_detectors()
+    from oltr.config import COMPARISON_DETECTORS  # make compare runs every detector
+    assert sorted(COMPARISON_DETECTORS) == sorted(list_detectors())
     assert isinstance(create_detector("energy", temperature=2.0), Energy)
     with pytest.raises(ValueError, match="msp, max_logit, energy, odin"):
         create_detector("nope")
