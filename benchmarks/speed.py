@@ -628,6 +628,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=None,
                         help="steps per measured unit (default: GPU 20, CPU 3, quick 1)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up units (default 2)")
+    parser.add_argument("--sizes", nargs="+", choices=("imagenet_lt", "fmnist_lt"),
+                        default=["imagenet_lt", "fmnist_lt"], help="benchmark sizes to run")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -644,7 +646,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"[speed] {message}", file=sys.stderr, flush=True)
 
     cases: list[Case] = []
-    for size in sizes(device, quick):
+    for size in (s for s in sizes(device, quick) if s.name in args.sizes):
         log(f"building {size.name} cases")
         cases += training_cases(size, device, steps, args.compile)
         if args.original is not None and size.name == "imagenet_lt":

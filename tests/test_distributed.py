@@ -108,3 +108,18 @@ def test_ddp_feature_cache_written_by_rank_0_and_same_weights_as_one_process(
                            weights_only=True)["model"] for name in ("ddp", "one"))
     for key, value in one.items():
         assert torch.allclose(ddp[key].float(), value.float(), atol=1e-5), key
+
+
+def test_the_readme_launch_torchrun_m_oltr_train(fmnist_small, tmp_path):
+    """The README's command form, ``torchrun --nproc_per_node N -m oltr train …`` (python -m
+    oltr needs ``oltr/__main__.py``): two processes train one short epoch and rank 0 writes the
+    run's history."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", "-m", "oltr", "train", "--method", "plain",
+               "--data", str(fmnist_small), "--out", str(tmp_path / "run"), "--no-progress",
+               *TINY, "train.epochs=1"]
+    result = subprocess.run(command, check=False, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert len(read_history(tmp_path / "run" / "main")) == 1
