@@ -11,6 +11,10 @@ reading, decoding, augmentation and host-to-device copies included; validation e
 first epoch (workers starting, cuDNN's autotuning) is reported apart; the figure is the median of
 the later epochs. Runs (``--runs``, in this order):
 
+- ``loader-cpu`` / ``loader-device`` — the training loader alone (``build_train_loader`` of
+  the stage, as ``oltr train`` builds it), iterated for ``--epochs`` epochs without a model:
+  batches on the device, augmented and normalised; what the data path can feed;
+
 - ``cpu``    — stage 1 (the plain ResNet-10 of ImageNet-LT's preset), JPEGs decoded by Pillow in
   ``--workers`` DataLoader processes (``data.decode: cpu``, the way the original code loads);
 - ``device`` — the same with ``data.decode: device``: workers read file bytes, the batch is
@@ -49,7 +53,7 @@ from PIL import Image
 from oltr.bench import machine_description
 
 HEIGHT, WIDTH = 256, 320
-RUNS = ("cpu", "device", "ddp", "stage2")
+RUNS = ("loader-cpu", "loader-device", "cpu", "device", "ddp", "stage2")
 WNID = "n{:08d}"
 
 
@@ -144,6 +148,37 @@ def read_epochs(out: Path, stage: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def loader_speed(run: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Images per second of the training loader alone (``loader-cpu`` / ``loader-device``)."""
+    from oltr.config import load_config, stage_config
+    from oltr.data import load_benchmark
+    from oltr.train.loaders import build_train_loader
+    from oltr.train.runtime import Runtime
+
+    decode = run.split("-", 1)[1]
+    cfg = stage_config(load_config("plain", benchmark="imagenet_lt", overrides=[
+        f"data.decode={decode}", f"data.num_workers={args.workers}",
+        f"train.batch_size={args.batch}", f"data.image_root={args.data / 'images'}",
+        f"device={args.device}"]), "main")
+    device = torch.device(args.device)
+    bench = load_benchmark(args.data, image_root=cfg["data"]["image_root"])
+    loader = build_train_loader(bench, cfg, Runtime(device))
+    started, speeds = time.perf_counter(), []
+    for epoch in range(args.epochs):
+        loader.set_epoch(epoch)
+        start, seen = time.perf_counter(), 0
+        for _, labels in loader:
+            seen += len(labels)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        speeds.append(seen / (time.perf_counter() - start))
+    later = speeds[1:] or speeds
+    return {"run": run, "command": f"build_train_loader (data.decode={decode})", "exit": 0,
+            "wall_seconds": time.perf_counter() - started, "epochs": len(speeds),
+            "first_epoch_per_second": speeds[0], "per_second": statistics.median(later),
+            "all_epochs_per_second": speeds, "processes": 1}
+
+
 def measure(run: str, args: argparse.Namespace, gpus: int, log_dir: Path) -> dict[str, Any]:
     """Run one ``oltr train`` (fresh run folder) and read its epochs' images per second."""
     out = args.work / run
@@ -168,7 +203,9 @@ def measure(run: str, args: argparse.Namespace, gpus: int, log_dir: Path) -> dic
             "processes": gpus if run == "ddp" else 1}
 
 
-LABELS = {"cpu": "stage 1, Pillow decoding in {w} worker processes",
+LABELS = {"loader-cpu": "the loader alone, Pillow decoding in {w} worker processes",
+          "loader-device": "the loader alone, decoding on the device",
+          "cpu": "stage 1, Pillow decoding in {w} worker processes",
           "device": "stage 1, decoding on the device (data.decode: device)",
           "ddp": "stage 1, decoding on the device, DDP: torchrun × {g}",
           "stage2": "stage 2 (OLTR, K = 1000), decoding on the device"}
@@ -177,9 +214,9 @@ LABELS = {"cpu": "stage 1, Pillow decoding in {w} worker processes",
 def format_table(result: dict[str, Any]) -> str:
     data = result["data"]
     lines = [f"Machine: {result['machine']}",
-             f"Data: {data['images']} train JPEGs {data['width']}×{data['height']} px, "
+             (f"Data: {data['images']} train JPEGs {data['width']}×{data['height']} px, "
              f"mean {data['mean_file_kib']:.0f} KiB; batch {result['batch']}, "
-             f"{result['epochs']} epochs per run, {result['workers']} loader workers", "",
+             f"{result['epochs']} epochs per run, {result['workers']} loader workers"), "",
              "| run | img/s (median, epochs 2+) | first epoch img/s | exit |",
              "| --- | ---: | ---: | --- |"]
     for row in result["rows"]:
@@ -190,8 +227,8 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"| {label} | {speed} | {first} | {row['exit']} |")
     by_run = {row["run"]: row["per_second"] for row in result["rows"]}
     if by_run.get("cpu") and by_run.get("device"):
-        lines += ["", f"decoding on the device vs Pillow workers: "
-                      f"{by_run['device'] / by_run['cpu']:.2f}×"]
+        lines += ["", (f"decoding on the device vs Pillow workers: "
+                      f"{by_run['device'] / by_run['cpu']:.2f}×")]
     return "\n".join(lines) + "\n"
 
 
@@ -228,7 +265,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stem = args.out / f"end-to-end-{args.device}"
     for run in args.runs:
         print(f"[end-to-end] {run}", file=sys.stderr, flush=True)
-        result["rows"].append(measure(run, args, gpus, args.out))
+        try:
+            row = (loader_speed(run, args) if run.startswith("loader-")
+                   else measure(run, args, gpus, args.out))
+        except Exception as error:  # noqa: BLE001 -- a failed run is a row, the others go on
+            row = {"run": run, "exit": f"{type(error).__name__}: {error}"[:200],
+                   "per_second": None, "first_epoch_per_second": None, "processes": 1}
+        result["rows"].append(row)
         stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
         print(format_table(result), file=sys.stderr, flush=True)
     table = format_table(result)

@@ -6,7 +6,7 @@ answers, on Fashion-MNIST-LT — on the development or the reporting protocol.
     python benchmarks/fmnist_lt_oltr.py --quick                  # a smoke run (minutes)
 
 Protocols (benchmarks/README.md): *development* — the curation seed 0 (data/fmnist-lt), training
-seed 0; every design choice is made on its val and val_open splits, and this mode prints val
+seed 0 (``--seeds 0 1 2``: training seeds on that one curation); every design choice is made on its val and val_open splits, and this mode prints val
 figures only. *reporting* — fresh curations with seeds 1, 2, 3 (other known, open and
 validation-open classes, other class orders; data/fmnist-lt-s1 …), training seed = curation seed,
 test figures as mean ± std over the three, once the choices are frozen.
@@ -81,12 +81,13 @@ COLUMNS = [("closed", "many"), ("closed", "medium"), ("closed", "few"), ("closed
 
 
 def curations(protocol: str, seeds: list[int], data_root: Path) -> list[Path]:
-    """The benchmark of each curation seed (curated here when missing)."""
+    """The benchmarks of a protocol (curated here when missing): *development* — the one
+    development curation (seed 0) whatever the training ``seeds`` (the reporting curations are
+    never looked at for a choice); *reporting* — curation ``seed`` for each seed."""
     settings = protocol_defaults("fmnist_lt")
     dirs = []
-    for seed in seeds:
-        path = data_root / ("fmnist-lt" if seed == 0 and protocol == "development"
-                            else f"fmnist-lt-s{seed}")
+    for seed in [0] if protocol == "development" else seeds:
+        path = data_root / ("fmnist-lt" if protocol == "development" else f"fmnist-lt-s{seed}")
         if not (path / "manifest.json").exists():
             curate("fashion-mnist", path, **(settings | {"seed": seed}))
         dirs.append(path)
@@ -139,8 +140,9 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--protocol", choices=["development", "reporting"], default="reporting")
     parser.add_argument("--seeds", type=int, nargs="+",
-                        help="curation (= training) seeds; default 0 for development, 1 2 3 "
-                             "for reporting")
+                        help="reporting: curation (= training) seeds, default 1 2 3; "
+                             "development: training seeds on the development curation, "
+                             "default 0")
     parser.add_argument("--data-root", type=Path, default=Path("data"))
     parser.add_argument("--out", type=Path)
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
@@ -168,7 +170,8 @@ def main() -> None:
                         quick=False)
     runs = {name: [out / "bench" / "runs" / p for p in _run_names(results, name, data, seeds)]
             for name in variants}
-    lines = [(f"Fashion-MNIST-LT, {args.protocol} protocol, curation/training seeds {seeds}; "
+    seeds_said = ("training seeds" if development else "curation/training seeds")
+    lines = [(f"Fashion-MNIST-LT, {args.protocol} protocol, {seeds_said} {seeds}; "
              f"machine: {machine_description()}."), ""]
     summary: dict[str, Any] = {}
     if development:  # val figures only: this is where choices are made

@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import importlib
 import io
@@ -630,6 +631,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=None, help="warm-up units (default 2)")
     parser.add_argument("--sizes", nargs="+", choices=("imagenet_lt", "fmnist_lt"),
                         default=["imagenet_lt", "fmnist_lt"], help="benchmark sizes to run")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="training batch of every size (default: the table's)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -647,6 +650,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     cases: list[Case] = []
     for size in (s for s in sizes(device, quick) if s.name in args.sizes):
+        if args.batch:
+            size = dataclasses.replace(size, batch=args.batch)
         log(f"building {size.name} cases")
         cases += training_cases(size, device, steps, args.compile)
         if args.original is not None and size.name == "imagenet_lt":

@@ -232,8 +232,9 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 @CUDA
 def test_gpu_eval_batches_match_the_pil_transform(tmp_path):
     """nvJPEG decoding and torchvision's float resize on the GPU against the PIL eval
-    transform. Provisional tolerance (no GPU was available when this was written): at most
-    4/255 per pixel, mean below 0.5/255; the GPU check prints the measured values."""
+    transform. nvJPEG's IDCT and chroma upsampling are not libjpeg-turbo's: measured on an
+    H200 (torchvision 0.26, benchmarks/gpu.sh, 2026-11-30) at most 14/255 on a pixel, mean
+    0.38/255; the bound is 16/255 per pixel and 0.5/255 on average (docs/speed.md)."""
     bench = load_benchmark(jpeg_benchmark(tmp_path / "b"))
     batches = {}
     for decode, device in (("cpu", "cpu"), ("device", "cuda")):
@@ -244,7 +245,7 @@ def test_gpu_eval_batches_match_the_pil_transform(tmp_path):
     std = torch.tensor(data_config()["data"]["std"]).view(1, 3, 1, 1)
     levels = ((batches["device"] - batches["cpu"]) * std * 255).abs()
     print(f"GPU eval vs PIL: max {float(levels.max()):.3f}/255, mean {float(levels.mean()):.4f}/255")
-    assert float(levels.max()) <= 4.0 and float(levels.mean()) <= 0.5
+    assert float(levels.max()) <= 16.0 and float(levels.mean()) <= 0.5
 
 
 @CUDA
@@ -263,4 +264,42 @@ def test_gpu_training_batches_and_prefetcher(tmp_path):
     for loader in (on_gpu, on_cpu):
         loader.set_epoch(0)
     for (a, la), (b, lb) in zip(on_gpu, on_cpu):  # side-stream copies, normalised on the GPU
-        assert a.device.type == "cuda" and torch.equal(a.cpu(), b) and torch.equal(la.cpu(), lb)
+        # normalised on the GPU: equal to the CPU's ToTensor + Normalize within float rounding
+        # (the division rounds differently there; measured on an H200, 2026-11-30)
+        assert a.device.type == "cuda" and torch.equal(la.cpu(), lb)
+        torch.testing.assert_close(a.cpu(), b, rtol=0, atol=1e-6)
+
+
+@CUDA
+def test_gpu_decode_never_writes_memory_that_queued_work_still_reads(tmp_path):
+    """nvJPEG's hardware decoder ignores stream order (oltr/data/jpeg.py): with a long kernel
+    queued, reductions over tensors of a decoded image's byte size queued behind it, and
+    those tensors freed, a decode must not overwrite them before the reductions run. Counts
+    the corrupted trials of plain ``torchvision.io.decode_jpeg`` too (printed, not asserted:
+    it depends on the GPU having the hardware decoder)."""
+    from torchvision.io import decode_jpeg
+
+    from oltr.data.jpeg import _decode_jpeg
+
+    data = [torch.frombuffer(bytearray(jpeg_bytes(photo(256, 320, seed=k))), dtype=torch.uint8)
+            for k in range(8)]
+    elements = 3 * 256 * 320 // 4  # float32 elements in one decoded image's bytes
+    expected = torch.tensor([float(k + 1) * elements for k in range(len(data))])
+    cuda = torch.device("cuda")
+
+    def corrupted(decode) -> int:
+        wrong = 0
+        for _ in range(20):
+            tensors = [torch.full((elements,), float(k + 1), device=cuda)
+                       for k in range(len(data))]
+            torch.cuda._sleep(50_000_000)  # ~25 ms of queued work before the reductions
+            sums = [t.sum() for t in tensors]
+            del tensors  # freed while the reductions are still queued
+            decode()
+            wrong += int(not torch.equal(torch.stack(sums).cpu(), expected))
+        return wrong
+
+    plain = corrupted(lambda: decode_jpeg(data, device=cuda))
+    ours = corrupted(lambda: _decode_jpeg(data, cuda))
+    print(f"corrupted trials of 20: torchvision.io.decode_jpeg {plain}, oltr {ours}")
+    assert ours == 0

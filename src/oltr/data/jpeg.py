@@ -19,6 +19,17 @@ Which files are decoded where (decided here, documented in docs/speed.md):
   retried alone, then read by Pillow in the main process; if Pillow fails too, its error names
   the split file, line and image, as every other unreadable image does.
 
+**Stream safety on CUDA.** nvJPEG's hardware decoder does not honour the stream it is given:
+with work still queued on that stream it can write its output into memory the caching
+allocator just handed back — blocks that queued kernels still read — and the caller sees wrong
+numbers or NaNs far from the decoder (meta-pytorch/torchcodec#1634, pytorch/vision#9606). Seen
+here: ``oltr train`` with ``data.decode: device`` on an H200 (torchvision 0.26) stopped with a
+NaN loss within an epoch. So :func:`_decode_jpeg` decodes on a side stream of its own that
+holds no queued work when the decoder starts (synchronised first), so the decoder only gets
+blocks of that stream; the compute stream waits for the side stream, and the outputs are
+recorded on the compute stream, so their blocks are not reused while it reads them. The compute
+stream is never synchronised: the GPU goes on with the previous step while a batch decodes.
+
 Pixels: RGB decodes equal Pillow's (libjpeg-turbo both, same IDCT and upsampling; measured
 equal on the CPU). For one-channel models (``L``) the RGB decode is converted with Pillow's
 own integer luma (``(19595 R + 38470 G + 7471 B + 2¹⁵) >> 16``), so grey pixels equal
@@ -142,15 +153,36 @@ def decode_images(payloads: Sequence[torch.Tensor], indices: Sequence[int],
     return images  # type: ignore[return-value]
 
 
+_SIDE_STREAMS: dict[int, Any] = {}
+
+
 def _decode_jpeg(data: Any, device: torch.device) -> Any:
     """``torchvision.io.decode_jpeg`` to RGB on ``device``, without torchvision 0.29's
-    per-call notice that its image codecs will move to TorchCodec (docs/speed.md)."""
+    per-call notice that its image codecs will move to TorchCodec (docs/speed.md). On CUDA
+    on a side stream with nothing queued (the module docstring: nvJPEG ignores stream order),
+    the outputs handed to the current stream."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning,
-                                message="The image decoding and encoding capabilities")
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    def decode() -> Any:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning,
+                                    message="The image decoding and encoding capabilities")
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+    if device.type != "cuda":
+        return decode()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    side = _SIDE_STREAMS.get(index)
+    if side is None:
+        side = _SIDE_STREAMS[index] = torch.cuda.Stream(index)
+    compute = torch.cuda.current_stream(index)
+    side.synchronize()  # nothing of the side stream's own still queued when nvJPEG writes
+    with torch.cuda.stream(side):
+        decoded = decode()
+    compute.wait_stream(side)
+    for image in decoded if isinstance(decoded, list) else [decoded]:
+        image.record_stream(compute)
+    return decoded
 
 
 def _decode_one(data: torch.Tensor, index: int, dataset: ImageListDataset,

@@ -156,8 +156,8 @@ class DevicePrefetcher:
     (timm's ``PrefetchLoader``): on CUDA the host→device copy of batch k+1 runs on a side
     stream, the compute stream waits for it only when batch k+1 is taken, and the tensors
     are recorded on the compute stream (so the allocator does not reuse them early). uint8
-    images are normalised on the device (``mean``/``std``: exactly ToTensor + Normalize,
-    `oltr.train.augment.normalize_uint8`). On other devices it only moves and normalises.
+    images are normalised on the device (``mean``/``std``: ToTensor + Normalize, exactly on
+    the CPU and within 1e-6 on CUDA, `oltr.train.augment.normalize_uint8`). On other devices it only moves and normalises.
     ``set_epoch`` and ``sampler`` are the wrapped loader's."""
 
     def __init__(self, loader: Any, device: torch.device, *,
