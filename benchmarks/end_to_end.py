@@ -11,6 +11,9 @@ reading, decoding, augmentation and host-to-device copies included; validation e
 first epoch (workers starting, cuDNN's autotuning) is reported apart; the figure is the median of
 the later epochs. Runs (``--runs``, in this order):
 
+- ``bytes`` — the workers' part of ``data.decode: device`` alone (file bytes to the main
+  process, nothing decoded), each batch packed into one buffer (``oltr.data.jpeg.pack_encoded``,
+  what the loader does) and, as the baseline in the same process, as one tensor per image;
 - ``loader-cpu`` / ``loader-device`` — the training loader alone (``build_train_loader`` of
   the stage, as ``oltr train`` builds it), iterated for ``--epochs`` epochs without a model:
   batches on the device, augmented and normalised; what the data path can feed;
@@ -53,7 +56,7 @@ from PIL import Image
 from oltr.bench import machine_description
 
 HEIGHT, WIDTH = 256, 320
-RUNS = ("loader-cpu", "loader-device", "cpu", "device", "ddp", "stage2")
+RUNS = ("bytes", "loader-cpu", "loader-device", "cpu", "device", "ddp", "stage2")
 WNID = "n{:08d}"
 
 
@@ -148,6 +151,49 @@ def read_epochs(out: Path, stage: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def bytes_speed(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The ``bytes`` rows: the DataLoader of ``data.decode: device`` delivering file bytes,
+    one tensor per image (``collate_fn=list``, the baseline) vs packed per batch."""
+    from oltr.config import load_config, stage_config
+    from oltr.data import load_benchmark
+    from oltr.data.jpeg import EncodedImages, pack_encoded
+    from oltr.data.loader import ImageLoader
+    from oltr.inference import dataset_for
+    from oltr.train.loaders import _EncodedItems, _TaggedSampler, make_sampler
+    from oltr.train.runtime import Runtime
+
+    cfg = stage_config(load_config("plain", benchmark="imagenet_lt", overrides=[
+        f"data.image_root={args.data / 'images'}", "data.decode=device",
+        f"train.batch_size={args.batch}", "device=cpu"]), "main")
+    bench = load_benchmark(args.data, image_root=cfg["data"]["image_root"])
+    dataset = dataset_for(bench, "train", cfg["data"], train=True)
+    sampler = make_sampler(dataset.labels, cfg["train"], 0, Runtime(torch.device("cpu")))
+    loaders = {name: ImageLoader(_EncodedItems(EncodedImages(dataset)),
+                                 sampler=_TaggedSampler(sampler), batch_size=args.batch,
+                                 num_workers=args.workers, drop_last=True,
+                                 pin_memory=args.device == "cuda",
+                                 persistent_workers=args.workers > 0, collate_fn=collate)
+               for name, collate in (("bytes-per-image", list), ("bytes", pack_encoded))}
+    speeds: dict[str, list[float]] = {name: [] for name in loaders}
+    started = time.perf_counter()
+    for epoch in range(args.epochs):  # interleaved, so drift hits both alike
+        for name, loader in loaders.items():
+            sampler.set_epoch(epoch)
+            start, seen = time.perf_counter(), 0
+            for batch in loader:
+                seen += args.batch
+            speeds[name].append(seen / (time.perf_counter() - start))
+    rows = []
+    for name, values in speeds.items():
+        later = values[1:] or values
+        rows.append({"run": name, "command": "the byte loader alone", "exit": 0,
+                     "wall_seconds": time.perf_counter() - started, "epochs": len(values),
+                     "first_epoch_per_second": values[0],
+                     "per_second": statistics.median(later), "all_epochs_per_second": values,
+                     "processes": 1})
+    return rows
+
+
 def loader_speed(run: str, args: argparse.Namespace) -> dict[str, Any]:
     """Images per second of the training loader alone (``loader-cpu`` / ``loader-device``)."""
     from oltr.config import load_config, stage_config
@@ -203,7 +249,9 @@ def measure(run: str, args: argparse.Namespace, gpus: int, log_dir: Path) -> dic
             "processes": gpus if run == "ddp" else 1}
 
 
-LABELS = {"loader-cpu": "the loader alone, Pillow decoding in {w} worker processes",
+LABELS = {"bytes-per-image": "file bytes alone, one tensor per image (the former loader)",
+          "bytes": "file bytes alone, packed per batch (data.decode: device's workers)",
+          "loader-cpu": "the loader alone, Pillow decoding in {w} worker processes",
           "loader-device": "the loader alone, decoding on the device",
           "cpu": "stage 1, Pillow decoding in {w} worker processes",
           "device": "stage 1, decoding on the device (data.decode: device)",
@@ -226,6 +274,9 @@ def format_table(result: dict[str, Any]) -> str:
                  else f"{row['first_epoch_per_second']:,.0f}")
         lines.append(f"| {label} | {speed} | {first} | {row['exit']} |")
     by_run = {row["run"]: row["per_second"] for row in result["rows"]}
+    if by_run.get("bytes") and by_run.get("bytes-per-image"):
+        lines += ["", ("file bytes packed per batch vs a tensor per image: "
+                       f"{by_run['bytes'] / by_run['bytes-per-image']:.2f}×")]
     if by_run.get("cpu") and by_run.get("device"):
         lines += ["", (f"decoding on the device vs Pillow workers: "
                       f"{by_run['device'] / by_run['cpu']:.2f}×")]
@@ -266,12 +317,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for run in args.runs:
         print(f"[end-to-end] {run}", file=sys.stderr, flush=True)
         try:
-            row = (loader_speed(run, args) if run.startswith("loader-")
-                   else measure(run, args, gpus, args.out))
+            rows = (bytes_speed(args) if run == "bytes" else
+                    [loader_speed(run, args)] if run.startswith("loader-")
+                    else [measure(run, args, gpus, args.out)])
         except Exception as error:  # noqa: BLE001 -- a failed run is a row, the others go on
-            row = {"run": run, "exit": f"{type(error).__name__}: {error}"[:200],
-                   "per_second": None, "first_epoch_per_second": None, "processes": 1}
-        result["rows"].append(row)
+            rows = [{"run": run, "exit": f"{type(error).__name__}: {error}"[:200],
+                     "per_second": None, "first_epoch_per_second": None, "processes": 1}]
+        result["rows"] += rows
         stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
         print(format_table(result), file=sys.stderr, flush=True)
     table = format_table(result)

@@ -303,3 +303,20 @@ def test_gpu_decode_never_writes_memory_that_queued_work_still_reads(tmp_path):
     ours = corrupted(lambda: _decode_jpeg(data, cuda))
     print(f"corrupted trials of 20: torchvision.io.decode_jpeg {plain}, oltr {ours}")
     assert ours == 0
+
+
+def test_pack_encoded_round_trip():
+    """A batch of byte payloads and a Pillow-decoded image crosses as one buffer + offsets and
+    comes back as the same payloads, in order, with its field columns."""
+    from oltr.data.jpeg import pack_encoded, unpack_encoded
+
+    jpeg_a = torch.tensor([255, 216, 1, 2, 3], dtype=torch.uint8)
+    jpeg_b = torch.tensor([255, 216, 9], dtype=torch.uint8)
+    decoded = torch.arange(12, dtype=torch.uint8).view(3, 2, 2)
+    batch = pack_encoded([(jpeg_a, 0, 10, 100), (decoded, 1, 11, 101), (jpeg_b, 2, 12, 102)])
+    buffer, offsets, _, _ = batch
+    assert buffer.tolist() == [255, 216, 1, 2, 3, 255, 216, 9]
+    assert offsets.tolist() == [0, 5, 5, 8]
+    payloads, (labels, indices, positions) = unpack_encoded(batch)
+    assert [p.tolist() for p in payloads] == [jpeg_a.tolist(), decoded.tolist(), jpeg_b.tolist()]
+    assert (labels, indices, positions) == ([0, 1, 2], [10, 11, 12], [100, 101, 102])

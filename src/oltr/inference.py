@@ -21,7 +21,7 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from oltr.data import Benchmark, ImageListDataset, build_transform
-from oltr.data.jpeg import EncodedImages, decode_images
+from oltr.data.jpeg import EncodedImages, decode_images, pack_encoded, unpack_encoded
 from oltr.data.loader import ImageLoader
 from oltr.data.tensors import TensorImages, use_tensor_path
 from oltr.decision import SplitOutputs
@@ -135,7 +135,7 @@ class EvalBatches:
                 data_cfg["image_size"], data_cfg["mean"], data_cfg["std"], train=False)
             self.loader = ImageLoader(Subset(EncodedImages(dataset), self.indices.tolist()),
                                       batch_size=batch_size, shuffle=False,
-                                      num_workers=num_workers, collate_fn=list)
+                                      num_workers=num_workers, collate_fn=pack_encoded)
         else:
             dataset.transform = eval_transform(data_cfg)
             subset = dataset if indices is None else Subset(dataset, self.indices.tolist())
@@ -150,8 +150,8 @@ class EvalBatches:
                 yield normalize_uint8(images, self.mean, self.std), labels
         elif self.device_decode is not None:
             assert self.loader is not None
-            for items in self.loader:
-                payloads, labels, indices = zip(*items)
+            for batch in self.loader:
+                payloads, (labels, indices) = unpack_encoded(batch)
                 images = decode_images(payloads, indices, self.dataset, self.device)
                 yield self.device_decode(images), torch.as_tensor(labels, dtype=torch.int64)
         else:

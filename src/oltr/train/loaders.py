@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from oltr.data import Benchmark, ImageListDataset, build_transform
-from oltr.data.jpeg import EncodedImages, decode_images
+from oltr.data.jpeg import EncodedImages, decode_images, pack_encoded, unpack_encoded
 from oltr.data.loader import ImageLoader
 from oltr.data.samplers import ClassAwareSampler, InstanceSampler
 from oltr.data.tensors import TensorImages, use_tensor_path
@@ -237,15 +237,15 @@ class DeviceDecodeTrainLoader:
             _EncodedItems(EncodedImages(dataset)), sampler=_TaggedSampler(sampler),
             batch_size=batch_size, num_workers=num_workers, drop_last=drop_last,
             pin_memory=self.device.type == "cuda", persistent_workers=num_workers > 0,
-            collate_fn=list)
+            collate_fn=pack_encoded)
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
         self.transform.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for items in self.loader:
-            payloads, labels, indices, positions = zip(*items)
+        for batch in self.loader:
+            payloads, (labels, indices, positions) = unpack_encoded(batch)
             images = decode_images(payloads, indices, self.dataset, self.device)
             yield (self.transform(images, np.asarray(positions, dtype=np.int64)),
                    torch.as_tensor(labels, dtype=torch.int64).to(self.device))
