@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -151,21 +150,41 @@ def read_epochs(out: Path, stage: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def epoch_row(run: str, command: str, exit_code: Any, started: float, speeds: list[float],
+              processes: int = 1) -> dict[str, Any]:
+    """A table row from a run's images per second per epoch (the first epoch reported apart,
+    the figure the median of the later ones)."""
+    later = speeds[1:] or speeds
+    return {"run": run, "command": command, "exit": exit_code,
+            "wall_seconds": time.perf_counter() - started, "epochs": len(speeds),
+            "first_epoch_per_second": speeds[0] if speeds else None,
+            "per_second": statistics.median(later) if later else None,
+            "all_epochs_per_second": speeds, "processes": processes}
+
+
+def stage_and_benchmark(args: argparse.Namespace, decode: str, device: str
+                        ) -> tuple[dict[str, Any], Any]:
+    """The flat config of ImageNet-LT's plain stage as these runs set it, and the benchmark."""
+    from oltr.config import load_config, stage_config
+    from oltr.data import load_benchmark
+
+    cfg = stage_config(load_config("plain", benchmark="imagenet_lt", overrides=[
+        f"data.decode={decode}", f"data.num_workers={args.workers}",
+        f"train.batch_size={args.batch}", f"data.image_root={args.data / 'images'}",
+        f"device={device}"]), "main")
+    return cfg, load_benchmark(args.data, image_root=cfg["data"]["image_root"])
+
+
 def bytes_speed(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The ``bytes`` rows: the DataLoader of ``data.decode: device`` delivering file bytes,
     one tensor per image (``collate_fn=list``, the baseline) vs packed per batch."""
-    from oltr.config import load_config, stage_config
-    from oltr.data import load_benchmark
     from oltr.data.jpeg import EncodedImages, pack_encoded
     from oltr.data.loader import ImageLoader
     from oltr.inference import dataset_for
     from oltr.train.loaders import _EncodedItems, _TaggedSampler, make_sampler
     from oltr.train.runtime import Runtime
 
-    cfg = stage_config(load_config("plain", benchmark="imagenet_lt", overrides=[
-        f"data.image_root={args.data / 'images'}", "data.decode=device",
-        f"train.batch_size={args.batch}", "device=cpu"]), "main")
-    bench = load_benchmark(args.data, image_root=cfg["data"]["image_root"])
+    cfg, bench = stage_and_benchmark(args, "device", "cpu")
     dataset = dataset_for(bench, "train", cfg["data"], train=True)
     sampler = make_sampler(dataset.labels, cfg["train"], 0, Runtime(torch.device("cpu")))
     loaders = {name: ImageLoader(_EncodedItems(EncodedImages(dataset)),
@@ -180,34 +199,21 @@ def bytes_speed(args: argparse.Namespace) -> list[dict[str, Any]]:
         for name, loader in loaders.items():
             sampler.set_epoch(epoch)
             start, seen = time.perf_counter(), 0
-            for batch in loader:
+            for _ in loader:
                 seen += args.batch
             speeds[name].append(seen / (time.perf_counter() - start))
-    rows = []
-    for name, values in speeds.items():
-        later = values[1:] or values
-        rows.append({"run": name, "command": "the byte loader alone", "exit": 0,
-                     "wall_seconds": time.perf_counter() - started, "epochs": len(values),
-                     "first_epoch_per_second": values[0],
-                     "per_second": statistics.median(later), "all_epochs_per_second": values,
-                     "processes": 1})
-    return rows
+    return [epoch_row(name, "the byte loader alone", 0, started, values)
+            for name, values in speeds.items()]
 
 
 def loader_speed(run: str, args: argparse.Namespace) -> dict[str, Any]:
     """Images per second of the training loader alone (``loader-cpu`` / ``loader-device``)."""
-    from oltr.config import load_config, stage_config
-    from oltr.data import load_benchmark
     from oltr.train.loaders import build_train_loader
     from oltr.train.runtime import Runtime
 
     decode = run.split("-", 1)[1]
-    cfg = stage_config(load_config("plain", benchmark="imagenet_lt", overrides=[
-        f"data.decode={decode}", f"data.num_workers={args.workers}",
-        f"train.batch_size={args.batch}", f"data.image_root={args.data / 'images'}",
-        f"device={args.device}"]), "main")
+    cfg, bench = stage_and_benchmark(args, decode, args.device)
     device = torch.device(args.device)
-    bench = load_benchmark(args.data, image_root=cfg["data"]["image_root"])
     loader = build_train_loader(bench, cfg, Runtime(device))
     started, speeds = time.perf_counter(), []
     for epoch in range(args.epochs):
@@ -218,18 +224,17 @@ def loader_speed(run: str, args: argparse.Namespace) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         speeds.append(seen / (time.perf_counter() - start))
-    later = speeds[1:] or speeds
-    return {"run": run, "command": f"build_train_loader (data.decode={decode})", "exit": 0,
-            "wall_seconds": time.perf_counter() - started, "epochs": len(speeds),
-            "first_epoch_per_second": speeds[0], "per_second": statistics.median(later),
-            "all_epochs_per_second": speeds, "processes": 1}
+    return epoch_row(run, f"build_train_loader (data.decode={decode})", 0, started, speeds)
 
 
 def measure(run: str, args: argparse.Namespace, gpus: int, log_dir: Path) -> dict[str, Any]:
-    """Run one ``oltr train`` (fresh run folder) and read its epochs' images per second."""
+    """Run one ``oltr train`` into ``WORK/RUN`` and read its epochs' images per second. A
+    folder there from an earlier run is replaced only when oltr's run marker shows oltr wrote
+    it (`oltr.ownership`); anything else stays, and ``oltr train`` refuses it (an error row)."""
+    from oltr.ownership import remove_owned_tree
+
     out = args.work / run
-    if out.exists():
-        shutil.rmtree(out)  # this benchmark's own scratch run, written by it
+    remove_owned_tree(out, "run")
     command = train_command(run, args, out, gpus)
     started = time.perf_counter()
     with open(log_dir / f"end-to-end-{run}.log", "w") as log:
@@ -239,14 +244,9 @@ def measure(run: str, args: argparse.Namespace, gpus: int, log_dir: Path) -> dic
         except subprocess.TimeoutExpired:
             code = "timeout"
     epochs = read_epochs(out, "stage2" if run == "stage2" else "main")
-    speeds = [e["images_per_second"] for e in epochs]
-    later = speeds[1:] or speeds
-    return {"run": run, "command": " ".join(command[1:]), "exit": code,
-            "wall_seconds": time.perf_counter() - started, "epochs": len(speeds),
-            "first_epoch_per_second": speeds[0] if speeds else None,
-            "per_second": statistics.median(later) if later else None,
-            "all_epochs_per_second": speeds,
-            "processes": gpus if run == "ddp" else 1}
+    return epoch_row(run, " ".join(command[1:]), code, started,
+                     [e["images_per_second"] for e in epochs],
+                     processes=gpus if run == "ddp" else 1)
 
 
 LABELS = {"bytes-per-image": "file bytes alone, one tensor per image (the former loader)",
@@ -296,7 +296,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
     parser.add_argument("--data", type=Path, default=Path("runs/end-to-end/data"))
     parser.add_argument("--work", type=Path, default=Path("runs/end-to-end/runs"),
-                        help="scratch run folders (each run's folder is replaced)")
+                        help="scratch run folders (a run's earlier folder is replaced when "
+                             "oltr wrote it)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per run")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)

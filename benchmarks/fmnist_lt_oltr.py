@@ -6,10 +6,11 @@ answers, on Fashion-MNIST-LT — on the development or the reporting protocol.
     python benchmarks/fmnist_lt_oltr.py --quick                  # a smoke run (minutes)
 
 Protocols (benchmarks/README.md): *development* — the curation seed 0 (data/fmnist-lt), training
-seed 0 (``--seeds 0 1 2``: training seeds on that one curation); every design choice is made on its val and val_open splits, and this mode prints val
-figures only. *reporting* — fresh curations with seeds 1, 2, 3 (other known, open and
-validation-open classes, other class orders; data/fmnist-lt-s1 …), training seed = curation seed,
-test figures as mean ± std over the three, once the choices are frozen.
+seed 0 (``--seeds 0 1 2``: training seeds on that one curation); every design choice is made on
+its val and val_open splits, and this mode prints val figures only. *reporting* — fresh
+curations with seeds 1, 2, 3 (other known, open and validation-open classes, other class orders;
+data/fmnist-lt-s1 …), training seed = curation seed, test figures as mean ± std over the three,
+once the choices are frozen.
 
 Every variant is a method of `oltr bench` (oltr.bench.run_bench): stages are cached, so every
 OLTR variant shares its stage 1 and a killed benchmark continues where it stopped. Each run's

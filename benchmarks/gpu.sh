@@ -23,7 +23,13 @@ E2E_ARGS=${E2E_ARGS:-}
 STEPS=" ${STEPS:-env cuda-tests speed end-to-end compile} "
 E2E_RUNS=${E2E_RUNS:-bytes loader-cpu loader-device cpu device ddp stage2}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-mkdir -p "$OUT" "$WORK"
+# WORK is this script's scratch (generated images, run folders, logs) and is cleaned by it:
+# it must be new, empty, or a WORK this script made (its marker file), never a folder of yours.
+if [[ -d "$WORK" && -n "$(ls -A "$WORK")" && ! -f "$WORK/.written-by-gpu-sh" ]]; then
+  echo "benchmarks/gpu.sh: WORK=$WORK holds files this script did not write; pick a new WORK" >&2
+  exit 2
+fi
+mkdir -p "$OUT" "$WORK" && touch "$WORK/.written-by-gpu-sh"
 bundle() { tar -czf "$OUT/gpu.tar.gz" --exclude=./data --exclude=./runs -C "$WORK" . 2>/dev/null; }
 step() {  # step NAME SECONDS COMMAND…: run with a limit, log to WORK/NAME.log, bundle
   local name=$1 limit=$2; shift 2
@@ -47,7 +53,7 @@ step speed 240 $PY benchmarks/speed.py --device "$DEVICE" ${ORIGINAL:+--original
   --repeats 3 --out "$WORK" $SPEED_ARGS
 step end-to-end 330 $PY benchmarks/end_to_end.py --device "$DEVICE" --images "$IMAGES" --epochs 3 \
   --timeout 110 --data "$WORK/data" --work "$WORK/runs" --out "$WORK" --runs $E2E_RUNS $E2E_ARGS
-rm -rf "$WORK/data" "$WORK/runs"   # this script's own scratch (images, run folders)
+rm -rf "$WORK/data" "$WORK/runs"   # this script's own scratch (WORK carries its marker)
 bundle
 step speed-b256 120 $PY benchmarks/speed.py --device "$DEVICE" --sizes imagenet_lt --batch 256 \
   --repeats 2 --out "$WORK/b256" $SPEED_ARGS

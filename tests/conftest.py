@@ -1,7 +1,10 @@
 """Shared fixtures: a small real Fashion-MNIST-LT benchmark curated once per test session."""
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -39,3 +42,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """``load(name)`` imports ``benchmarks/<name>.py`` as a module (the scripts are not a
+    package; registered in ``sys.modules``, where their dataclasses look their module up)."""
+    def load(name: str) -> ModuleType:
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module
+    return load

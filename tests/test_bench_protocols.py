@@ -2,24 +2,12 @@
 curation, whatever training seeds it is given (choices are made on its val only)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fmnist_lt_oltr.py"
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("fmnist_lt_oltr_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_development_seeds_are_training_seeds_on_the_development_curation(tmp_path,
-                                                                           monkeypatch):
-    bench = load_script()
+def test_development_seeds_are_training_seeds_on_the_development_curation(
+        tmp_path, monkeypatch, benchmark_script):
+    bench = benchmark_script("fmnist_lt_oltr")
     curated = []
 
     def fake_curate(source, path, **settings):

@@ -3,7 +3,6 @@ of its runs (torchrun's ``-m oltr``), and a CPU smoke run that trains and writes
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,16 +14,9 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "end_to_end.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("end_to_end_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_generated_benchmark_has_the_published_layout_and_is_reused(tmp_path):
-    e2e = load_script()
+def test_generated_benchmark_has_the_published_layout_and_is_reused(tmp_path,
+                                                                   benchmark_script):
+    e2e = benchmark_script("end_to_end")
     data = tmp_path / "data"
     first = e2e.make_dataset(data, 6, classes=3, workers=1)
     lines = {split: (data / f"ImageNet_LT_{split}.txt").read_text().splitlines()
@@ -44,8 +36,8 @@ def test_generated_benchmark_has_the_published_layout_and_is_reused(tmp_path):
     assert (other / "keep.txt").read_text() == "the user's"
 
 
-def test_run_commands():
-    e2e = load_script()
+def test_run_commands(benchmark_script):
+    e2e = benchmark_script("end_to_end")
     args = argparse.Namespace(epochs=3, workers=15, data=Path("d"), device="cuda", batch=256)
     ddp = e2e.train_command("ddp", args, Path("o"), gpus=4)
     assert ddp[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]

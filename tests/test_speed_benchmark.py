@@ -2,7 +2,6 @@
 original code's hard-coded .cuda() calls are redirected without touching its files."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,14 +11,6 @@ from pathlib import Path
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("speed_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_quick_run_prints_and_writes_one_table(tmp_path):
@@ -69,13 +60,13 @@ FAKE_ORIGINAL = {
 }
 
 
-def test_the_originals_cuda_calls_go_to_the_chosen_device(tmp_path):
+def test_the_originals_cuda_calls_go_to_the_chosen_device(tmp_path, benchmark_script):
     for name, text in FAKE_ORIGINAL.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     before = {name for name in sys.modules if name.split(".")[0] in ("utils", "models",
                                                                        "layers", "loss")}
-    speed = load_script()
+    speed = benchmark_script("speed")
     modules = speed.import_original(tmp_path, torch.device("cpu"))
     classifier = modules["models.CosNormClassifier"].CosNorm_Classifier(3, 2)
     assert classifier.weight.device.type == "cpu"
