@@ -127,8 +127,7 @@ def pack_encoded(items: Sequence[tuple[Any, ...]]) -> EncodedBatch:
     where a list of B byte tensors takes B segments: on this project's 2-core CPU (2 workers,
     batch 256, 256 × 320 px JPEGs of 32 KiB; ``python benchmarks/end_to_end.py --device cpu
     --images 4096 --classes 100 --workers 2 --runs bytes``, 2026-11-30) the byte loader alone
-    delivered 1,492 img/s with a tensor per image and 9,717 img/s packed (6.5×): the segments,
-    not reading the files (71 µs per image in a worker), were the limit.
+    delivered 1,492 img/s with a tensor per image and 9,717 img/s packed (6.5×).
     Returns ``(buffer, offsets, decoded, columns)``; :func:`unpack_encoded` undoes it."""
     payloads = [item[0] for item in items]
     encoded = [p if p.ndim == 1 else p.new_empty(0) for p in payloads]
