@@ -17,10 +17,14 @@ One table (printed, and written as ``OUT/speed-<device>.json`` and ``.md``):
   backward at B = 128, K = 1000, d = 512: oltr's (B×K distances, ``torch.cdist``) against a
   straightforward B×K×d version written here as the original code does it (expand, subtract,
   norm; sort for the nearest centroid), which is checked to compute the same values.
-- **frozen-backbone stage 2** — one epoch of cRT's stage 2 (28 px) and of OLTR's stage 2 with a
-  frozen backbone (Places-LT's protocol, 224 px) on images, and on the rows of the feature
-  cache (`oltr.features`; rows resident in device memory, as a cache up to 2 GiB is); the
-  one-time pass that computes the rows is its own row.
+- **frozen-backbone stage 2** — one epoch of cRT's stage 2 (both sizes; pooled rows) and of
+  OLTR's stage 2 with a frozen backbone (Places-LT's protocol, 224 px; feature-map rows, since
+  modulated attention stays trainable) on images, and on the rows of the feature cache
+  (`oltr.features`; rows resident in device memory, as a cache up to 2 GiB is); the one-time
+  pass that computes the rows is its own row.
+- **backbone alone** — the preset's backbone, forward + backward + SGD, nothing else: the
+  least work of any step that trains it, so ``backbone alone ÷ original stage 2`` bounds what
+  any implementation of the stage-2 step computing the same convolutions can gain.
 - **inference** — the stage-2 network's forward passes (`oltr.inference.collect_outputs`).
 - ``--original PATH`` (a checkout of github.com/zhmiao/OpenLongTailRecognition-OLTR): its
   stage-1 step (ResNet-10 + dot-product classifier + cross-entropy) and stage-2 step (ResNet-10
@@ -293,10 +297,21 @@ def training_cases(size: Size, device: torch.device, steps: int, compile_rows: b
     return cases
 
 
-def frozen_cases(size: Size, device: torch.device) -> list[Case]:
+def frozen_methods(size: Size) -> list[tuple[str, str, str, tuple[str, ...]]]:
+    """(label, preset, stage, overrides) of the frozen-backbone stage-2 cases at ``size``: cRT
+    (a linear classifier on the frozen backbone, class-aware batches: pooled rows) at both
+    sizes — ImageNet-LT has no cRT preset, so there its plain preset with those two
+    overrides —, and at ImageNet-LT size OLTR's stage 2 with a frozen backbone (Places-LT's
+    protocol: modulated attention stays trainable, so its rows are feature maps)."""
+    if size.name == "fmnist_lt":
+        return [("crt", "crt", "stage2", ())]
+    return [("oltr", "oltr", "stage2", ("stage2.train.freeze_backbone=true",)),
+            ("crt", "plain", "main", ("train.freeze_backbone=true", "train.sampler=class_aware"))]
+
+
+def frozen_cases(size: Size, device: torch.device, label: str, method: str, stage: str,
+                 extra: tuple[str, ...]) -> list[Case]:
     """One frozen-backbone stage-2 epoch on images vs on cached rows, and the cache's pass."""
-    method, stage, extra = (("crt", "stage2", ()) if size.name == "fmnist_lt" else
-                            ("oltr", "stage2", ("stage2.train.freeze_backbone=true",)))
     cfg = stage_cfg(size, method, stage, *extra)
     batches = [_batch(size, size.batch, device, 100 + seed) for seed in range(size.cache_batches)]
     images = size.batch * size.cache_batches
@@ -318,17 +333,43 @@ def frozen_cases(size: Size, device: torch.device) -> list[Case]:
         return rows
 
     rows = compute_rows()
-    kind = f"{method} {stage}, frozen backbone, {reference.frozen_split} rows"
+    nets[True].contiguous_after_split()  # as the loop does when it trains on cached rows
+    kind = f"{label} stage 2, frozen backbone, {reference.frozen_split} rows"
+    group = f"{size.name}-{label}"
     return [
         Case(f"frozen-backbone epoch on images ({kind})", size.name, size.batch, "fp32", images,
              training_unit(nets[False], cfg, batches, device, amp="off"),
-             group=f"cache-{size.name}"),
+             group=f"cache-{group}"),
         Case(f"frozen-backbone epoch on cached rows ({kind})", size.name, size.batch, "fp32",
              images, training_unit(nets[True], cfg, rows, device, amp="off", from_frozen=True),
-             group=f"cache-{size.name}"),
-        Case("feature cache: computing the rows (once per weights)", size.name, size.batch,
-             "fp32", images, compute_rows, group=f"cache-build-{size.name}"),
+             group=f"cache-{group}"),
+        Case(f"feature cache: computing the rows once per weights ({kind})", size.name,
+             size.batch, "fp32", images, compute_rows, group=f"cache-build-{group}"),
     ]
+
+
+def backbone_case(size: Size, device: torch.device, steps: int) -> Case:
+    """The least work of any training step that trains this backbone at this batch: the
+    preset's backbone alone, forward + backward + SGD (momentum, weight decay), no head and no
+    loss beyond a sum of its pooled features; fp32 and channels-last as oltr's own rows."""
+    cfg = stage_cfg(size, "oltr", "stage1")
+    net = build_net(cfg, size, device)
+    backbone = net.backbone
+    batches = [_batch(size, size.batch, device, seed) for seed in range(steps)]
+    channels_last = cfg["train"]["channels_last"] and net.supports_channels_last
+    optimizer = torch.optim.SGD(backbone.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+    def run() -> None:
+        backbone.train()
+        for images, _ in batches:
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            optimizer.zero_grad(set_to_none=True)
+            backbone.forward_features(images).mean(dim=(2, 3)).sum().backward()
+            optimizer.step()
+
+    return Case("train step, backbone alone (forward + backward + SGD, no head)", size.name,
+                size.batch, "fp32", steps * size.batch, run, group=f"backbone-{size.name}")
 
 
 def inference_case(size: Size, device: torch.device, steps: int) -> Case:
@@ -555,8 +596,18 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         add("stage-2 head: oltr vs B×K×d expand-and-norm", ours, naive)
     for name, group in by_group.items():
         if name.startswith("cache-") and not name.startswith("cache-build") and len(group) == 2:
-            add(f"frozen-backbone epoch, {group[0]['size']}: cached rows vs images", group[1],
-                group[0])
+            method = name.split("-")[-1]
+            add(f"frozen-backbone epoch, {group[0]['size']}, {method}: cached rows vs images",
+                group[1], group[0])
+    for name, group in by_group.items():
+        if name.startswith("backbone-"):
+            size = group[0]["size"]
+            for ours in by_group.get(f"stage2-{size}-off", by_group.get(f"stage2-{size}-auto", [])):
+                add(f"train stage 2, {size}: oltr ({ours['precision']}) vs the backbone alone "
+                    "(what the rest of the step costs)", ours, group[0])
+            for original in by_group.get(f"stage2-{size}-original", []):
+                add(f"train stage 2, {size}: the backbone alone vs the original (the most any "
+                    "step training this backbone can gain)", group[0], original)
     for stage in ("stage1", "stage2"):
         for group_name, group in by_group.items():
             if group_name.startswith(f"{stage}-") and group_name.endswith("-original"):
@@ -656,7 +707,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cases += training_cases(size, device, steps, args.compile)
         if args.original is not None and size.name == "imagenet_lt":
             cases += original_cases(args.original, size, device, steps)
-        cases += frozen_cases(size, device)
+        cases.append(backbone_case(size, device, steps))
+        for label, method, stage, extra in frozen_methods(size):
+            cases += frozen_cases(size, device, label, method, stage, extra)
         cases.append(inference_case(size, device, steps))
     cases += head_cases(*((16, 100, 64) if quick else (128, 1000, 512)), device,
                         steps=5 if quick else 20)

@@ -196,6 +196,31 @@ def test_color_jitter_is_torchvisions_in_the_drawn_order():
         assert torch.allclose(got[b], expected, atol=1e-6)
 
 
+def test_color_jitter_equals_the_three_way_form_bit_for_bit():
+    """One blend per step with a per-sample factor and reference gives exactly what computing
+    brightness, contrast and saturation for every sample and picking one gives."""
+    import itertools
+
+    def three_way(x, f_b, f_c, f_s, order):
+        shape = (-1, 1, 1, 1)
+        f_b, f_c, f_s = (f.to(x).view(shape) for f in (f_b, f_c, f_s))
+        for step in range(3):
+            op = order[:, step].view(shape)
+            grey = 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+            bright = (f_b * x).clamp(0, 1)
+            contrasted = (f_c * x + (1 - f_c) * grey.mean(dim=(1, 2, 3), keepdim=True)).clamp(0, 1)
+            saturated = (f_s * x + (1 - f_s) * grey).clamp(0, 1)
+            x = torch.where(op == 0, bright, torch.where(op == 1, contrasted, saturated))
+        return x
+
+    generator = torch.Generator().manual_seed(0)
+    order = torch.tensor(list(itertools.permutations(range(3))) * 2)  # all 6 orders, twice
+    x = torch.rand(len(order), 3, 16, 16, generator=generator)
+    factors = [0.6 + 0.8 * torch.rand(len(order), generator=generator, dtype=torch.float64)
+               for _ in range(3)]
+    assert torch.equal(color_jitter(x.clone(), *factors, order), three_way(x, *factors, order))
+
+
 def test_device_transform_output_for_grey_models(tmp_path):
     bench = load_benchmark(jpeg_benchmark(tmp_path / "b"))
     cfg = data_config("data.decode=device", "data.channels=1", "data.mean=[0.5]",

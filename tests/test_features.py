@@ -70,6 +70,28 @@ def _assert_same_training(runs, atol):
         assert a["val_accuracy"] == b["val_accuracy"]
 
 
+def test_contiguous_after_split_changes_the_attention_layout_only():
+    """Cached feature-map rows are contiguous: the trainable modules after the split go to the
+    contiguous format (no per-conv layout conversion), the frozen backbone keeps channels-last,
+    and the outputs do not change."""
+    torch.manual_seed(0)
+    net = create_network({"backbone": "resnet10_small", "width": 8, "attention": True,
+                          "meta_embedding": True, "classifier": "cosine", "embed_dim": 16},
+                         5, 1).eval().to(memory_format=torch.channels_last)
+    rows = net.frozen_features(torch.randn(4, 1, 28, 28)).detach().contiguous()
+    with torch.no_grad():
+        before = net.forward_from_frozen(rows)["logits"]
+        assert net.contiguous_after_split() is net
+        after = net.forward_from_frozen(rows)["logits"]
+    convs = lambda module: [m.weight for m in module.modules()
+                            if isinstance(m, torch.nn.Conv2d)]
+    default_strides = lambda w: torch.empty(w.shape).stride()
+    assert convs(net.attention)
+    assert all(w.stride() == default_strides(w) for w in convs(net.attention))
+    assert all(w.stride() != default_strides(w) for w in convs(net.backbone) if w.shape[1] > 1)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
 def test_crt_cached_equals_uncached_without_augmentation(fmnist_small, tmp_path, one_thread,
                                                          monkeypatch):
     """cRT (pooled split point): 2 epochs × 3 steps give the same weights with and without

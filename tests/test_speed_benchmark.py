@@ -32,7 +32,8 @@ def test_quick_run_prints_and_writes_one_table(tmp_path):
     assert all(row["peak_mib"] is None or row["peak_mib"] >= 0 for row in saved["rows"])
     comparisons = [ratio["comparison"] for ratio in saved["ratios"]]
     assert any(c.startswith("stage-2 head") for c in comparisons)
-    assert sum("cached rows vs images" in c for c in comparisons) == 2
+    assert sum("cached rows vs images" in c for c in comparisons) == 3
+    assert any("backbone alone" in c for c in comparisons)
     assert all(ratio["speed_ratio"] > 0 for ratio in saved["ratios"])
     table = (tmp_path / "speed-cpu-quick.md").read_text()
     assert table in result.stdout and "| comparison (A vs B) | speed ratio (A ÷ B, img/s) |" in table

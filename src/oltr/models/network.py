@@ -189,6 +189,17 @@ class OLTRNetwork(nn.Module):
             return fmap
         return F.adaptive_avg_pool2d(fmap, 1).flatten(1)
 
+    def contiguous_after_split(self) -> OLTRNetwork:
+        """Put the trainable modules after the split point (modulated attention's 1×1
+        convolutions) in the default, contiguous memory format; the frozen backbone keeps its
+        format. For training on cached feature-map rows, which are stored contiguous
+        (N, C, h, w): with channels-last weights there, oneDNN converts the layout around every
+        convolution, forward and backward (`benchmarks/speed.py`'s cached-rows row measures the
+        epoch). Values are unchanged. Returns ``self``."""
+        if self.attention is not None:
+            self.attention.to(memory_format=torch.contiguous_format)
+        return self
+
     def forward_from_frozen(self, frozen: torch.Tensor) -> dict[str, torch.Tensor | None]:
         """``forward`` from the split point on: ``frozen`` is what :meth:`frozen_features`
         returns (a row of the feature cache); returns the dict of :meth:`forward_head`."""

@@ -189,16 +189,22 @@ def color_jitter(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tens
     (B, C, H, W) in [0, 1], per sample: factors (B,) and the order (B, 3) in which the three
     adjustments (0 brightness, 1 contrast, 2 saturation) apply, each one
     ``(f·x + (1 − f)·reference).clamp(0, 1)`` with reference 0, the mean grey value, the grey
-    image (``torchvision.transforms.functional.adjust_*`` on tensors)."""
+    image (``torchvision.transforms.functional.adjust_*`` on tensors).
+
+    Each step computes one blend per sample, its factor and reference picked per sample
+    (reference ``1{contrast}·mean + 1{saturation}·grey``: exactly 0, the mean or the grey
+    image), not all three adjustments; the values equal the three-way form bit for bit."""
     shape = (-1, 1, 1, 1)
-    f_b, f_c, f_s = (f.to(x).view(shape) for f in (brightness, contrast, saturation))
+    factors = torch.stack([brightness, contrast, saturation], dim=1).to(x)  # (B, 3)
+    order = order.to(x.device)
     for step in range(3):
-        op = order[:, step].to(x.device).view(shape)
+        op = order[:, step]
+        f = factors.gather(1, op.view(-1, 1)).view(shape)
         grey = _grey(x)
-        bright = (f_b * x).clamp(0, 1)
-        contrasted = (f_c * x + (1 - f_c) * grey.mean(dim=(1, 2, 3), keepdim=True)).clamp(0, 1)
-        saturated = (f_s * x + (1 - f_s) * grey).clamp(0, 1)
-        x = torch.where(op == 0, bright, torch.where(op == 1, contrasted, saturated))
+        is_contrast = (op == 1).to(x.dtype).view(shape)
+        is_saturation = (op == 2).to(x.dtype).view(shape)
+        reference = is_contrast * grey.mean(dim=(1, 2, 3), keepdim=True) + is_saturation * grey
+        x = (f * x + (1 - f) * reference).clamp(0, 1)
     return x
 
 

@@ -548,6 +548,7 @@ def train_stage(
     if train_cfg["feature_cache"] == "on" and start_epoch < epochs:
         stores = build_stage_stores(stage_dir, net, bench, cfg, runtime,
                                     progress=progress and primary)
+        net.contiguous_after_split()  # the rows are contiguous: no layout conversion per conv
         if primary:
             print(f"[{cfg['stage']}] feature cache: training on the frozen backbone's "
                   f"{net.frozen_split} outputs of the evaluation transform (no augmentation "
