@@ -14,6 +14,11 @@ the later epochs. Runs (``--runs``, in this order):
 - ``bytes`` — the workers' part of ``data.decode: device`` alone (file bytes to the main
   process, nothing decoded), each batch packed into one buffer (``oltr.data.jpeg.pack_encoded``,
   what the loader does) and, as the baseline in the same process, as one tensor per image;
+- ``decode`` — the main process's part of ``data.decode: device`` on batches already read and
+  packed (no workers): ``decode_images`` (``torchvision.io.decode_jpeg`` on the device, oltr's
+  stream-safe call) alone, and the training transform (`DeviceImagenetTransform`: resized
+  crops, flip, colour jitter, normalisation) alone on the decoded images — with ``bytes``, where
+  the ``loader-device`` figure goes;
 - ``loader-cpu`` / ``loader-device`` — the training loader alone (``build_train_loader`` of
   the stage, as ``oltr train`` builds it), iterated for ``--epochs`` epochs without a model:
   batches on the device, augmented and normalised; what the data path can feed;
@@ -55,7 +60,7 @@ from PIL import Image
 from oltr.bench import machine_description
 
 HEIGHT, WIDTH = 256, 320
-RUNS = ("bytes", "loader-cpu", "loader-device", "cpu", "device", "ddp", "stage2")
+RUNS = ("bytes", "decode", "loader-cpu", "loader-device", "cpu", "device", "ddp", "stage2")
 WNID = "n{:08d}"
 
 
@@ -206,6 +211,61 @@ def bytes_speed(args: argparse.Namespace) -> list[dict[str, Any]]:
             for name, values in speeds.items()]
 
 
+def decode_speed(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The ``decode`` rows: ``decode_images`` alone and the training transform alone, on up to
+    4 batches read and packed beforehand (pinned on CUDA, as the loader's are), each timed
+    over all of them once per ``--epochs`` repetition, the device synchronised."""
+    from oltr.data.jpeg import EncodedImages, decode_images, pack_encoded, unpack_encoded
+    from oltr.inference import dataset_for
+    from oltr.train.augment import DeviceImagenetTransform
+
+    cfg, bench = stage_and_benchmark(args, "device", args.device)
+    device = torch.device(args.device)
+    dataset = dataset_for(bench, "train", cfg["data"], train=True)
+    encoded = EncodedImages(dataset)
+    size = min(args.batch, len(dataset))
+    batches = []
+    for b in range(max(1, min(4, len(dataset) // size))):
+        buffer, offsets, decoded, columns = pack_encoded(
+            [encoded[i] for i in range(b * size, (b + 1) * size)])
+        batches.append((buffer.pin_memory() if device.type == "cuda" else buffer, offsets,
+                        decoded, columns))
+    data_cfg = cfg["data"]
+    transform = DeviceImagenetTransform(data_cfg["image_size"], data_cfg["mean"],
+                                        data_cfg["std"], train=True, seed=0)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def decode_all() -> list[tuple[list[torch.Tensor], np.ndarray]]:
+        out = []
+        for batch in batches:
+            payloads, (_, indices) = unpack_encoded(batch)  # positions: the indices will do
+            out.append((decode_images(payloads, indices, dataset, device),
+                        np.asarray(indices, dtype=np.int64)))
+        sync()
+        return out
+
+    def transform_all() -> None:
+        for images, positions in images_of_batches:
+            transform(images, positions)
+        sync()
+
+    images_of_batches = decode_all()
+    seen = size * len(batches)
+    speeds: dict[str, list[float]] = {"decode": [], "transform": []}
+    started = time.perf_counter()
+    for epoch in range(args.epochs):
+        transform.set_epoch(epoch)
+        for name, work in (("decode", decode_all), ("transform", transform_all)):
+            start = time.perf_counter()
+            work()
+            speeds[name].append(seen / (time.perf_counter() - start))
+    return [epoch_row(name, f"{name} of {len(batches)} batches of {size}, main process", 0,
+                      started, values) for name, values in speeds.items()]
+
+
 def loader_speed(run: str, args: argparse.Namespace) -> dict[str, Any]:
     """Images per second of the training loader alone (``loader-cpu`` / ``loader-device``)."""
     from oltr.train.loaders import build_train_loader
@@ -251,6 +311,8 @@ def measure(run: str, args: argparse.Namespace, gpus: int, log_dir: Path) -> dic
 
 LABELS = {"bytes-per-image": "file bytes alone, one tensor per image (the former loader)",
           "bytes": "file bytes alone, packed per batch (data.decode: device's workers)",
+          "decode": "decode_images alone (decode_jpeg on the device), main process",
+          "transform": "the training transform alone on decoded images, main process",
           "loader-cpu": "the loader alone, Pillow decoding in {w} worker processes",
           "loader-device": "the loader alone, decoding on the device",
           "cpu": "stage 1, Pillow decoding in {w} worker processes",
@@ -318,7 +380,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for run in args.runs:
         print(f"[end-to-end] {run}", file=sys.stderr, flush=True)
         try:
-            rows = (bytes_speed(args) if run == "bytes" else
+            rows = (bytes_speed(args) if run == "bytes" else decode_speed(args)
+                    if run == "decode" else
                     [loader_speed(run, args)] if run.startswith("loader-")
                     else [measure(run, args, gpus, args.out)])
         except Exception as error:  # noqa: BLE001 -- a failed run is a row, the others go on

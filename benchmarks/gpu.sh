@@ -21,7 +21,7 @@ DEVICE=${DEVICE:-cuda}      # DEVICE=cpu SPEED_ARGS=--quick E2E_ARGS="…": a dr
 SPEED_ARGS=${SPEED_ARGS:-}
 E2E_ARGS=${E2E_ARGS:-}
 STEPS=" ${STEPS:-env cuda-tests speed end-to-end compile} "
-E2E_RUNS=${E2E_RUNS:-bytes loader-cpu loader-device cpu device ddp stage2}
+E2E_RUNS=${E2E_RUNS:-bytes decode loader-cpu loader-device cpu device ddp stage2}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 # WORK is this script's scratch (generated images, run folders, logs) and is cleaned by it:
 # it must be new, empty, or a WORK this script made (its marker file), never a folder of yours.

@@ -53,13 +53,13 @@ def test_cpu_smoke_run_trains_and_writes_one_table(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--device", "cpu", "--images", "16", "--classes", "2",
-         "--epochs", "1", "--batch", "8", "--workers", "1", "--runs", "loader-cpu", "cpu",
+         "--epochs", "1", "--batch", "8", "--workers", "1", "--runs", "decode", "loader-cpu", "cpu",
          "--data", str(tmp_path / "data"), "--work", str(tmp_path / "runs"),
          "--out", str(tmp_path / "out")],
         env=env, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     saved = json.loads((tmp_path / "out" / "end-to-end-cpu.json").read_text())
-    assert [row["run"] for row in saved["rows"]] == ["loader-cpu", "cpu"]
+    assert [row["run"] for row in saved["rows"]] == ["decode", "transform", "loader-cpu", "cpu"]
     assert all(row["exit"] == 0 and row["per_second"] > 0 for row in saved["rows"])
     table = (tmp_path / "out" / "end-to-end-cpu.md").read_text()
     assert table in result.stdout and "Pillow decoding in 1 worker processes" in table
