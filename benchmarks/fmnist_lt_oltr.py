@@ -56,10 +56,14 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "oltr, stages 26 + 4": ("oltr", ["stage1.train.epochs=26", "stage2.train.epochs=4"]),
     "oltr, stages 18 + 12": ("oltr", ["stage1.train.epochs=18", "stage2.train.epochs=12"]),
     "oltr, stages 14 + 16": ("oltr", ["stage1.train.epochs=14", "stage2.train.epochs=16"]),
+    # stage 2 re-balanced by the loss instead of the sampler (balanced softmax, Ren et al. 2020,
+    # with instance sampling: with class-aware batches as well it would compensate twice)
+    "oltr, balanced softmax stage 2": ("oltr", ["stage2.train.loss=balanced_softmax",
+                                                "stage2.train.sampler=instance"]),
 }
 EXTRA = ("oltr, published s = 10", "oltr, original centroid loss",
          "oltr, printed Eq. 9 (sum over all centroids)", "oltr, stages 26 + 4",
-         "oltr, stages 18 + 12", "oltr, stages 14 + 16")
+         "oltr, stages 18 + 12", "oltr, stages 14 + 16", "oltr, balanced softmax stage 2")
 DEFAULT_VARIANTS = [name for name in VARIANTS if name not in EXTRA]
 # OLTR's own open-set answers, each an evaluation of the full OLTR runs (name → eval overrides)
 OPEN_ANSWERS: dict[str, dict[str, Any]] = {
