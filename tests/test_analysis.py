@@ -295,6 +295,23 @@ def test_analyze_longtail_from_reports_and_input_errors(tmp_path):
     assert plain["imbalance_ratio"] == [2.0, 10.0]
     assert plain["closed_tail"] == [0.7, 0.1]  # 4 classes: the rarest third is one class
 
+    again = analyze(specs, tmp_path / "out", plots=["longtail"], reports=reports)
+    assert again == result  # its own files are replaced
+
+    # a user's files of the same names are never replaced (README: oltr never overwrites
+    # what it did not write)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / PLOT_FILES["longtail"]).write_bytes(b"my picture")
+    with pytest.raises(InputError, match="not written by oltr analyze"):
+        analyze(specs, mine, plots=["longtail"], reports=reports)
+    assert (mine / PLOT_FILES["longtail"]).read_bytes() == b"my picture"
+    (mine / PLOT_FILES["longtail"]).unlink()
+    (mine / "analysis.json").write_text('{"mine": 1}')
+    with pytest.raises(InputError, match="analysis.json there was not written by oltr"):
+        analyze(specs, mine, plots=["longtail"], reports=reports)
+    assert (mine / "analysis.json").read_text() == '{"mine": 1}'
+
     with pytest.raises(InputError, match="two or more benchmarks"):
         analyze(specs[:1], tmp_path / "out", plots=["longtail"], reports=reports)
     with pytest.raises(InputError, match="unknown plot.*'fig9'"):

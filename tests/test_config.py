@@ -77,3 +77,21 @@ def test_every_base_key_has_a_value_check() -> None:
         return out
 
     assert sorted(keys(yaml.safe_load(BASE_CONFIG.read_text()))) == sorted(CHECKS)
+
+
+def test_a_plain_override_a_stage_sets_itself_is_named_not_silently_dropped():
+    """train.epochs=1 on a preset whose stages set their own epochs leaves them (the stage's
+    value wins) and warns, naming each stage and the stage-prefixed form to use."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = load_config("oltr", overrides=["train.epochs=1", "stage2.train.epochs=3",
+                                                "model.width=8"])
+    assert [stage["train"]["epochs"] for stage in config["stages"]] == [22, 3]
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert len(messages) == 1 and "stage 'stage1'" in messages[0]
+    assert "stage1.train.epochs=" in messages[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config("plain", overrides=["train.epochs=1"])  # one stage: it applies, no warning

@@ -86,3 +86,29 @@ def test_split_files_configs_json_and_histories_with_bom_and_crlf(tmp_path):
     assert read_json_object(data, "thing") == {"a": 1}
     windows_text(tmp_path / "history.jsonl", '{"epoch": 1}\n{"epoch": 2}\n')
     assert _read_history(tmp_path) == [{"epoch": 1}, {"epoch": 2}]
+
+
+def test_atomic_writes_get_the_mode_of_a_new_file_whatever_the_writer_gave(tmp_path):
+    """safetensors creates 0600 files; weights and decision rules then had another mode than
+    every other file of a run. An atomic write gives 0666 less the umask."""
+    import os
+    import stat
+
+    from oltr.io import atomic_write
+
+    def private(path):
+        path.write_bytes(b"x")
+        os.chmod(path, 0o600)
+
+    atomic_write(tmp_path / "w.safetensors", private)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "w.safetensors").stat().st_mode) == 0o666 & ~mask
+
+
+def test_oltr_version(capsys):
+    from oltr import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"oltr {__version__}"

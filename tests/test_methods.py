@@ -343,9 +343,11 @@ def test_fslwf_novel_classes_come_from_the_counts_and_rows_from_stage1():
     (20, [200, 5]),       # one count per class
 ])
 def test_fslwf_without_a_proper_novel_set_or_counts_is_refused(novel_max, counts):
-    with pytest.raises(InputError):
+    with pytest.raises(InputError) as error:
         create_network(NET | {"classifier": "fslwf", "fslwf_novel_max": novel_max}, 4, 1,
                        class_counts=counts)
+    if counts is NET_COUNTS:  # the message names the key to change
+        assert "model.fslwf_novel_max" in str(error.value)
 
 
 def test_unit_squash_gives_unit_rows_and_a_plain_cosine_classifier():

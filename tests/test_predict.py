@@ -16,6 +16,7 @@ from PIL import Image
 
 from oltr.cli import main
 from oltr.config import load_config
+from oltr.errors import InputError
 from oltr.predict import Predictor
 from oltr.train import train_run
 
@@ -96,3 +97,24 @@ def test_predict_command_formats_and_exit_status(trained, capsys, form):
     answered = {Path(row["path"]).name for row in rows if not row.get("error")}
     assert answered == {"a.png", "b.jpg", "odd.png", "open.png"}
     assert main(["predict", str(run), str(images / "a.png"), "--format", form]) == 0
+
+
+def test_threshold_means_what_it_means_in_evaluate(trained, capsys):
+    """--threshold is the msp probability of `oltr evaluate` (refused for another open score,
+    never silently read in other units); --open-threshold is in the open score's units."""
+    run, images = trained
+    assert main(["predict", str(run), str(images / "a.png"), "--threshold", "0.1"]) == 2
+    assert "msp open score only" in capsys.readouterr().err
+    assert main(["predict", str(run), str(images / "a.png"), "--format", "jsonl",
+                 "--open-threshold", "1e30"]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["threshold"] == 1e30 and row["label"] != -1
+    assert main(["predict", str(run), str(images / "a.png"), "--threshold", "0.1",
+                 "--open-threshold", "1"]) == 2
+    assert "not both" in capsys.readouterr().err
+    predictor = Predictor.from_run(run, device="cpu")
+    predictor.rule.open_score = "msp"
+    predictor.use_msp_probability(0.1)
+    assert predictor.threshold == pytest.approx(0.9)  # msp = 1 − max p: below 0.1 → unknown
+    with pytest.raises(InputError, match=r"\[0, 1\]"):
+        predictor.use_msp_probability(1.5)

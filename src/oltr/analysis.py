@@ -461,6 +461,31 @@ def parse_plots(text: str | Sequence[str]) -> list[str]:
     return names
 
 
+def check_analysis_output(out_dir: Path, plot_files: Sequence[str]) -> None:
+    """InputError unless every file :func:`analyze` writes into ``out_dir`` (``analysis.json``
+    and ``plot_files``) is absent or was written there by an earlier analysis: one listed in
+    the ``files`` of an ``analysis.json`` of oltr's shape in ``out_dir``. A user's file of the
+    same name is never replaced (the error names it)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError("the analysis output exists and is not a directory", path=out_dir)
+    index = out_dir / "analysis.json"
+    owned: set[str] = set()
+    if index.exists():
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            data = None
+        if not (isinstance(data, dict) and {"runs", "curves", "files"} <= set(data)
+                and isinstance(data["files"], dict)):
+            raise InputError("analysis.json there was not written by oltr analyze; it is not "
+                             "overwritten: choose another --out", path=index)
+        owned = {"analysis.json", *(Path(str(f)).name for f in data["files"].values())}
+    for name in plot_files:
+        if (out_dir / name).exists() and name not in owned:
+            raise InputError("a file of that name there was not written by oltr analyze; it is "
+                             "not overwritten: choose another --out", path=out_dir / name)
+
+
 def analyze(
     runs: Sequence[RunSpec],
     out_dir: str | Path,
@@ -493,6 +518,7 @@ def analyze(
         by_name.setdefault(spec.name, []).append(spec)
     ratios = {spec.data_dir: imbalance_ratio(spec.data_dir) for spec in runs}
     out_dir = Path(out_dir)
+    check_analysis_output(out_dir, [PLOT_FILES[p] for p in plots])
     result: dict[str, Any] = {"runs": [{"name": s.name, "run": str(s.run_dir),
                                         "data": str(s.data_dir),
                                         "imbalance_ratio": ratios[s.data_dir]} for s in runs],

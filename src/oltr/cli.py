@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from oltr import __version__
 from oltr.config import (
     COMPARISON_DETECTORS,
     COMPARISON_METHODS,
@@ -308,7 +309,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise InputError("--top-k must be >= 1", value=args.top_k)
     if args.batch_size < 1:
         raise InputError("--batch-size must be >= 1", value=args.batch_size)
-    predictor = Predictor.from_run(args.run, device=args.device, threshold=args.threshold)
+    if args.threshold is not None and args.open_threshold is not None:
+        raise InputError("give --threshold (an msp probability) or --open-threshold (in the "
+                         "open score's units), not both")
+    predictor = Predictor.from_run(args.run, device=args.device, threshold=args.open_threshold)
+    if args.threshold is not None:
+        predictor.use_msp_probability(args.threshold)
     rows = [row.as_dict() for row in predictor.predict(expand_inputs(args.images),
                                                        batch_size=args.batch_size,
                                                        top_k=args.top_k)]
@@ -371,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("--version", action="version", version=f"oltr {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -437,8 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train", help="train a method (all its stages)",
         description="Train a method preset (configs/<benchmark>/<method>.yaml) or a config file. "
-                    "Trailing key=value arguments override config keys, e.g. train.epochs=3 or "
-                    "stage2.train.lr=0.05. A checkpoint is written every epoch; --resume "
+                    "Trailing key=value arguments override config keys, e.g. train.epochs=3 "
+                    "(every stage that does not set it itself; a warning names the others) or "
+                    "stage2.train.lr=0.05 (one stage). A checkpoint is written every epoch; --resume "
                     "continues a killed run.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="methods for fmnist_lt: " + ", ".join(list_methods(DEFAULT_BENCHMARK)),
@@ -540,7 +548,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "jsonl", "csv"], default="table",
                    help="output format")
     p.add_argument("--threshold", type=float,
-                   help="open-score threshold (default: the run's decision rule)")
+                   help="as in `oltr evaluate`: a probability for the msp open score — 'unknown' "
+                        "when the top probability is below it (paper: 0.1); an error for a "
+                        "rule with another open score (default: the run's decision rule)")
+    p.add_argument("--open-threshold", type=float, dest="open_threshold",
+                   help="the threshold in the rule's open-score units: 'unknown' when the open "
+                        "score exceeds it (default: the run's decision rule)")
     p.add_argument("--top-k", type=int, default=3, dest="top_k", help="classes listed per image")
     p.add_argument("--batch-size", type=int, default=64, dest="batch_size")
     p.add_argument("--device", default="auto")

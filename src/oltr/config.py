@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -203,7 +204,9 @@ def load_config(
     """Resolve a full config: base ← method preset or config file ← ``key=value`` overrides.
 
     Overrides of a stage use the stage name as the first key, e.g.
-    ``stage2.train.epochs=3``; plain ``train.epochs=3`` applies to every stage.
+    ``stage2.train.epochs=3``; plain ``train.epochs=3`` applies to every stage that does not
+    set ``train.epochs`` itself (the stage's own value wins; a ``UserWarning`` names each stage
+    a plain override does not reach).
     """
     if (method is None) == (config_file is None):
         raise InputError("give exactly one of --method NAME or --config FILE")
@@ -220,6 +223,7 @@ def load_config(
     _check_stages(stages, preset_path)
     stage_names = [stage["name"] for stage in stages]
     stage_overrides: dict[str, dict[str, Any]] = {name: {} for name in stage_names}
+    global_overrides: list[tuple[str, tuple[str, ...]]] = []
     for text in overrides:
         update = parse_override(text)
         (first,) = update
@@ -230,11 +234,19 @@ def load_config(
             stage_overrides[first] = deep_merge(stage_overrides[first], update[first])
         else:
             config = deep_merge(config, update)
+            global_overrides += [(text, path) for path in _leaf_paths(update)]
     check_keys(config, reference)
     resolved_stages = []
     for stage in stages:
         body = {k: v for k, v in stage.items() if k != "name"}
         check_keys(body, reference, f"stages[{stage['name']}]")
+        for text, path in global_overrides:
+            if _has_path(body, path) and not _has_path(stage_overrides[stage["name"]], path):
+                warnings.warn(
+                    f"override {text} does not reach stage '{stage['name']}', which sets "
+                    f"{'.'.join(path)} itself ({_get_path(body, path)!r}); write "
+                    f"{stage['name']}.{'.'.join(path)}=… to change it there", UserWarning,
+                    stacklevel=2)
         body = deep_merge(body, stage_overrides[stage["name"]])
         check_keys(body, reference, stage["name"])
         resolved_stages.append({"name": stage["name"], **body})
@@ -243,6 +255,31 @@ def load_config(
         config["method"] = method or Path(config_file).stem  # type: ignore[arg-type]
     validate_config(config)
     return config
+
+
+def _leaf_paths(tree: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """The key paths of the non-mapping values of a nested mapping."""
+    paths: list[tuple[str, ...]] = []
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            paths += _leaf_paths(value, (*prefix, key))
+        else:
+            paths.append((*prefix, key))
+    return paths
+
+
+def _has_path(tree: Any, path: tuple[str, ...]) -> bool:
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return False
+        tree = tree[key]
+    return True
+
+
+def _get_path(tree: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
 
 
 _STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")

@@ -24,17 +24,31 @@ from oltr.errors import InputError
 TEMPORARY_NAME = re.compile(r"\..+\.tmp-oltr-(\d+)")
 
 
+def _read_umask() -> int:
+    """The process's umask (read by setting it and setting it back: once, at import, before
+    any thread of oltr's could create a file meanwhile)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def temporary_path(path: Path) -> Path:
     """Where :func:`atomic_write` writes ``path`` first: ``.NAME.tmp-oltr-PID`` beside it."""
     return path.with_name(f".{path.name}.tmp-oltr-{os.getpid()}")
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> None:
-    """Call ``write(tmp_path)``, fsync, then rename over ``path``: readers see old or new."""
+    """Call ``write(tmp_path)``, fsync, then rename over ``path``: readers see old or new.
+    The file gets the mode a new file of the process gets (0666 less the umask), whatever mode
+    ``write`` gave it (safetensors creates 0600 files)."""
     path = Path(path)
     tmp = temporary_path(path)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -92,6 +92,23 @@ class Predictor:
                                          image_size=data["image_size"], channels=data["channels"],
                                          mean=data["mean"], std=data["std"])
 
+    def use_msp_probability(self, probability: float) -> None:
+        """Answer "unknown" when the top probability is below ``probability`` ∈ [0, 1]: the
+        meaning of ``--threshold`` in ``oltr evaluate`` (the paper's 0.1). The msp open score is
+        1 − max p, so the open-score threshold becomes ``1 − probability``.
+
+        Raises InputError: ``probability`` outside [0, 1]; the rule's open score is not msp
+        (then the threshold is in that score's units: ``threshold=`` / ``--open-threshold``)."""
+        if isinstance(probability, bool) or not isinstance(probability, (int, float)) \
+                or not 0.0 <= probability <= 1.0:
+            raise InputError("a probability threshold must lie in [0, 1]", value=probability)
+        if self.rule.open_score != "msp":
+            raise InputError(
+                "a probability threshold applies to the msp open score only; this run's rule "
+                f"uses {self.rule.open_score}: give --open-threshold in its units (the rule's "
+                f"own is {self.rule.threshold!r})", value=probability)
+        self.threshold = 1.0 - float(probability)
+
     @classmethod
     def from_artifact(cls, directory: str | Path, *, device: str = "auto",
                       threshold: float | None = None, amp: str = "off",
@@ -108,7 +125,8 @@ class Predictor:
         rule = saved_rule(directory, info)
         if rule is None:
             raise InputError("no decision rule (trained by an older oltr, or stopped before "
-                             "its end): run `oltr evaluate RUN --data DIR` once to fit it on val",
+                             "its end): run `oltr evaluate RUN --data DIR --open` once to fit it on val "
+                             "and save it with the run",
                              path=directory / DECISION_JSON)
         return cls(net, info, rule, device=torch_device, threshold=threshold, amp=amp)
 

@@ -111,6 +111,10 @@ class OLTRNetwork(nn.Module):
             if not novel_classes:
                 raise InputError("the fslwf classifier needs novel (tail) classes: no class has "
                                  "at most model.fslwf_novel_max train images")
+            if len(novel_classes) == num_classes:
+                raise InputError("the fslwf classifier needs base classes as well: every class "
+                                 "has at most model.fslwf_novel_max train images (lower it, "
+                                 "e.g. model.fslwf_novel_max=20)", value=num_classes)
             self.classifier = FSLwFClassifier(self.feature_dim, num_classes, novel_classes,
                                               scale=cosine_scale)
         elif classifier in ("cosface", "arcface"):
