@@ -572,7 +572,7 @@ def predict_mixed_sizes(case: Case) -> list[str]:
     tamper(case.run / "main")
     first = next((case.fmnist / "images" / "test").glob("*.png"))
     Image.new("L", (30, 28)).save(case.tmp / "copy.png")
-    return ["predict", str(case.run), str(first), str(case.tmp / "copy.png"), "--threshold", "0.5"]
+    return ["predict", str(case.run), str(first), str(case.tmp / "copy.png"), "--open-threshold", "0.5"]
 
 
 def predict_with_rule(edit: Callable[[dict], object]) -> Callable[[Case], list[str]]:
@@ -681,10 +681,14 @@ CLI_ROWS = [
      lambda case: ["identify", str(case.run), "--probes", str(case.bench() / "train.txt"),
                    "--no-pseudo-shots", "--embeddings-dir", str(a_file(case).parent)],
      ": --embeddings-dir must be a new or empty folder (nothing there is overwritten)"),
-    ("predict --threshold nan",
+    ("predict --open-threshold nan",
+     lambda case: ["predict", str(case.run), str(next((case.fmnist / "images").rglob("*.png"))),
+                   "--open-threshold", "nan"],
+     "oltr predict: error: the open-score threshold must be a finite number (value: nan)"),
+    ("predict --threshold nan (a probability, as in evaluate)",
      lambda case: ["predict", str(case.run), str(next((case.fmnist / "images").rglob("*.png"))),
                    "--threshold", "nan"],
-     "oltr predict: error: the open-score threshold must be a finite number (value: nan)"),
+     "oltr predict: error: a probability threshold must lie in [0, 1] (value: nan)"),
 ]
 
 

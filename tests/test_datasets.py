@@ -248,3 +248,11 @@ def test_build_transform_rejects_bad_arguments(kwargs, match):
             "std": [0.5]} | kwargs
     with pytest.raises(ValueError, match=match):
         build_transform(**args)
+
+
+def test_a_folder_of_class_folders_is_pointed_to_curate(tmp_path):
+    """`oltr train --data` on raw class folders: the error says to curate them first."""
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "dog").mkdir()
+    with pytest.raises(InputError, match=r"curate it first: oltr curate folder:"):
+        load_benchmark(tmp_path)

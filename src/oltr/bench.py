@@ -374,6 +374,8 @@ def _cell(stat: dict[str, Any], percent: bool = True) -> str:
         return "n/a"
     factor = 100 if percent else 1
     digits = 1 if percent else 3
+    if stat.get("n", 2) < 2:  # one run: no spread to show
+        return f"{factor * stat['mean']:.{digits}f}"
     return f"{factor * stat['mean']:.{digits}f} ± {factor * stat['std']:.{digits}f}"
 
 

@@ -211,8 +211,8 @@ def check_replaceable_benchmark(out: Path, *, force: bool) -> None:
     ``force`` and a benchmark oltr curated (its ``curate`` marker and manifest), holding
     nothing the manifest does not list."""
     if not force:
-        raise InputError("output directory exists and is not empty; pass force=True (--force) "
-                         "to replace a benchmark oltr curated", path=out)
+        raise InputError("output directory exists and is not empty; --force (force=True from "
+                         "Python) replaces a benchmark oltr curated", path=out)
     if marker_kind(out) != "curate":
         raise InputError(f"output directory was not written by oltr curate (no {MARKER} "
                          "marker): --force replaces only a benchmark oltr curated; choose "

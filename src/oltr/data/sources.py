@@ -349,7 +349,12 @@ def find_split_file(directory: Path, name: str, *, required: bool) -> Path | Non
         raise InputError(f"several files match {pattern!r}: {names}", path=directory)
     if not matches:
         if required:
-            raise InputError(f"no file matches {pattern!r}", path=directory)
+            hint = ""
+            if any(entry.is_dir() for entry in directory.iterdir()) and not any(
+                    directory.glob("*.txt")):
+                hint = (" (a folder of class sub-folders? curate it first: "
+                        f"oltr curate folder:{directory} --out DIR)")
+            raise InputError(f"no file matches {pattern!r}{hint}", path=directory)
         return None
     return matches[0]
 
