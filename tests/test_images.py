@@ -168,8 +168,9 @@ def test_check_images_fully_decodes_and_reports_the_first_bad_file(tmp_path):
     jpeg, png = truncated_jpeg(tmp_path / "cut.jpg"), truncated_png(tmp_path / "cut.png")
     with Image.open(jpeg) as header_only:  # what curation checked before: the header reads
         assert header_only.size == (256, 256)
-    with pytest.raises(ImageError, match=r"cut\.jpg: cannot read image"):
+    with pytest.raises(ImageError, match=r"cut\.jpg: cannot read image") as error:
         check_images([*good, jpeg, png])
+    assert f"1 more unreadable image: {png}" in str(error.value)  # all of them in one run
     with pytest.raises(ImageError, match=r"cut\.png: cannot read image"):
         check_images([png, *good, jpeg], workers=2)
 

@@ -144,7 +144,8 @@ def load_image(path: str | os.PathLike[str], mode: str | None = None, *,
 
 def check_images(paths: Sequence[str | os.PathLike[str]], *, workers: int | None = None) -> None:
     """Fully decode every file of ``paths`` (as `load_image` does; JPEGs at reduced scale) in a
-    thread pool; raise the ImageError of the first bad file in ``paths`` order."""
+    thread pool; raise the ImageError of the first bad file in ``paths`` order, its detail
+    naming how many others are bad and the first few of them (so one run lists what to fix)."""
     workers = workers or min(8, (os.cpu_count() or 1) + 1)
 
     def check(path: str | os.PathLike[str]) -> ImageError | None:
@@ -156,8 +157,16 @@ def check_images(paths: Sequence[str | os.PathLike[str]], *, workers: int | None
 
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
-        for error in pool.map(check, [Path(path) for path in paths]):
-            if error is not None:
-                raise error
+        errors = [e for e in pool.map(check, [Path(path) for path in paths]) if e is not None]
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        first, others = errors[0], errors[1:]
+        shown = ", ".join(e.image_path for e in others[:5])
+        more = f", … ({len(others) - 5} more)" if len(others) > 5 else ""
+        detail = (f"{first.detail}; " if first.detail else "") + (
+            f"{len(others)} more unreadable image{'s' if len(others) > 1 else ''}: "
+            f"{shown}{more}")
+        raise ImageError(first.problem, first.image_path, detail)
