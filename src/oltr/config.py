@@ -223,7 +223,7 @@ def load_config(
     _check_stages(stages, preset_path)
     stage_names = [stage["name"] for stage in stages]
     stage_overrides: dict[str, dict[str, Any]] = {name: {} for name in stage_names}
-    global_overrides: list[tuple[str, tuple[str, ...]]] = []
+    global_overrides: list[tuple[str, str]] = []  # (override, a dotted key it sets)
     for text in overrides:
         update = parse_override(text)
         (first,) = update
@@ -234,19 +234,19 @@ def load_config(
             stage_overrides[first] = deep_merge(stage_overrides[first], update[first])
         else:
             config = deep_merge(config, update)
-            global_overrides += [(text, path) for path in _leaf_paths(update)]
+            global_overrides += [(text, key) for key in _flatten(update)]
     check_keys(config, reference)
     resolved_stages = []
     for stage in stages:
         body = {k: v for k, v in stage.items() if k != "name"}
         check_keys(body, reference, f"stages[{stage['name']}]")
-        for text, path in global_overrides:
-            if _has_path(body, path) and not _has_path(stage_overrides[stage["name"]], path):
+        own, overridden = _flatten(body), _flatten(stage_overrides[stage["name"]])
+        for text, key in global_overrides:
+            if key in own and key not in overridden:
                 warnings.warn(
                     f"override {text} does not reach stage '{stage['name']}', which sets "
-                    f"{'.'.join(path)} itself ({_get_path(body, path)!r}); write "
-                    f"{stage['name']}.{'.'.join(path)}=… to change it there", UserWarning,
-                    stacklevel=2)
+                    f"{key} itself ({own[key]!r}); write {stage['name']}.{key}=… to change it "
+                    "there", UserWarning, stacklevel=2)
         body = deep_merge(body, stage_overrides[stage["name"]])
         check_keys(body, reference, stage["name"])
         resolved_stages.append({"name": stage["name"], **body})
@@ -255,31 +255,6 @@ def load_config(
         config["method"] = method or Path(config_file).stem  # type: ignore[arg-type]
     validate_config(config)
     return config
-
-
-def _leaf_paths(tree: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-    """The key paths of the non-mapping values of a nested mapping."""
-    paths: list[tuple[str, ...]] = []
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            paths += _leaf_paths(value, (*prefix, key))
-        else:
-            paths.append((*prefix, key))
-    return paths
-
-
-def _has_path(tree: Any, path: tuple[str, ...]) -> bool:
-    for key in path:
-        if not isinstance(tree, dict) or key not in tree:
-            return False
-        tree = tree[key]
-    return True
-
-
-def _get_path(tree: Any, path: tuple[str, ...]) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
 
 
 _STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
