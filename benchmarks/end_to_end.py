@@ -247,12 +247,13 @@ def decode_speed(args: argparse.Namespace) -> list[dict[str, Any]]:
         sync()
         return out
 
+    images_of_batches = decode_all()
+
     def transform_all() -> None:
         for images, positions in images_of_batches:
             transform(images, positions)
         sync()
 
-    images_of_batches = decode_all()
     seen = size * len(batches)
     speeds: dict[str, list[float]] = {"decode": [], "transform": []}
     started = time.perf_counter()

@@ -480,15 +480,25 @@ def _fit_open_score(rule: DecisionRule, eval_cfg: Mapping[str, Any], context: _F
     return fitted[winner]
 
 
+def msp_probability_threshold(probability: float, open_score: str, *, instead: str) -> float:
+    """The open-score threshold that answers "unknown" when the top softmax probability is below
+    ``probability`` (the paper's 0.1; ``--threshold`` of ``oltr evaluate`` and ``oltr
+    predict``): the msp score is 1 − max p, so ``1 − probability``.
+
+    Raises InputError: ``open_score`` is not msp (the message ends with ``instead``)."""
+    if open_score != "msp":
+        raise InputError(f"a probability threshold applies to the msp open score only; {instead}",
+                         value=probability)
+    return 1.0 - float(probability)
+
+
 def _fit_threshold(rule: DecisionRule, eval_cfg: Mapping[str, Any], context: _FitContext,
                    select: str) -> None:
     probability = eval_cfg.get("threshold")
     known = context.scores(rule, "val")
     if probability is not None:
-        if rule.open_score != "msp":
-            raise InputError("a probability threshold applies to the msp open score only; "
-                             "leave eval.threshold null to calibrate on val", value=probability)
-        rule.threshold = 1.0 - float(probability)
+        rule.threshold = msp_probability_threshold(
+            probability, rule.open_score, instead="leave eval.threshold null to calibrate on val")
         rule.record["threshold"] = {
             "source": f"probability {probability}: reject when max softmax < {probability}"}
         return

@@ -31,7 +31,7 @@ from oltr.data import build_transform
 from oltr.data.images import as_seen, load_image
 from oltr.data.loader import first_size_mismatch, size_mismatch_message
 from oltr.data.paths import IMAGE_EXTENSIONS, walk_images
-from oltr.decision import DECISION_JSON, DecisionRule
+from oltr.decision import DECISION_JSON, DecisionRule, msp_probability_threshold
 from oltr.detectors.head import network_head
 from oltr.errors import InputError
 from oltr.inference import load_model
@@ -102,12 +102,10 @@ class Predictor:
         if isinstance(probability, bool) or not isinstance(probability, (int, float)) \
                 or not 0.0 <= probability <= 1.0:
             raise InputError("a probability threshold must lie in [0, 1]", value=probability)
-        if self.rule.open_score != "msp":
-            raise InputError(
-                "a probability threshold applies to the msp open score only; this run's rule "
-                f"uses {self.rule.open_score}: give --open-threshold in its units (the rule's "
-                f"own is {self.rule.threshold!r})", value=probability)
-        self.threshold = 1.0 - float(probability)
+        self.threshold = msp_probability_threshold(
+            probability, self.rule.open_score,
+            instead=f"this run's rule uses {self.rule.open_score}: give --open-threshold in its "
+                    f"units (the rule's own is {self.rule.threshold!r})")
 
     @classmethod
     def from_artifact(cls, directory: str | Path, *, device: str = "auto",
