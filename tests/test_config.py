@@ -1,6 +1,8 @@
 """Config resolution: presets, base inheritance, overrides per stage, unknown keys."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from oltr.config import list_methods, load_config, parse_override, stage_config
@@ -95,3 +97,43 @@ def test_a_plain_override_a_stage_sets_itself_is_named_not_silently_dropped():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_config("plain", overrides=["train.epochs=1"])  # one stage: it applies, no warning
+
+
+def test_a_bad_value_in_a_config_file_names_the_file_and_line(tmp_path) -> None:
+    """A value error names the file and line that wrote the key: the user's file, a stage of
+    it, the ``base:`` file under it; an override of the key takes the blame away from the
+    file (the message shows the override's value), and package defaults name no file."""
+    base = tmp_path / "mine_base.yaml"
+    base.write_text("base: " + str(Path(__file__).resolve().parents[1] / "src/oltr/configs"
+                                        / "fmnist_lt/oltr.yaml") + "\n"
+                    "eval:\n  many_threshold: 100\n  few_threshold: 200\n")
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: mine_base.yaml\n"
+                    "train:\n"
+                    "  lr: -1.0\n")
+    with pytest.raises(InputError, match=r"mine\.yaml:3: config key 'train\.lr' must be"):
+        load_config(config_file=mine)
+    with pytest.raises(InputError, match=r"mine_base\.yaml:4: config key 'eval\.few_threshold'"):
+        load_config(config_file=mine, overrides=["train.lr=0.1", "stage2.train.lr=0.1"])
+    with pytest.raises(InputError) as caught:
+        load_config(config_file=mine, overrides=["train.lr=-2.0", "stage2.train.lr=0.1",
+                                                 "eval.few_threshold=20"])
+    assert str(caught.value).startswith("config key 'train.lr'") and "-2.0" in str(caught.value)
+
+    staged = tmp_path / "staged.yaml"
+    staged.write_text("stages:\n"
+                      "  - name: stage1\n"
+                      "  - name: stage2\n"
+                      "    train:\n"
+                      "      lr: 0.1\n"
+                      "      epochs: -3\n")
+    with pytest.raises(InputError, match=r"staged\.yaml:6: config key 'stage2\.train\.epochs'"):
+        load_config(config_file=staged)
+    staged.write_text(staged.read_text().replace("epochs: -3", "epochs: 3") + "    modle: {}\n")
+    with pytest.raises(InputError,
+                       match=r"staged\.yaml:7: unknown config key 'stages\[stage2\]\.modle'"):
+        load_config(config_file=staged)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("# mine\ntrain:\n  lr: 0.1\n  lrr: 0.2\n")
+    with pytest.raises(InputError, match=r"unknown\.yaml:4: unknown config key 'train\.lrr'"):
+        load_config(config_file=unknown)

@@ -77,12 +77,12 @@ def _count_nodes(node: yaml.Node, sizes: dict[int, int], limit: int) -> int:
     return size
 
 
-def load_yaml(text: str, *, path: str | Path | None = None) -> Any:
-    """Parse YAML ``text`` as ``yaml.safe_load`` does, refusing alias expansion beyond
-    ``MAX_YAML_NODES`` nodes and recursive aliases; every YAML read of a user's text goes
-    through here. InputError (naming ``path`` and the line) on any problem."""
+def _load_document(text: str, path: str | Path | None) -> tuple[Any, yaml.Node | None]:
+    """The value of YAML ``text`` and its node tree (None for an empty document)."""
+    loader = _BoundedLoader(text)  # a SafeLoader: no arbitrary objects
     try:
-        return yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader: no arbitrary objects
+        node = loader.get_single_node()
+        return (None if node is None else loader.construct_document(node)), node
     except _Oversized as exc:
         raise InputError(str(exc), path=path) from None
     except RecursionError:
@@ -93,19 +93,62 @@ def load_yaml(text: str, *, path: str | Path | None = None) -> Any:
         where = f" at column {mark.column + 1}" if mark is not None and path is None else ""
         raise InputError(f"invalid YAML: {problem}{where}", path=path,
                          line=None if mark is None or path is None else mark.line + 1) from None
+    finally:
+        loader.dispose()
+
+
+def load_yaml(text: str, *, path: str | Path | None = None) -> Any:
+    """Parse YAML ``text`` as ``yaml.safe_load`` does, refusing alias expansion beyond
+    ``MAX_YAML_NODES`` nodes and recursive aliases; every YAML read of a user's text goes
+    through here. InputError (naming ``path`` and the line) on any problem."""
+    return _load_document(text, path)[0]
+
+
+def _key_lines(node: yaml.Node | None) -> dict[str, int]:
+    """The 1-based line of every key of a config document, by dotted name (``train.lr``); the
+    keys of a stage in the ``stages`` list are named after the stage (``stage2.train.lr``)."""
+    lines: dict[str, int] = {}
+
+    def walk(mapping: yaml.Node, prefix: str) -> None:
+        if not isinstance(mapping, yaml.MappingNode):
+            return
+        for key, value in mapping.value:
+            if not isinstance(key, yaml.ScalarNode):
+                continue
+            name = f"{prefix}{key.value}"
+            lines[name] = key.start_mark.line + 1
+            if name == "stages" and isinstance(value, yaml.SequenceNode):
+                for stage in value.value:
+                    if not isinstance(stage, yaml.MappingNode):
+                        continue
+                    for k, v in stage.value:
+                        if k.value == "name" and isinstance(v, yaml.ScalarNode):
+                            lines[v.value] = stage.start_mark.line + 1
+                            walk(stage, f"{v.value}.")
+            else:
+                walk(value, f"{name}.")
+
+    if node is not None:
+        walk(node, "")
+    return lines
 
 
 def read_yaml(path: Path, what: str = "config file") -> dict[str, Any]:
     """A YAML mapping from ``path`` (read by `oltr.io.read_text`, parsed by :func:`load_yaml`);
     InputError naming the file (and line) when it cannot be read, is not UTF-8, not YAML or
     not a mapping."""
+    return _read_yaml_lines(path, what)[0]
+
+
+def _read_yaml_lines(path: Path, what: str = "config file") -> tuple[dict[str, Any], dict[str, int]]:
+    """:func:`read_yaml` and the line of each key (:func:`_key_lines`)."""
     text = read_text(path, what)
-    data = load_yaml(text, path=path)
+    data, node = _load_document(text, path)
     if data is None:
-        return {}
+        return {}, {}
     if not isinstance(data, dict):
         raise InputError(f"a {what} must hold a mapping at the top level", path=path)
-    return data
+    return data, _key_lines(node)
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -119,30 +162,57 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+class Origins(dict[str, tuple[Path, int]]):
+    """Where each key of a config was written: dotted name (``train.lr``, a stage's
+    ``stage2.train.lr``) → (file, 1-based line). Keys from ``configs/base.yaml`` or from a
+    ``key=value`` override have none."""
+
+    def locate(self, name: str) -> dict[str, Any]:
+        """``path``/``line`` keyword arguments of an :class:`InputError` about key ``name``
+        (``stages[stage2].train.lr`` is looked up as ``stage2.train.lr``); empty if unknown."""
+        name = re.sub(r"^stages\[([^\]]+)\]\.", r"\1.", name)
+        if name not in self:
+            return {}
+        path, line = self[name]
+        return {"path": path, "line": line}
+
+
 def load_yaml_with_bases(path: str | Path) -> dict[str, Any]:
     """Load a YAML config; a ``base:`` key (path relative to the file) is loaded first."""
-    path = Path(path)
-    data = read_yaml(path)
+    return _load_with_origins(Path(path))[0]
+
+
+def _load_with_origins(path: Path) -> tuple[dict[str, Any], Origins]:
+    """:func:`load_yaml_with_bases` and where each key was written (the last file wins)."""
+    data, lines = _read_yaml_lines(path)
     base = data.pop("base", None)
+    origins = Origins({name: (path, line) for name, line in lines.items() if name != "base"})
     if base is None:
-        return data
+        return data, origins
     base_path = (path.parent / base).resolve()
     if not base_path.exists():
-        raise InputError("base config not found", path=path, value=str(base))
-    return deep_merge(load_yaml_with_bases(base_path), data)
+        raise InputError("base config not found", path=path, line=lines.get("base"),
+                         value=str(base))
+    base_data, base_origins = _load_with_origins(base_path)
+    return deep_merge(base_data, data), Origins(base_origins | origins)
 
 
-def check_keys(config: dict[str, Any], reference: dict[str, Any], where: str = "") -> None:
-    """Raise ``InputError`` for any key of ``config`` that ``reference`` does not have."""
+def check_keys(config: dict[str, Any], reference: dict[str, Any], where: str = "",
+               origins: Origins | None = None) -> None:
+    """Raise ``InputError`` for any key of ``config`` that ``reference`` does not have (naming
+    the file and line that wrote it when ``origins`` knows them)."""
+    locate = (origins or Origins()).locate
     for key, value in config.items():
         name = f"{where}.{key}" if where else key
         if key not in reference:
             valid = ", ".join(sorted(reference))
-            raise InputError(f"unknown config key '{name}' (valid keys here: {valid})")
+            raise InputError(f"unknown config key '{name}' (valid keys here: {valid})",
+                             **locate(name))
         if isinstance(reference[key], dict) and reference[key]:
             if not isinstance(value, dict):
-                raise InputError(f"config key '{name}' must be a mapping", value=value)
-            check_keys(value, reference[key], name)
+                raise InputError(f"config key '{name}' must be a mapping", value=value,
+                                 **locate(name))
+            check_keys(value, reference[key], name, origins)
 
 
 def parse_override(text: str) -> dict[str, Any]:
@@ -212,15 +282,13 @@ def load_config(
         raise InputError("give exactly one of --method NAME or --config FILE")
     reference = read_yaml(BASE_CONFIG)
     preset_path = Path(config_file) if config_file else method_path(method, benchmark)
-    preset = load_yaml_with_bases(preset_path)
-    try:  # the file's own shape, before overrides can hide it (``train: 3`` + ``train.lr=…``)
-        check_keys(preset, reference)
-    except InputError as exc:
-        raise InputError(str(exc), path=preset_path) from None
+    preset, origins = _load_with_origins(preset_path)
+    # the file's own shape, before overrides can hide it (``train: 3`` + ``train.lr=…``)
+    check_keys(preset, reference, origins=origins)
     config = deep_merge(reference, preset)
     stages = config.pop("stages", None)
     stages = [{"name": "main"}] if stages is None or stages == [] else stages
-    _check_stages(stages, preset_path)
+    _check_stages(stages, origins.get("stages", (preset_path, None)))
     stage_names = [stage["name"] for stage in stages]
     stage_overrides: dict[str, dict[str, Any]] = {name: {} for name in stage_names}
     global_overrides: list[tuple[str, str]] = []  # (override, a dotted key it sets)
@@ -235,11 +303,13 @@ def load_config(
         else:
             config = deep_merge(config, update)
             global_overrides += [(text, key) for key in _flatten(update)]
+        for key in _flatten(update):  # the value is the override's now, not the file's
+            origins.pop(key, None)
     check_keys(config, reference)
     resolved_stages = []
     for stage in stages:
         body = {k: v for k, v in stage.items() if k != "name"}
-        check_keys(body, reference, f"stages[{stage['name']}]")
+        check_keys(body, reference, f"stages[{stage['name']}]", origins)
         own, overridden = _flatten(body), _flatten(stage_overrides[stage["name"]])
         for text, key in global_overrides:
             if key in own and key not in overridden:
@@ -253,7 +323,7 @@ def load_config(
     config["stages"] = resolved_stages
     if config.get("method") is None:
         config["method"] = method or Path(config_file).stem  # type: ignore[arg-type]
-    validate_config(config)
+    validate_config(config, origins)
     return config
 
 
@@ -262,21 +332,23 @@ _TOP_LEVEL_KEYS = ("method", "seed", "deterministic", "device", "stages", "data"
                    "train", "eval")
 
 
-def _check_stages(stages: Any, path: Path) -> None:
+def _check_stages(stages: Any, where: tuple[Path, int | None]) -> None:
     """``stages``: a list of mappings, each with a unique ``name`` that is a plain folder name
     (the stage's folder in the run) and not a config section (``train.lr=…`` must stay
-    unambiguous)."""
+    unambiguous). ``where``: the file and line of the ``stages`` key."""
+    path, line = where
     if not isinstance(stages, list) or not all(isinstance(stage, dict) for stage in stages):
         raise InputError("config key 'stages' must be a list of mappings, each with a 'name' "
-                         "(and optional data/model/train/eval sections)", path=path, value=stages)
+                         "(and optional data/model/train/eval sections)", path=path, line=line,
+                         value=stages)
     names = [stage.get("name") for stage in stages]
     if any(not isinstance(name, str) for name in names) or len(set(names)) != len(names):
-        raise InputError("every stage needs a unique 'name'", path=path, value=names)
+        raise InputError("every stage needs a unique 'name'", path=path, line=line, value=names)
     for name in names:
         if not _STAGE_NAME.fullmatch(name) or name in _TOP_LEVEL_KEYS:
             raise InputError("a stage name must be a plain folder name (letters, digits, _ and "
                              f"-) other than a config key ({', '.join(_TOP_LEVEL_KEYS)})",
-                             path=path, value=name)
+                             path=path, line=line, value=name)
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any], limit: int = 4) -> str:
@@ -518,7 +590,12 @@ def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _check_flat(config: dict[str, Any], name_of: Callable[[str], str]) -> None:
+def _check_flat(config: dict[str, Any], name_of: Callable[[str], str], origins: Origins) -> None:
+    def bad(key: str, message: str, value: Any) -> InputError:
+        name = name_of(key)
+        return InputError(message.replace("{key}", f"config key '{name}'", 1), value=value,
+                          **origins.locate(name))
+
     values = _flatten({k: v for k, v in config.items() if k not in ("stages", "stage")})
     for key, value in values.items():
         if key in CHECKS:
@@ -527,41 +604,40 @@ def _check_flat(config: dict[str, Any], name_of: Callable[[str], str]) -> None:
                 hint = ""
                 if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
                     hint = " (YAML 1.1 reads 1e-3 as text: write 1.0e-3)"
-                raise InputError(f"config key '{name_of(key)}' must be {description}{hint}",
-                                 value=value)
+                raise bad(key, f"{{key}} must be {description}{hint}", value)
     data, train, evaluation = config["data"], config["train"], config["eval"]
     for key in ("mean", "std"):
         if len(data[key]) != data["channels"]:
-            raise InputError(f"config key '{name_of('data.' + key)}' needs one value per channel "
-                             f"(data.channels = {data['channels']})", value=data[key])
+            raise bad("data." + key, "{key} needs one value per channel "
+                      f"(data.channels = {data['channels']})", data[key])
     if train["nesterov"] and train["momentum"] == 0:
-        raise InputError(f"config key '{name_of('train.nesterov')}' needs train.momentum > 0",
-                         value=train["momentum"])
+        raise bad("train.nesterov", "{key} needs train.momentum > 0", train["momentum"])
     if train["feature_cache"] == "on" and not train["freeze_backbone"]:
-        raise InputError(f"config key '{name_of('train.feature_cache')}': on needs "
-                         "train.freeze_backbone: true (only a frozen part can be computed once)",
-                         value=train["feature_cache"])
+        raise bad("train.feature_cache", "{key}: on needs train.freeze_backbone: true (only a "
+                  "frozen part can be computed once)", train["feature_cache"])
     if data["decode"] == "device" and data["transform"] != "imagenet":
-        raise InputError(f"config key '{name_of('data.decode')}': device decodes and augments "
-                         "with the imagenet preset only (small and none datasets are decoded once "
-                         "into memory, data.loader)", value=data["transform"])
+        raise bad("data.decode", "{key}: device decodes and augments with the imagenet preset "
+                  "only (small and none datasets are decoded once into memory, data.loader)",
+                  data["transform"])
     if evaluation["few_threshold"] > evaluation["many_threshold"]:
-        raise InputError(f"config key '{name_of('eval.few_threshold')}' must be <= "
-                         "eval.many_threshold", value=evaluation["few_threshold"])
+        raise bad("eval.few_threshold", "{key} must be <= eval.many_threshold",
+                  evaluation["few_threshold"])
 
 
-def validate_config(config: dict[str, Any]) -> None:
+def validate_config(config: dict[str, Any], origins: Origins | None = None) -> None:
     """Check every value of a resolved config (and each stage as it will run); InputError naming
-    the key (``stage2.train.lr`` when a stage sets it) and the value. YAML words read as
-    booleans (``amp: off``) are turned back into the word first."""
+    the key (``stage2.train.lr`` when a stage sets it), the value and, when ``origins`` knows
+    it, the file and line that wrote it. YAML words read as booleans (``amp: off``) are turned
+    back into the word first."""
+    origins = origins or Origins()
     _restore_boolean_words(config, "")
     for stage in config["stages"]:
         _restore_boolean_words(stage, "")
-    _check_flat(config, lambda key: key)
+    _check_flat(config, lambda key: key, origins)
     for stage in config["stages"]:
         own = _flatten({k: v for k, v in stage.items() if k != "name"})
 
         def name_of(key: str, stage_name: str = stage["name"], own: dict = own) -> str:
             return f"{stage_name}.{key}" if key in own else key
 
-        _check_flat(stage_config(config, stage["name"]), name_of)
+        _check_flat(stage_config(config, stage["name"]), name_of, origins)
