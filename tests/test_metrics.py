@@ -350,3 +350,19 @@ def test_logit_adjustment_adds_tau_times_log_prior():
     assert np.array_equal(rule.adjust(torch.from_numpy(logits)).numpy(), logits)
 
 
+
+
+def test_percent_text_rounds_once_from_the_stored_fraction() -> None:
+    """Every table shows the same digits for a figure whether it read report.json (6
+    decimals) or the unrounded value: 0.84949999 is stored as 0.8495 and shows 85.0, as
+    0.8495 does (half up; plain ``f"{100 * v:.1f}"`` gives 84.9 for the first, and for
+    0.8495 itself depends on the binary value)."""
+    from oltr.metrics import percent_text
+
+    assert percent_text(0.84949999) == percent_text(0.8495) == "85.0"
+    assert f"{100 * 0.84949999:.1f}" == "84.9"  # what two formatters could disagree on
+    assert percent_text(0.8494994) == "84.9"  # stored 0.849499
+    assert percent_text(1 / 3) == "33.3" and percent_text(2 / 3) == "66.7"
+    assert percent_text(0.0) == "0.0" and percent_text(1.0) == "100.0"
+    assert percent_text(0.123456, decimals=2) == "12.35"
+    assert percent_text(None) is None and percent_text(float("nan")) is None

@@ -386,6 +386,27 @@ def test_render_report_of_a_plain_model_without_open_images(tmp_path):
     assert "no threshold" in text
 
 
+
+def test_a_report_folder_keeps_no_figure_the_new_report_does_not_draw(tmp_path):
+    """Re-rendering into oltr's report folder removes figures of the earlier report that the
+    new one leaves out; in a folder without the report marker nothing is removed."""
+    from oltr.ownership import write_marker
+
+    def render(folder, *, concepts):
+        folder.mkdir(exist_ok=True)
+        R.render_report(folder, toy_inputs(meta=True, concepts=concepts), title="t")
+        return {p.name for p in folder.glob("*.png")}
+
+    owned = tmp_path / "report"
+    owned.mkdir()
+    write_marker(owned, "report")
+    assert R.FIGURE_FILES["concepts"] in render(owned, concepts=True)
+    assert R.FIGURE_FILES["concepts"] not in render(owned, concepts=False)
+    assert R.FIGURE_FILES["per_class"] in render(owned, concepts=False)
+    mine = tmp_path / "mine"
+    assert R.FIGURE_FILES["concepts"] in render(mine, concepts=True)
+    assert R.FIGURE_FILES["concepts"] in render(mine, concepts=False)  # not oltr's: kept
+
 # --------------------------------------------------------------------------- in a browser
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -70,7 +70,7 @@ def _round(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_round(v) for v in value]
     if isinstance(value, (float, np.floating)):
-        return None if not np.isfinite(value) else round(float(value), 6)
+        return None if not np.isfinite(value) else round(float(value), metrics.REPORT_DECIMALS)
     if isinstance(value, np.integer):
         return int(value)
     return value
@@ -608,7 +608,7 @@ def _evaluate(
 
 
 def _pct(value: float | None) -> str:
-    return "  n/a" if value is None else f"{100 * value:5.1f}"
+    return f"{metrics.percent_text(value) or 'n/a':>5}"
 
 
 def format_report(report: dict[str, Any]) -> str:

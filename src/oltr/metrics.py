@@ -15,6 +15,7 @@ FPR at 95 % TPR, AUPR, OSCR and the expected calibration error.
 """
 from __future__ import annotations
 
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Literal
 
 import numpy as np
@@ -24,6 +25,20 @@ from oltr.errors import InputError
 
 SHOT_GROUPS = ("many", "medium", "few")
 OPEN_LABEL = -1
+#: Decimals of a fraction in a report (report.json); every table rounds from this value.
+REPORT_DECIMALS = 6
+
+
+def percent_text(value: float | None, decimals: int = 1) -> str | None:
+    """A fraction as a percentage with ``decimals`` decimals, rounded once, half up, from the
+    fraction as report.json stores it (``REPORT_DECIMALS``): so every table (``oltr evaluate``,
+    ``oltr report``, plots) shows the same digits for the same figure, whether it reads the
+    JSON or the unrounded value (``f"{100 * v:.1f}"`` on the two could differ: 0.8495 prints
+    85.0, 0.84949999 prints 84.9). None for a missing or non-finite value."""
+    if value is None or not np.isfinite(value):
+        return None
+    stored = Decimal(repr(round(float(value), REPORT_DECIMALS)))
+    return str((100 * stored).quantize(Decimal(1).scaleb(-decimals), rounding=ROUND_HALF_UP))
 
 
 # --------------------------------------------------------------------------- input checks

@@ -115,7 +115,7 @@ def build_report(run_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
 
 
 def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}"
+    return metrics.percent_text(value) or "n/a"
 
 
 def cmd_report(args: argparse.Namespace) -> int:

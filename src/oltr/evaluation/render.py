@@ -188,7 +188,8 @@ def _save(figure: Figure, path: str | os.PathLike[str]) -> Path:
 
 
 def _percent(value: float | None) -> str:
-    return "–" if value is None or not math.isfinite(value) else f"{100 * value:.1f} %"
+    text = metrics.percent_text(value)
+    return "–" if text is None else f"{text} %"
 
 
 def _head_to_tail(train_counts: np.ndarray) -> np.ndarray:
@@ -277,12 +278,12 @@ def plot_per_class_accuracy(
         closed_mean = np.nanmean(closed[members]) if np.isfinite(closed[members]).any() else None
         label = f"{group}\n{last - first + 1} class{'es' if last > first else ''}"
         if closed_mean is not None:
-            label += f"\nclosed {100 * closed_mean:.1f} %"
+            label += f"\nclosed {_percent(closed_mean)}"
             axis.hlines(100 * closed_mean, first - 0.5, last + 0.5, colors="tab:blue",
                         linestyles=":", linewidth=2, zorder=4)
         if opened is not None and np.isfinite(opened[members]).any():
             open_mean = float(np.nanmean(opened[members]))
-            label += f"\nopen {100 * open_mean:.1f} %"
+            label += f"\nopen {_percent(open_mean)}"
             axis.hlines(100 * open_mean, first - 0.5, last + 0.5, colors="tab:orange",
                         linestyles="--", linewidth=2, zorder=4)
         centre = ((first + last) / 2 + 0.5) / k  # in axes fraction; keep labels above the axes
@@ -1307,6 +1308,22 @@ def render_report(
         "colour the share of the row: the tail diagonal is correct, a tail image in "
         "'unknown' was wrongly rejected, an open image anywhere but 'unknown' wrongly "
         "accepted.")
+    _remove_figures_not_drawn(out_dir, sections)
     return write_report_page(out_dir, title, sections,
                              footer="Written by oltr report; figures are PNG files next to "
                                     "this page.")
+
+
+def _remove_figures_not_drawn(out_dir: Path, sections: Sequence[ReportSection]) -> None:
+    """In a directory oltr claimed for reports (its ``.oltr`` marker says ``report``), remove
+    the figures of an earlier report that this one does not draw (e.g. the embedding of a run
+    re-evaluated without features), so the folder never shows a stale PNG beside the page.
+    Elsewhere nothing is removed (a figure file there may be the user's)."""
+    from oltr.ownership import marker_kind
+
+    if marker_kind(out_dir) != "report":
+        return
+    drawn = {str(figure.path) for section in sections for figure in section.figures}
+    for name in FIGURE_FILES.values():
+        if name not in drawn and (out_dir / name).is_file():
+            (out_dir / name).unlink()
