@@ -395,3 +395,34 @@ def test_a_detector_that_does_not_apply_is_recorded_and_shown_as_na():
                             "epochs": 2, "machine": "m", "wall_seconds": 1.0,
                             "detectors": ["msp", "ash"]})
     assert "| oltr | 80.0 | n/a |" in table  # one seed: no "± 0.0"
+
+
+def test_a_failing_method_is_recorded_and_the_others_still_land(fmnist_small, tmp_path, capsys,
+                                                                 one_thread):
+    """A run that fails (here: a learning rate that makes the loss non-finite) does not cost
+    the comparison: it is listed under 'Failed runs' with its error, the other methods are in
+    the tables, and the command exits 1."""
+    out = tmp_path / "out"
+    code = main(["bench", "--quick", "--seeds", "0", "--methods", "plain", "--detectors", "msp",
+                 "--data", str(fmnist_small), "--out", str(out), "--no-progress",
+                 "--epochs", "1"])
+    assert code == 0
+    capsys.readouterr()
+    results = run_bench(fmnist_small, out, methods=[
+        "plain", ("plain, diverging", "plain", ["train.lr=1.0e30", "train.nonfinite=stop"])],
+        detectors=["msp"], seeds=[0], epochs=1, quick=True)
+    (failure,) = results["failures"]
+    assert failure["method"] == "plain, diverging" and failure["seed"] == 0
+    assert "non-finite training loss" in failure["error"]
+    assert results["summary"]["plain"]["closed"]["overall"]["n"] == 1
+    assert results["summary"]["plain, diverging"]["closed"]["overall"]["n"] == 0
+    table = (out / "results.md").read_text()
+    assert "## Failed runs" in table and "- plain, diverging on" in table
+    assert "| plain, diverging | n/a |" in table
+    printed = capsys.readouterr()
+    assert "FAILED: OltrError: non-finite training loss" in printed.out
+    code = main(["bench", "--quick", "--seeds", "0", "--methods", "plain", "--detectors", "msp",
+                 "--data", str(fmnist_small), "--out", str(tmp_path / "all"), "--no-progress",
+                 "--epochs", "1", "train.lr=1.0e30"])
+    printed = capsys.readouterr()
+    assert code == 1 and "1 run(s) failed" in printed.err and "## Failed runs" in printed.out

@@ -32,6 +32,7 @@ import math
 import os
 import platform
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,7 @@ from oltr.config import (
 )
 from oltr.data.splits import sha256_file
 from oltr.detectors import list_detectors
-from oltr.errors import InputError
+from oltr.errors import InputError, OltrError, one_line
 from oltr.evaluate import evaluate_run
 from oltr.io import atomic_write_text, read_json_object
 from oltr.ownership import claim_directory, locked
@@ -283,28 +284,28 @@ def _run_matrix(
     """The body of :func:`run_bench` in its claimed and locked directory."""
     started = time.perf_counter()
     reports: dict[str, list[dict[str, Any]]] = {method: [] for method in methods}
+    failures: list[dict[str, Any]] = []
     for data_dir, seed in pairs:
         for method in methods:
             config = configs[method, data_dir, seed]
             run_dir = out / "runs" / _run_name(method, data_dir, seed, several)
             print(f"[bench] {method} on {data_dir} seed {seed}", flush=True)
-            train_cached(config, data_dir, out, run_dir, progress=progress,
-                         data_digest=several)
-            report_path = run_dir / "report.json"
-            report = read_json_object(report_path, "report") if report_path.exists() else None
-            if report is None or not _report_is_current(report, run_dir) or sorted(
-                    [*report.get("detectors", {}), *report.get("detectors_inapplicable", {})]
-            ) != sorted(detectors) or (
-                    sorted(report.get("open_sets", {})) != sorted(open_sets or {})) or (
-                    report.get("detector_options", {}) != (detector_options or {})) or (
-                    "open_score_logits" not in report):  # written before that choice existed
-                report = evaluate_run(run_dir, data_dir, open_set=True,
-                                      detectors=list(detectors), open_sets=open_sets,
-                                      detector_options=detector_options, output=report_path)
-            names = [stage["name"] for stage in config["stages"]]
-            report["train_seconds"] = _stage_seconds(run_dir, names)
-            report["epochs"] = {name: stage_config(config, name)["train"]["epochs"]
-                                for name in names}
+            try:
+                report = _train_and_evaluate(config, data_dir, out, run_dir,
+                                             detectors=detectors, open_sets=open_sets,
+                                             detector_options=detector_options,
+                                             progress=progress, several=several)
+            except InputError:  # bad input fails every method alike: stop and say so
+                raise
+            except (OltrError, RuntimeError, MemoryError) as exc:  # one method's failure
+                # (a non-finite loss, out of memory) is recorded; a bug in oltr still stops
+                message = one_line(f"{type(exc).__name__}: {exc}")
+                traceback.print_exc()
+                print(f"[bench] {method} on {data_dir} seed {seed} FAILED: {message}",
+                      flush=True)
+                failures.append({"method": method, "data": str(data_dir), "seed": seed,
+                                 "error": message})
+                continue
             reports[method].append(report)
     results = {
         "benchmark": benchmark,
@@ -319,11 +320,36 @@ def _run_matrix(
         "machine": machine_description(),
         "wall_seconds": time.perf_counter() - started,
         "summary": summarize(reports, detectors),
+        "failures": failures,
         "reports": reports,
     }
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(out / "results.md", format_results(results))
     return results
+
+
+def _train_and_evaluate(config: dict[str, Any], data_dir: Path, out: Path, run_dir: Path, *,
+                        detectors: Sequence[str], open_sets: dict[str, str] | None,
+                        detector_options: dict[str, dict[str, Any]] | None, progress: bool,
+                        several: bool) -> dict[str, Any]:
+    """One run of the matrix: train (or reuse) its stages, evaluate it with every detector
+    (or keep its current report), and return the report with its train seconds and epochs."""
+    train_cached(config, data_dir, out, run_dir, progress=progress, data_digest=several)
+    report_path = run_dir / "report.json"
+    report = read_json_object(report_path, "report") if report_path.exists() else None
+    if report is None or not _report_is_current(report, run_dir) or sorted(
+            [*report.get("detectors", {}), *report.get("detectors_inapplicable", {})]
+    ) != sorted(detectors) or (
+            sorted(report.get("open_sets", {})) != sorted(open_sets or {})) or (
+            report.get("detector_options", {}) != (detector_options or {})) or (
+            "open_score_logits" not in report):  # written before that choice existed
+        report = evaluate_run(run_dir, data_dir, open_set=True,
+                              detectors=list(detectors), open_sets=open_sets,
+                              detector_options=detector_options, output=report_path)
+    names = [stage["name"] for stage in config["stages"]]
+    report["train_seconds"] = _stage_seconds(run_dir, names)
+    report["epochs"] = {name: stage_config(config, name)["train"]["epochs"] for name in names}
+    return report
 
 
 def _report_is_current(report: dict[str, Any], run_dir: Path) -> bool:
@@ -404,7 +430,8 @@ def format_results(results: dict[str, Any]) -> str:
         cells = [_cell(entry["closed"][c]) for c in CLOSED_COLUMNS]
         cells += [_cell(entry["open"][c]) for c in OPEN_COLUMNS[:3]]
         cells.append(_cell(entry["open"]["f_measure"], percent=False))
-        cells.append(f"{entry['train_minutes']['mean']:.1f}")
+        minutes = entry["train_minutes"]["mean"]
+        cells.append("n/a" if minutes is None else f"{minutes:.1f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     detectors = results["detectors"]
     for column, title in (("auroc", "AUROC (%) ↑"), ("fpr95", "FPR at 95 % TPR (%) ↓"),
@@ -421,4 +448,13 @@ def format_results(results: dict[str, Any]) -> str:
               "(e.g. ASH or SCALE on features that can be negative; the reason is in each "
               "run's report.json, detectors_inapplicable). The shared stage-1 training of "
               "two-stage methods counts in full for each of them in 'train min'."), ""]
+    failures = results.get("failures") or []
+    if failures:
+        lines += ["## Failed runs", "",
+                  (f"{len(failures)} run(s) failed and are left out of the means above (n/a "
+                   "where a method has no run left); each error in full is in the bench's "
+                   "output:"), ""]
+        lines += [f"- {f['method']} on {f['data']}, seed {f['seed']}: {f['error']}"
+                  for f in failures]
+        lines.append("")
     return "\n".join(lines)

@@ -298,6 +298,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(read_text(Path(args.out) / "results.md", "bench results"))
     print(f"bench finished in {results['wall_seconds'] / 60:.1f} min; tables in "
           f"{Path(args.out) / 'results.md'}, every figure in {Path(args.out) / 'results.json'}")
+    if results["failures"]:
+        print(f"oltr bench: {len(results['failures'])} run(s) failed (listed under 'Failed "
+              "runs'); the others are in the tables", file=sys.stderr)
+        return 1
     return 0
 
 
