@@ -117,7 +117,8 @@ def cmd_curate(args: argparse.Namespace) -> int:
     source = parse_source(args.source, image_root=args.image_root,
                           allow_outside_root=args.allow_outside_root)
     started = time.perf_counter()
-    manifest = curate(source, args.out, force=args.force, **settings)
+    manifest = curate(source, args.out, force=args.force,
+                      skip_bad_images=args.skip_bad_images, **settings)
     if settings["known"] is None and settings["open"] is None and not args.protocol:
         print(NO_OPEN_CLASSES_NOTICE, file=sys.stderr)
     counts = manifest["counts"]
@@ -128,6 +129,8 @@ def cmd_curate(args: argparse.Namespace) -> int:
              f"({counts['val_open']} val_open images)" if manifest.get("val_open_classes") else "")
           + (f"; {len(manifest['dropped_classes'])} classes kept no image and were dropped"
              if manifest.get("dropped_classes") else "")
+          + (f"; {len(manifest['skipped_images'])} unreadable images left out (listed in "
+             "manifest.json, skipped_images)" if manifest.get("skipped_images") else "")
           + " "
           f"in {time.perf_counter() - started:.1f} s")
     shown = counts["train"] if len(counts["train"]) <= 50 else (
@@ -171,6 +174,9 @@ def _curate_given(args: argparse.Namespace) -> int:
                              "--val-per-class apply)", value=settings.get(key, value))
         if value is not None:
             settings[key] = value
+    if args.skip_bad_images:
+        raise InputError("--skip-bad-images does not apply to given splits (the published "
+                         "lists are read as they are); replace or remove the unreadable files")
     directory = args.source.partition(":")[2]
     if not directory:
         raise InputError("'given:' needs a path, as in 'given:DIR'", value=args.source)
@@ -438,6 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per validation open class (default: --val-per-class)")
     p.add_argument("--image-root", help="image root of a splits: or given: source (default: "
                                         "the folder of its split files)")
+    p.add_argument("--skip-bad-images", action="store_true", dest="skip_bad_images",
+                   help="decode every image of the source first and leave the unreadable ones "
+                        "out (listed in manifest.json); default: an unreadable image stops "
+                        "curation, naming it")
     p.add_argument("--allow-outside-root", action="store_true",
                    help="let a splits: source list absolute paths, paths with '..' or paths "
                         "that lead out of the image root through a symbolic link, and a "

@@ -31,13 +31,13 @@ import json
 import operator
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from oltr.data.images import check_images
+from oltr.data.images import ImageError, check_images, find_bad_images
 from oltr.data.profiles import PROPORTIONAL, class_counts, keep_probabilities
 from oltr.data.sources import Source, parse_source
 from oltr.data.splits import OPEN_LABEL, read_split_lines, sha256_file, write_split_file
@@ -268,6 +268,7 @@ def curate(
     val_open_per_class: int | None = None,
     force: bool = False,
     verify_images: bool = True,
+    skip_bad_images: bool = False,
 ) -> dict[str, Any]:
     """Curate an open long-tailed benchmark from ``source`` into ``out_dir``; return the manifest.
 
@@ -304,7 +305,13 @@ def curate(
     - ``verify_images``: fully decode each used file (file sources) with the loader training
       uses (`oltr.data.images.check_images`, a thread pool; JPEGs at reduced scale, every
       coefficient still decoded), so a missing, truncated or corrupt image, or one in a mode
-      oltr cannot read, fails curation rather than training.
+      oltr cannot read, fails curation rather than training; the error names the first bad
+      file and how many others there are.
+    - ``skip_bad_images``: instead, decode *every* image of a file source first (train and
+      test, used or not: a slower pass over the whole source) and leave the unreadable ones
+      out before anything is drawn, so the benchmark is drawn from the good images only; the
+      manifest lists each skipped image and why under ``skipped_images`` (a fixed set of bad
+      files gives the same benchmark every time).
 
     Raises InputError (and leaves no ``out_dir``) on any shortfall: a class with fewer images
     than it needs is named with the counts it has and needs.
@@ -339,6 +346,10 @@ def curate(
                 value=name,
             )
 
+    skipped: list[dict[str, str]] = []
+    if skip_bad_images and not source.needs_export:
+        source, skipped = _without_bad_images(source)
+        verify_images = False  # every image was just decoded
     rng = np.random.Generator(np.random.PCG64(seed))
     known_classes, open_classes, val_open_classes = choose_classes(
         source.class_names, known, open, rng, val_open)
@@ -392,8 +403,31 @@ def curate(
         manifest["val_open_classes"] = [source.class_names[i] for i in val_open_classes]
         manifest["val_open_per_class"] = val_open_per_class
         manifest["counts"]["val_open"] = len(splits["val_open"])
-    return write_benchmark(source, out_dir, splits, manifest, open_class_of=open_class_of,
-                           force=force, verify_images=verify_images)
+    if skipped:
+        manifest["skipped_images"] = skipped
+    try:
+        return write_benchmark(source, out_dir, splits, manifest, open_class_of=open_class_of,
+                               force=force, verify_images=verify_images)
+    except ImageError as exc:
+        hint = "or curate with --skip-bad-images to leave every unreadable image out"
+        raise ImageError(exc.problem, exc.image_path,
+                         f"{exc.detail}; {hint}" if exc.detail else hint) from None
+
+
+def _without_bad_images(source: Source) -> tuple[Source, list[dict[str, str]]]:
+    """``source`` without the train/test entries whose file cannot be used
+    (`oltr.data.images.find_bad_images` over all of them), and ``{"image": key, "reason":
+    why}`` for each one left out, in source order."""
+    entries = [*source.train, *(source.test or [])]
+    key_of = {str(source.image_path(key)): key for key, _ in entries}
+    errors = find_bad_images(list(key_of))
+    bad = {key_of[error.image_path]: error for error in errors}
+    if not bad:
+        return source, []
+    kept = replace(source, train=[e for e in source.train if e[0] not in bad],
+                   test=None if source.test is None else [e for e in source.test
+                                                           if e[0] not in bad])
+    return kept, [{"image": key, "reason": str(error)} for key, error in bad.items()]
 
 
 @dataclass

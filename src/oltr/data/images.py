@@ -142,10 +142,11 @@ def load_image(path: str | os.PathLike[str], mode: str | None = None, *,
     return image if mode is None or image.mode == mode else image.convert(mode)
 
 
-def check_images(paths: Sequence[str | os.PathLike[str]], *, workers: int | None = None) -> None:
-    """Fully decode every file of ``paths`` (as `load_image` does; JPEGs at reduced scale) in a
-    thread pool; raise the ImageError of the first bad file in ``paths`` order, its detail
-    naming how many others are bad and the first few of them (so one run lists what to fix)."""
+def find_bad_images(paths: Sequence[str | os.PathLike[str]], *,
+                    workers: int | None = None) -> list[ImageError]:
+    """Fully decode every file of ``paths`` (as `load_image` does; JPEGs at reduced scale, every
+    coefficient still decoded) in a thread pool; return the ImageError of each file that cannot
+    be used, in ``paths`` order (empty when all are fine)."""
     workers = workers or min(8, (os.cpu_count() or 1) + 1)
 
     def check(path: str | os.PathLike[str]) -> ImageError | None:
@@ -157,9 +158,16 @@ def check_images(paths: Sequence[str | os.PathLike[str]], *, workers: int | None
 
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
-        errors = [e for e in pool.map(check, [Path(path) for path in paths]) if e is not None]
+        return [e for e in pool.map(check, [Path(path) for path in paths]) if e is not None]
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def check_images(paths: Sequence[str | os.PathLike[str]], *, workers: int | None = None) -> None:
+    """:func:`find_bad_images`, raising the ImageError of the first bad file in ``paths``
+    order, its detail naming how many others are bad and the first few of them (so one run
+    lists what to fix)."""
+    errors = find_bad_images(paths, workers=workers)
     if len(errors) == 1:
         raise errors[0]
     if errors:
