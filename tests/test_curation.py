@@ -207,6 +207,27 @@ def test_shortfall_names_the_class_and_leaves_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tree"]
 
 
+def test_a_shortfall_that_size_order_avoids_says_so(tmp_path):
+    """A random class order that puts the small class at the head fails; the error says that
+    --class-order size fits (and that order then curates); it does not say so when no order
+    fits."""
+    tree = make_tree(tmp_path / "tree", [40, 12])
+    args = {"known": 2, "max_count": 30, "min_count": 5, "val_per_class": 2, "test_per_class": 5}
+    messages = []
+    for seed in range(8):
+        try:
+            curate(f"folder:{tree}", tmp_path / f"out{seed}", seed=seed, **args)
+        except InputError as exc:
+            messages.append(str(exc))
+    assert messages and all("--class-order size (the classes with the most images at the "
+                            "head) fits these counts" in m for m in messages)
+    manifest = curate(f"folder:{tree}", tmp_path / "sized", class_order="size", **args)
+    assert manifest["known_classes"] == ["c00", "c01"]
+    with pytest.raises(InputError) as info:
+        curate(f"folder:{tree}", tmp_path / "never", **{**args, "max_count": 50})
+    assert "class-order" not in str(info.value)
+
+
 def test_unreadable_image_fails_curation_with_its_name(tmp_path):
     tree = make_tree(tmp_path / "tree", [5, 5])
     (tree / "c01" / "002.png").write_bytes(b"garbage, not a PNG")

@@ -505,9 +505,14 @@ def _fixed_count_plan(
         parts = f"train {counts[label]} + val {val_per_class}"
         if held_out_test:
             parts += f" + test {test_per_class}"
+        sizes = sorted((len(train_pools[i]) for i in rank_order), reverse=True)
+        by_size_fits = class_order != "size" and all(
+            size >= need for size, need in zip(sizes, sorted(needs, reverse=True)))
+        remedy = ("--class-order size (the classes with the most images at the head) fits "
+                  "these counts; or lower" if by_size_fits else "lower")
         raise InputError(
             f"class has {len(train_pools[index])} images, needs {needs[label]} ({parts}) at "
-            f"rank {label}; {len(short_labels)} classes short — lower max_count/min_count, "
+            f"rank {label}; {len(short_labels)} classes short — {remedy} max_count/min_count, "
             "val_per_class or test_per_class, or pick other classes",
             value=source.class_names[index],
         )
