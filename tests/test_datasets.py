@@ -256,3 +256,48 @@ def test_a_folder_of_class_folders_is_pointed_to_curate(tmp_path):
     (tmp_path / "dog").mkdir()
     with pytest.raises(InputError, match=r"curate it first: oltr curate folder:"):
         load_benchmark(tmp_path)
+
+
+def test_require_images_finds_missing_files_of_every_split_before_anything_reads_them(tmp_path):
+    """Training's check (require_images): a listed file that does not exist is named by split
+    file and line with how many of its split are missing; a split none of whose images is
+    found points at the image root. Without it, loading only checks paths (the image is
+    reported when read)."""
+    for name in ("a0", "a1", "b0", "b1", "v0", "v1", "t0", "t1"):
+        write_png(tmp_path / "img" / f"{name}.png")
+    (tmp_path / "train.txt").write_text("img/a0.png 0\nimg/a1.png 0\nimg/b0.png 1\nimg/b1.png 1\n")
+    (tmp_path / "val.txt").write_text("img/v0.png 0\nimg/v1.png 1\n")
+    (tmp_path / "test.txt").write_text("img/t0.png 0\nimg/t1.png 1\nimg/gone.png 1\n"
+                                       "img/gone2.png 0\n")
+    load_benchmark(tmp_path)  # paths only
+    with pytest.raises(InputError, match=r"test\.txt:3: image not found: .*img/gone\.png \(1 more "
+                                         r"of the 4 images of this split are missing\)"):
+        load_benchmark(tmp_path, require_images=True)
+    (tmp_path / "test.txt").write_text("img/t0.png 0\nimg/t1.png 1\n")
+    load_benchmark(tmp_path, require_images=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with pytest.raises(InputError, match=r"train\.txt:1: image not found: .*elsewhere/img/a0\.png "
+                                         r"\(none of the 4 images of this split is found under "
+                                         r"the image root .*elsewhere: is data\.image_root"):
+        load_benchmark(tmp_path, image_root=elsewhere, require_images=True)
+
+
+def test_training_checks_every_split_before_it_creates_the_run(fmnist_small, tmp_path):
+    """A test image missing stops `oltr train` before the run folder exists (not at
+    evaluation, hours later); data.skip_bad_images=true leaves it to the loaders."""
+    import json
+    import shutil
+
+    from oltr.config import load_config
+    from oltr.train.loop import check_run
+
+    bench = tmp_path / "bench"
+    shutil.copytree(fmnist_small, bench)
+    first = (bench / "test.txt").read_text().split("\n", 1)[0].rsplit(" ", 1)[0]
+    (bench / json.loads((bench / "manifest.json").read_text())["image_root"] / first).unlink()
+    with pytest.raises(InputError, match=r"test\.txt:1: image not found"):
+        check_run(load_config("plain"), bench, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    check_run(load_config("plain", overrides=["data.skip_bad_images=true"]), bench,
+              tmp_path / "run")

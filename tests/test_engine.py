@@ -205,3 +205,29 @@ def test_tensorboard_logs_losses_and_val_accuracies_per_shot_group(fmnist_small,
     assert {"main/step/loss", "main/step/lr", "main/epoch/val_accuracy", "main/epoch/val_many",
             "main/epoch/val_few", "main/epoch/train_loss"} <= tags
     assert [event.step for event in events.Scalars("main/epoch/val_accuracy")] == [3, 6]
+
+
+def test_a_preset_on_pretrained_weights_refuses_to_start_from_scratch(fmnist_small, tmp_path):
+    """places_lt / ms1m_lt presets start from ImageNet weights (train.require_pretrained): a
+    stage that would start from nothing without model.pretrained_path fails before anything
+    is created, naming the key and the way out; a stage starting from the previous stage or
+    a weights file is fine, and so is train.require_pretrained=false."""
+    for benchmark in ("places_lt", "ms1m_lt"):
+        config = load_config("plain", benchmark=benchmark)
+        with pytest.raises(InputError, match=r"stage 'main' starts from ImageNet-pretrained "
+                                             r"resnet\d+ weights.*model\.pretrained_path is not "
+                                             r"set.*train\.require_pretrained=false"):
+            engine.check_run(config, fmnist_small, tmp_path / "run")
+        assert not (tmp_path / "run").exists()
+    engine.check_run(load_config("plain", benchmark="places_lt",
+                                 overrides=["train.require_pretrained=false"]),
+                     fmnist_small, tmp_path / "run")
+    weights = tmp_path / "resnet152.pth"
+    weights.write_bytes(b"checked for existence only here")
+    engine.check_run(load_config("oltr", benchmark="places_lt",
+                                 overrides=[f"model.pretrained_path={weights}"]),
+                     fmnist_small, tmp_path / "run")
+    with pytest.raises(InputError, match="stage 'stage2' starts from"):
+        engine.check_run(load_config("oltr", benchmark="places_lt", overrides=[
+            f"stage1.model.pretrained_path={weights}", "stage2.train.init_from=none"]),
+            fmnist_small, tmp_path / "run")

@@ -241,6 +241,14 @@ def test_skip_bad_images_in_train_and_evaluate(fmnist_small, tiny, tmp_path, cap
             "train.epochs=1"]
 
     assert main([*args, "--out", str(tmp_path / "strict")]) == 2
+    err = capsys.readouterr().err  # the missing test image stops it before anything is made
+    assert re.match(rf"oltr train: error: {bench}/test.txt:{test_line}: image not found: ", err)
+    assert not (tmp_path / "strict").exists()
+    args_present = [*args, f"data.image_root={tmp_path / 'bench-with-test'}"]
+    shutil.copytree(bench / "images", tmp_path / "bench-with-test")
+    moved = Path(test_image).relative_to(bench / "images")
+    shutil.copy(fmnist_small / "images" / moved, tmp_path / "bench-with-test" / moved)
+    assert main([*args_present, "--out", str(tmp_path / "strict")]) == 2
     err = capsys.readouterr().err  # the first bad image read stops the run
     assert re.match(rf"oltr train: error: {bench}/(train|val).txt:\d+: cannot read image ", err)
 

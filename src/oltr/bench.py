@@ -48,6 +48,7 @@ from oltr.config import (
 )
 from oltr.config import (
     DEFAULT_BENCHMARK,
+    absolute_paths,
     load_config,
     load_saved_config,
     save_config,
@@ -250,7 +251,7 @@ def run_bench(
         for data, seed in pairs:       # of training
             config = load_config(preset, benchmark=benchmark,
                                  overrides=[f"seed={seed}", *extra, *own])
-            config["method"] = name
+            config = absolute_paths(config | {"method": name})  # as train_run saves it
             configs[name, data, seed] = scale_epochs(config, epochs) if epochs else config
     claim_directory(out, "bench", what="bench directory", reuse=True, protect=data_dirs)
     with locked(out, "bench directory"):

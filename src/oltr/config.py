@@ -3,7 +3,7 @@
 A config is a nested dict with the sections ``data``, ``model``, ``train`` and ``eval`` (every key
 and its default lives in ``configs/base.yaml``). A method preset may list ``stages``; each stage
 is a partial config applied on top of the method's own sections (OLTR: stage 1 = the plain model,
-stage 2 = attention + meta-embedding + cosine classifier, paper §3.3 / DESIGN.md §2).
+stage 2 = attention + meta-embedding + cosine classifier, paper §3.3 / docs/method.md).
 Unknown keys are errors, never silently ignored; every value is checked in one place
 (`validate_config`), so a bad value fails before any data is read, naming its key.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
 import warnings
 from collections.abc import Callable
@@ -380,6 +381,23 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], limit: int = 4)
     return "; ".join(parts)
 
 
+#: Config keys holding a file or folder path (``train.init_from`` except its words).
+PATH_KEYS = (("data", "image_root"), ("model", "pretrained_path"), ("train", "init_from"))
+
+
+def absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (a copy) with every relative path of :data:`PATH_KEYS`, in its sections and
+    in each stage, made absolute against the working directory (``~`` expanded): a run's
+    saved config then names the same files from wherever it is evaluated."""
+    config = copy.deepcopy(config)
+    for holder in [config, *config.get("stages", [])]:
+        for section, key in PATH_KEYS:
+            value = holder.get(section, {}).get(key)
+            if isinstance(value, str) and value not in ("previous", "none"):
+                holder[section][key] = os.path.abspath(os.path.expanduser(value))
+    return config
+
+
 def stage_config(config: dict[str, Any], stage_name: str) -> dict[str, Any]:
     """The flat config (data/model/train/eval) of one stage."""
     for stage in config["stages"]:
@@ -536,6 +554,7 @@ CHECKS: dict[str, Check] = {
     "train.feature_cache_dtype": _choice("float32", "float16"),
     "train.compile": _BOOL,
     "train.init_from": _or_null(_TEXT),
+    "train.require_pretrained": _BOOL,
     "train.amp": _choice("auto", "bf16", "off"),
     "train.channels_last": _BOOL,
     "train.sync_batchnorm": _BOOL,

@@ -271,6 +271,7 @@ def load_benchmark(
     verify: bool = True,
     image_root: str | os.PathLike[str] | None = None,
     allow_outside_root: bool = False,
+    require_images: bool = False,
 ) -> Benchmark:
     """Load and validate a benchmark directory.
 
@@ -280,7 +281,9 @@ def load_benchmark(
     without train images, ``-1`` outside the open split, a known label in the open split, an
     image file listed in two splits or twice in one (by identity: `check_image_paths`), or a
     path that leaves the image root (absolute, with a ``..`` component, or through a symbolic
-    link) unless ``allow_outside_root``.
+    link) unless ``allow_outside_root``; with ``require_images``, for a listed image file that
+    does not exist (training checks every split this way before it starts, so a test image
+    missing is found before hours of training, not at evaluation).
     """
     data_dir = Path(data_dir).expanduser()
     if not data_dir.is_dir():
@@ -357,7 +360,7 @@ def load_benchmark(
         names = [name for name in entries if split_roots.get(name, root) == group_root]
         check_image_paths({name: entries[name] for name in names},
                           {name: line_numbers[name] for name in names}, split_files, group_root,
-                          allow_outside_root=allow_outside_root)
+                          allow_outside_root=allow_outside_root, require_existing=require_images)
     return Benchmark(
         data_dir=data_dir,
         manifest=manifest,

@@ -132,20 +132,26 @@ def check_image_paths(
     image_root: str | os.PathLike[str],
     *,
     allow_outside_root: bool = False,
+    require_existing: bool = False,
 ) -> None:
     """Check the image paths of split lists (``entries[name]`` read from ``split_files[name]``,
     ``line_numbers[name]`` its lines) against one ``image_root``: InputError naming the split
     file, line and path for an image whose resolved location leaves ``image_root`` through a
     symbolic link (unless ``allow_outside_root``), and for one image file listed twice — in two
     splits, or twice in one under two spellings, compared by identity (`ImageLocator`) — naming
-    the other line and spelling too. Used for benchmarks, the ``splits:`` source and
+    the other line and spelling too. ``require_existing``: also for a listed file that does not
+    exist (the first such line, with how many of its split are missing and, when none of a
+    split is found, the image root to check). Used for benchmarks, the ``splits:`` source and
     external open-set lists."""
     locator = ImageLocator(image_root)
     locate, contains = locator.locate, locator.contains
     first: dict[Hashable, tuple[str, int, str]] = {}
+    missing: dict[str, list[tuple[int, str]]] = {}
     for name, split_entries in entries.items():
         for (path, _), line in zip(split_entries, line_numbers[name]):
             real, identity = locate(path)
+            if require_existing and isinstance(identity, tuple) and identity[:1] == ("missing",):
+                missing.setdefault(name, []).append((line, real))
             if not allow_outside_root and not contains(real):
                 raise InputError(
                     f"path leads outside the image root {locator.real_root} through a symbolic "
@@ -163,6 +169,19 @@ def check_image_paths(
                                f"{other_line}{spelled}; splits must not share images")
                 raise InputError(message, path=split_files[name], line=line, value=path)
             first[identity] = (name, line, path)
+    for name, lost in missing.items():
+        line, real = lost[0]
+        total = len(entries[name])
+        if len(lost) == total:
+            detail = (f"none of the {total} images of this split is found under the image root "
+                      f"{locator.root}: is data.image_root (--image-root) the folder the "
+                      "split file's paths are relative to?")
+        elif len(lost) > 1:
+            detail = f"{len(lost) - 1} more of the {total} images of this split are missing"
+        else:
+            detail = "the split's other images are found"
+        raise InputError(f"image not found: {real} ({detail})", path=split_files[name],
+                         line=line)
 
 
 def walk_images(

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from oltr import metrics
 from oltr.config import (
+    absolute_paths,
     config_differences,
     load_saved_config,
     save_config,
@@ -196,7 +197,7 @@ def check_run(config: dict[str, Any], data_dir: str | Path, run_dir: Path,
     if unknown:
         raise InputError(f"no stage named {', '.join(unknown)} in this method "
                          f"(stages: {', '.join(stage_names)})")
-    benches: dict[tuple[Any, bool], Benchmark] = {}
+    benches: dict[tuple[Any, bool, bool], Benchmark] = {}
     previous: Path | None = None
     trained_here = False  # the previous stage is trained by this invocation
     for name in stage_names:
@@ -205,12 +206,23 @@ def check_run(config: dict[str, Any], data_dir: str | Path, run_dir: Path,
             previous, trained_here = run_dir / name, False
             continue
         data_cfg = cfg["data"]
-        key = (data_cfg["image_root"], data_cfg["allow_outside_root"])
-        if key not in benches:
+        key = (data_cfg["image_root"], data_cfg["allow_outside_root"],
+               data_cfg["skip_bad_images"])
+        if key not in benches:  # every split's files must exist, unless bad images are skipped
             benches[key] = load_benchmark(data_dir, image_root=data_cfg["image_root"],
-                                          allow_outside_root=data_cfg["allow_outside_root"])
+                                          allow_outside_root=data_cfg["allow_outside_root"],
+                                          require_images=not data_cfg["skip_bad_images"])
         check_stage(cfg, benches[key])
         source = _init_source(cfg, previous)
+        model_cfg = cfg["model"]
+        if source is None and cfg["train"]["require_pretrained"] and (
+                model_cfg["pretrained_path"] is None):
+            raise InputError(
+                f"stage '{name}' starts from ImageNet-pretrained {model_cfg['backbone']} weights "
+                "in this preset (train.require_pretrained: true), but model.pretrained_path is "
+                f"not set: give model.pretrained_path=FILE (a local torchvision "
+                f"{model_cfg['backbone']} state dict, never downloaded; docs/reproduction.md), "
+                "or train.require_pretrained=false to train it from scratch on purpose")
         if source is not None and not (source == previous and trained_here):
             weights = init_weights_path(source)
             if not weights.is_file():
@@ -695,6 +707,7 @@ def train_run(
     """
     runtime = init_runtime(config["device"])
     run_dir = Path(run_dir).expanduser()
+    config = absolute_paths(config)  # the saved config must name the files from anywhere
     stage_names = [stage["name"] for stage in config["stages"]]
     check_run(config, data_dir, run_dir, stages)
     writer = _tensorboard_writer(tensorboard) if runtime.is_primary else None
