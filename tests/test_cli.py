@@ -140,3 +140,44 @@ def test_help_shows_only_real_defaults(capsys) -> None:
             assert "comma-separated training seeds (default: 0,1,2)" in text
         if command == "evaluate":
             assert "report path (default RUN/report.json) --skip" in text
+
+
+def test_train_image_root_is_saved_absolute_and_moved_images_are_found_again(
+        fmnist_small, tiny, tmp_path, capsys, monkeypatch) -> None:
+    """`oltr train --image-root DIR` (or a relative data.image_root) is saved as an absolute
+    path, so the run evaluates from any working directory; overrides may follow options; a
+    run whose images moved says where its root came from, and `evaluate` / `report` take
+    --image-root."""
+    import yaml
+
+    files = tmp_path / "lists"
+    files.mkdir()
+    for item in fmnist_small.iterdir():
+        if item.is_file() and item.suffix in (".txt", ".json"):
+            shutil.copy(item, files / item.name)
+    images = tmp_path / "work" / "imgs"
+    shutil.copytree(fmnist_small / "images", images)
+    monkeypatch.chdir(tmp_path / "work")
+    run = tmp_path / "run"
+    assert main(["train", "--method", "plain", *tiny[:2], "--data", str(files), "--out", str(run),
+                 "--image-root", "imgs", "--no-progress", *tiny[2:], "train.epochs=1"]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data"]["image_root"] == str(images)
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", str(run), "--data", str(files)]) == 0
+    capsys.readouterr()
+    images.rename(tmp_path / "elsewhere")
+    assert main(["evaluate", str(run), "--data", str(files)]) == 2
+    assert "the run's data.image_root" in capsys.readouterr().err
+    assert main(["evaluate", str(run), "--data", str(files), "--image-root",
+                 str(tmp_path / "elsewhere")]) == 0
+    assert main(["report", str(run), "--data", str(files), "--out", str(tmp_path / "page"),
+                 "--image-root", str(tmp_path / "elsewhere")]) == 0
+    assert (tmp_path / "page" / "index.html").is_file()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:  # argparse's way, as for any unknown option
+        main(["train", "--method", "plain", "--data", str(files), "--out", str(tmp_path / "x"),
+              "--bogus", "train.epochs=1"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --bogus" in err and "train.epochs=1" not in err

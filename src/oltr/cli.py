@@ -205,6 +205,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"device={args.device}")
     if args.skip_bad_images:
         overrides.append("data.skip_bad_images=true")
+    if args.image_root is not None:
+        overrides.append(f"data.image_root={os.path.abspath(os.path.expanduser(args.image_root))}")
     config = load_config(args.method, config_file=args.config, benchmark=args.benchmark,
                          overrides=overrides)
     started = time.perf_counter()
@@ -218,8 +220,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         if int(os.environ.get("RANK", "0")) != 0:
             return 0  # rank 0 reports (and evaluates)
     for result in results:
-        print(f"stage {result.stage_dir.name}: best val accuracy {result.best_val_accuracy:.4f} "
-              f"at epoch {result.best_epoch} ({result.seconds:.0f} s)")
+        if result.best_epoch < 0:  # train.epochs: 0, a stage that only initialises
+            print(f"stage {result.stage_dir.name}: 0 epochs (train.epochs: 0): saved as "
+                  f"initialised, nothing trained ({result.seconds:.0f} s)")
+        else:
+            print(f"stage {result.stage_dir.name}: best val accuracy "
+                  f"{result.best_val_accuracy:.4f} at epoch {result.best_epoch} "
+                  f"({result.seconds:.0f} s)")
         if any(result.skipped_images.values()):
             per_split = ", ".join(f"{k} {v}" for k, v in result.skipped_images.items())
             print(f"stage {result.stage_dir.name}: skipped "
@@ -489,6 +496,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-images", action="store_true",
                    help="skip unreadable images (counted, reported) instead of stopping; the "
                         "same as data.skip_bad_images=true")
+    p.add_argument("--image-root", dest="image_root",
+                   help="the folder the split files' image paths are relative to (published "
+                        "ImageNet-LT / Places-LT lists: the ImageNet / Places365 folder); the "
+                        "same as data.image_root=DIR (saved as an absolute path)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_train)
 
@@ -661,7 +672,16 @@ def _interrupted_hint(args: argparse.Namespace) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also come after options (``--data D stage1.train.epochs=1``):
+    # argparse gives a trailing positional list only the run of values before an option
+    takes_overrides = hasattr(args, "overrides")
+    unknown = [item for item in extra
+               if not (takes_overrides and "=" in item and not item.startswith("-"))]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     handlers = {}
     if threading.current_thread() is threading.main_thread():
         handlers = {number: signal.signal(number, _raise_interrupted)

@@ -224,9 +224,16 @@ def collect_run_outputs(
     eval_cfg = eval_settings(stage_cfg, given)
     runtime = runtime or init_runtime(device)
     net, info = load_model(stage_dir, runtime.device)
-    bench = load_benchmark(data_dir, image_root=image_root if image_root is not None
-                           else stage_cfg["data"]["image_root"],
-                           allow_outside_root=stage_cfg["data"]["allow_outside_root"])
+    try:
+        bench = load_benchmark(data_dir, image_root=image_root if image_root is not None
+                               else stage_cfg["data"]["image_root"],
+                               allow_outside_root=stage_cfg["data"]["allow_outside_root"])
+    except InputError as exc:
+        if image_root is None and stage_cfg["data"]["image_root"] is not None and str(
+                exc).endswith("image root not found"):
+            raise InputError(f"{exc} (the run's data.image_root, as it was given when it "
+                             "trained; --image-root DIR names where the images are now)") from None
+        raise
     check_benchmark_fits(bench, info, data_dir)
     rule = None if given else saved_rule(Path(run_dir), info, eval_cfg, refuse_stale=False)
     rule_source = "saved with the weights" if rule is not None else "fitted on val for this report"

@@ -1,6 +1,6 @@
 """Losses: OLTR's centroid losses, and the competing methods' losses (paper §4, issue 4).
 
-Centroid losses (Eq. 7, 9; DESIGN.md §3) are called as ``loss(features, labels, centroids)``:
+Centroid losses (Eq. 7, 9; docs/reproduction.md) are called as ``loss(features, labels, centroids)``:
 the centroids belong to the network's memory (``MetaEmbedding.centroids``), not to the loss,
 so the memory and the loss always see the same tensor. Which features to pass (``v_direct``,
 where the centroids live, or ``v_meta`` as Eq. 9 is printed) is the caller's choice.

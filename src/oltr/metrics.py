@@ -1,6 +1,6 @@
 """Evaluation metrics for open long-tailed recognition (pure numpy).
 
-Conventions (DESIGN.md §1), shared by every function here:
+Conventions (docs/method.md), shared by every function here:
 
 - the open label is ``-1``, in ``labels`` and in predictions; a prediction of ``-1`` means
   "rejected as unknown";

@@ -1,6 +1,6 @@
 """Open scores from stored logits or features: **higher = more likely open**.
 
-This module is the one place that fixes the score direction (DESIGN.md §1); every detector
+This module is the one place that fixes the score direction (docs/method.md); every detector
 here returns a score that grows as the input looks less like a known class, so that
 ``oltr.metrics.reject`` rejects ``score > threshold`` and ``oltr.metrics.auroc`` treats open as
 positive. No model forward happens here: the functions take logits ``(N, K)`` or features

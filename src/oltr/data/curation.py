@@ -1,4 +1,4 @@
-"""Curation: turn a labelled source into an open long-tailed benchmark (DESIGN.md §4).
+"""Curation: turn a labelled source into an open long-tailed benchmark (docs/protocol.md).
 
 Known and open classes are drawn with a seeded ``numpy.random.Generator(PCG64(seed))``, each
 known class gets a seeded rank in the profile (`oltr.data.profiles.class_counts`), and its

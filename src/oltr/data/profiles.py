@@ -1,4 +1,4 @@
-"""Per-class training-set sizes of a long-tailed benchmark (DESIGN.md §4).
+"""Per-class training-set sizes of a long-tailed benchmark (docs/protocol.md).
 
 Counts are returned in descending order: rank 0 is the head class, rank K-1 the tail.
 """

@@ -1,4 +1,4 @@
-"""Class-aware sampling (Shen et al. 2016), the stage-2 sampler of OLTR (paper §4, DESIGN.md §2)."""
+"""Class-aware sampling (Shen et al. 2016), the stage-2 sampler of OLTR (paper §4, docs/method.md)."""
 from __future__ import annotations
 
 import math

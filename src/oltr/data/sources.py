@@ -1,4 +1,4 @@
-"""Labelled image sources that curation turns into open long-tailed benchmarks (DESIGN.md §4).
+"""Labelled image sources that curation turns into open long-tailed benchmarks (docs/protocol.md).
 
 A source is a list of classes and ``(key, class index)`` pairs for its training images (and its
 own test split, if it has one). File-based sources (a folder per class, a split file) have an

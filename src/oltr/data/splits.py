@@ -1,4 +1,4 @@
-"""Split files, the interchange format of ImageNet-LT / Places-LT (DESIGN.md §4).
+"""Split files, the interchange format of ImageNet-LT / Places-LT (docs/protocol.md).
 
 One line per image: ``relative/path label``; the open label is ``-1``. The label is the last
 whitespace-separated field, so a path that contains spaces still reads back. Blank lines are

@@ -1,5 +1,5 @@
 """Open-set detectors with one interface: ``fit`` (where something is learned) then ``score``,
-**higher = more likely open** (DESIGN.md §1). One file per detector, the paper and the score
+**higher = more likely open** (docs/method.md). One file per detector, the paper and the score
 formula in each docstring; they work on stored logits/features (one forward pass for all),
 and those that reshape the features (ReAct, ASH, SCALE, ViM) also on the network's head.
 

@@ -1,5 +1,5 @@
 """The one interface of every open-set detector: ``fit`` where something is learned, then
-``score``; **higher = more likely open** (DESIGN.md §1, the direction of :mod:`oltr.openset`).
+``score``; **higher = more likely open** (docs/method.md, the direction of :mod:`oltr.openset`).
 
 Detectors work on stored logits ``(N, K)`` and/or features ``(N, d)`` (torch tensors or numpy
 arrays), so many detectors cost one forward pass. Detectors that change the features and

@@ -44,15 +44,18 @@ def _concept_images(test_labels: np.ndarray, predictions: np.ndarray, train_coun
 
 
 def build_report(run_dir: str | Path, data_dir: str | Path, out_dir: str | Path, *,
-                 device: str = "auto", max_points: int = 2000) -> Path:
+                 device: str = "auto", max_points: int = 2000,
+                 image_root: str | Path | None = None) -> Path:
     """Render the report page of ``run_dir`` evaluated on ``data_dir`` into ``out_dir``
-    (created by oltr, or an earlier report of oltr's); returns the page's path."""
+    (created by oltr, or an earlier report of oltr's); returns the page's path.
+    ``image_root`` replaces the run's ``data.image_root`` (images moved since training)."""
     from oltr.evaluate import collect_run_outputs
 
     out_dir = Path(out_dir).expanduser()
     claim_directory(out_dir, "report", what="report directory", reuse=True,
                     protect=(data_dir, run_dir))
-    outputs = collect_run_outputs(run_dir, data_dir, ("test", "open"), device=device)
+    outputs = collect_run_outputs(run_dir, data_dir, ("test", "open"), device=device,
+                                  image_root=image_root)
     rule, net = outputs.rule, outputs.net
     assert rule is not None and net is not None
     test, opened = outputs.splits["test"], outputs.splits.get("open")
@@ -70,7 +73,8 @@ def build_report(run_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
             selector = (parts["selector"].float().cpu().numpy()[chosen]
                         if parts["selector"] is not None else np.ones((len(chosen), meta.shape[1])))
             stage_cfg = outputs.stage_cfg
-            bench = load_benchmark(data_dir, image_root=stage_cfg["data"]["image_root"],
+            bench = load_benchmark(data_dir, image_root=image_root if image_root is not None
+                                   else stage_cfg["data"]["image_root"],
                                    allow_outside_root=stage_cfg["data"]["allow_outside_root"])
             dataset = bench.dataset("test", mode="L" if stage_cfg["data"]["channels"] == 1
                                     else "RGB")
@@ -119,7 +123,8 @@ def _pct(value: float | None) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    page = build_report(args.run, args.data, args.out, device=args.device)
+    page = build_report(args.run, args.data, args.out, device=args.device,
+                        image_root=args.image_root)
     print(f"report written to {page}")
     return 0
 
@@ -136,6 +141,9 @@ def add_report_command(subparsers: Any) -> argparse.ArgumentParser:
                         help=f"output directory ({PAGE_FILE} + PNG figures); oltr writes only "
                              "into a directory it created")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--image-root", dest="image_root",
+                        help="where the images are now, when they moved since training "
+                             "(default: the run's data.image_root)")
     parser.set_defaults(func=cmd_report)
     return parser
 
