@@ -71,8 +71,20 @@ def test_matches_torchvision_resnet18_with_its_weights(tmp_path):
 def test_mismatched_pretrained_keys_name_the_file_and_keys(tmp_path):
     path = tmp_path / "r18.pth"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
-    with pytest.raises(InputError, match=r"r18\.pth.*unexpected keys.*layer1\.1\.conv1\.weight"):
+    with pytest.raises(InputError, match=r"r18\.pth.*unexpected keys.*layer1\.1\.conv1\.weight.*"
+                                         r"the file's ResNet has 2, 2, 2, 2 basic blocks per "
+                                         r"stage \(resnet18\), this backbone 1, 1, 1, 1 basic"):
         create_backbone("resnet10", pretrained_path=path)
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
+    with pytest.raises(InputError, match=r"3, 4, 6, 3 bottleneck blocks per stage \(resnet50\), "
+                                         r"this backbone 2, 2, 2, 2 basic blocks per stage "
+                                         r"\(resnet18\)"):
+        create_backbone("resnet18", pretrained_path=path)
+    torch.save(torchvision.models.resnet18(weights=None), path)  # a whole pickled model
+    with pytest.raises(InputError, match=r"r18\.pth: the file holds a pickled Python object.*"
+                                         r"torch\.save\(model\.state_dict\(\), PATH\)") as error:
+        create_backbone("resnet18", pretrained_path=path)
+    assert "\n" not in str(error.value) and "\x1b" not in str(error.value)
     state = create_backbone("resnet10").state_dict()
     del state["bn1.weight"]
     torch.save(state, path)

@@ -349,6 +349,12 @@ def test_published_open_folder_is_the_open_splits_root(tmp_path) -> None:
     # the list itself as an external open set reads from the same folder
     entries, root, _ = open_set_entries(published / "ImageNet_LT_open.txt")
     assert root == published / "ImageNet_LT_open" and entries[0] == ("n09999999_1.JPEG", -1)
+    # without the folder, the error says which folder the list is read against
+    (published / "ImageNet_LT_open").rename(tmp_path / "open-elsewhere")
+    with pytest.raises(InputError, match=r"ImageNet_LT_open\.txt:1: open split: its paths start "
+                                         r"with '/'.*folder .*ImageNet_LT_open beside the list; "
+                                         r"that folder does not exist"):
+        load_benchmark(published, image_root=imagenet)
 
 
 # --------------------------------------------------------------------------- pretrained files

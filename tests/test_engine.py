@@ -231,3 +231,24 @@ def test_a_preset_on_pretrained_weights_refuses_to_start_from_scratch(fmnist_sma
         engine.check_run(load_config("oltr", benchmark="places_lt", overrides=[
             f"stage1.model.pretrained_path={weights}", "stage2.train.init_from=none"]),
             fmnist_small, tmp_path / "run")
+
+
+def test_an_incomplete_run_is_named_as_such(fmnist_small, tiny, tmp_path, capsys):
+    """A run whose final stage has no weights yet names each stage's progress and the way
+    on; evaluating a stage that stopped early says so and records it in the report."""
+    run = tmp_path / "oltr"
+    config = load_config("oltr", overrides=[*tiny, "stage1.train.epochs=1",
+                                            "stage2.train.epochs=1"])
+    train_run(config, fmnist_small, run, progress=False, stages=["stage1"])
+    with pytest.raises(InputError, match=r"the run is incomplete: its final stage 'stage2' has "
+                                         r"no weights yet \(stage1: done; stage2: not started\)"
+                                         r".*--resume"):
+        evaluate_run(run, fmnist_small, open_set=False)
+    report = evaluate_run(run / "stage1", fmnist_small, open_set=False)
+    assert report["stage_epochs"] == {"finished": 1, "configured": 1}
+    history = run / "stage1" / "history.jsonl"
+    history.write_text("")  # as if killed before its first epoch was recorded
+    capsys.readouterr()
+    report = evaluate_run(run / "stage1", fmnist_small, open_set=False)
+    assert report["stage_epochs"] == {"finished": 0, "configured": 1}
+    assert "stopped at epoch 0 of 1" in capsys.readouterr().err

@@ -195,6 +195,23 @@ def _curate_given(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- train
+#: Published split-file prefixes and the preset family made for them.
+PUBLISHED_LISTS = {"ImageNet_LT_": "imagenet_lt", "Places_LT_": "places_lt"}
+
+
+def _benchmark_mismatch(data: str, benchmark: str) -> str | None:
+    """A warning when ``data`` holds a paper benchmark's published lists but the presets come
+    from another family (forgetting ``--benchmark`` trains 28-px grey presets on them)."""
+    folder = Path(data).expanduser()
+    if not folder.is_dir():
+        return None
+    for prefix, family in PUBLISHED_LISTS.items():
+        if family != benchmark and (folder / f"{prefix}train.txt").is_file():
+            return (f"{folder} holds {prefix}train.txt, but the presets are --benchmark "
+                    f"{benchmark}'s; for the paper's protocol use --benchmark {family}")
+    return None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from oltr.train import train_run
 
@@ -209,6 +226,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"data.image_root={os.path.abspath(os.path.expanduser(args.image_root))}")
     config = load_config(args.method, config_file=args.config, benchmark=args.benchmark,
                          overrides=overrides)
+    mismatch = _benchmark_mismatch(args.data, args.benchmark) if args.method else None
+    if mismatch:
+        print(f"oltr train: warning: {mismatch}", file=sys.stderr)
     started = time.perf_counter()
     results = train_run(config, args.data, args.out, resume=args.resume,
                         progress=not args.no_progress, stages=args.stage,

@@ -53,7 +53,7 @@ from oltr.inference import EvalBatches, collect_outputs, dataset_for, eval_loade
 from oltr.io import atomic_write_text
 from oltr.openset import compute_open_score, msp_score
 from oltr.ownership import check_report_output, lock_holder, locked, marker_kind
-from oltr.run import final_stage_dir
+from oltr.run import final_stage_dir, stage_epochs
 from oltr.train.loop import report_skipped_images
 from oltr.train.runtime import Runtime, init_runtime
 
@@ -527,10 +527,16 @@ def _evaluate(
     test = outputs.splits["test"]
     predictions = test["logits"].argmax(axis=1)
     confidence = 1.0 - msp_score(test["logits"])  # max softmax probability
+    done, total = stage_epochs(final_stage_dir(run_dir))
+    if total is not None and done < total:
+        print(f"note: stage '{info['stage']}' stopped at epoch {done} of {total} (killed or not "
+              "finished): these are its best weights so far, not a finished training "
+              "(report.json: stage_epochs)", file=sys.stderr)
     report: dict[str, Any] = {
         "report_version": REPORT_VERSION,
         "run": str(run_dir),
         "stage": info["stage"],
+        "stage_epochs": {"finished": done, "configured": total},
         "data": str(data_dir),
         "method": stage_cfg.get("method"),
         "seed": stage_cfg["seed"],

@@ -54,10 +54,40 @@ def final_stage_dir(run_dir: str | Path) -> Path:
         if not isinstance(final, str) or leaves_root(final) or "/" in final:
             raise InputError("final_stage must name a stage folder of the run", path=info_path,
                              value=final)
-        return run_dir / final
+        stage_dir = run_dir / final
+        if not (stage_dir / MODEL_INFO).exists():
+            stages = read_json_object(info_path, "run description").get("stages") or [final]
+            progress = "; ".join(f"{name}: {stage_progress(run_dir / str(name))}"
+                                 for name in stages)
+            raise InputError(
+                f"the run is incomplete: its final stage '{final}' has no weights yet "
+                f"({progress}); continue it with `oltr train … --out {run_dir} --resume`, or "
+                "give a stage folder whose weights are saved (e.g. "
+                f"{run_dir / str(stages[0])})", path=run_dir)
+        return stage_dir
     if (run_dir / MODEL_INFO).exists():
         return run_dir
     raise InputError(f"not an oltr run directory (no {RUN_INFO} or {MODEL_INFO})", path=run_dir)
+
+
+def stage_epochs(stage_dir: Path) -> tuple[int, int | None]:
+    """``(finished epochs, epochs configured)`` of a stage folder: lines of ``history.jsonl``
+    and ``train.epochs`` of its ``config.yaml`` (None when it has none)."""
+    from oltr.config import load_saved_config
+
+    done = len(read_history(stage_dir)) if stage_dir.is_dir() else 0
+    if not (stage_dir / CONFIG).is_file():
+        return done, None
+    return done, int(load_saved_config(stage_dir / CONFIG)["train"]["epochs"])
+
+
+def stage_progress(stage_dir: Path) -> str:
+    """How far a stage folder trained, in words: ``done``, ``epoch 5 of 30`` or
+    ``not started``."""
+    done, total = stage_epochs(stage_dir)
+    if total is None:
+        return "not started"
+    return "done" if done >= total else f"epoch {done} of {total}"
 
 
 def write_run_info(run_dir: Path, method: str, stage_names: list[str], data_dir: str | Path

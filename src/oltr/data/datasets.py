@@ -313,10 +313,23 @@ def load_benchmark(
                   if manifest is None and name in OPEN_SPLITS else None)
         if folder is not None:
             split_roots[name] = folder
-        entries[name], line_numbers[name] = read_split_lines(
-            split_files[name], num_classes=num_classes, allow_open=name in OPEN_SPLITS,
-            allow_outside_root=allow_outside_root, slash_is_root=folder is not None,
-        )
+        try:
+            entries[name], line_numbers[name] = read_split_lines(
+                split_files[name], num_classes=num_classes, allow_open=name in OPEN_SPLITS,
+                allow_outside_root=allow_outside_root, slash_is_root=folder is not None,
+            )
+        except InputError as exc:
+            expected = split_files[name].with_suffix("")
+            if (manifest is None and name in OPEN_SPLITS and folder is None
+                    and "path leaves the image root" in str(exc)
+                    and str(exc.value).startswith("/")):
+                raise InputError(
+                    f"{name} split: its paths start with '/', as in the published open lists, "
+                    f"which are read against the folder {expected} beside the list; that folder "
+                    "does not exist: unpack the open images there (or remove the list to train "
+                    "without the open split)", path=exc.path, line=exc.line,
+                    value=exc.value) from None
+            raise
         if name == "train" and num_classes is None:
             present = {label for _, label in entries["train"]}
             num_classes = next(label for label in range(len(present) + 1) if label not in present)

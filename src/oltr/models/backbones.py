@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from os import PathLike
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -186,6 +187,35 @@ def _unwrap_state(state: object) -> object:
     return state
 
 
+#: torchvision's ResNets by (blocks per stage, block kind).
+_RESNET_NAMES = {((2, 2, 2, 2), "basic"): "resnet18", ((3, 4, 6, 3), "basic"): "resnet34",
+                 ((3, 4, 6, 3), "bottleneck"): "resnet50",
+                 ((3, 4, 23, 3), "bottleneck"): "resnet101",
+                 ((3, 8, 36, 3), "bottleneck"): "resnet152"}
+
+
+def _resnet_layout(state: Mapping[str, Any]) -> tuple[tuple[int, ...], str]:
+    """(blocks in layer1..layer4, ``basic`` or ``bottleneck``) read off a ResNet state dict's
+    key names (``layer3.35.conv3.weight``); ``()`` when it has no such keys."""
+    blocks = [0, 0, 0, 0]
+    bottleneck = False
+    for key in state:
+        parts = key.split(".")
+        if len(parts) > 2 and parts[0] in ("layer1", "layer2", "layer3", "layer4") and (
+                parts[1].isdigit()):
+            stage = int(parts[0][-1]) - 1
+            blocks[stage] = max(blocks[stage], int(parts[1]) + 1)
+            bottleneck |= parts[2] == "conv3"
+    return (tuple(blocks) if any(blocks) else ()), ("bottleneck" if bottleneck else "basic")
+
+
+def _layout_text(layout: tuple[tuple[int, ...], str]) -> str:
+    blocks, kind = layout
+    name = _RESNET_NAMES.get(layout)
+    text = f"{', '.join(map(str, blocks))} {kind} blocks per stage"
+    return f"{text} ({name})" if name else text
+
+
 def load_pretrained(backbone: nn.Module, path: str | PathLike[str]) -> None:
     """Load a torchvision-style state dict file into ``backbone`` (``fc.*`` keys dropped).
 
@@ -201,6 +231,12 @@ def load_pretrained(backbone: nn.Module, path: str | PathLike[str]) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or non-tensor files
+        if "Weights only load failed" in str(exc):  # a pickled object, e.g. a whole model
+            raise InputError(
+                "the file holds a pickled Python object (e.g. a whole model saved with "
+                "torch.save(model)), which oltr does not unpickle (it could run any code): "
+                "save the model's state dict instead, torch.save(model.state_dict(), PATH)",
+                path=path) from None
         raise InputError(f"cannot read pretrained weights: {exc}", path=path) from exc
     state = _unwrap_state(state)
     if not isinstance(state, Mapping) or not all(
@@ -212,10 +248,15 @@ def load_pretrained(backbone: nn.Module, path: str | PathLike[str]) -> None:
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
+        found, wanted = _resnet_layout(state), _resnet_layout(expected)
+        layouts = ""
+        if found != wanted and found[0]:
+            layouts = (f"; the file's ResNet has {_layout_text(found)}, this backbone "
+                       f"{_layout_text(wanted)} (model.backbone)")
         raise InputError(
             f"pretrained weights do not match the backbone: {len(missing)} missing keys "
-            f"(first: {missing[:5]}), {len(unexpected)} unexpected keys (first: {unexpected[:5]})",
-            path=path,
+            f"(first: {missing[:5]}), {len(unexpected)} unexpected keys (first: "
+            f"{unexpected[:5]}){layouts}", path=path,
         )
     for key, tensor in expected.items():
         if state[key].shape != tensor.shape:
