@@ -175,6 +175,19 @@ def test_train_image_root_is_saved_absolute_and_moved_images_are_found_again(
                  "--image-root", str(tmp_path / "elsewhere")]) == 0
     assert (tmp_path / "page" / "index.html").is_file()
     capsys.readouterr()
+    # another train list: evaluation warns (one line) that shot groups come from this one
+    other = tmp_path / "other"
+    other.mkdir()
+    for item in files.iterdir():
+        if item.name != "manifest.json":
+            shutil.copy(item, other / item.name)
+    lines = (other / "train.txt").read_text().splitlines()
+    (other / "train.txt").write_text("\n".join(lines[:-1]) + "\n")
+    assert main(["evaluate", str(run), "--data", str(other), "--image-root",
+                 str(tmp_path / "elsewhere"), "--output", str(tmp_path / "other.json")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("oltr evaluate: warning: ") and "its train split is not the one the " \
+        "model trained on" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(SystemExit) as exited:  # argparse's way, as for any unknown option
         main(["train", "--method", "plain", "--data", str(files), "--out", str(tmp_path / "x"),
               "--bogus", "train.epochs=1"])

@@ -12,6 +12,7 @@ while it still belongs to the weights on disk.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,16 @@ def check_benchmark_fits(bench: Benchmark, info: Mapping[str, Any], data_dir: st
     if bench.class_names != info["class_names"]:
         raise InputError(f"the model was trained on the classes {info['class_names'][:5]} but "
                          f"the data has {bench.class_names[:5]}", path=Path(data_dir))
+    trained = info.get("train_counts")
+    skipped = (info.get("skipped_images") or {}).get("train", 0)
+    if isinstance(trained, list) and not skipped and trained != bench.train_counts.tolist():
+        first = next(k for k, (a, b) in enumerate(zip(trained, bench.train_counts.tolist()))
+                     if a != b)
+        warnings.warn(
+            f"{data_dir}: its train split is not the one the model trained on (class "
+            f"{bench.class_names[first]!r}: {int(bench.train_counts[first])} train images here, "
+            f"{trained[first]} in training); the shot groups and the detectors fitted on train "
+            "use this one", UserWarning, stacklevel=2)
 
 
 def forward_splits(net: OLTRNetwork, bench: Benchmark, stage_cfg: dict[str, Any],

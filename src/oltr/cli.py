@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from oltr.config import (
     read_yaml,
 )
 from oltr.detectors import list_detectors
-from oltr.errors import InputError, OltrError
+from oltr.errors import InputError, OltrError, one_line
 from oltr.io import read_text
 
 EXAMPLES = """\
@@ -702,6 +703,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    default_show = warnings.showwarning
+
+    def show(message: Warning | str, category: type[Warning], *rest: Any, **kwargs: Any) -> None:
+        if issubclass(category, UserWarning):
+            print(f"oltr {args.command}: warning: {one_line(str(message))}", file=sys.stderr)
+        else:
+            default_show(message, category, *rest, **kwargs)
+
+    warnings.showwarning = show  # one line, as errors are: not Python's file:line + source
     handlers = {}
     if threading.current_thread() is threading.main_thread():
         handlers = {number: signal.signal(number, _raise_interrupted)
@@ -728,6 +738,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pass
         return 128 + number
     finally:
+        warnings.showwarning = default_show
         for number, handler in handlers.items():
             signal.signal(number, handler)
 
