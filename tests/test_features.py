@@ -179,6 +179,19 @@ def test_float16_cache_rounds_within_half_precision(fmnist_small, tmp_path):
     half = stores["float16"].take(np.arange(len(exact))).numpy()
     assert stores["float16"].rows.dtype == np.float16
     assert np.allclose(half, exact, rtol=2**-11, atol=1e-7)
+    # a feature beyond float16's range: one error naming the key and the way to keep stage 1,
+    # and no numpy overflow warning before it
+    with torch.no_grad():
+        net.backbone.bn1.weight.mul_(1e6)
+    (tmp_path / "run" / "stage2").mkdir(parents=True)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(InputError, match=r"exceeds float16's range.*stage2\.train\."
+                                             r"feature_cache_dtype=float32.*--stage stage2 "
+                                             r"stage2\.train\.init_from="):
+            FeatureStore.build(tmp_path / "run" / "stage2", net, bench, "val", cfg, runtime,
+                               progress=False)
 
 
 def test_feature_cache_needs_a_frozen_backbone():

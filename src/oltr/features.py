@@ -208,10 +208,17 @@ def _write_cache(stage_dir: Path, net: OLTRNetwork, dataset: Any, split: str, ke
                     _check_room(stage_dir, split, shape, dtype)
                     rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype,
                                                      shape=tuple(shape))
-                stored = values.astype(dtype)
+                with np.errstate(over="ignore"):  # an overflow is reported below, by name
+                    stored = values.astype(dtype)
                 if dtype == np.float16 and not np.isfinite(stored[np.isfinite(values)]).all():
-                    raise InputError("a frozen feature exceeds float16's range (65504): set "
-                                     "train.feature_cache_dtype: float32", path=stage_dir)
+                    run, stage = stage_dir.parent, stage_dir.name
+                    raise InputError(
+                        "a frozen feature exceeds float16's range (65504): set "
+                        f"{stage}.train.feature_cache_dtype=float32; to keep the stages "
+                        f"trained before it, train this one into a new run folder: `oltr train "
+                        f"… --out NEW --stage {stage} {stage}.train.init_from=PREVIOUS_STAGE "
+                        f"{stage}.train.feature_cache_dtype=float32` (PREVIOUS_STAGE: e.g. "
+                        f"{run}/stage1; --resume refuses a changed config)", path=stage_dir)
                 rows[start:start + len(stored)] = stored
                 start += len(stored)
         assert rows is not None and start == len(dataset)
