@@ -51,6 +51,13 @@ def test_unknown_keys_are_errors(overrides: list[str], message: str) -> None:
         load_config("oltr", overrides=overrides)
 
 
+def test_an_override_of_an_unknown_stage_lists_the_methods_stages() -> None:
+    with pytest.raises(InputError, match=r"unknown config key 'stage1' in an override: neither a "
+                                         r"section \(method, seed, .*\) nor a stage of this "
+                                         r"method \(main\)"):
+        load_config("plain", overrides=["stage1.train.epochs=1"])
+
+
 def test_unknown_method_lists_available() -> None:
     with pytest.raises(InputError, match="available: .*oltr.*plain"):
         load_config("nope")

@@ -301,3 +301,10 @@ def test_training_checks_every_split_before_it_creates_the_run(fmnist_small, tmp
     assert not (tmp_path / "run").exists()
     check_run(load_config("plain", overrides=["data.skip_bad_images=true"]), bench,
               tmp_path / "run")
+
+
+def test_a_split_file_given_as_the_benchmark_names_its_folder(tmp_path):
+    (tmp_path / "ImageNet_LT_train.txt").write_text("a.png 0\n")
+    with pytest.raises(InputError, match=r"ImageNet_LT_train\.txt: a benchmark is the folder "
+                                         r"holding the split files, not one of them: give "):
+        load_benchmark(tmp_path / "ImageNet_LT_train.txt")

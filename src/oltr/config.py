@@ -299,6 +299,11 @@ def load_config(
         if first == "stages":
             raise InputError("a method's stages cannot be set by an override; write them in a "
                              "config file (--config)", value=text)
+        if first not in reference and first not in stage_overrides:
+            raise InputError(
+                f"unknown config key '{first}' in an override: neither a section "
+                f"({', '.join(k for k in reference if k != 'stages')}) nor a stage of this "
+                f"method ({', '.join(stage_names)})", value=text)
         if first in stage_overrides:
             stage_overrides[first] = deep_merge(stage_overrides[first], update[first])
         else:

@@ -286,6 +286,9 @@ def load_benchmark(
     missing is found before hours of training, not at evaluation).
     """
     data_dir = Path(data_dir).expanduser()
+    if data_dir.is_file():
+        raise InputError("a benchmark is the folder holding the split files, not one of them: "
+                         f"give {data_dir.parent}", path=data_dir)
     if not data_dir.is_dir():
         raise InputError("benchmark directory not found", path=data_dir)
     manifest = load_manifest(data_dir) if (data_dir / MANIFEST_NAME).exists() else None
