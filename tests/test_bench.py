@@ -284,6 +284,12 @@ def test_bench_and_evaluate_commands(fmnist_small, tmp_path, capsys, one_thread)
     assert code == 0
     report = json.loads(report_path.read_text())
     assert set(report["detectors"]) == {"energy"}
+    energy = report["detectors"]["energy"]
+    printed = capsys.readouterr().out  # each asked detector's figures, on the console too
+    assert "detectors (each threshold fitted on val):  F-meas  AUROC  FPR95" in printed
+    from oltr.metrics import percent_text
+    assert (f"  energy{' ' * 33}{energy['f_measure']:.3f}  {percent_text(energy['auroc']):>5}"
+            in printed)
     assert report["open_sets"]["noise"]["num_open"] == 4
     assert report["detectors"]["energy"]["open:noise"]["num_open"] == 4
     # the bench's own report (msp + energy) is left as it was

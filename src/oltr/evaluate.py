@@ -646,6 +646,12 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"open score: {op['open_score']}, threshold {op['threshold']:.4f} "
                      f"({op['threshold_source']}); {op['num_known']} known + {op['num_open']} "
                      "open test images")
+    detectors = {name: figures for name, figures in (report.get("detectors") or {}).items()
+                 if "auroc" in figures}
+    if detectors:
+        lines.append("detectors (each threshold fitted on val):  F-meas  AUROC  FPR95")
+        lines += [f"  {name:<38} {figures['f_measure']:.3f}  {_pct(figures['auroc'])}  "
+                  f"{_pct(figures['fpr95'])}" for name, figures in detectors.items()]
     for name, figures in (report.get("open_sets") or {}).items():
         lines.append(f"open set {name!r}: F-measure {figures['f_measure']:.3f}, AUROC "
                      f"{_pct(figures['auroc']).strip()}, FPR95 {_pct(figures['fpr95']).strip()} "
