@@ -559,7 +559,7 @@ def test_external_open_set_on_a_benchmark_without_open_classes(plain_run, fmnist
     assert report["detectors"]["energy"] == {
         "open:copy": with_open["detectors"]["energy"]["open:copy"]}
     assert "open set 'copy': F-measure" in format_report(report)
-    with pytest.raises(InputError, match="benchmark has no open split"):
+    with pytest.raises(InputError, match="benchmark has no open split .*--open-set NAME=DIR"):
         evaluate_run(plain_run, closed, open_set=True)
 
 

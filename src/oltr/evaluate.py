@@ -243,6 +243,10 @@ def collect_run_outputs(
                    *(["train"] if open_set and rule_needs_train(eval_cfg) else [])]
     if open_sets and "open" in wanted and not bench.has_split("open"):
         wanted.remove("open")  # curated without open classes: the external sets are the open ones
+    elif "open" in wanted and not bench.has_split("open"):
+        raise InputError("benchmark has no open split (curated without open classes): evaluate "
+                         "without --open, or give open images of other classes with --open-set "
+                         "NAME=DIR (a folder or a list file)", path=data_dir)
     wanted = [split for split in dict.fromkeys(wanted)
               if split != "val_open" or bench.has_split(split)]
     if skip_bad_images is None:
