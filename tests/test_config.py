@@ -144,3 +144,10 @@ def test_a_bad_value_in_a_config_file_names_the_file_and_line(tmp_path) -> None:
     unknown.write_text("# mine\ntrain:\n  lr: 0.1\n  lrr: 0.2\n")
     with pytest.raises(InputError, match=r"unknown\.yaml:4: unknown config key 'train\.lrr'"):
         load_config(config_file=unknown)
+
+
+def test_api_ergonomics_of_load_config() -> None:
+    assert load_config("plain", overrides="seed=3")["seed"] == 3  # one override as a string
+    with pytest.raises(InputError, match=r"a method preset \(--method NAME; method=\) or a "
+                                         r"config file"):
+        load_config()

@@ -252,3 +252,24 @@ def test_an_incomplete_run_is_named_as_such(fmnist_small, tiny, tmp_path, capsys
     report = evaluate_run(run / "stage1", fmnist_small, open_set=False)
     assert report["stage_epochs"] == {"finished": 0, "configured": 1}
     assert "stopped at epoch 0 of 1" in capsys.readouterr().err
+
+def test_a_config_edited_in_python_is_checked_before_anything_is_created(fmnist_small, tmp_path):
+    for section, key, value, message in (
+            ("train", "lr", "fast", r"config key 'train\.lr' must be"),
+            ("train", "batch_size", 0, r"config key 'train\.batch_size' must be"),
+            ("train", "lrr", 0.1, r"unknown config key 'train\.lrr'"),
+            ("eval", "open_score", "foo", r"config key 'eval\.open_score' must be")):
+        config = load_config("plain")
+        config[section][key] = value
+        with pytest.raises(InputError, match=message):
+            train_run(config, fmnist_small, tmp_path / "run", progress=False)
+        assert not (tmp_path / "run").exists()
+    config = load_config("plain", overrides=["eval.open_score=knn"])
+    config["eval"]["open_score_options"] = {"kk": 3}
+    with pytest.raises(InputError, match=r"eval\.open_score_options.*detector 'knn': bad options"):
+        train_run(config, fmnist_small, tmp_path / "run", progress=False)
+    with pytest.raises(InputError, match=r"ODIN's input perturbation"):
+        load_config("plain", overrides=["eval.open_score=odin",
+                                        "eval.open_score_options={epsilon: 0.01}"])
+    load_config("plain", overrides=["eval.open_score=odin",
+                                    "eval.open_score_options={temperature: 100}"])

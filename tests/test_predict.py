@@ -118,3 +118,45 @@ def test_threshold_means_what_it_means_in_evaluate(trained, capsys):
     assert predictor.threshold == pytest.approx(0.9)  # msp = 1 − max p: below 0.1 → unknown
     with pytest.raises(InputError, match=r"\[0, 1\]"):
         predictor.use_msp_probability(1.5)
+
+
+def test_predictor_takes_one_input_alone_and_checks_a_preprocessed_batch(trained):
+    """A single path / PIL image / (C, H, W) tensor is one image (not a sequence of its
+    characters or channels); a (B, C, H, W) batch must fit the model; names must match."""
+    run, images = trained
+    predictor = Predictor.from_run(run, device="cpu", threshold=np.float32(0.5))
+    image = Image.open(images / "a.png")
+    (by_path,) = predictor.predict(str(images / "a.png"))
+    (by_pathlib,) = predictor.predict(images / "a.png")
+    (by_pil,) = predictor.predict(image)
+    tensor = torch.from_numpy(np.array(image)).unsqueeze(0)  # (1, H, W) uint8
+    (by_tensor,) = predictor.predict(tensor)
+    assert by_path.error is None and by_path.source == str(images / "a.png")
+    assert by_path.label == by_pathlib.label == by_pil.label == by_tensor.label
+    batch = torch.stack([predictor.preprocess(image)] * 3)
+    rows = predictor.predict(batch.double(), batch_size=2)
+    assert [row.label for row in rows] == [by_pil.label] * 3
+    assert predictor.predict(batch[:0]) == []
+    for bad, message in ((batch[:, :, :20], r"must be \(B, 1, 28, 28\)"),
+                         (batch.expand(-1, 3, -1, -1), r"must be \(B, 1, 28, 28\)"),
+                         ((batch * 255).to(torch.uint8), "must be float")):
+        with pytest.raises(InputError, match=message):
+            predictor.predict(bad)
+    with pytest.raises(InputError, match=r"names: one per input \(3\), got 1"):
+        predictor.predict(batch, names=["x"])
+    with pytest.raises(InputError, match=r"a stage folder of the run"):
+        Predictor.from_artifact(run / "main", device="cpu")
+
+
+def test_a_closed_set_rule_predicts_without_rejecting(trained):
+    from oltr.decision import DecisionRule
+
+    run, images = trained
+    predictor = Predictor.from_run(run, device="cpu")
+    rule = DecisionRule(class_names=predictor.rule.class_names,
+                        train_counts=predictor.rule.train_counts)
+    closed = Predictor(predictor.net, predictor.info, rule, device=torch.device("cpu"))
+    rows = closed.predict([images / "a.png", images / "odd.png"])
+    assert all(row.error is None and row.label >= 0 and 0 <= row.open_score <= 1 for row in rows)
+    with pytest.raises(InputError, match=r"logits must be \(N, 4\)"):
+        rule.apply(torch.zeros(2, 3), torch.zeros(2, 5))

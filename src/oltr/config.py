@@ -280,7 +280,10 @@ def load_config(
     a plain override does not reach).
     """
     if (method is None) == (config_file is None):
-        raise InputError("give exactly one of --method NAME or --config FILE")
+        raise InputError("give exactly one of a method preset (--method NAME; method=) or a "
+                         "config file (--config FILE; config_file=)")
+    if isinstance(overrides, str):  # one override, not a sequence of its characters
+        overrides = [overrides]
     reference = read_yaml(BASE_CONFIG)
     preset_path = Path(config_file) if config_file else method_path(method, benchmark)
     preset, origins = _load_with_origins(preset_path)
@@ -646,6 +649,39 @@ def _check_flat(config: dict[str, Any], name_of: Callable[[str], str], origins: 
     if evaluation["few_threshold"] > evaluation["many_threshold"]:
         raise bad("eval.few_threshold", "{key} must be <= eval.many_threshold",
                   evaluation["few_threshold"])
+    if evaluation["open_score"] != "auto":  # its options, before hours of training
+        from oltr.detectors import create_detector
+
+        try:
+            detector = create_detector(evaluation["open_score"], **evaluation["open_score_options"])
+        except InputError as exc:
+            raise bad("eval.open_score_options", f"{{key}}: {exc}",
+                      evaluation["open_score_options"]) from None
+        if getattr(detector, "epsilon", 0) > 0:
+            raise bad("eval.open_score_options", "{key}: ODIN's input perturbation (epsilon > 0) "
+                      "needs gradients through the network for every image, which a decision "
+                      "rule (predict, export) does not compute; use epsilon 0 (temperature "
+                      "only) for the rule, or evaluate the perturbed score with --detector odin",
+                      evaluation["open_score_options"])
+
+
+def check_config(config: dict[str, Any]) -> None:
+    """Check a resolved config built or edited in Python as :func:`load_config` checks one it
+    resolves: every key known (in each stage too) and every value valid; InputError naming the
+    key and value. `oltr.train.train_run` calls it before it creates anything."""
+    reference = read_yaml(BASE_CONFIG)
+    check_keys({k: v for k, v in config.items() if k != "stages"}, reference)
+    stages = config.get("stages")
+    _check_stages(stages, (None, None))  # type: ignore[arg-type]
+    for stage in stages:
+        check_keys({k: v for k, v in stage.items() if k != "name"}, reference,
+                   f"stages[{stage['name']}]")
+    missing = [key for key in _flatten({k: v for k, v in reference.items() if k != "stages"})
+               if key not in _flatten({k: v for k, v in config.items() if k != "stages"})]
+    if missing:
+        raise InputError(f"config lacks the key '{missing[0]}' (resolve configs with "
+                         "oltr.config.load_config, which fills in every default)")
+    validate_config(config)
 
 
 def validate_config(config: dict[str, Any], origins: Origins | None = None) -> None:

@@ -182,8 +182,21 @@ class DecisionRule:
         """The rule on one batch of outputs: model ``logits`` (N, K) and direct ``features``
         (N, d); ``classifier`` for τ-normalisation, ``head`` (features → logits) for
         detectors that re-run it (ReAct, ASH, SCALE). Returns ``logits`` (the decision logits),
-        ``closed_prediction`` (N,), ``open_score`` (N,) float64 (higher = more open),
-        ``prediction`` (N,) with −1 where the open score exceeds the threshold."""
+        ``closed_prediction`` (N,), ``open_score`` (N,) float64 (higher = more open; a
+        closed-set rule, without a detector, gives msp's 1 − max softmax for information, as
+        its exported form does), ``prediction`` (N,) with −1 where the open score exceeds the
+        threshold (a closed-set rule rejects nothing).
+
+        Raises InputError: ``logits`` not (N, K) with the rule's K classes, or ``features``
+        not (N, d)."""
+        if not isinstance(logits, torch.Tensor) or not isinstance(features, torch.Tensor):
+            logits, features = torch.as_tensor(logits), torch.as_tensor(features)
+        if logits.ndim != 2 or logits.shape[1] != len(self.class_names):
+            raise InputError(f"logits must be (N, {len(self.class_names)}): one column per class "
+                             "of the rule", value=tuple(logits.shape))
+        if features.ndim != 2 or features.shape[0] != logits.shape[0]:
+            raise InputError(f"features must be (N, d) with the logits' N = {logits.shape[0]}",
+                             value=tuple(features.shape))
         model_logits = self.closed_logits(logits, features, classifier)
         decision = self.adjust(model_logits)
         closed = decision.argmax(dim=1)
@@ -195,6 +208,8 @@ class DecisionRule:
             if self.threshold is not None:
                 out["prediction"] = torch.where(scores.to(closed.device) > self.threshold,
                                                 torch.full_like(closed, -1), closed)
+        else:
+            out["open_score"] = 1.0 - decision.double().softmax(dim=1).amax(dim=1)
         out.setdefault("prediction", closed)
         return out
 

@@ -170,6 +170,13 @@ def eval_settings(stage_cfg: dict[str, Any], overrides: dict[str, Any]) -> dict[
     if eval_cfg["open_score"] not in (*list_detectors(), "auto"):
         raise InputError(f"unknown open score (valid: auto, {', '.join(list_detectors())})",
                          value=eval_cfg["open_score"])
+    if eval_cfg["open_score"] != "auto":
+        detector = create_detector(eval_cfg["open_score"], **(eval_cfg["open_score_options"] or {}))
+        if getattr(detector, "epsilon", 0) > 0:
+            raise InputError("ODIN's input perturbation (epsilon > 0) cannot be a decision "
+                             "rule's open score (predict and export do not compute its input "
+                             "gradients): use epsilon 0, or score it with --detector odin",
+                             value=eval_cfg["open_score_options"])
     if eval_cfg["select"] not in SELECT_OBJECTIVES:
         raise InputError(f"the selection objective must be one of {', '.join(SELECT_OBJECTIVES)}",
                          value=eval_cfg["select"])

@@ -370,8 +370,8 @@ def export_onnx(
         path: the ONNX file to write (atomically; parent folders are created).
         data: the data settings (``image_size``, ``channels``, ``mean``, ``std``,
             ``transform``); needed for a network, default ``model.json``'s for a stage.
-        opset: the ONNX opset, >= :data:`MIN_OPSET` (default :data:`DEFAULT_OPSET`; others
-            go through the ONNX version converter).
+        opset: the ONNX opset, >= :data:`MIN_OPSET` (default :data:`DEFAULT_OPSET`), asked
+            of torch's exporter; InputError if it writes another one.
         batch: a fixed batch size; None (default): a dynamic batch dimension.
         force: replace an existing ``path`` if it is an ONNX model oltr exported.
         verify: run the file with ONNX Runtime (when installed) on a probe batch and compare

@@ -17,6 +17,7 @@ the others go on.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from oltr.decision import DECISION_JSON, DecisionRule, msp_probability_threshold
 from oltr.detectors.head import network_head
 from oltr.errors import InputError
 from oltr.inference import load_model
+from oltr.ownership import marker_kind
 from oltr.run import final_stage_dir
 from oltr.train.runtime import autocast, select_device
 
@@ -78,7 +80,7 @@ class Predictor:
     def __init__(self, net: torch.nn.Module, info: dict[str, Any], rule: DecisionRule, *,
                  device: torch.device, threshold: float | None = None, amp: str = "off") -> None:
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(
-                threshold, (int, float)) or not math.isfinite(threshold)):
+                threshold, numbers.Real) or not math.isfinite(threshold)):
             raise InputError("the open-score threshold must be a finite number", value=threshold)
         if rule.class_names != info["class_names"]:
             raise InputError("the decision rule's classes differ from the model's",
@@ -121,6 +123,11 @@ class Predictor:
         net, info = load_model(Path(weights_dir) if weights_dir is not None else directory,
                                torch_device)
         rule = saved_rule(directory, info)
+        if rule is None and marker_kind(directory) == "stage":
+            raise InputError(
+                f"a stage folder of the run {directory.parent}: its decision rule lives in the "
+                f"run, for its final stage; pass {directory.parent} (or evaluate this stage's "
+                f"weights with `oltr evaluate {directory} --data DIR --open`)", path=directory)
         if rule is None:
             raise InputError("no decision rule (trained by an older oltr, or stopped before "
                              "its end): run `oltr evaluate RUN --data DIR --open` once to fit it on val "
@@ -185,18 +192,32 @@ class Predictor:
 
     def predict(self, images: Sequence[ImageInput] | torch.Tensor, *, batch_size: int = 64,
                 top_k: int = 3, names: Sequence[str] | None = None) -> list[Prediction]:
-        """One :class:`Prediction` per input (paths, PIL images, tensors, or a (B, C, H, W)
-        batch already preprocessed). An input that cannot be read becomes a Prediction with
-        ``error`` set; the others go on. ``names``: what each input is called in the results
-        (default: its path, or ``#i``)."""
-        if isinstance(images, torch.Tensor) and images.ndim == 4:
-            results = self.predict_batch(images)
-            return [self._row(names[i] if names else f"#{i}", results, i, top_k)
-                    for i in range(images.shape[0])]
+        """One :class:`Prediction` per input: a sequence of paths, PIL images or tensors
+        ((C, H, W) or (H, W), see :meth:`preprocess`), one such input alone (a list of one
+        Prediction), or a (B, C, H, W) float batch already preprocessed (normalised, the
+        model's channels and image size; checked). An input that cannot be read becomes a
+        Prediction with ``error`` set; the others go on. ``names``: what each input is called
+        in the results, one per input (default: its path, or ``#i``). InputError for a batch
+        of the wrong shape or dtype, or ``names`` of another length."""
+        if isinstance(images, (str, Path, Image.Image)) or (
+                isinstance(images, torch.Tensor) and images.ndim in (2, 3)):
+            images = [images]  # one image, not a sequence of its rows or characters
+        if isinstance(images, torch.Tensor):
+            batch = self._checked_batch(images)
+            if names is not None and len(names) != len(batch):
+                raise InputError(f"names: one per input ({len(batch)}), got {len(names)}")
+            rows: list[Prediction] = []
+            for start in range(0, len(batch), batch_size):
+                results = self.predict_batch(batch[start:start + batch_size])
+                rows += [self._row(names[start + i] if names else f"#{start + i}", results, i,
+                                   top_k) for i in range(len(results["prediction"]))]
+            return rows
         items = list(images)
+        if names is not None and len(names) != len(items):
+            raise InputError(f"names: one per input ({len(items)}), got {len(names)}")
         labels = list(names) if names is not None else [
             str(item) if isinstance(item, (str, Path)) else f"#{i}" for i, item in enumerate(items)]
-        rows: list[Prediction | None] = [None] * len(items)
+        slots: list[Prediction | None] = [None] * len(items)
         pending: list[tuple[int, torch.Tensor]] = []
 
         def flush() -> None:
@@ -209,18 +230,34 @@ class Predictor:
                                                        labels[pending[0][0]], tensors[0].shape))
             results = self.predict_batch(torch.stack(tensors))
             for row, (index, _) in enumerate(pending):
-                rows[index] = self._row(labels[index], results, row, top_k)
+                slots[index] = self._row(labels[index], results, row, top_k)
             pending.clear()
 
         for index, item in enumerate(items):
             try:
                 pending.append((index, self.preprocess(item)))
             except InputError as exc:
-                rows[index] = Prediction(labels[index], error=str(exc))
+                slots[index] = Prediction(labels[index], error=str(exc))
             if len(pending) == batch_size:
                 flush()
         flush()
-        return [row for row in rows if row is not None]
+        return [row for row in slots if row is not None]
+
+    def _checked_batch(self, batch: torch.Tensor) -> torch.Tensor:
+        """A preprocessed (B, C, H, W) batch as float32, or InputError naming what does not
+        fit the model (dtype, channels, image size)."""
+        data = self.info["data"]
+        expected = (data["channels"], data["image_size"], data["image_size"])
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
+            raise InputError(f"a preprocessed batch must be (B, {', '.join(map(str, expected))})"
+                             " for this model (its channels and image size; channels first); "
+                             "pass images unprocessed as a list to have them preprocessed",
+                             value=tuple(batch.shape))
+        if not batch.is_floating_point():
+            raise InputError("a preprocessed batch must be float (normalised as training's "
+                             "evaluation transform does); pass uint8 images as a list",
+                             value=str(batch.dtype))
+        return batch.float()
 
     def predict_paths(self, paths: Sequence[str | Path], batch_size: int = 64,
                       top_k: int = 3) -> list[dict[str, Any]]:

@@ -59,10 +59,15 @@ def list_detectors() -> list[str]:
 
 
 def create_detector(name: str, **kwargs: Any) -> Detector:
-    """The detector registered as ``name``, built with ``kwargs`` (its constructor's)."""
+    """The detector registered as ``name``, built with ``kwargs`` (its constructor's).
+    InputError for an unknown name or an option the constructor does not take."""
     if name not in DETECTORS:
         raise InputError(f"unknown detector (valid: {', '.join(DETECTORS)})", value=name)
-    return DETECTORS[name](**kwargs)
+    try:
+        return DETECTORS[name](**kwargs)
+    except TypeError as error:  # an option the constructor does not take
+        raise InputError(f"detector {name!r}: bad options ({error})", value=dict(kwargs)) \
+            from None
 
 
 def restore_detector(
@@ -74,12 +79,7 @@ def restore_detector(
     Raises:
         InputError: an unknown name or option, or a state that does not fit the detector.
     """
-    try:
-        detector = create_detector(name, **config)
-    except TypeError as error:  # an option the constructor does not take
-        raise InputError(f"detector {name!r}: bad options ({error})", value=dict(config)) \
-            from None
-    return detector.load_state_dict(state)
+    return create_detector(name, **config).load_state_dict(state)
 
 
 __all__ = [

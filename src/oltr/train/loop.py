@@ -38,6 +38,7 @@ from tqdm import tqdm
 from oltr import metrics
 from oltr.config import (
     absolute_paths,
+    check_config,
     config_differences,
     load_saved_config,
     save_config,
@@ -707,6 +708,7 @@ def train_run(
     """
     runtime = init_runtime(config["device"])
     run_dir = Path(run_dir).expanduser()
+    check_config(config)  # a config built or edited in Python is checked as a loaded one
     config = absolute_paths(config)  # the saved config must name the files from anywhere
     stage_names = [stage["name"] for stage in config["stages"]]
     check_run(config, data_dir, run_dir, stages)
