@@ -216,3 +216,41 @@ def test_knn_matches_scikit_learn_on_random_features():
     assert np.allclose(scores, distances[:, -1])
     with pytest.raises(InputError, match="at least 5"):
         KNN(k=5).fit(features=train[:3])
+
+
+def test_a_registered_detector_of_ones_own_is_found_everywhere(tmp_path):
+    """register_detector: a Detector subclass of the user's own becomes an open score that
+    configs accept and a saved decision rule restores; bad registrations are refused."""
+    from typing import ClassVar
+
+    import oltr.detectors as D
+    from oltr.config import load_config
+    from oltr.decision import DecisionRule
+    from oltr.errors import InputError
+
+    @D.register_detector
+    class HalfEnergy(D.Detector):
+        """Half the energy score (a test detector)."""
+
+        name: ClassVar[str] = "half_energy_test"
+        inputs: ClassVar[tuple[str, ...]] = ("logits",)
+
+        def _score(self, logits):
+            return 0.5 * D.Energy().score(logits=logits)
+
+    try:
+        config = load_config("plain", overrides=["eval.open_score=half_energy_test"])
+        assert config["eval"]["open_score"] == "half_energy_test"
+        rule = DecisionRule(class_names=["a", "b"], train_counts=torch.tensor([3, 2]),
+                            open_score="half_energy_test", detector=HalfEnergy(), threshold=0.0)
+        rule.save(tmp_path)
+        loaded = DecisionRule.load(tmp_path)
+        logits = torch.tensor([[2.0, 0.0], [0.1, 0.0]])
+        assert torch.equal(loaded.apply(logits, torch.zeros(2, 3))["prediction"],
+                           rule.apply(logits, torch.zeros(2, 3))["prediction"])
+        with pytest.raises(InputError, match="already registered"):
+            D.register_detector(type("Other", (HalfEnergy,), {}))
+        with pytest.raises(InputError, match="subclass of oltr.detectors.Detector"):
+            D.register_detector(int)
+    finally:
+        D.DETECTORS.pop("half_energy_test", None)

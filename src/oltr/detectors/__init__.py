@@ -53,6 +53,26 @@ DETECTORS: dict[str, type[Detector]] = {
 }
 
 
+def register_detector(detector: type[Detector]) -> type[Detector]:
+    """Class decorator: make a :class:`Detector` subclass of your own a registered open score
+    under its ``name``, so that configs (``eval.open_score``), ``evaluate_run(detectors=…)``,
+    ``oltr bench --detectors``, a saved :class:`~oltr.decision.DecisionRule` and ONNX export
+    find it like the built-in ones (register it before loading a rule that uses it).
+
+    Raises InputError: not a Detector subclass, no ``name``, or a name already registered."""
+    if not (isinstance(detector, type) and issubclass(detector, Detector)):
+        raise InputError("register_detector takes a subclass of oltr.detectors.Detector",
+                         value=detector)
+    name = getattr(detector, "name", None)
+    if not isinstance(name, str) or not name:
+        raise InputError("a detector class needs a class attribute name = '…'",
+                         value=detector.__name__)
+    if name in DETECTORS and DETECTORS[name] is not detector:
+        raise InputError("a detector of this name is already registered", value=name)
+    DETECTORS[name] = detector
+    return detector
+
+
 def list_detectors() -> list[str]:
     """The registered detector names, e.g. for a benchmark matrix."""
     return list(DETECTORS)
@@ -112,6 +132,7 @@ __all__ = [
     "network_head",
     "odin_perturb",
     "openmax_probabilities",
+    "register_detector",
     "restore_detector",
     "scale_activations",
 ]
