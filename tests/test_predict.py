@@ -160,3 +160,22 @@ def test_a_closed_set_rule_predicts_without_rejecting(trained):
     assert all(row.error is None and row.label >= 0 and 0 <= row.open_score <= 1 for row in rows)
     with pytest.raises(InputError, match=r"logits must be \(N, 4\)"):
         rule.apply(torch.zeros(2, 3), torch.zeros(2, 5))
+
+
+def test_numpy_images_as_a_practitioner_has_them(trained):
+    """NumPy arrays in image layout ((H, W), (H, W, 3); uint8 or float in [0, 1]) are read as
+    the same image in PIL or tensor form; other shapes and dtypes are refused by name."""
+    run, images = trained
+    predictor = Predictor.from_run(run, device="cpu")
+    image = Image.open(images / "a.png")
+    grey = np.array(image)
+    rgb = np.array(image.convert("RGB"))
+    expected = predictor.preprocess(image)
+    for array in (grey, rgb, grey.astype(np.float64) / 255, rgb[:, :, :1]):
+        assert torch.allclose(predictor.preprocess(array), expected, atol=1e-6)
+    (one,) = predictor.predict(rgb)
+    (pil,) = predictor.predict(image)
+    assert one.label == pil.label and one.error is None
+    rows = predictor.predict([grey, np.zeros((5, 5, 4), np.uint8), grey.astype(np.int32)])
+    assert rows[0].error is None
+    assert "(H, W) or (H, W, C)" in rows[1].error and "uint8 (0–255) or float" in rows[2].error

@@ -41,7 +41,7 @@ from oltr.run import final_stage_dir
 from oltr.train.runtime import autocast, select_device
 
 UNKNOWN = "unknown"
-ImageInput = str | Path | Image.Image | torch.Tensor
+ImageInput = str | Path | Image.Image | torch.Tensor | np.ndarray
 
 
 @dataclass
@@ -149,8 +149,22 @@ class Predictor:
     # ------------------------------------------------------------------ preprocessing
     def preprocess(self, image: ImageInput) -> torch.Tensor:
         """One input as the model's normalised (C, H, W) tensor: a path (read as a person
-        sees it), a PIL image, or a tensor — (C, H, W) or (H, W), uint8 in 0–255 or float in
-        [0, 1] — converted, resized and normalised as training's evaluation transform does."""
+        sees it), a PIL image, a tensor — (C, H, W) or (H, W), uint8 in 0–255 or float in
+        [0, 1] — or a NumPy array in image layout — (H, W) or (H, W, C) with C = 1 or 3 (RGB
+        order; OpenCV's BGR must be flipped first), uint8 or float in [0, 1] — converted,
+        resized and normalised as training's evaluation transform does. InputError for any
+        other shape, dtype or range."""
+        if isinstance(image, np.ndarray):
+            if image.ndim == 3 and image.shape[2] in (1, 3):
+                image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+            elif image.ndim == 2:
+                image = torch.from_numpy(np.ascontiguousarray(image))
+            else:
+                raise InputError("a NumPy image must be (H, W) or (H, W, C) with 1 or 3 "
+                                 "channels", value=tuple(image.shape))
+            if not (image.dtype == torch.uint8 or image.is_floating_point()):
+                raise InputError("a NumPy image must be uint8 (0–255) or float in [0, 1]",
+                                 value=str(image.dtype))
         if isinstance(image, (str, Path)):
             return self.transform(load_image(image, self.mode))
         if isinstance(image, Image.Image):
@@ -170,7 +184,7 @@ class Predictor:
                 array = (tensor.permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
             pil = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
             return self.transform(pil.convert(self.mode))
-        raise InputError("an image must be a path, a PIL image or a tensor",
+        raise InputError("an image must be a path, a PIL image, a tensor or a NumPy array",
                          value=type(image).__name__)
 
     # ------------------------------------------------------------------ prediction
@@ -192,7 +206,7 @@ class Predictor:
 
     def predict(self, images: Sequence[ImageInput] | torch.Tensor, *, batch_size: int = 64,
                 top_k: int = 3, names: Sequence[str] | None = None) -> list[Prediction]:
-        """One :class:`Prediction` per input: a sequence of paths, PIL images or tensors
+        """One :class:`Prediction` per input: a sequence of paths, PIL images, tensors or arrays
         ((C, H, W) or (H, W), see :meth:`preprocess`), one such input alone (a list of one
         Prediction), or a (B, C, H, W) float batch already preprocessed (normalised, the
         model's channels and image size; checked). An input that cannot be read becomes a
@@ -200,7 +214,7 @@ class Predictor:
         in the results, one per input (default: its path, or ``#i``). InputError for a batch
         of the wrong shape or dtype, or ``names`` of another length."""
         if isinstance(images, (str, Path, Image.Image)) or (
-                isinstance(images, torch.Tensor) and images.ndim in (2, 3)):
+                isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim in (2, 3)):
             images = [images]  # one image, not a sequence of its rows or characters
         if isinstance(images, torch.Tensor):
             batch = self._checked_batch(images)
