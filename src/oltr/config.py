@@ -650,19 +650,13 @@ def _check_flat(config: dict[str, Any], name_of: Callable[[str], str], origins: 
         raise bad("eval.few_threshold", "{key} must be <= eval.many_threshold",
                   evaluation["few_threshold"])
     if evaluation["open_score"] != "auto":  # its options, before hours of training
-        from oltr.detectors import create_detector
+        from oltr.detectors import rule_detector
 
         try:
-            detector = create_detector(evaluation["open_score"], **evaluation["open_score_options"])
+            rule_detector(evaluation["open_score"], evaluation["open_score_options"])
         except InputError as exc:
             raise bad("eval.open_score_options", f"{{key}}: {exc}",
                       evaluation["open_score_options"]) from None
-        if getattr(detector, "epsilon", 0) > 0:
-            raise bad("eval.open_score_options", "{key}: ODIN's input perturbation (epsilon > 0) "
-                      "needs gradients through the network for every image, which a decision "
-                      "rule (predict, export) does not compute; use epsilon 0 (temperature "
-                      "only) for the rule, or evaluate the perturbed score with --detector odin",
-                      evaluation["open_score_options"])
 
 
 def check_config(config: dict[str, Any]) -> None:
@@ -676,8 +670,9 @@ def check_config(config: dict[str, Any]) -> None:
     for stage in stages:
         check_keys({k: v for k, v in stage.items() if k != "name"}, reference,
                    f"stages[{stage['name']}]")
+    present = _flatten({k: v for k, v in config.items() if k != "stages"})
     missing = [key for key in _flatten({k: v for k, v in reference.items() if k != "stages"})
-               if key not in _flatten({k: v for k, v in config.items() if k != "stages"})]
+               if key not in present]
     if missing:
         raise InputError(f"config lacks the key '{missing[0]}' (resolve configs with "
                          "oltr.config.load_config, which fills in every default)")

@@ -46,7 +46,7 @@ from oltr.data.datasets import published_open_folder
 from oltr.data.paths import IMAGE_EXTENSIONS, check_image_paths, walk_images
 from oltr.data.splits import read_split_lines
 from oltr.decision import SELECT_OBJECTIVES, DecisionRule
-from oltr.detectors import create_detector, list_detectors, odin_perturb
+from oltr.detectors import create_detector, list_detectors, odin_perturb, rule_detector
 from oltr.detectors.head import network_head
 from oltr.errors import InputError
 from oltr.inference import EvalBatches, collect_outputs, dataset_for, eval_loader, load_model
@@ -171,12 +171,7 @@ def eval_settings(stage_cfg: dict[str, Any], overrides: dict[str, Any]) -> dict[
         raise InputError(f"unknown open score (valid: auto, {', '.join(list_detectors())})",
                          value=eval_cfg["open_score"])
     if eval_cfg["open_score"] != "auto":
-        detector = create_detector(eval_cfg["open_score"], **(eval_cfg["open_score_options"] or {}))
-        if getattr(detector, "epsilon", 0) > 0:
-            raise InputError("ODIN's input perturbation (epsilon > 0) cannot be a decision "
-                             "rule's open score (predict and export do not compute its input "
-                             "gradients): use epsilon 0, or score it with --detector odin",
-                             value=eval_cfg["open_score_options"])
+        rule_detector(eval_cfg["open_score"], eval_cfg["open_score_options"])
     if eval_cfg["select"] not in SELECT_OBJECTIVES:
         raise InputError(f"the selection objective must be one of {', '.join(SELECT_OBJECTIVES)}",
                          value=eval_cfg["select"])

@@ -50,13 +50,14 @@ def final_stage_dir(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     info_path = run_dir / RUN_INFO
     if info_path.exists():
-        final = read_json_object(info_path, "run description").get("final_stage")
+        description = read_json_object(info_path, "run description")
+        final = description.get("final_stage")
         if not isinstance(final, str) or leaves_root(final) or "/" in final:
             raise InputError("final_stage must name a stage folder of the run", path=info_path,
                              value=final)
         stage_dir = run_dir / final
         if not (stage_dir / MODEL_INFO).exists():
-            stages = read_json_object(info_path, "run description").get("stages") or [final]
+            stages = description.get("stages") or [final]
             progress = "; ".join(f"{name}: {stage_progress(run_dir / str(name))}"
                                  for name in stages)
             raise InputError(

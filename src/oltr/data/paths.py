@@ -63,7 +63,12 @@ class ResolvedImage:
 
     @property
     def exists(self) -> bool:
-        return not (isinstance(self.identity, tuple) and self.identity[:1] == ("missing",))
+        return not _is_missing(self.identity)
+
+
+def _is_missing(identity: Hashable) -> bool:
+    """Whether an identity from `ImageLocator.locate` is that of a file that does not exist."""
+    return isinstance(identity, tuple) and identity[:1] == ("missing",)
 
 
 class ImageLocator:
@@ -150,7 +155,7 @@ def check_image_paths(
     for name, split_entries in entries.items():
         for (path, _), line in zip(split_entries, line_numbers[name]):
             real, identity = locate(path)
-            if require_existing and isinstance(identity, tuple) and identity[:1] == ("missing",):
+            if require_existing and _is_missing(identity):
                 missing.setdefault(name, []).append((line, real))
             if not allow_outside_root and not contains(real):
                 raise InputError(

@@ -90,6 +90,19 @@ def create_detector(name: str, **kwargs: Any) -> Detector:
             from None
 
 
+def rule_detector(name: str, options: Mapping[str, Any] | None = None) -> Detector:
+    """:func:`create_detector` for a decision rule's open score, which scores stored outputs:
+    InputError also for ODIN with an input perturbation (epsilon > 0), which needs gradients
+    through the network for every image (evaluate it with ``--detector odin`` instead)."""
+    detector = create_detector(name, **(options or {}))
+    if getattr(detector, "epsilon", 0) > 0:
+        raise InputError("ODIN's input perturbation (epsilon > 0) needs gradients through the "
+                         "network for every image, which a decision rule (predict, export) does "
+                         "not compute: use epsilon 0 (temperature only) for the rule, or score "
+                         "the perturbed form with --detector odin", value=dict(options or {}))
+    return detector
+
+
 def restore_detector(
     name: str, config: Mapping[str, Any], state: Mapping[str, torch.Tensor]
 ) -> Detector:
@@ -134,5 +147,6 @@ __all__ = [
     "openmax_probabilities",
     "register_detector",
     "restore_detector",
+    "rule_detector",
     "scale_activations",
 ]
