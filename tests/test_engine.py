@@ -56,6 +56,20 @@ def test_plain_train_evaluate_predict(fmnist_small, tiny, tmp_path) -> None:
         assert (row["label"] == -1) == (row["open_score"] > saved["open"]["threshold"])
 
 
+def test_verbose_false_trains_silently(fmnist_small, tiny, tmp_path, capsys) -> None:
+    """``train_run(progress=False, verbose=False)``: nothing on standard output (an embedding
+    program's own output stays clean); the default prints the stage lines and the rule."""
+    config = load_config("oltr", overrides=[*tiny, "stage1.train.epochs=1",
+                                            "stage2.train.epochs=1"])
+    train_run(config, fmnist_small, tmp_path / "quiet", progress=False, verbose=False)
+    assert capsys.readouterr().out == ""
+    assert (tmp_path / "quiet" / "decision.json").exists()
+    train_run(config, fmnist_small, tmp_path / "talks", progress=False)
+    out = capsys.readouterr().out
+    assert "[stage1] epoch 1/1" in out and "[stage2] epoch 1/1" in out
+    assert "decision rule:" in out
+
+
 def test_oltr_two_stages_initialise_memory(fmnist_small, tiny, tmp_path) -> None:
     run = tmp_path / "oltr"
     config = load_config("oltr", overrides=[*tiny, "stage1.train.epochs=1",

@@ -182,11 +182,12 @@ def saved_rule(directory: Path, info: Mapping[str, Any],
 
 
 def fit_decision(run_dir: str | Path, data_dir: str | Path, *,
-                 runtime: Runtime | None = None) -> DecisionRule:
+                 runtime: Runtime | None = None, verbose: bool = True) -> DecisionRule:
     """Fit the decision rule of a trained run's final stage on val and save it in the run
     (``RUN/decision.json``; rank 0 writes, every rank passes its shard of each split). The
     rule belongs to the run, not to the stage folder: stages shared by several methods
-    (``oltr bench``) keep one set of weights but each run its own rule."""
+    (``oltr bench``) keep one set of weights but each run its own rule. ``verbose``: print the
+    fitted rule in one line."""
     stage_cfg = run_stage_config(run_dir)
     runtime = runtime or init_runtime(stage_cfg["device"])
     stage_dir = final_stage_dir(run_dir)
@@ -206,6 +207,7 @@ def fit_decision(run_dir: str | Path, data_dir: str | Path, *,
     rule = fit_rule(net, info, eval_cfg, outputs)
     if runtime.is_primary:
         rule.save(Path(run_dir))
+    if runtime.is_primary and verbose:
         source = rule.record["open_score"]["source"]
         print(f"decision rule: τ-norm {rule.tau_normalization:g}, logit adjustment "
               f"{rule.logit_adjustment:g}, open score {rule.open_score} ({source}), threshold "

@@ -480,14 +480,18 @@ def train_stage(
     init_from: Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    verbose: bool = True,
     runtime: Runtime | None = None,
     tensorboard: Any = None,
 ) -> StageResult:
     """Train one stage (flat config, see ``oltr.config.stage_config``) into ``stage_dir``.
-    ``tensorboard``: a ``SummaryWriter`` (rank 0) for per-step and per-epoch scalars."""
+    ``tensorboard``: a ``SummaryWriter`` (rank 0) for per-step and per-epoch scalars.
+    ``progress``: a tqdm bar per stage; ``verbose``: the stage's lines on standard output
+    (start, resume, one per epoch; skipped unreadable images are reported either way)."""
     started = time.perf_counter()
     runtime = runtime or init_runtime(cfg["device"])
     primary = runtime.is_primary
+    talk = primary and verbose  # informational lines (files are written by `primary`)
     stage_dir = Path(stage_dir)
     train_cfg, data_cfg = cfg["train"], cfg["data"]
     bench = load_benchmark(data_dir, image_root=data_cfg["image_root"],
@@ -554,7 +558,7 @@ def train_stage(
                 "the checkpoint does not fit this model and data (tampered, or other data?): "
                 f"{str(exc).strip().splitlines()[-1].strip()}", path=checkpoint_path) from None
         start_epoch, best_epoch, best_acc = state["epoch"], state["best_epoch"], state["best_acc"]
-        if primary:
+        if talk:
             print(f"[{cfg['stage']}] resuming after epoch {start_epoch} of {epochs}", flush=True)
     # the frozen part's outputs, once per weights (train.feature_cache; the weights are final)
     stores = None
@@ -562,7 +566,7 @@ def train_stage(
         stores = build_stage_stores(stage_dir, net, bench, cfg, runtime,
                                     progress=progress and primary)
         net.contiguous_after_split()  # the rows are contiguous: no layout conversion per conv
-        if primary:
+        if talk:
             print(f"[{cfg['stage']}] feature cache: training on the frozen backbone's "
                   f"{net.frozen_split} outputs of the evaluation transform (no augmentation "
                   f"in this stage), {stores.train.path.name}", flush=True)
@@ -602,7 +606,7 @@ def train_stage(
     history = read_history(stage_dir)[:start_epoch]
     use_channels_last = (train_cfg["channels_last"] and net.supports_channels_last
                          and stores is None)
-    if primary and start_epoch < epochs:
+    if talk and start_epoch < epochs:
         print(f"[{cfg['stage']}] training epochs {start_epoch + 1}..{epochs} ({steps} steps "
               f"each, {runtime.world_size} process{'es' if runtime.distributed else ''} on "
               f"{runtime.device.type}) into {stage_dir}", flush=True)
@@ -669,7 +673,8 @@ def train_stage(
                            f"  val acc {val['accuracy']:.3f}{' *' if improved else ''}  "
                            f"{record['images_per_second']:.0f} img/s"
                            f"{f'  ({int(skipped_steps)} non-finite steps skipped)' if skipped_steps else ''}")
-                (bar.write(message) if bar is not None else print(message, flush=True))
+                if verbose:
+                    (bar.write(message) if bar is not None else print(message, flush=True))
             runtime.barrier()
     return StageResult(stage_dir, best_epoch, best_acc, epochs - start_epoch,
                        time.perf_counter() - started, skipped)
@@ -689,6 +694,7 @@ def train_run(
     *,
     resume: bool = False,
     progress: bool = True,
+    verbose: bool = True,
     stages: Sequence[str] | None = None,
     tensorboard: str | Path | None = None,
     fit_decision: bool = True,
@@ -704,7 +710,9 @@ def train_run(
     locked while it trains (a second writer stops, naming this PID). When a fresh run fails
     before its first finished epoch, what it created is removed again. Under ``torchrun``
     every process calls this; only rank 0 writes. ``tensorboard``: a log directory for
-    TensorBoard scalars (needs the ``tensorboard`` package).
+    TensorBoard scalars (needs the ``tensorboard`` package). ``progress``: tqdm bars;
+    ``verbose=False``: no lines on standard output (epochs, the fitted decision rule) —
+    ``progress=False, verbose=False`` trains silently, except for skipped unreadable images.
     """
     runtime = init_runtime(config["device"])
     run_dir = Path(run_dir).expanduser()
@@ -726,13 +734,13 @@ def train_run(
         runtime.barrier()
         try:
             results = _train_stages(config, data_dir, run_dir, resume=resume, progress=progress,
-                                    stages=stages, check_saved=claim is not None and not claim.fresh,
+                                    verbose=verbose, stages=stages, check_saved=claim is not None and not claim.fresh,
                                     runtime=runtime, tensorboard=writer)
             final = stage_names[-1]
             if fit_decision and (stages is None or final in stages):
                 from oltr.artifact import fit_decision as fit
 
-                fit(run_dir, data_dir, runtime=runtime)
+                fit(run_dir, data_dir, runtime=runtime, verbose=verbose)
             return results
         except BaseException:
             if claim is not None and claim.fresh and not _finished_an_epoch(run_dir, stage_names):
@@ -758,6 +766,7 @@ def _train_stages(
     *,
     resume: bool,
     progress: bool,
+    verbose: bool,
     stages: Sequence[str] | None,
     check_saved: bool,
     runtime: Runtime,
@@ -784,7 +793,8 @@ def _train_stages(
         cfg = stage_config(config, name)
         results.append(train_stage(cfg, data_dir, run_dir / name,
                                    init_from=_init_source(cfg, previous), resume=resume,
-                                   progress=progress, runtime=runtime, tensorboard=tensorboard))
+                                   progress=progress, verbose=verbose, runtime=runtime,
+                                   tensorboard=tensorboard))
         previous = run_dir / name
         runtime.barrier()
     return results
