@@ -673,7 +673,7 @@ def train_stage(
                            f"  val acc {val['accuracy']:.3f}{' *' if improved else ''}  "
                            f"{record['images_per_second']:.0f} img/s"
                            f"{f'  ({int(skipped_steps)} non-finite steps skipped)' if skipped_steps else ''}")
-                if verbose:
+                if talk:
                     (bar.write(message) if bar is not None else print(message, flush=True))
             runtime.barrier()
     return StageResult(stage_dir, best_epoch, best_acc, epochs - start_epoch,
@@ -734,7 +734,8 @@ def train_run(
         runtime.barrier()
         try:
             results = _train_stages(config, data_dir, run_dir, resume=resume, progress=progress,
-                                    verbose=verbose, stages=stages, check_saved=claim is not None and not claim.fresh,
+                                    verbose=verbose, stages=stages,
+                                    check_saved=claim is not None and not claim.fresh,
                                     runtime=runtime, tensorboard=writer)
             final = stage_names[-1]
             if fit_decision and (stages is None or final in stages):
