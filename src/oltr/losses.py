@@ -8,10 +8,17 @@ where the centroids live, or ``v_meta`` as Eq. 9 is printed) is the caller's cho
 The competing methods' losses are called as ``loss(logits, labels)`` (classification losses,
 see :func:`build_classification_loss`) or ``loss(features, labels)`` (metric losses added to
 the cross-entropy, see :func:`build_feature_loss`). All of them average over the batch.
+
+Every loss is registered by name in one of three registries (:class:`oltr.registry.Registry`):
+:data:`CLASSIFICATION_LOSSES` (``train.loss``), :data:`FEATURE_LOSSES` (``train.feature_loss``)
+and :data:`CENTROID_LOSSES` (``train.centroid_loss``), each entry a :class:`LossBuilder` that
+also names the ``train`` config keys of its options; the config's allowed values are these
+names. A loss of one's own is added with :func:`register_loss`.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from oltr.errors import InputError
+from oltr.registry import Registry
 
-CENTROID_LOSS_FORMS = ("nearest", "printed", "original")
 CENTROID_UPDATES = ("original", "autograd")
 
 
@@ -207,22 +214,31 @@ class OriginalCentroidLoss(nn.Module):
         )
 
 
-def build_centroid_loss(form: str = "nearest", **kwargs) -> nn.Module:
-    """``nearest`` → :class:`NearestCentroidLoss`, ``printed`` → :class:`LargeMarginCentroidLoss`
-    (Eq. 9 as printed, inert), ``original`` → :class:`OriginalCentroidLoss`."""
-    if form == "nearest":
-        return NearestCentroidLoss(**kwargs)
-    if form == "printed":
-        return LargeMarginCentroidLoss(**kwargs)
-    if form == "original":
-        if kwargs.pop("relative", False):
-            raise InputError("the original centroid loss has no relative margin "
-                             "(train.centroid_relative_margin: false)", value=form)
-        return OriginalCentroidLoss(**kwargs)
-    hint = " ('paper' is now 'printed': Eq. 9 as printed, which never acts)" if form == "paper" else ""
-    raise InputError(
-        f"unknown centroid loss form (valid: {', '.join(CENTROID_LOSS_FORMS)}){hint}", value=form
-    )
+def _original_centroid_loss(*, relative: bool = False, **kwargs: Any) -> OriginalCentroidLoss:
+    """:class:`OriginalCentroidLoss`, refusing a relative margin (it has none)."""
+    if relative:
+        raise InputError("the original centroid loss has no relative margin "
+                         "(train.centroid_relative_margin: false)", value="original")
+    return OriginalCentroidLoss(**kwargs)
+
+
+def build_centroid_loss(form: str = "nearest", **kwargs: Any) -> nn.Module:
+    """The centroid loss registered as ``form`` in :data:`CENTROID_LOSSES`: ``nearest`` →
+    :class:`NearestCentroidLoss`, ``printed`` → :class:`LargeMarginCentroidLoss` (Eq. 9 as
+    printed, inert), ``original`` → :class:`OriginalCentroidLoss`. ``kwargs`` go to its
+    constructor (None ones left out: the constructor's default applies).
+
+    Raises:
+        InputError: an unknown form (the message lists the registered ones), or the
+            constructor's own errors (``original`` with ``relative=True``).
+    """
+    if form not in CENTROID_LOSSES:
+        hint = (" ('paper' is now 'printed': Eq. 9 as printed, which never acts)"
+                if form == "paper" else "")
+        raise InputError(
+            f"unknown centroid loss form (valid: {', '.join(CENTROID_LOSSES)}){hint}", value=form
+        )
+    return CENTROID_LOSSES.create(form, **kwargs)
 
 
 # --------------------------------------------------------------- competing methods' losses
@@ -489,8 +505,119 @@ def drw_class_weights(
     return (weights * (counts.numel() / weights.sum())).float()
 
 
-CLASSIFICATION_LOSSES = ("ce", "focal", "balanced_softmax", "logit_adjusted", "ldam")
-FEATURE_LOSSES = ("range", "lifted")
+# --------------------------------------------------------------------------- registries
+
+
+@dataclass(frozen=True)
+class LossBuilder:
+    """A registered loss: how to build it, and from which ``train`` config keys.
+
+    Calling it builds the loss: ``builder(class_counts=None, **kwargs)``; ``class_counts``
+    (train images per class) goes first to a loss that ``needs_class_counts`` and is ignored
+    by the others.
+
+    Attributes:
+        name: its registered name (``train.loss`` etc.).
+        build: the constructor (a class or a function returning an ``nn.Module``).
+        options: constructor argument → key of the config's ``train`` section that gives it
+            (``{"gamma": "focal_gamma"}``); :meth:`config_options` reads them.
+        needs_class_counts: the constructor takes the class counts as its first argument.
+        kind: ``classification``, ``feature`` or ``centroid`` (a key of :data:`LOSSES`).
+    """
+
+    name: str
+    build: Callable[..., nn.Module]
+    options: Mapping[str, str] = field(default_factory=dict)
+    needs_class_counts: bool = False
+    kind: str = "classification"
+
+    def __call__(
+        self,
+        class_counts: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> nn.Module:
+        """The loss, built with ``kwargs`` (and ``class_counts`` where it needs them).
+
+        Raises:
+            InputError: the loss needs ``class_counts`` and none were given; and the
+                constructor's own errors.
+        """
+        if not self.needs_class_counts:
+            return self.build(**kwargs)
+        if class_counts is None:
+            raise InputError(f"{self.kind} loss {self.name!r} needs class_counts")
+        return self.build(class_counts, **kwargs)
+
+    def config_options(self, train_cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """The constructor's keyword arguments read from a config's ``train`` section."""
+        return {argument: train_cfg[key] for argument, key in self.options.items()}
+
+
+#: ``train.loss``: losses called as ``loss(logits, labels)``.
+CLASSIFICATION_LOSSES: Registry[LossBuilder] = Registry("classification loss")
+#: ``train.feature_loss`` (or ``none``): metric losses ``loss(features, labels)``, added to the
+#: cross-entropy with a weight.
+FEATURE_LOSSES: Registry[LossBuilder] = Registry("feature loss")
+#: ``train.centroid_loss`` (or ``none``): losses ``loss(features, labels, centroids)``.
+CENTROID_LOSSES: Registry[LossBuilder] = Registry("centroid loss form")
+#: The earlier name of :data:`CENTROID_LOSSES` (its names are the centroid loss forms).
+CENTROID_LOSS_FORMS = CENTROID_LOSSES
+#: Every loss registry by kind.
+LOSSES: dict[str, Registry[LossBuilder]] = {
+    "classification": CLASSIFICATION_LOSSES,
+    "feature": FEATURE_LOSSES,
+    "centroid": CENTROID_LOSSES,
+}
+
+
+def register_loss(
+    kind: str,
+    name: str,
+    build: Callable[..., nn.Module] | None = None,
+    *,
+    options: Mapping[str, str] | None = None,
+    needs_class_counts: bool = False,
+) -> Any:
+    """Register the loss constructor ``build`` as ``name`` in the registry of ``kind``
+    (``classification``, ``feature`` or ``centroid``); without ``build``, a decorator that
+    does so (and returns the constructor unchanged). ``options`` maps constructor arguments to
+    the ``train`` config keys that give them; ``needs_class_counts``: the constructor takes the
+    per-class train counts first. The config then accepts ``name`` (``train.loss``,
+    ``train.feature_loss``, ``train.centroid_loss``), and :func:`build_classification_loss`
+    etc. build it. Its options must be config keys of ``configs/base.yaml``.
+
+    Raises:
+        InputError: an unknown kind, or a name already registered.
+    """
+    if kind not in LOSSES:
+        raise InputError(f"unknown loss kind (valid: {', '.join(LOSSES)})", value=kind)
+
+    def decorator(target: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        LOSSES[kind].register(name, LossBuilder(name, target, dict(options or {}),
+                                                needs_class_counts, kind))
+        return target
+
+    return decorator if build is None else decorator(build)
+
+
+def loss_from_config(
+    kind: str,
+    name: str,
+    train_cfg: Mapping[str, Any],
+    *,
+    class_counts: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+) -> nn.Module:
+    """The loss ``name`` of ``kind`` built with its options read from the config's ``train``
+    section (:attr:`LossBuilder.options`) and, where it needs them, ``class_counts``.
+
+    Raises:
+        InputError: an unknown kind or name (listing the valid ones), missing class counts,
+            or the constructor's own errors.
+    """
+    if kind not in LOSSES:
+        raise InputError(f"unknown loss kind (valid: {', '.join(LOSSES)})", value=kind)
+    builder = LOSSES[kind].entry(name)
+    return builder(class_counts, **builder.config_options(train_cfg))
 
 
 def build_classification_loss(
@@ -502,31 +629,40 @@ def build_classification_loss(
     """A loss ``loss(logits, labels)`` by name (:data:`CLASSIFICATION_LOSSES`).
 
     ``balanced_softmax``, ``logit_adjusted`` and ``ldam`` need ``class_counts`` (train count
-    per class); ``kwargs`` go to the loss' constructor (``ce``: ``nn.CrossEntropyLoss``).
+    per class); ``kwargs`` go to the loss' constructor (``ce``: ``nn.CrossEntropyLoss``;
+    None ones left out: the constructor's default applies).
+
+    Raises:
+        InputError: an unknown name (listing the valid ones), missing class counts, or the
+            constructor's own errors.
     """
-    if name not in CLASSIFICATION_LOSSES:
-        raise InputError(
-            f"unknown classification loss (valid: {', '.join(CLASSIFICATION_LOSSES)})", value=name
-        )
-    if name == "ce":
-        return nn.CrossEntropyLoss(**kwargs)
-    if name == "focal":
-        return FocalLoss(**kwargs)
-    if class_counts is None:
-        raise InputError(f"classification loss {name!r} needs class_counts")
-    if name == "balanced_softmax":
-        return BalancedSoftmaxLoss(class_counts, **kwargs)
-    if name == "logit_adjusted":
-        return LogitAdjustedLoss(class_counts, **kwargs)
-    return LDAMLoss(class_counts, **kwargs)
+    return CLASSIFICATION_LOSSES.create(name, class_counts=class_counts, **kwargs)
 
 
 def build_feature_loss(name: str, **kwargs: Any) -> nn.Module:
     """A metric loss ``loss(features, labels)`` by name (:data:`FEATURE_LOSSES`), to be added
     to the cross-entropy with a weight: ``range`` → :class:`RangeLoss`, ``lifted`` →
-    :class:`LiftedStructureLoss`."""
-    if name == "range":
-        return RangeLoss(**kwargs)
-    if name == "lifted":
-        return LiftedStructureLoss(**kwargs)
-    raise InputError(f"unknown feature loss (valid: {', '.join(FEATURE_LOSSES)})", value=name)
+    :class:`LiftedStructureLoss` (``kwargs`` as for :func:`build_classification_loss`).
+
+    Raises:
+        InputError: an unknown name (listing the valid ones), or the constructor's errors.
+    """
+    return FEATURE_LOSSES.create(name, **kwargs)
+
+
+# The built-in losses, in the order the config's messages list them.
+register_loss("classification", "ce", nn.CrossEntropyLoss,
+              options={"label_smoothing": "label_smoothing"})
+register_loss("classification", "focal", FocalLoss, options={"gamma": "focal_gamma"})
+register_loss("classification", "balanced_softmax", BalancedSoftmaxLoss, needs_class_counts=True)
+register_loss("classification", "logit_adjusted", LogitAdjustedLoss,
+              options={"tau": "logit_adjust_tau"}, needs_class_counts=True)
+register_loss("classification", "ldam", LDAMLoss,
+              options={"max_margin": "ldam_max_margin", "scale": "ldam_scale"},
+              needs_class_counts=True)
+register_loss("feature", "range", RangeLoss, options={"margin": "feature_loss_margin"})
+register_loss("feature", "lifted", LiftedStructureLoss, options={"margin": "feature_loss_margin"})
+_CENTROID_OPTIONS = {"margin": "centroid_margin", "relative": "centroid_relative_margin"}
+register_loss("centroid", "nearest", NearestCentroidLoss, options=_CENTROID_OPTIONS)
+register_loss("centroid", "printed", LargeMarginCentroidLoss, options=_CENTROID_OPTIONS)
+register_loss("centroid", "original", _original_centroid_loss, options=_CENTROID_OPTIONS)
