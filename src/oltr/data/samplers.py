@@ -1,14 +1,21 @@
-"""Class-aware sampling (Shen et al. 2016), the stage-2 sampler of OLTR (paper §4, docs/method.md)."""
+"""Class-aware sampling (Shen et al. 2016), the stage-2 sampler of OLTR (paper §4, docs/method.md).
+
+The epoch samplers are registered by name in :data:`SAMPLERS` (``train.sampler``), each as a
+builder ``(labels, train_cfg, *, num_samples, seed, num_replicas, rank)``; the config's allowed
+values are its names.
+"""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
 
 from oltr.errors import InputError
+from oltr.registry import Registry
 
 
 class ClassAwareSampler(Sampler[int]):
@@ -187,3 +194,30 @@ class InstanceSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.samples_per_rank
+
+
+#: ``train.sampler``: the epoch samplers by name. A builder takes the train labels (N,), the
+#: config's ``train`` section (for the sampler's own options) and keyword arguments
+#: ``num_samples`` (this epoch's global count), ``seed``, ``num_replicas`` and ``rank``, and
+#: returns a sampler with ``set_epoch``, ``stream`` (this rank's positions in the epoch's global
+#: stream and their indices) and ``__len__`` (the samples of this rank), as the two here.
+SAMPLERS: Registry[Callable[..., Any]] = Registry(
+    "sampler", unknown="train.sampler must be {names_or}")
+
+
+@SAMPLERS.register("instance")
+def instance_sampler(labels: np.ndarray, train_cfg: Mapping[str, Any], *, num_samples: int,
+                     seed: int, num_replicas: int, rank: int) -> InstanceSampler:
+    """``instance``: every image alike (:class:`InstanceSampler`); no options."""
+    return InstanceSampler(len(labels), num_samples=num_samples, seed=seed,
+                           num_replicas=num_replicas, rank=rank)
+
+
+@SAMPLERS.register("class_aware")
+def class_aware_sampler(labels: np.ndarray, train_cfg: Mapping[str, Any], *, num_samples: int,
+                        seed: int, num_replicas: int, rank: int) -> ClassAwareSampler:
+    """``class_aware``: :class:`ClassAwareSampler` with ``train.samples_per_class`` and
+    ``train.balance_power``."""
+    return ClassAwareSampler(labels, samples_per_class=train_cfg["samples_per_class"],
+                             num_samples=num_samples, seed=seed, num_replicas=num_replicas,
+                             rank=rank, balance_power=train_cfg["balance_power"])

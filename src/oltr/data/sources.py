@@ -21,6 +21,9 @@ Spec strings accepted by `parse_source`:
   file named twice (``x`` and ``./x``, a link, a hard link), in train or between train and test,
   is an error naming both lines.
 
+Each kind (the part before ``:``) is registered in :data:`SOURCES` as a :class:`SourceKind`;
+a kind of one's own is added with ``SOURCES.register("kind", SourceKind(load, forms=...))``.
+
 Images are decoded by `oltr.data.images` and text files read by `oltr.io.read_text`.
 """
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +43,7 @@ from oltr.data.paths import IMAGE_EXTENSIONS, check_image_paths, walk_images
 from oltr.data.splits import read_split_lines
 from oltr.errors import InputError
 from oltr.io import read_text
+from oltr.registry import Registry
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
@@ -65,8 +70,6 @@ _IDX_LABELS_MAGIC = 2049
 _CLASS_NAME_FILES = ("classes.txt", "classnames.txt")
 #: Files that sit next to split files but are not splits (``open_classes.txt``: see curation).
 NOT_SPLIT_FILES = frozenset({*_CLASS_NAME_FILES, "open_classes.txt"})
-SOURCE_KINDS = ("fashion-mnist", "fashion-mnist:ROOT", "folder:PATH", "trainval:ROOT",
-                "splits:PATH")
 _FOLDER_OUTSIDE_HINT = ("pass allow_outside_root=True (oltr curate --allow-outside-root) to "
                         "follow it")
 
@@ -221,8 +224,9 @@ def read_idx(path: str | os.PathLike[str], *, expected_magic: int) -> np.ndarray
     return np.frombuffer(data, dtype=np.uint8, offset=header_size).reshape(shape)
 
 
-def _load_fashion_mnist(spec: str, root: str | None) -> Source:
-    directory = find_fashion_mnist(root)
+def _load_fashion_mnist(spec: str, root: str, allow_outside_root: bool = False) -> Source:
+    """``fashion-mnist[:ROOT]`` (``allow_outside_root`` does not apply)."""
+    directory = find_fashion_mnist(root or None)
     arrays: dict[str, np.ndarray] = {}
     splits: dict[str, list[tuple[str, int]]] = {}
     for split in ("train", "test"):
@@ -388,8 +392,8 @@ def read_class_names(directory: Path) -> tuple[list[str], Path] | None:
 def _load_splits(
     spec: str,
     path_text: str,
-    image_root: str | os.PathLike[str] | None,
     allow_outside_root: bool,
+    image_root: str | os.PathLike[str] | None = None,
 ) -> Source:
     path = Path(path_text).expanduser()
     if not path.exists():
@@ -437,29 +441,63 @@ def _load_splits(
     )
 
 
+@dataclass(frozen=True)
+class SourceKind:
+    """A registered kind of source spec, ``KIND`` or ``KIND:ARGUMENT``.
+
+    Attributes:
+        load: ``load(spec, argument, allow_outside_root=…[, image_root=…])`` → :class:`Source`
+            (``image_root`` is passed only when given, and only to a kind that takes it).
+        forms: how a spec of this kind is written, for messages (``folder:PATH``).
+        needs_argument: a spec without ``:ARGUMENT`` is refused.
+        takes_image_root: the kind accepts ``image_root``.
+    """
+
+    load: Callable[..., Source]
+    forms: tuple[str, ...]
+    needs_argument: bool = True
+    takes_image_root: bool = False
+
+    def __call__(self, spec: str, argument: str, **options: object) -> Source:
+        return self.load(spec, argument, **options)
+
+
+#: Every kind of source :func:`parse_source` reads, by the part of the spec before ``:``.
+SOURCES: Registry[SourceKind] = Registry("source")
+SOURCES.register("fashion-mnist", SourceKind(_load_fashion_mnist,
+                                             ("fashion-mnist", "fashion-mnist:ROOT"),
+                                             needs_argument=False))
+SOURCES.register("folder", SourceKind(_load_folder, ("folder:PATH",)))
+SOURCES.register("trainval", SourceKind(_load_train_val, ("trainval:ROOT",)))
+SOURCES.register("splits", SourceKind(_load_splits, ("splits:PATH",), takes_image_root=True))
+
+
 def parse_source(
     spec: str,
     *,
     image_root: str | os.PathLike[str] | None = None,
     allow_outside_root: bool = False,
 ) -> Source:
-    """Load the source named by ``spec`` (see the module docstring for the accepted forms).
+    """Load the source named by ``spec`` (see the module docstring for the accepted forms; a
+    kind of :data:`SOURCES`).
 
     ``image_root`` applies to ``splits:`` sources only (default: the split file's directory).
     ``allow_outside_root``: split-file paths may be absolute, contain ``..`` or lead out of the
     image root through a symbolic link; a ``folder:`` source may follow links out of PATH.
+
+    Raises:
+        InputError: an unknown kind (listing the accepted forms), a missing path,
+            ``image_root`` for a kind that does not take it, or what the loader refuses.
     """
     kind, _, argument = spec.partition(":")
-    if image_root is not None and kind != "splits":
-        raise InputError("image_root applies to 'splits:PATH' sources only", value=spec)
-    if kind == "fashion-mnist":
-        return _load_fashion_mnist(spec, argument or None)
-    if kind in ("folder", "trainval", "splits") and not argument:
+    if image_root is not None and not (kind in SOURCES and SOURCES[kind].takes_image_root):
+        where = " or ".join(f"'{form}'" for entry in SOURCES.values() if entry.takes_image_root
+                            for form in entry.forms)
+        raise InputError(f"image_root applies to {where} sources only", value=spec)
+    if kind not in SOURCES:
+        forms = [form for entry in SOURCES.values() for form in entry.forms]
+        raise InputError(f"unknown source; expected one of {', '.join(forms)}", value=spec)
+    if SOURCES[kind].needs_argument and not argument:
         raise InputError(f"'{kind}:' needs a path, as in '{kind}:PATH'", value=spec)
-    if kind == "folder":
-        return _load_folder(spec, argument, allow_outside_root)
-    if kind == "trainval":
-        return _load_train_val(spec, argument, allow_outside_root)
-    if kind == "splits":
-        return _load_splits(spec, argument, image_root, allow_outside_root)
-    raise InputError(f"unknown source; expected one of {', '.join(SOURCE_KINDS)}", value=spec)
+    return SOURCES.create(kind, spec, argument, allow_outside_root=allow_outside_root,
+                          image_root=image_root)

@@ -35,7 +35,7 @@ from torch.utils.data import Dataset, Sampler
 from oltr.data import Benchmark, ImageListDataset, build_transform
 from oltr.data.jpeg import EncodedImages, decode_images, pack_encoded, unpack_encoded
 from oltr.data.loader import ImageLoader
-from oltr.data.samplers import ClassAwareSampler, InstanceSampler
+from oltr.data.samplers import SAMPLERS, ClassAwareSampler, InstanceSampler
 from oltr.data.tensors import TensorImages, use_tensor_path
 from oltr.errors import InputError
 from oltr.inference import dataset_for
@@ -50,17 +50,11 @@ from oltr.train.runtime import Runtime
 
 def make_sampler(labels: np.ndarray, train_cfg: dict[str, Any], seed: int, runtime: Runtime
                  ) -> InstanceSampler | ClassAwareSampler:
-    """The epoch sampler of ``train.sampler`` over ``labels``, this rank's share of it."""
+    """The epoch sampler of ``train.sampler`` (a name of :data:`oltr.data.samplers.SAMPLERS`)
+    over ``labels``, this rank's share of it. InputError for an unknown sampler."""
     num_samples = train_cfg["epoch_samples"] or len(labels)
-    if train_cfg["sampler"] == "instance":
-        return InstanceSampler(len(labels), num_samples=num_samples, seed=seed,
-                               num_replicas=runtime.world_size, rank=runtime.rank)
-    if train_cfg["sampler"] == "class_aware":
-        return ClassAwareSampler(labels, samples_per_class=train_cfg["samples_per_class"],
-                                 num_samples=num_samples, seed=seed,
-                                 num_replicas=runtime.world_size, rank=runtime.rank,
-                                 balance_power=train_cfg["balance_power"])
-    raise InputError("train.sampler must be instance or class_aware", value=train_cfg["sampler"])
+    return SAMPLERS.create(train_cfg["sampler"], labels, train_cfg, num_samples=num_samples,
+                           seed=seed, num_replicas=runtime.world_size, rank=runtime.rank)
 
 
 def rank_batch_size(batch_size: int, runtime: Runtime) -> int:
