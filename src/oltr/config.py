@@ -6,6 +6,12 @@ is a partial config applied on top of the method's own sections (OLTR: stage 1 =
 stage 2 = attention + meta-embedding + cosine classifier, paper §3.3 / docs/method.md).
 Unknown keys are errors, never silently ignored; every value is checked in one place
 (`validate_config`), so a bad value fails before any data is read, naming its key.
+
+The allowed names of a component key are its registry's (:class:`oltr.registry.Registry`),
+read when a config is checked: ``train.loss`` / ``train.feature_loss`` / ``train.centroid_loss``
+(:mod:`oltr.losses`), ``train.sampler`` (:data:`oltr.data.samplers.SAMPLERS`),
+``eval.open_score`` (:data:`oltr.detectors.DETECTORS`). Method presets are the files of
+``configs/<benchmark>/`` plus those registered with :func:`register_method`.
 """
 from __future__ import annotations
 
@@ -14,14 +20,20 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from oltr.data.samplers import SAMPLERS
+from oltr.detectors import DETECTORS, rule_detector
 from oltr.errors import InputError, bounded_repr
 from oltr.io import atomic_write_text, read_text
+from oltr.losses import CENTROID_LOSSES, CLASSIFICATION_LOSSES, FEATURE_LOSSES
+from oltr.models.classifiers import SQUASH_FORMS
+from oltr.models.network import CLASSIFIERS
+from oltr.registry import Registry
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 BASE_CONFIG = CONFIG_DIR / "base.yaml"
@@ -32,10 +44,21 @@ COMPARISON_METHODS = (
     "plain", "class_aware", "focal", "range_loss", "lifted_loss", "fslwf",
     "crt", "tau_norm", "lws", "balanced_softmax", "logit_adjustment", "ldam_drw", "oltr",
 )
+
+
+def _comparison_detectors() -> tuple[str, ...]:
+    """Every registered detector in the registry's order, except that ``knn`` comes before
+    ``reachability``: the column order of the published bench tables (README.md,
+    benchmarks/README.md)."""
+    names = list(DETECTORS)
+    if "knn" in names and "reachability" in names:
+        names.remove("knn")
+        names.insert(names.index("reachability"), "knn")
+    return tuple(names)
+
+
 #: Every detector of :mod:`oltr.detectors` (``oltr bench``'s default: the comparison is run with all).
-COMPARISON_DETECTORS = ("msp", "max_logit", "energy", "odin", "openmax", "knn", "reachability",
-                        "mahalanobis", "relative_mahalanobis", "vim", "react", "ash", "scale",
-                        "gen")
+COMPARISON_DETECTORS = _comparison_detectors()
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
 
 
@@ -238,19 +261,76 @@ def parse_override(text: str) -> dict[str, Any]:
     return nested
 
 
-def method_path(method: str, benchmark: str = DEFAULT_BENCHMARK) -> Path:
-    """The preset file of ``method`` for ``benchmark`` (``configs/<benchmark>/<method>.yaml``)."""
+#: Method presets defined outside the package (:func:`register_method`): name → a YAML file or
+#: a mapping. They are offered for every benchmark, next to the files of
+#: ``configs/<benchmark>/`` (:func:`list_methods`).
+METHODS: Registry[Path | dict[str, Any]] = Registry("method")
+
+
+def register_method(name: str, preset: str | os.PathLike[str] | Mapping[str, Any]) -> None:
+    """Make ``preset`` the method ``name`` of every benchmark, found by name like a packaged
+    preset (``load_config(name)``, ``run_bench(methods=[name])``) and checked when it is
+    loaded, as a packaged preset is.
+
+    ``preset`` is a YAML file as ``--config`` takes (its ``base:`` relative to the file) or a
+    mapping of the same keys (its ``base:``, e.g. ``_base.yaml``, relative to the benchmark's
+    preset folder ``configs/<benchmark>/``, as a packaged preset's is; the mapping is copied).
+
+    Raises:
+        InputError: a name that is not a plain folder name (letters, digits, ``_`` and ``-``)
+            or that a packaged preset (of any benchmark) or a registered method already has; a
+            file that does not exist; a preset that is neither a file nor a mapping.
+    """
+    if not isinstance(name, str) or not _STAGE_NAME.fullmatch(name):
+        raise InputError("a method name must be a plain folder name (letters, digits, _ and -)",
+                         value=name)
+    if name in {path.stem for path in CONFIG_DIR.glob("*/*.yaml")}:
+        raise InputError("a method of this name is already registered (a packaged preset)",
+                         value=name)
+    if isinstance(preset, Mapping):
+        METHODS.register(name, copy.deepcopy(dict(preset)))
+        return
+    if not isinstance(preset, (str, os.PathLike)):
+        raise InputError("a method preset is a YAML file or a mapping", value=preset)
+    path = Path(preset).expanduser().resolve()
+    if not path.is_file():
+        raise InputError("method preset not found", path=path)
+    METHODS.register(name, path)
+
+
+def method_preset(method: str, benchmark: str = DEFAULT_BENCHMARK) -> Path | dict[str, Any]:
+    """The preset of ``method`` for ``benchmark``: its file (``configs/<benchmark>/<method>.yaml``,
+    or the file :func:`register_method` was given) or the mapping it was given (a copy).
+
+    Raises:
+        InputError: an unknown benchmark or method (listing the available ones).
+    """
     path = CONFIG_DIR / benchmark / f"{method}.yaml"
-    if not path.exists():
-        if not (CONFIG_DIR / benchmark).is_dir():
-            raise InputError(
-                f"unknown benchmark preset '{benchmark}' (available: {', '.join(list_benchmarks())})"
-            )
+    if path.exists():
+        return path
+    if not (CONFIG_DIR / benchmark).is_dir():
         raise InputError(
-            f"unknown method '{method}' for benchmark '{benchmark}' "
-            f"(available: {', '.join(list_methods(benchmark))})"
+            f"unknown benchmark preset '{benchmark}' (available: {', '.join(list_benchmarks())})"
         )
-    return path
+    if method in METHODS:
+        preset = METHODS[method]
+        return copy.deepcopy(preset) if isinstance(preset, dict) else preset
+    raise InputError(
+        f"unknown method '{method}' for benchmark '{benchmark}' "
+        f"(available: {', '.join(list_methods(benchmark))})"
+    )
+
+
+def method_path(method: str, benchmark: str = DEFAULT_BENCHMARK) -> Path:
+    """The preset file of ``method`` for ``benchmark`` (:func:`method_preset`).
+
+    Raises:
+        InputError: an unknown benchmark or method, or a method registered as a mapping.
+    """
+    preset = method_preset(method, benchmark)
+    if not isinstance(preset, Path):
+        raise InputError(f"method '{method}' was registered as a mapping, not a file")
+    return preset
 
 
 def list_benchmarks() -> list[str]:
@@ -258,11 +338,25 @@ def list_benchmarks() -> list[str]:
 
 
 def list_methods(benchmark: str = DEFAULT_BENCHMARK) -> list[str]:
-    """Method presets of ``benchmark`` (not ``_base.yaml`` nor the curation ``protocol.yaml``)."""
-    return sorted(
-        p.stem for p in (CONFIG_DIR / benchmark).glob("*.yaml")
-        if not p.stem.startswith("_") and p.stem != "protocol"
-    )
+    """Method presets of ``benchmark`` (not ``_base.yaml`` nor the curation ``protocol.yaml``)
+    and the methods registered with :func:`register_method`, sorted."""
+    return sorted({
+        *(p.stem for p in (CONFIG_DIR / benchmark).glob("*.yaml")
+          if not p.stem.startswith("_") and p.stem != "protocol"),
+        *METHODS,
+    })
+
+
+def _load_mapping(preset: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A method preset given as a mapping, its ``base:`` (relative to ``folder``) loaded first."""
+    data = copy.deepcopy(preset)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    base_path = (folder / str(base)).resolve()
+    if not base_path.exists():
+        raise InputError("base config not found", value=str(base))
+    return deep_merge(load_yaml_with_bases(base_path), data)
 
 
 def load_config(
@@ -285,8 +379,12 @@ def load_config(
     if isinstance(overrides, str):  # one override, not a sequence of its characters
         overrides = [overrides]
     reference = read_yaml(BASE_CONFIG)
-    preset_path = Path(config_file) if config_file else method_path(method, benchmark)
-    preset, origins = _load_with_origins(preset_path)
+    source = Path(config_file) if config_file else method_preset(method, benchmark)
+    preset_path = source if isinstance(source, Path) else None
+    if isinstance(source, Path):
+        preset, origins = _load_with_origins(source)
+    else:  # a registered mapping: no file lines to name
+        preset, origins = _load_mapping(source, CONFIG_DIR / benchmark), Origins()
     # the file's own shape, before overrides can hide it (``train: 3`` + ``train.lr=…``)
     check_keys(preset, reference, origins=origins)
     config = deep_merge(reference, preset)
@@ -472,10 +570,29 @@ def _or_null(check: Check) -> Check:
     return f"null or {description}", lambda v: v is None or test(v)
 
 
-def _detector_names() -> tuple[str, ...]:
-    from oltr.detectors import list_detectors
+class _Registered:
+    """The check of a component's name: one of ``words`` or a name of ``registry``, the names
+    read when the check runs (a component registered after import is accepted and listed).
+    Unpacks as a check's ``(description, test)`` pair."""
 
-    return tuple(list_detectors())
+    def __init__(self, registry: Mapping[str, Any], *words: str) -> None:
+        self.registry, self.words = registry, words
+
+    def names(self) -> tuple[str, ...]:
+        return (*self.words, *self.registry)
+
+    @property
+    def description(self) -> str:
+        return f"one of {', '.join(self.names())}"
+
+    def test(self, value: Any) -> bool:
+        return isinstance(value, str) and value in self.names()
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.description, self.test))
+
+    def __getitem__(self, index: int) -> Any:
+        return (self.description, self.test)[index]
 
 
 _BOOL: Check = ("true or false", lambda v: isinstance(v, bool))
@@ -485,7 +602,7 @@ _NUMBERS: Check = ("a list of numbers", lambda v: isinstance(v, list) and bool(v
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 #: What every config value must be, by dotted key (keys of ``configs/base.yaml``).
-CHECKS: dict[str, Check] = {
+CHECKS: dict[str, Check | _Registered] = {
     "method": _TEXT,
     "seed": (f"an integer in 0..{MAX_SEED}", lambda v: _is_int(v) and 0 <= v <= MAX_SEED),
     "deterministic": _BOOL,
@@ -508,13 +625,13 @@ CHECKS: dict[str, Check] = {
     "model.pretrained_path": _or_null(_TEXT),
     "model.embed_dim": _or_null(_int(1)),
     "model.dropout": _number("in [0, 1)", lambda v: 0 <= v < 1),
-    "model.classifier": _choice("linear", "cosine", "lws", "fslwf", "cosface", "arcface"),
+    "model.classifier": _choice(*CLASSIFIERS),
     "model.margin_scale": _number("> 0", lambda v: v > 0),
     "model.margin": _or_null(_number(">= 0", lambda v: v >= 0)),
     "model.arcface_easy_margin": _BOOL,
     "model.fslwf_novel_max": _int(0),
     "model.cosine_scale": _number("> 0", lambda v: v > 0),
-    "model.squash_form": _choice("paper", "original", "unit"),
+    "model.squash_form": _choice(*SQUASH_FORMS),
     "model.attention": _BOOL,
     "model.modulation": _BOOL,
     "model.meta_embedding": _BOOL,
@@ -527,7 +644,7 @@ CHECKS: dict[str, Check] = {
     "model.detach_memory": _BOOL,
     "train.epochs": _int(0),
     "train.batch_size": _int(1),
-    "train.sampler": _choice("instance", "class_aware"),
+    "train.sampler": _Registered(SAMPLERS),
     "train.samples_per_class": _int(1),
     "train.balance_power": _number("in [0, 1]", lambda v: 0 <= v <= 1),
     "train.epoch_samples": _or_null(_int(1)),
@@ -542,17 +659,17 @@ CHECKS: dict[str, Check] = {
     "train.gamma": _number("> 0", lambda v: v > 0),
     "train.warmup_epochs": _int(0),
     "train.label_smoothing": _number("in [0, 1)", lambda v: 0 <= v < 1),
-    "train.loss": _choice("ce", "focal", "balanced_softmax", "logit_adjusted", "ldam"),
+    "train.loss": _Registered(CLASSIFICATION_LOSSES),
     "train.focal_gamma": _number(">= 0", lambda v: v >= 0),
     "train.logit_adjust_tau": _number(">= 0", lambda v: v >= 0),
     "train.ldam_max_margin": _number("> 0", lambda v: v > 0),
     "train.ldam_scale": _number("> 0", lambda v: v > 0),
     "train.drw_epoch": _or_null(_int(1)),
     "train.drw_beta": _number("in [0, 1)", lambda v: 0 <= v < 1),
-    "train.feature_loss": _choice("none", "range", "lifted"),
+    "train.feature_loss": _Registered(FEATURE_LOSSES, "none"),
     "train.feature_loss_weight": _number(">= 0", lambda v: v >= 0),
     "train.feature_loss_margin": _number(">= 0", lambda v: v >= 0),
-    "train.centroid_loss": _choice("none", "nearest", "printed", "original"),
+    "train.centroid_loss": _Registered(CENTROID_LOSSES, "none"),
     "train.centroid_relative_margin": _BOOL,
     "train.centroid_weight": _number(">= 0", lambda v: v >= 0),
     "train.centroid_margin": _number(">= 0", lambda v: v >= 0),
@@ -573,12 +690,12 @@ CHECKS: dict[str, Check] = {
     "eval.batch_size": _int(1),
     "eval.amp": _choice("off", "bf16"),
     "eval.open_score": ("auto or an open-set detector (oltr.detectors)",
-                        lambda v: isinstance(v, str) and v in ("auto", *_detector_names())),
+                        lambda v: isinstance(v, str) and (v == "auto" or v in DETECTORS)),
     "eval.open_score_options": ("a mapping of the detector's options",
                                 lambda v: isinstance(v, dict)),
     "eval.open_score_candidates": ("null or a list of detector names",
                                    lambda v: v is None or (isinstance(v, list) and bool(v) and all(
-                                       isinstance(x, str) and x in _detector_names() for x in v))),
+                                       isinstance(x, str) and x in DETECTORS for x in v))),
     "eval.select": _choice("balanced_accuracy", "f_measure", "auroc"),
     "eval.threshold": _or_null(_number("in [0, 1] (a probability)", lambda v: 0 <= v <= 1)),
     "eval.logit_adjustment": ("a number or auto",
@@ -650,8 +767,6 @@ def _check_flat(config: dict[str, Any], name_of: Callable[[str], str], origins: 
         raise bad("eval.few_threshold", "{key} must be <= eval.many_threshold",
                   evaluation["few_threshold"])
     if evaluation["open_score"] != "auto":  # its options, before hours of training
-        from oltr.detectors import rule_detector
-
         try:
             rule_detector(evaluation["open_score"], evaluation["open_score_options"])
         except InputError as exc:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from oltr.errors import InputError
+from oltr.registry import Registry
 
 TensorOrArray = TypeVar("TensorOrArray", torch.Tensor, np.ndarray)
 
@@ -140,13 +141,19 @@ class OpenScore:
     takes_temperature: bool
 
 
-OPEN_SCORES: dict[str, OpenScore] = {
-    "msp": OpenScore(msp_score, ("logits",), takes_temperature=True),
-    "max_logit": OpenScore(max_logit_score, ("logits",), takes_temperature=False),
-    "energy": OpenScore(energy_score, ("logits",), takes_temperature=True),
-    "reachability": OpenScore(reachability_score, ("features", "centroids"),
-                              takes_temperature=False),
-}
+#: The stateless open scores of stored arrays, by name (:func:`compute_open_score`). The
+#: detectors of :mod:`oltr.detectors` (one registry, ``oltr.detectors.DETECTORS``, which the
+#: config and the evaluation read) wrap these functions; this module sits below them, so this
+#: table is its own: each name here is also a detector's, giving the same score
+#: (tests/test_registry.py).
+OPEN_SCORES: Registry[OpenScore] = Registry(
+    "open score", unknown="unknown open score; valid names: {names}")
+OPEN_SCORES.register("msp", OpenScore(msp_score, ("logits",), takes_temperature=True))
+OPEN_SCORES.register("max_logit", OpenScore(max_logit_score, ("logits",),
+                                            takes_temperature=False))
+OPEN_SCORES.register("energy", OpenScore(energy_score, ("logits",), takes_temperature=True))
+OPEN_SCORES.register("reachability", OpenScore(reachability_score, ("features", "centroids"),
+                                               takes_temperature=False))
 
 
 def compute_open_score(
@@ -162,10 +169,7 @@ def compute_open_score(
     Inputs the score does not use are ignored; a missing one, an unknown name, or a
     temperature given to a score without one raises an ``InputError`` (a ``ValueError``).
     """
-    if name not in OPEN_SCORES:
-        raise InputError(f"unknown open score; valid names: {', '.join(OPEN_SCORES)}",
-                         value=name)
-    entry = OPEN_SCORES[name]
+    entry = OPEN_SCORES.entry(name)
     given = {"logits": logits, "features": features, "centroids": centroids}
     missing = [input_name for input_name in entry.inputs if given[input_name] is None]
     if missing:

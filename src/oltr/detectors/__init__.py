@@ -45,12 +45,11 @@ from oltr.detectors.relative_mahalanobis import RelativeMahalanobis
 from oltr.detectors.scale import SCALE, scale_activations
 from oltr.detectors.vim import ViM
 from oltr.errors import InputError
+from oltr.registry import Registry
 
-DETECTORS: dict[str, type[Detector]] = {
-    detector.name: detector
-    for detector in (MSP, MaxLogit, Energy, ODIN, OpenMax, Reachability, KNN,
-                     Mahalanobis, RelativeMahalanobis, ViM, ReAct, ASH, SCALE, GEN)
-}
+#: Every open-set detector by its ``name`` (``eval.open_score``, ``--detector``): the config's
+#: allowed values, ``oltr bench``'s default detectors and a saved rule's open score.
+DETECTORS: Registry[type[Detector]] = Registry("detector")
 
 
 def register_detector(detector: type[Detector]) -> type[Detector]:
@@ -58,6 +57,7 @@ def register_detector(detector: type[Detector]) -> type[Detector]:
     under its ``name``, so that configs (``eval.open_score``), ``evaluate_run(detectors=…)``,
     ``oltr bench --detectors``, a saved :class:`~oltr.decision.DecisionRule` and ONNX export
     find it like the built-in ones (register it before loading a rule that uses it).
+    Registering the same class again is a no-op.
 
     Raises InputError: not a Detector subclass, no ``name``, or a name already registered."""
     if not (isinstance(detector, type) and issubclass(detector, Detector)):
@@ -67,24 +67,34 @@ def register_detector(detector: type[Detector]) -> type[Detector]:
     if not isinstance(name, str) or not name:
         raise InputError("a detector class needs a class attribute name = '…'",
                          value=detector.__name__)
-    if name in DETECTORS and DETECTORS[name] is not detector:
-        raise InputError("a detector of this name is already registered", value=name)
-    DETECTORS[name] = detector
-    return detector
+    return DETECTORS.register(name, detector)
+
+
+for _detector in (MSP, MaxLogit, Energy, ODIN, OpenMax, Reachability, KNN, Mahalanobis,
+                  RelativeMahalanobis, ViM, ReAct, ASH, SCALE, GEN):
+    register_detector(_detector)
+del _detector
 
 
 def list_detectors() -> list[str]:
     """The registered detector names, e.g. for a benchmark matrix."""
-    return list(DETECTORS)
+    return DETECTORS.names()
 
 
 def create_detector(name: str, **kwargs: Any) -> Detector:
     """The detector registered as ``name``, built with ``kwargs`` (its constructor's).
-    InputError for an unknown name or an option the constructor does not take."""
-    if name not in DETECTORS:
-        raise InputError(f"unknown detector (valid: {', '.join(DETECTORS)})", value=name)
+
+    Unlike :meth:`Registry.create <oltr.registry.Registry.create>`, a None option is passed
+    on: options come from a config's ``eval.open_score_options`` or a saved rule, where a
+    ``null`` the constructor does not take is an error, not its default.
+
+    Raises:
+        InputError: an unknown name (listing the registered ones) or an option the
+            constructor does not take.
+    """
+    detector = DETECTORS.entry(name)
     try:
-        return DETECTORS[name](**kwargs)
+        return detector(**kwargs)
     except TypeError as error:  # an option the constructor does not take
         raise InputError(f"detector {name!r}: bad options ({error})", value=dict(kwargs)) \
             from None
