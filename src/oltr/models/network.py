@@ -222,29 +222,31 @@ class OLTRNetwork(nn.Module):
         return self
 
 
+def _base_model_defaults() -> dict[str, Any]:
+    """The ``model`` section of ``configs/base.yaml``, where every config default lives (read
+    here directly: :mod:`oltr.config` sits above this module)."""
+    from pathlib import Path
+
+    import yaml
+
+    base = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
+    return yaml.safe_load(base.read_text(encoding="utf-8"))["model"]
+
+
+#: Options of :func:`create_network` that are not config keys (Python API only).
+_PYTHON_ONLY_DEFAULTS: dict[str, Any] = {"learn_cosine_scale": False}
+_DEFAULT_VALUES = {**_base_model_defaults(), **_PYTHON_ONLY_DEFAULTS}
+#: The options of :func:`create_network` (in the order its messages list them) and their
+#: defaults: those of the ``model`` section of ``configs/base.yaml``, the one default source
+#: (e.g. ``backbone: resnet10_small``), plus :data:`_PYTHON_ONLY_DEFAULTS`.
 NETWORK_DEFAULTS: dict[str, Any] = {
-    "backbone": "resnet10",
-    "width": None,
-    "pretrained_path": None,
-    "classifier": "linear",
-    "cosine_scale": 16.0,
-    "squash_form": "paper",
-    "learn_cosine_scale": False,
-    "attention": False,
-    "modulation": True,
-    "meta_embedding": False,
-    "use_memory": True,
-    "use_selector": True,
-    "use_reachability": True,
-    "reachability_scale": 10.0,
-    "learn_reachability_scale": False,
-    "detach_memory": False,
-    "embed_dim": None,
-    "dropout": 0.0,
-    "margin_scale": 64.0,
-    "margin": None,
-    "arcface_easy_margin": False,
-    "fslwf_novel_max": 100,
+    key: _DEFAULT_VALUES[key] for key in (
+        "backbone", "width", "pretrained_path", "classifier", "cosine_scale", "squash_form",
+        "learn_cosine_scale", "attention", "modulation", "meta_embedding", "use_memory",
+        "use_selector", "use_reachability", "reachability_scale", "learn_reachability_scale",
+        "detach_memory", "embed_dim", "dropout", "margin_scale", "margin",
+        "arcface_easy_margin", "fslwf_novel_max",
+    )
 }
 
 
