@@ -75,9 +75,10 @@ from oltr.losses import NearestCentroidLoss
 from oltr.models import OLTRNetwork, create_network, freeze_backbone
 from oltr.models.classifiers import CosineClassifier
 from oltr.models.memory import MetaEmbedding
-from oltr.train.loop import lr_factor, parameter_groups, train_one_epoch
+from oltr.train.loop import train_one_epoch
 from oltr.train.objective import Objective, TrainTask
 from oltr.train.runtime import Runtime, uses_bf16
+from oltr.train.stage import lr_factor
 
 MIB = 2**20
 
@@ -256,7 +257,7 @@ def training_unit(net: OLTRNetwork, cfg: dict[str, Any], batches: list[Any],
     task: nn.Module = TrainTask(net, objective, from_frozen=from_frozen)
     if compiled:
         task = torch.compile(task)
-    optimizer = torch.optim.SGD(parameter_groups(net, train_cfg), lr=train_cfg["lr"],
+    optimizer = torch.optim.SGD(net.parameter_groups(train_cfg), lr=train_cfg["lr"],
                                 momentum=train_cfg["momentum"],
                                 weight_decay=train_cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(

@@ -116,18 +116,13 @@ def forward_splits(net: OLTRNetwork, bench: Benchmark, stage_cfg: dict[str, Any]
 
 def classifier_of(net: OLTRNetwork) -> torch.nn.Module | None:
     """The linear classifier τ-normalisation rescales (None for heads it does not apply to)."""
-    classifier = net.classifier
-    if net.meta_embedding is None and isinstance(getattr(classifier, "weight", None),
-                                                 torch.Tensor) and classifier.weight.ndim == 2:
-        return classifier
-    return None
+    return net.direct_classifier()
 
 
 def memory_of(net: OLTRNetwork) -> torch.Tensor | None:
     """An OLTR model's centroids (K, d), float32 on the CPU; None without a memory."""
-    if net.meta_embedding is None:
-        return None
-    return net.meta_embedding.centroids.detach().float().cpu()
+    centroids = net.centroids
+    return None if centroids is None else centroids.detach().float().cpu()
 
 
 def fit_rule(net: OLTRNetwork, info: Mapping[str, Any], eval_cfg: Mapping[str, Any],

@@ -62,7 +62,7 @@ from oltr.evaluate import evaluate_run
 from oltr.io import atomic_write_text, read_json_object
 from oltr.ownership import claim_directory, locked
 from oltr.run import RUN_INFO, WEIGHTS, final_stage_dir
-from oltr.train import train_stage
+from oltr.train import build_stage, fit
 
 QUICK_OVERRIDES = ("model.width=8", "train.max_steps_per_epoch=3")
 DONE = "stage-done.json"
@@ -154,8 +154,8 @@ def train_cached(
         if done.exists():
             seconds[name] = 0.0
         else:
-            result = train_stage(cfg, data_dir, stage_dir, init_from=start, resume=True,
-                                 progress=progress)
+            result = fit(build_stage(cfg, data_dir, stage_dir, init_from=start, resume=True,
+                                     progress=progress), progress=progress)
             atomic_write_text(done, json.dumps({"seconds": result.seconds,
                                                 "best_epoch": result.best_epoch}) + "\n")
             seconds[name] = result.seconds

@@ -338,12 +338,12 @@ def perturbed_outputs(
     net.eval()
     chunks: dict[str, list[np.ndarray]] = {"logits": [], "features": []}
     for images, _ in loader:
-        perturbed = odin_perturb(lambda x: net(x)["logits"], images.to(device), temperature,
+        perturbed = odin_perturb(lambda x: net(x).logits, images.to(device), temperature,
                                  epsilon)
         with torch.no_grad():
             out = net(perturbed)
-        chunks["logits"].append(out["logits"].float().cpu().numpy())
-        chunks["features"].append(out["features"].float().cpu().numpy())
+        chunks["logits"].append(out.logits.float().cpu().numpy())
+        chunks["features"].append(out.features.float().cpu().numpy())
     return {key: np.concatenate(parts) for key, parts in chunks.items()}
 
 

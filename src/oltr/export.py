@@ -171,20 +171,11 @@ class ExportModule(nn.Module):
         if len(rule.class_names) != num_classes:
             raise InputError(f"the decision rule has {len(rule.class_names)} classes but the "
                              f"network {num_classes}")
-        self.net = copy.deepcopy(net).float().cpu().eval()
-        classifier = self.net.classifier
-        if callable(getattr(classifier, "class_weights", None)):
-            # FSLwF: its weight rows depend on the trained state only (learned rows, generated
-            # tail rows once prototypes exist); evaluated once, so the graph has no branch on
-            # its has_prototypes buffer
-            with torch.no_grad():
-                weights = classifier.class_weights().detach().clone()
-            classifier.class_weights = lambda: weights
+        # FSLwF's class weights are evaluated once: no branch on has_prototypes in the graph
+        self.net = copy.deepcopy(net).float().cpu().eval().fix_class_weights()
         self.rule = rule
         self.detector: Detector = rule.detector if rule.detector is not None else MSP()
-        if self.rule.tau_normalization != 0.0 and not (
-                getattr(self.net, "meta_embedding", None) is None
-                and isinstance(self.net.classifier, nn.Linear)):
+        if self.rule.tau_normalization != 0.0 and self.net.linear_classifier() is None:
             raise InputError("τ-normalisation needs a model with a linear classifier on the "
                              "direct feature (no meta-embedding)",
                              value=self.rule.tau_normalization)
@@ -202,9 +193,9 @@ class ExportModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         net = self.net
-        out = net.forward_head(net.pool(net.forward_features(x)))
-        logits, features = out["logits"], out["features"]
-        model_logits = self.rule.closed_logits(logits, features, net.classifier)
+        out = net(x)
+        logits, features = out.logits, out.features
+        model_logits = self.rule.closed_logits(logits, features, net.linear_classifier())
         decision = self.rule.adjust(model_logits)
         closed = decision.argmax(dim=1)
         score_logits = decision if self.rule.open_score_logits == "decision" else model_logits

@@ -55,7 +55,7 @@ from oltr.data.splits import sha256_file
 from oltr.errors import InputError
 from oltr.inference import EvalBatches, collect_outputs, dataset_for, eval_transform, shard
 from oltr.io import atomic_write, atomic_write_text, read_json_object
-from oltr.models import OLTRNetwork
+from oltr.models import NetworkOutput, OLTRNetwork
 from oltr.ownership import marker_kind
 from oltr.train.runtime import Runtime, autocast, uses_bf16
 
@@ -89,7 +89,7 @@ def cache_key(net: OLTRNetwork, bench: Benchmark, split: str, cfg: Mapping[str, 
         "split": split,
         "split_point": net.frozen_split,
         "backbone": [cfg["model"]["backbone"], cfg["model"]["width"]],
-        "frozen_state": frozen_state_digest(net.backbone),
+        "frozen_state": frozen_state_digest(net.frozen_part),
         "entries": hashlib.sha256(json.dumps(entries).encode()).hexdigest(),
         "split_file": sha256_file(bench.split_file(split)),
         "image_root": str(Path(bench.image_root).resolve()),
@@ -282,7 +282,8 @@ class FromFrozen(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, rows: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    def forward(self, rows: torch.Tensor) -> NetworkOutput:
+        """Cached rows (B, …) → the network's :class:`~oltr.models.NetworkOutput`."""
         return self.net.forward_from_frozen(rows)
 
 

@@ -114,7 +114,7 @@ def embed_to_file(
         if use_channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(amp, device):
-            features = net(images)["features"]
+            features = net(images).features
         block = features.float().cpu().numpy()
         array[row:row + len(block)] = block
         row += len(block)

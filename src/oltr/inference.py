@@ -172,8 +172,9 @@ def collect_outputs(
     runtime: Runtime | None = None,
 ) -> dict[str, np.ndarray]:
     """Run ``net`` (in eval mode) over ``batches`` of ``(images, labels)``; return the
-    requested outputs of its forward (``keys`` of ``logits``, ``features``, ``reachability``,
-    ``meta``, … — those it produces) and the ``labels``, as float32 / int64 numpy arrays in
+    requested fields of its :class:`~oltr.models.NetworkOutput` (``keys`` of ``logits``,
+    ``features``, ``reachability``, ``meta`` — those it produces) and the ``labels``, as
+    float32 / int64 numpy arrays in
     batch order. Under DDP (``runtime``), each rank passes its shard and the arrays are
     gathered from every rank in rank order (so contiguous shards give the split's order)."""
     net.eval()
@@ -187,8 +188,9 @@ def collect_outputs(
         with autocast(amp, device):
             out = net(images)
         for key in keys:
-            if out.get(key) is not None:
-                chunks.setdefault(key, []).append(out[key].float().cpu())
+            value = getattr(out, key, None)
+            if value is not None:
+                chunks.setdefault(key, []).append(value.float().cpu())
         chunks.setdefault("labels", []).append(torch.as_tensor(labels).cpu())
     merged = {key: torch.cat(parts) for key, parts in chunks.items()}
     if runtime is not None and runtime.distributed:

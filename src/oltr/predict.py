@@ -195,7 +195,7 @@ class Predictor:
         logits."""
         with autocast(self.amp, self.device):
             out = self.net(images.to(self.device))
-        decided = self.rule.apply(out["logits"].float().cpu(), out["features"].float().cpu(),
+        decided = self.rule.apply(out.logits.float().cpu(), out.features.float().cpu(),
                                   classifier=self.classifier, head=self.head)
         scores = np.asarray(decided["open_score"], dtype=np.float64)
         closed = decided["closed_prediction"].numpy()

@@ -66,7 +66,7 @@ class LinearHead:
 
 
 class NetworkHead:
-    """``net.forward_head(v)["logits"]`` with v moved to the network's device and dtype (the
+    """``net.forward_head(v).logits`` with v moved to the network's device and dtype (the
     meta-embedding and any classifier included). The network must be in eval mode."""
 
     def __init__(self, net: nn.Module) -> None:
@@ -75,7 +75,7 @@ class NetworkHead:
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         parameter = next(self.net.parameters())
         return self.net.forward_head(features.to(device=parameter.device,
-                                                 dtype=parameter.dtype))["logits"]
+                                                 dtype=parameter.dtype)).logits
 
     def __repr__(self) -> str:
         return f"NetworkHead({type(self.net).__name__})"
@@ -97,10 +97,8 @@ def network_head(net: nn.Module) -> Head:
                          value=type(net).__name__)
     if net.training:
         raise InputError("network_head needs the network in eval mode: call net.eval() first")
-    if getattr(net, "meta_embedding", None) is None and isinstance(
-            getattr(net, "classifier", None), nn.Linear):
-        return LinearHead.from_module(net.classifier)
-    return NetworkHead(net)
+    linear = net.linear_classifier()
+    return LinearHead.from_module(linear) if linear is not None else NetworkHead(net)
 
 
 def checked_head(detector: str, head: Head) -> Head:

@@ -63,9 +63,9 @@ def build_report(run_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
     closed_predictions = test["logits"].argmax(axis=1)
     meta = coefficients = selector = thumbnails = concept_labels = concept_predictions = None
     chosen = _concept_images(test["labels"], test["prediction"], counts, CONCEPT_IMAGES)
-    if getattr(net, "meta_embedding", None) is not None:
+    if net.has_memory:
         with torch.no_grad():
-            parts = net.meta_embedding(torch.from_numpy(test["features"]).to(
+            parts = net.memory_parts(torch.from_numpy(test["features"]).to(
                 next(net.parameters()).device))
         meta = parts["meta"].float().cpu().numpy()
         if parts["coefficients"] is not None:

@@ -19,6 +19,7 @@ from oltr.models.margin import MarginClassifier, MarginSoftmaxLoss
 from oltr.models.memory import MetaEmbedding, class_means, reachability
 from oltr.models.network import (
     NETWORK_DEFAULTS,
+    NetworkOutput,
     OLTRNetwork,
     create_network,
     freeze_backbone,
@@ -36,6 +37,7 @@ __all__ = [
     "MetaEmbedding",
     "ModulatedAttention",
     "ModulationMap",
+    "NetworkOutput",
     "OLTRNetwork",
     "ResNetBackbone",
     "SelfAttention",

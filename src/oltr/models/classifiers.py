@@ -211,6 +211,7 @@ class FSLwFClassifier(nn.Module):
         self.register_buffer("base_classes", torch.nonzero(~is_tail).flatten())
         self.register_buffer("tail_prototypes", torch.zeros(len(tail), in_dim))
         self.register_buffer("has_prototypes", torch.tensor(False))
+        self._fixed_weights: torch.Tensor | None = None  # fix_class_weights (not state)
 
     @torch.no_grad()
     def update_prototypes(self, features: torch.Tensor, labels: torch.Tensor) -> None:
@@ -230,8 +231,19 @@ class FSLwFClassifier(nn.Module):
         self.tail_prototypes.copy_(members.float() @ normalised / counts.unsqueeze(1))
         self.has_prototypes.fill_(True)
 
+    @torch.no_grad()
+    def fix_class_weights(self) -> None:
+        """Evaluate :meth:`class_weights` once and return that constant (K, d) from now on:
+        the weight rows depend on the trained state only, so a traced graph (ONNX export)
+        needs no branch on the ``has_prototypes`` buffer. For a copy that is not trained any
+        more (the constant is not a parameter, nor part of the state dict)."""
+        self._fixed_weights = self.class_weights().detach().clone()
+
     def class_weights(self) -> torch.Tensor:
-        """The K weight rows in use: learned rows, tail rows generated once prototypes exist."""
+        """The K weight rows in use: learned rows, tail rows generated once prototypes exist
+        (the constant of :meth:`fix_class_weights` once that was called)."""
+        if self._fixed_weights is not None:
+            return self._fixed_weights
         if not bool(self.has_prototypes):
             return self.weight
         generated = self.generator(self.tail_prototypes, self.weight[self.base_classes])

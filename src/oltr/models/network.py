@@ -3,12 +3,23 @@
 One class serves every method: the plain model (stage 1) is the backbone with a linear
 classifier; OLTR stage 2 adds attention (Eq. 5), the dynamic meta-embedding (Eq. 1–4) and the
 cosine classifier (Eq. 6). The interface follows timm/torchvision: ``forward_features`` gives
-the feature map, ``pool`` the direct feature, ``forward_head`` the logits.
+the feature map, ``pool`` the direct feature, ``forward_head`` the logits; ``forward`` returns a
+:class:`NetworkOutput`.
+
+The network owns its seams, so that no caller reaches into its modules or checks their types:
+the optimiser's parameter groups (:meth:`OLTRNetwork.parameter_groups`), the memory
+(:attr:`~OLTRNetwork.has_memory`, :attr:`~OLTRNetwork.centroids`,
+:meth:`~OLTRNetwork.memory_parts`, :meth:`~OLTRNetwork.init_from_features`), the head's loss
+(:meth:`~OLTRNetwork.head_loss`), the linear classifier τ-normalisation, ViM and export use
+(:meth:`~OLTRNetwork.direct_classifier`, :meth:`~OLTRNetwork.linear_classifier`,
+:meth:`~OLTRNetwork.fix_class_weights`) and the split point of the frozen-backbone feature
+cache (:attr:`~OLTRNetwork.frozen_split`, :attr:`~OLTRNetwork.frozen_part`,
+:meth:`~OLTRNetwork.frozen_features`, :meth:`~OLTRNetwork.forward_from_frozen`).
 """
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,17 +36,38 @@ from oltr.models.classifiers import (
     LinearClassifier,
 )
 from oltr.models.margin import MarginClassifier
-from oltr.models.memory import MetaEmbedding
+from oltr.models.memory import MetaEmbedding, class_means
 
 CLASSIFIERS = ("linear", "cosine", "lws", "fslwf", "cosface", "arcface")
+
+
+class NetworkOutput(NamedTuple):
+    """What :meth:`OLTRNetwork.forward` (and ``forward_head``, ``forward_from_frozen``)
+    returns for a batch of B inputs and K classes.
+
+    Attributes:
+        logits: (B, K) the classifier's logits (cosine classifier: Eq. 6).
+        features: (B, d) the direct feature v_direct (pooled, after the embedding if any);
+            never touched by dropout.
+        meta: (B, d) the meta-embedding v_meta (Eq. 2), or None without a meta-embedding.
+        reachability: (B,) γ (Eq. 3), or None without a meta-embedding.
+
+    A NamedTuple (as torchvision's ``GoogLeNetOutputs``): ``torch.compile`` and
+    ``torch.export`` trace through it.
+    """
+
+    logits: torch.Tensor
+    features: torch.Tensor
+    meta: torch.Tensor | None = None
+    reachability: torch.Tensor | None = None
 
 
 class OLTRNetwork(nn.Module):
     """Backbone + optional modulated attention, embedding, meta-embedding; linear or cosine head.
 
-    ``forward`` (and ``forward_head``) return a dict:
-    ``logits`` (B, K), ``features`` = v_direct (B, d), ``meta`` = v_meta (B, d) or None,
-    ``reachability`` = γ (B,) or None (both None without a meta-embedding).
+    ``forward(x)`` for images x (B, C_in, H, W) (and ``forward_head``) return a
+    :class:`NetworkOutput`: ``logits`` (B, K), ``features`` = v_direct (B, d), ``meta`` = v_meta
+    (B, d) or None, ``reachability`` = γ (B,) or None (both None without a meta-embedding).
     Dropout (if any) acts on the classifier's input only, never on ``features`` or γ.
     ``backbone`` is any module with ``feature_dim`` and ``forward_features(x)`` (e.g.
     :class:`~oltr.models.backbones.ResNetBackbone`).
@@ -155,7 +187,9 @@ class OLTRNetwork(nn.Module):
         v = F.adaptive_avg_pool2d(fmap, 1).flatten(1)
         return self.embed(v) if self.embed is not None else v
 
-    def forward_head(self, v_direct: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    def forward_head(self, v_direct: torch.Tensor) -> NetworkOutput:
+        """The head on direct features v_direct (B, d): meta-embedding (Eq. 1–4, if any),
+        dropout (training only), classifier → :class:`NetworkOutput`."""
         meta = gamma = None
         head_input = v_direct
         if self.meta_embedding is not None:
@@ -164,15 +198,147 @@ class OLTRNetwork(nn.Module):
             head_input = meta
         if self.dropout is not None:
             head_input = self.dropout(head_input)
-        return {
-            "logits": self.classifier(head_input),
-            "features": v_direct,
-            "meta": meta,
-            "reachability": gamma,
-        }
+        return NetworkOutput(self.classifier(head_input), v_direct, meta, gamma)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor) -> NetworkOutput:
+        """Images x (B, C_in, H, W) → :class:`NetworkOutput`."""
         return self.forward_head(self.pool(self.forward_features(x)))
+
+    # ------------------------------------------------------------ the optimiser's groups
+    def parameter_groups(self, train_cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """SGD parameter groups of the trainable parameters, in this order and without the
+        empty ones: ``backbone`` (lr ``train_cfg["lr_backbone"]``, or ``lr``), ``centroids``
+        (the memory's C, lr ``lr_centroids`` or ``lr``, no weight decay; the original code's
+        separate centroid optimiser) and ``head`` (everything else, lr ``lr``). Each group is
+        ``{"name", "params", "lr"[, "weight_decay"]}``, its parameters in module order."""
+        lr = train_cfg["lr"]
+        groups: dict[str, dict[str, Any]] = {
+            "backbone": {"params": [], "lr": train_cfg["lr_backbone"] or lr},
+            "centroids": {"params": [], "lr": train_cfg["lr_centroids"] or lr,
+                          "weight_decay": 0.0},
+            "head": {"params": [], "lr": lr},
+        }
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            if name.startswith("backbone."):
+                groups["backbone"]["params"].append(param)
+            elif name.endswith("centroids"):
+                groups["centroids"]["params"].append(param)
+            else:
+                groups["head"]["params"].append(param)
+        return [{"name": key, **group} for key, group in groups.items() if group["params"]]
+
+    # ------------------------------------------------------------ the memory (paper §3.1)
+    @property
+    def has_memory(self) -> bool:
+        """Whether the network has the dynamic meta-embedding and its memory of centroids."""
+        return self.meta_embedding is not None
+
+    @property
+    def centroids(self) -> nn.Parameter | None:
+        """The memory's class centroids C (K, d), the parameter itself (the centroid loss,
+        Eq. 9, trains it); None without a meta-embedding."""
+        return self.meta_embedding.centroids if self.meta_embedding is not None else None
+
+    def memory_parts(self, v_direct: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """The meta-embedding's parts for direct features (B, d): ``meta`` (B, d),
+        ``reachability`` (B,), ``memory`` (B, d), ``selector`` (B, d) and ``coefficients``
+        (B, K), None where an ablation removes them (`MetaEmbedding.forward`, Eq. 1–4).
+
+        Raises:
+            InputError: the network has no meta-embedding.
+        """
+        if self.meta_embedding is None:
+            raise InputError("this network has no meta-embedding (model.meta_embedding)")
+        return self.meta_embedding(v_direct)
+
+    @property
+    def needs_train_features(self) -> bool:
+        """Whether :meth:`init_from_features` has something to initialise: the memory's
+        centroids, or an FSLwF head's novel-class prototypes."""
+        return self.meta_embedding is not None or isinstance(self.classifier, FSLwFClassifier)
+
+    @torch.no_grad()
+    def init_from_features(self, features: torch.Tensor, labels: torch.Tensor, *,
+                           calibrate_reachability: bool = False) -> None:
+        """Initialise from the train split's direct features (N, d) and labels (N,): an FSLwF
+        head's novel-class prototypes w_avg (Gidaris & Komodakis 2018, §3.2), then the
+        memory's centroids as class means (paper §3.1) and, with ``calibrate_reachability``,
+        the reachability scale (:meth:`calibrate_reachability_scale`). Nothing for other
+        networks.
+
+        Raises:
+            InputError: a class (FSLwF: a tail class) without a sample; non-finite means.
+        """
+        if isinstance(self.classifier, FSLwFClassifier):
+            self.classifier.update_prototypes(features, labels)
+        if self.meta_embedding is not None:
+            self.meta_embedding.init_centroids(class_means(features, labels, self.num_classes))
+            if calibrate_reachability:
+                self.calibrate_reachability_scale(features)
+
+    @torch.no_grad()
+    def calibrate_reachability_scale(self, features: torch.Tensor) -> float:
+        """Set s in v_meta = (s/γ)·(v_direct + e ⊙ v_memory) (Eq. 2) so that the median
+        ‖v_meta‖ over direct ``features`` (N, d) is 1, the middle of the squashing function
+        (Eq. 6: ‖v‖²/(1+‖v‖²) = ½); returns s.
+
+        With a fixed s (the original's 10) ‖v_meta‖ can sit far into the flat part of the
+        squash, where 1/γ no longer changes the logits and reachability cannot lower an open
+        input's confidence; this keeps the scaling where it acts.
+
+        Raises:
+            InputError: the network has no meta-embedding.
+        """
+        memory = self.meta_embedding
+        if memory is None:
+            raise InputError("this network has no meta-embedding (model.meta_embedding)")
+        memory.reachability_scale.fill_(1.0)
+        norms = torch.cat([memory(chunk)["meta"].norm(dim=1) for chunk in features.split(1024)])
+        scale = 1.0 / float(norms.median().clamp_min(1e-12))
+        memory.reachability_scale.fill_(scale)
+        return scale
+
+    # ------------------------------------------------------------ the head, as others use it
+    @property
+    def has_head_loss(self) -> bool:
+        """Whether the head brings its own training loss (CosFace / ArcFace: the margin lives
+        in the loss, :meth:`head_loss`)."""
+        return isinstance(self.classifier, MarginClassifier)
+
+    def head_loss(self, **ce_kwargs: Any) -> nn.Module | None:
+        """The training loss ``loss(logits, labels)`` a CosFace / ArcFace head brings (same s
+        and m, ``ce_kwargs`` e.g. ``label_smoothing`` passed on); None for other heads."""
+        if isinstance(self.classifier, MarginClassifier):
+            return self.classifier.margin_loss(**ce_kwargs)
+        return None
+
+    def direct_classifier(self) -> nn.Module | None:
+        """The classifier when it acts on v_direct itself (no meta-embedding) and holds a
+        weight matrix ``weight`` (K, d) (and maybe ``bias`` (K,)): what τ-normalisation
+        rescales (Kang et al. 2020); None otherwise (a meta-embedding, LWS)."""
+        weight = getattr(self.classifier, "weight", None)
+        if self.meta_embedding is None and isinstance(weight, torch.Tensor) and weight.ndim == 2:
+            return self.classifier
+        return None
+
+    def linear_classifier(self) -> nn.Linear | None:
+        """The classifier when the whole head v_direct → logits is one ``nn.Linear`` (no
+        meta-embedding, a linear classifier: the plain model, cRT), e.g. for ViM's W and b
+        and τ-normalisation in export; None otherwise."""
+        if self.meta_embedding is None and isinstance(self.classifier, nn.Linear):
+            return self.classifier
+        return None
+
+    def fix_class_weights(self) -> OLTRNetwork:
+        """Evaluate the classifier's class weights once and use them as constants from now on
+        (an FSLwF head: learned rows, generated tail rows once prototypes exist), so that a
+        traced graph (ONNX export) has no branch on its ``has_prototypes`` buffer; other heads
+        are unchanged. For a copy that is not trained any more. Returns ``self``."""
+        if isinstance(self.classifier, FSLwFClassifier):
+            self.classifier.fix_class_weights()
+        return self
 
     # ------------------------------------------------------------ the frozen-backbone split
     @property
@@ -183,6 +349,12 @@ class OLTRNetwork(nn.Module):
         global average pool (B, C), since pooling has no parameters. Everything after the
         split (attention, embedding, meta-embedding, classifier) stays trainable."""
         return "feature_map" if self.attention is not None else "pooled"
+
+    @property
+    def frozen_part(self) -> nn.Module:
+        """The module before the split point, frozen by ``train.freeze_backbone`` (the
+        backbone): its state is what the feature cache's key covers."""
+        return self.backbone
 
     def frozen_features(self, x: torch.Tensor) -> torch.Tensor:
         """The output of the frozen part for images ``x`` (B, C_in, H, W): the backbone's
@@ -204,9 +376,10 @@ class OLTRNetwork(nn.Module):
             self.attention.to(memory_format=torch.contiguous_format)
         return self
 
-    def forward_from_frozen(self, frozen: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    def forward_from_frozen(self, frozen: torch.Tensor) -> NetworkOutput:
         """``forward`` from the split point on: ``frozen`` is what :meth:`frozen_features`
-        returns (a row of the feature cache); returns the dict of :meth:`forward_head`."""
+        returns (a row of the feature cache); returns the :class:`NetworkOutput` of
+        :meth:`forward_head`."""
         if self.attention is not None:
             return self.forward_head(self.pool(self.attention(frozen)))
         v = self.embed(frozen) if self.embed is not None else frozen

@@ -1,10 +1,11 @@
 """The one training loop shared by every method (a method is a config, never a copy of this file).
 
-One *stage* = build data and network from a flat config, optionally start from a previous
-stage's weights (OLTR stage 2 loads stage 1, paper §3.3), train with SGD, validate every epoch,
-write a checkpoint every epoch atomically, keep the best-on-val weights. A *run* is a sequence of
-stages (``configs/<benchmark>/<method>.yaml``); at its end the decision rule of the final stage
-is fitted on val and saved beside its weights (`oltr.artifact`). A killed run continues with
+One *stage* = build data and network from a flat config (`oltr.train.stage.build_stage`),
+optionally start from a previous stage's weights (OLTR stage 2 loads stage 1, paper §3.3), then
+:func:`fit`: train with SGD, validate every epoch, write a checkpoint every epoch atomically,
+keep the best-on-val weights (`oltr.train.checkpoint`). A *run* is a sequence of stages
+(``configs/<benchmark>/<method>.yaml``); at its end the decision rule of the final stage is
+fitted on val and saved beside its weights (`oltr.artifact`). A killed run continues with
 ``resume=True`` from the last completed epoch: every random draw derives from
 ``(seed, epoch[, position])``, so with ``deterministic: true`` a resumed run ends with the same
 weights as an uninterrupted one.
@@ -13,7 +14,7 @@ Distributed: under ``torchrun`` every process runs this loop on its share of eac
 (`oltr.train.loaders`), the network and its objective are wrapped in DDP (optionally with
 SyncBatchNorm), validation and centroid initialisation gather every rank's outputs, and only
 rank 0 writes files (torchvision's ``references/classification`` is the shape followed: builders
-above, one screen of loop below).
+in `oltr.train.stage`, one screen of loop here).
 
 A stage with a frozen backbone and ``train.feature_cache: on`` computes the backbone's outputs
 once (`oltr.features`) and trains, validates and initialises its memory from them; with
@@ -21,9 +22,8 @@ once (`oltr.features`) and trains, validates and initialises its memory from the
 """
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
@@ -43,270 +42,140 @@ from oltr.config import (
     load_saved_config,
     save_config,
     stage_config,
-    with_defaults,
 )
-from oltr.data import Benchmark, build_transform, load_benchmark
+from oltr.data import Benchmark, load_benchmark
 from oltr.errors import InputError, OltrError
-from oltr.features import (
-    FeatureStore,
-    FeatureTrainLoader,
-    build_stage_stores,
-    store_outputs,
-)
-from oltr.inference import EvalBatches, collect_outputs, dataset_for, shard
-from oltr.models import (
-    FSLwFClassifier,
-    OLTRNetwork,
-    class_means,
-    create_network,
-    freeze_backbone,
-    load_stage1_into_stage2,
-)
+from oltr.features import FeatureStore, store_outputs
+from oltr.inference import collect_outputs
+from oltr.models import OLTRNetwork
 from oltr.ownership import claim_directory, locked, remove_stale_temporaries, undo_claim
-from oltr.run import (
-    CHECKPOINT,
-    CONFIG,
-    WEIGHTS,
-    read_history,
-    write_history,
-    write_run_info,
-)
-from oltr.train.checkpoint import load_checkpoint, save_checkpoint, save_model, unwrap_model
-from oltr.train.loaders import build_train_loader, make_sampler, rank_batch_size
-from oltr.train.objective import Objective, TrainTask, check_stage_losses
-from oltr.train.runtime import (
-    Runtime,
-    autocast,
-    epoch_seed,
-    init_runtime,
-    seed_everything,
-    select_device,
+from oltr.run import CHECKPOINT, CONFIG, WEIGHTS, write_run_info
+from oltr.train.checkpoint import save_epoch
+from oltr.train.runtime import Runtime, autocast, epoch_seed, init_runtime
+
+# oltr.evaluate reads report_skipped_images from here
+from oltr.train.stage import (  # noqa: F401
+    StageParts,
+    build_stage,
+    check_stage,
+    init_weights_path,
+    report_skipped_images,
 )
 
 
-# --------------------------------------------------------------------------- optimisation
-def parameter_groups(net: nn.Module, train_cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    """SGD groups: backbone (``lr_backbone``), centroids (``lr_centroids``, no weight decay), head."""
-    lr = train_cfg["lr"]
-    groups: dict[str, dict[str, Any]] = {
-        "backbone": {"params": [], "lr": train_cfg["lr_backbone"] or lr},
-        "centroids": {"params": [], "lr": train_cfg["lr_centroids"] or lr, "weight_decay": 0.0},
-        "head": {"params": [], "lr": lr},
-    }
-    for name, param in net.named_parameters():
-        if not param.requires_grad:
-            continue
-        if name.startswith("backbone."):
-            groups["backbone"]["params"].append(param)
-        elif name.endswith("centroids"):
-            groups["centroids"]["params"].append(param)
-        else:
-            groups["head"]["params"].append(param)
-    return [{"name": key, **group} for key, group in groups.items() if group["params"]]
+# --------------------------------------------------------------------------- one stage
+@dataclass
+class StageResult:
+    """What :func:`fit` reports of a stage: its folder, the best epoch (1-based; -1 when none
+    ran) and its val accuracy, the epochs run now, the seconds since building began and the
+    unreadable images skipped per split."""
+
+    stage_dir: Path
+    best_epoch: int
+    best_val_accuracy: float
+    epochs_run: int
+    seconds: float
+    skipped_images: dict[str, int] = field(default_factory=dict)
 
 
-def lr_factor(step: int, *, schedule: str, total_steps: int, steps_per_epoch: int,
-              step_size: int, gamma: float, warmup_steps: int) -> float:
-    """Multiplier of the base learning rate after ``step`` optimiser steps."""
-    if warmup_steps and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    if schedule == "step":
-        return gamma ** (step // (step_size * steps_per_epoch))
-    if schedule == "cosine":
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    raise InputError("train.schedule must be cosine, step or constant", value=schedule)
+def fit(parts: StageParts, *, progress: bool = True, verbose: bool = True,
+        tensorboard: Any = None) -> StageResult:
+    """Train the epochs of a built stage (`oltr.train.stage.build_stage`) left to do: each
+    epoch seeds from ``(seed, epoch)``, trains (:func:`train_one_epoch`), validates
+    (:func:`validate`, which selects the best epoch) and, on the primary rank, writes the
+    selected weights, the history and the checkpoint (`oltr.train.checkpoint.save_epoch`).
+    ``progress``: a tqdm bar over the steps; ``verbose``: a line per epoch on standard output;
+    ``tensorboard``: a ``SummaryWriter`` (rank 0) for per-step and per-epoch scalars.
 
-
-def steps_per_epoch(train_cfg: dict[str, Any], train_size: int) -> int:
-    """Optimiser steps of one epoch over ``train_size`` images: ``train.epoch_samples`` (or
-    the split) // ``train.batch_size`` (at least 1), at most ``train.max_steps_per_epoch``.
-
-    The loader drops an incomplete last batch when the split is larger than a batch, so
-    ``epoch_samples`` below ``batch_size`` would train nothing: InputError naming both."""
-    samples = train_cfg["epoch_samples"] or train_size
-    batch = train_cfg["batch_size"]
-    if train_size > batch and samples < batch:
-        raise InputError(f"train.epoch_samples ({samples}) is below train.batch_size ({batch}): "
-                         "every epoch would drop its only, incomplete batch and train nothing; "
-                         "raise train.epoch_samples or lower train.batch_size", value=samples)
-    steps = max(1, samples // batch)
-    if train_cfg["max_steps_per_epoch"]:
-        steps = min(steps, train_cfg["max_steps_per_epoch"])
-    return steps
-
-
-# --------------------------------------------------------------------------- checks before anything
-def check_stage(cfg: dict[str, Any], bench: Benchmark) -> None:
-    """Fail before any training on what a stage's settings and data do not allow together:
-    its device, transforms, network (built on the meta device where it can be: no memory, no
-    weights read), losses (e.g. ``train.centroid_loss`` needs ``model.meta_embedding``), steps
-    per epoch and pretrained weights file. InputError naming the key and value."""
-    train_cfg, data_cfg = cfg["train"], cfg["data"]
-    device = select_device(cfg["device"])
-    if train_cfg["sync_batchnorm"] and device.type != "cuda":
-        raise InputError("train.sync_batchnorm needs CUDA devices (torch's SyncBatchNorm does "
-                         "not run on the CPU)", value=str(device))
-    for train in (True, False):
-        build_transform(data_cfg["transform"], train=train, image_size=data_cfg["image_size"],
-                        channels=data_cfg["channels"], mean=data_cfg["mean"],
-                        std=data_cfg["std"])
-    pretrained = cfg["model"]["pretrained_path"]
-    if pretrained is not None and not Path(pretrained).expanduser().is_file():
-        raise InputError("pretrained weights file not found (model.pretrained_path)",
-                         path=pretrained)
-    model_cfg = cfg["model"] | {"pretrained_path": None}
-    counts = bench.train_counts.tolist()
-    try:
-        with torch.device("meta"):
-            net = create_network(model_cfg, bench.num_classes, data_cfg["channels"],
-                                 class_counts=counts)
-    except (NotImplementedError, RuntimeError):  # a module that needs real values to build
-        net = create_network(model_cfg, bench.num_classes, data_cfg["channels"],
-                             class_counts=counts)
-    check_stage_losses(train_cfg, net, cfg["stage"])
-    steps_per_epoch(train_cfg, len(bench.split("train")))
-
-
-def init_weights_path(init_from: Path) -> Path:
-    """The weights file a stage starts from: ``init_from`` itself, or a stage folder's
-    ``model.safetensors``."""
-    return init_from / WEIGHTS if init_from.is_dir() else init_from
-
-
-def _init_source(cfg: dict[str, Any], previous: Path | None) -> Path | None:
-    """What a stage starts from (``train.init_from``): the previous stage's folder, a path,
-    or nothing."""
-    init = cfg["train"]["init_from"]
-    if init == "previous":
-        return previous
-    if init in (None, "none"):
-        return None
-    return Path(init).expanduser()
-
-
-def check_run(config: dict[str, Any], data_dir: str | Path, run_dir: Path,
-              stages: Sequence[str] | None = None) -> None:
-    """Everything about a run that can be checked before it creates anything: the stages
-    named, the benchmark (loaded once per image root), and every stage to train
-    (:func:`check_stage`, e.g. stage 2's losses before stage 1 trains) with the weights it
-    starts from when they must exist already. InputError naming the problem."""
-    stage_names = [stage["name"] for stage in config["stages"]]
-    unknown = sorted(set(stages or ()) - set(stage_names))
-    if unknown:
-        raise InputError(f"no stage named {', '.join(unknown)} in this method "
-                         f"(stages: {', '.join(stage_names)})")
-    benches: dict[tuple[Any, bool, bool], Benchmark] = {}
-    previous: Path | None = None
-    trained_here = False  # the previous stage is trained by this invocation
-    for name in stage_names:
-        cfg = stage_config(config, name)
-        if stages is not None and name not in stages:
-            previous, trained_here = run_dir / name, False
-            continue
-        data_cfg = cfg["data"]
-        key = (data_cfg["image_root"], data_cfg["allow_outside_root"],
-               data_cfg["skip_bad_images"])
-        if key not in benches:  # every split's files must exist, unless bad images are skipped
-            benches[key] = load_benchmark(data_dir, image_root=data_cfg["image_root"],
-                                          allow_outside_root=data_cfg["allow_outside_root"],
-                                          require_images=not data_cfg["skip_bad_images"])
-        check_stage(cfg, benches[key])
-        source = _init_source(cfg, previous)
-        model_cfg = cfg["model"]
-        if source is None and cfg["train"]["require_pretrained"] and (
-                model_cfg["pretrained_path"] is None):
-            raise InputError(
-                f"stage '{name}' starts from ImageNet-pretrained {model_cfg['backbone']} weights "
-                "in this preset (train.require_pretrained: true), but model.pretrained_path is "
-                f"not set: give model.pretrained_path=FILE (a local torchvision "
-                f"{model_cfg['backbone']} state dict, never downloaded; docs/reproduction.md), "
-                "or train.require_pretrained=false to train it from scratch on purpose")
-        if source is not None and not (source == previous and trained_here):
-            weights = init_weights_path(source)
-            if not weights.is_file():
-                raise InputError(f"train.init_from of stage '{name}': no weights found (train "
-                                 "that stage first, or set train.init_from)", path=weights)
-        previous, trained_here = run_dir / name, True
-
-
-# --------------------------------------------------------------------------- stage 2's start
-def load_previous_weights(net: OLTRNetwork, init_from: Path) -> list[str]:
-    """Load a previous stage's weights into ``net`` (`oltr.models.load_stage1_into_stage2`);
-    returns the state-dict names set. InputError naming the file."""
-    weights = init_weights_path(init_from)
-    if not weights.is_file():
-        raise InputError("train.init_from: no weights found", path=weights)
-    try:
-        previous = load_file(str(weights))
-    except Exception as exc:
-        raise InputError(f"train.init_from: cannot read weights: {exc}", path=weights) from exc
-    try:
-        return load_stage1_into_stage2(net, previous)
-    except InputError as exc:
-        raise InputError(f"train.init_from: {exc}", path=weights) from None
-
-
-def init_from_train_features(net: OLTRNetwork, bench: Benchmark, cfg: dict[str, Any],
-                             runtime: Runtime, store: FeatureStore | None = None) -> None:
-    """Initialise the memory's centroids as class means of direct features over the train
-    split, computed with *this* stage's feature model (fp32; under DDP each rank passes its
-    shard and the features are gathered, so every rank gets the single-process means), and an
-    FSLwF head's novel-class prototypes from the same pass. With a frozen-backbone feature
-    cache (``store``) the pass runs from the cached rows (the same evaluation transform and
-    precision; the backbone does not run again)."""
-    fslwf = net.classifier if isinstance(net.classifier, FSLwFClassifier) else None
-    if net.meta_embedding is None and fslwf is None:
-        return
-    description = "class means" if runtime.is_primary else None
-    if store is not None:
-        outputs = store_outputs(net, store, cfg, runtime, keys=("features",),
-                                description=description)
-    else:
-        dataset = dataset_for(bench, "train", cfg["data"], train=False)
-        batches = EvalBatches(dataset, cfg["data"], batch_size=cfg["eval"]["batch_size"],
-                              num_workers=cfg["data"]["num_workers"], device=runtime.device,
-                              indices=shard(len(dataset), runtime.rank, runtime.world_size))
-        outputs = collect_outputs(net, batches, runtime.device, amp=cfg["eval"]["amp"],
-                                  channels_last=cfg["train"]["channels_last"],
-                                  keys=("features",), runtime=runtime, description=description)
-    features = torch.from_numpy(outputs["features"]).to(runtime.device)
-    labels = torch.from_numpy(outputs["labels"]).long().to(runtime.device)
-    if fslwf is not None:  # FSLwF's w_avg of each novel class (Gidaris & Komodakis §3.2)
-        fslwf.update_prototypes(features, labels)
-    if net.meta_embedding is not None:
-        net.meta_embedding.init_centroids(class_means(features, labels, net.num_classes))
-        if cfg["model"]["reachability_scale"] == "auto":
-            calibrate_reachability_scale(net, features)
-
-
-def init_from_previous(net: OLTRNetwork, init_from: Path, bench: Benchmark, cfg: dict[str, Any],
-                       runtime: Runtime) -> list[str]:
-    """Load a previous stage's weights (:func:`load_previous_weights`), then initialise the
-    memory's centroids and an FSLwF head's prototypes from the train features
-    (:func:`init_from_train_features`)."""
-    copied = load_previous_weights(net, init_from)
-    init_from_train_features(net, bench, cfg, runtime)
-    return copied
-
-
-@torch.no_grad()
-def calibrate_reachability_scale(net: OLTRNetwork, features: torch.Tensor) -> float:
-    """Set s in v_meta = (s/γ)·(v_direct + e ⊙ v_memory) (Eq. 2) so that the median ‖v_meta‖
-    over the train set is 1, the middle of the squashing function (Eq. 6: ‖v‖²/(1+‖v‖²) = ½).
-
-    With a fixed s (the original's 10) ‖v_meta‖ can sit far into the flat part of the squash,
-    where 1/γ no longer changes the logits and reachability cannot lower an open input's
-    confidence; this keeps the scaling where it acts.
+    Raises:
+        OltrError: a non-finite training loss (``train.nonfinite``); the last checkpoint stays.
     """
-    memory = net.meta_embedding
-    memory.reachability_scale.fill_(1.0)
-    norms = torch.cat([memory(chunk)["meta"].norm(dim=1) for chunk in features.split(1024)])
-    scale = 1.0 / float(norms.median().clamp_min(1e-12))
-    memory.reachability_scale.fill_(scale)
-    return scale
+    cfg, runtime, steps = parts.cfg, parts.runtime, parts.steps
+    stage, epochs = cfg["stage"], cfg["train"]["epochs"]
+    talk = runtime.is_primary and verbose
+    if talk and parts.start_epoch < epochs:
+        print(f"[{stage}] training epochs {parts.start_epoch + 1}..{epochs} ({steps} steps "
+              f"each, {runtime.world_size} process{'es' if runtime.distributed else ''} on "
+              f"{runtime.device.type}) into {parts.stage_dir}", flush=True)
+    log = scalar_logger(tensorboard, stage)
+    bar = None
+    if progress and runtime.is_primary and parts.start_epoch < epochs:
+        bar = tqdm(total=(epochs - parts.start_epoch) * steps, desc=f"[{stage}]", unit="step",
+                   leave=False, dynamic_ncols=True, disable=None)
+    with bar if bar is not None else nullcontext():
+        for epoch in range(parts.start_epoch, epochs):
+            torch.manual_seed(epoch_seed(cfg["seed"], epoch) + runtime.rank)
+            epoch_start = time.perf_counter()
+            parts.objective.set_epoch(epoch)
+            parts.loader.set_epoch(epoch)
+            stats = train_one_epoch(parts.task, parts.optimizer, parts.scheduler, parts.loader,
+                                    runtime, train_cfg=cfg["train"], steps=steps, stage=stage,
+                                    use_channels_last=parts.channels_last, progress=bar,
+                                    log=log, global_step=epoch * steps).reduced(runtime)
+            train_seconds = time.perf_counter() - epoch_start
+            val = validate(parts.net, parts.val_batches, cfg, runtime, parts.bench.train_counts,
+                           store=parts.stores.val if parts.stores is not None else None)
+            record = epoch_record(epoch, stats, val, parts.optimizer.param_groups[-1]["lr"],
+                                  train_seconds, epoch_start)
+            parts.history.append(record)
+            improved = parts.best.update(epoch + 1, val["accuracy"])
+            if runtime.is_primary:
+                save_epoch(parts.stage_dir, parts.checkpoint_path, epoch=epoch + 1,
+                           improved=improved, best=parts.best, history=parts.history, cfg=cfg,
+                           class_names=parts.bench.class_names, model_info=parts.model_info,
+                           net=parts.net, optimizer=parts.optimizer, scheduler=parts.scheduler)
+                if log is not None:
+                    log((epoch + 1) * steps, {f"epoch/{k}": v for k, v in record.items() if
+                                              isinstance(v, (int, float)) and k != "epoch"})
+                if talk:
+                    message = epoch_message(stage, epochs, record, improved)
+                    (bar.write(message) if bar is not None else print(message, flush=True))
+            runtime.barrier()
+    return StageResult(parts.stage_dir, parts.best.epoch, parts.best.accuracy,
+                       epochs - parts.start_epoch, time.perf_counter() - parts.started,
+                       parts.skipped_images)
+
+
+def scalar_logger(tensorboard: Any, stage: str) -> Callable[[int, dict[str, float]], None] | None:
+    """``log(step, scalars)`` writing ``<stage>/<name>`` scalars to a TensorBoard
+    ``SummaryWriter``; None without one."""
+    if tensorboard is None:
+        return None
+
+    def log(step: int, scalars: dict[str, float]) -> None:
+        for name, value in scalars.items():
+            tensorboard.add_scalar(f"{stage}/{name}", value, step)
+    return log
+
+
+def epoch_record(epoch: int, stats: EpochTotals, val: dict[str, float | None], lr: float,
+                 train_seconds: float, epoch_start: float) -> dict[str, Any]:
+    """The ``history.jsonl`` line of 0-based ``epoch``: its training means over every rank,
+    its val accuracy (overall and many/medium/few-shot), the head group's learning rate, the
+    training throughput and the seconds since ``epoch_start`` (``time.perf_counter()``)."""
+    seen = max(1.0, stats.seen)
+    return {
+        "epoch": epoch + 1,
+        "train_loss": stats.loss_sum / seen,
+        "train_loss_parts": stats.parts,
+        "train_accuracy": stats.correct / seen,
+        "val_accuracy": val["accuracy"],
+        "val_many": val["many"], "val_medium": val["medium"], "val_few": val["few"],
+        "lr": lr,
+        "images_per_second": stats.seen / train_seconds,
+        "seconds": time.perf_counter() - epoch_start,
+        "skipped_steps": int(stats.skipped),
+    }
+
+
+def epoch_message(stage: str, epochs: int, record: dict[str, Any], improved: bool) -> str:
+    """The line an epoch prints: loss, train and val accuracy (``*``: the new best), speed and
+    skipped non-finite steps."""
+    skipped = record["skipped_steps"]
+    return (f"[{stage}] epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4f}  "
+            f"train acc {record['train_accuracy']:.3f}  val acc {record['val_accuracy']:.3f}"
+            f"{' *' if improved else ''}  {record['images_per_second']:.0f} img/s"
+            f"{f'  ({skipped} non-finite steps skipped)' if skipped else ''}")
 
 
 # --------------------------------------------------------------------------- one epoch
@@ -319,6 +188,26 @@ class EpochStats:
     correct: int = 0
     seen: int = 0
     skipped: int = 0
+
+    def reduced(self, runtime: Runtime) -> EpochTotals:
+        """The sums over every rank (one all-reduce), the loss parts as means per image."""
+        totals = runtime.all_reduce_sum([self.loss_sum, self.correct, self.seen, self.skipped,
+                                         *self.parts.values()])
+        loss_sum, correct, seen, skipped = (float(x) for x in totals[:4])
+        parts = dict(zip(self.parts, (float(x) / max(1.0, seen) for x in totals[4:])))
+        return EpochTotals(loss_sum, correct, seen, skipped, parts)
+
+
+@dataclass
+class EpochTotals:
+    """One epoch's sums over every rank (:meth:`EpochStats.reduced`): the loss sum, correct
+    predictions, images seen and steps skipped, and each loss part's mean per image."""
+
+    loss_sum: float
+    correct: float
+    seen: float
+    skipped: float
+    parts: dict[str, float]
 
 
 def _nonfinite(stage: str, value: float) -> OltrError:
@@ -427,260 +316,63 @@ def validate(net: OLTRNetwork, batches: Any, cfg: dict[str, Any], runtime: Runti
             "many": groups["many"], "medium": groups["medium"], "few": groups["few"]}
 
 
-# --------------------------------------------------------------------------- one stage
-@dataclass
-class StageResult:
-    stage_dir: Path
-    best_epoch: int
-    best_val_accuracy: float
-    epochs_run: int
-    seconds: float
-    skipped_images: dict[str, int] = field(default_factory=dict)
-
-
-def report_skipped_images(prefix: str, dropped: dict[str, list[str]]) -> None:
-    """Print how many unreadable images were skipped per split, and the first few of them."""
-    messages = [message for split_messages in dropped.values() for message in split_messages]
-    if not messages:
-        return
-    counts = ", ".join(f"{split} {len(m)}" for split, m in dropped.items())
-    print(f"{prefix} skipping {len(messages)} unreadable images ({counts}):", flush=True)
-    for message in messages[:5]:
-        print(f"{prefix}   {message}", flush=True)
-
-
-def _build_network(cfg: dict[str, Any], bench: Benchmark, runtime: Runtime) -> OLTRNetwork:
-    net = create_network(cfg["model"], bench.num_classes, cfg["data"]["channels"],
-                         class_counts=bench.train_counts.tolist()).to(runtime.device)
-    if cfg["train"]["channels_last"] and net.supports_channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    return net
-
-
-def _wrap(task: TrainTask, cfg: dict[str, Any], runtime: Runtime) -> nn.Module:
-    """DDP around the task under torchrun (SyncBatchNorm first if ``train.sync_batchnorm``),
-    then ``torch.compile`` with ``train.compile`` (the DDP-wrapped module is compiled, as
-    PyTorch's DDP notes advise; `oltr.train.checkpoint.unwrap_model` takes both off)."""
-    wrapped: nn.Module = task
-    if runtime.distributed:
-        if cfg["train"]["sync_batchnorm"]:
-            wrapped = nn.SyncBatchNorm.convert_sync_batchnorm(wrapped)
-        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-        wrapped = nn.parallel.DistributedDataParallel(wrapped, device_ids=device_ids)
-    if cfg["train"]["compile"]:
-        wrapped = torch.compile(wrapped)
-    return wrapped
-
-
-def train_stage(
-    cfg: dict[str, Any],
-    data_dir: str | Path,
-    stage_dir: str | Path,
-    *,
-    init_from: Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    verbose: bool = True,
-    runtime: Runtime | None = None,
-    tensorboard: Any = None,
-) -> StageResult:
-    """Train one stage (flat config, see ``oltr.config.stage_config``) into ``stage_dir``.
-    ``tensorboard``: a ``SummaryWriter`` (rank 0) for per-step and per-epoch scalars.
-    ``progress``: a tqdm bar per stage; ``verbose``: the stage's lines on standard output
-    (start, resume, one per epoch; skipped unreadable images are reported either way)."""
-    started = time.perf_counter()
-    runtime = runtime or init_runtime(cfg["device"])
-    primary = runtime.is_primary
-    talk = primary and verbose  # informational lines (files are written by `primary`)
-    stage_dir = Path(stage_dir)
-    train_cfg, data_cfg = cfg["train"], cfg["data"]
-    bench = load_benchmark(data_dir, image_root=data_cfg["image_root"],
-                           allow_outside_root=data_cfg["allow_outside_root"])
-    check_stage(cfg, bench)
-    if primary:
-        claim_directory(stage_dir, "stage", what="stage directory", reuse=True,
-                        protect=(data_dir,))
-        remove_stale_temporaries(stage_dir)
-    runtime.barrier()
-    if cfg["deterministic"]:
-        torch.use_deterministic_algorithms(True)
-    seed_everything(cfg["seed"])
-
-    skipped: dict[str, int] = {}
-    if data_cfg["skip_bad_images"]:
-        dropped = bench.drop_unreadable_images(("train", "val"),
-                                               num_workers=data_cfg["num_workers"])
-        skipped = {split: len(messages) for split, messages in dropped.items()}
-        if primary:
-            report_skipped_images(f"[{cfg['stage']}]", dropped)
-
-    net = _build_network(cfg, bench, runtime)
-    checkpoint_path = stage_dir / CHECKPOINT
-    state = load_checkpoint(checkpoint_path) if resume and checkpoint_path.exists() else None
-    starts_from_previous = state is None and init_from is not None
-    if starts_from_previous:
-        load_previous_weights(net, init_from)
-    if train_cfg["freeze_backbone"]:
-        freeze_backbone(net, freeze_bn=True)
-
-    optimizer = torch.optim.SGD(parameter_groups(net, train_cfg), lr=train_cfg["lr"],
-                                momentum=train_cfg["momentum"],
-                                weight_decay=train_cfg["weight_decay"],
-                                nesterov=train_cfg["nesterov"])
-    train_size = len(bench.split("train"))  # the split left after skipping
-    steps = steps_per_epoch(train_cfg, train_size)
-    rank_batch_size(train_cfg["batch_size"], runtime)
-    epochs = train_cfg["epochs"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
-        step, schedule=train_cfg["schedule"], total_steps=epochs * steps, steps_per_epoch=steps,
-        step_size=train_cfg["step_size"], gamma=train_cfg["gamma"],
-        warmup_steps=train_cfg["warmup_epochs"] * steps))
-    objective = Objective(train_cfg, bench.train_counts, net, runtime.device)
-
-    start_epoch, best_epoch, best_acc = 0, -1, -1.0
-    if state is not None:
-        if with_defaults(state["config"]) != cfg:
-            raise InputError(
-                "the checkpoint was written with a different config ("
-                f"{config_differences(with_defaults(state['config']), cfg)}); resume with the "
-                "same command, or start a new --out", path=checkpoint_path)
-        if state.get("class_names", bench.class_names) != bench.class_names:
-            raise InputError(
-                f"the checkpoint was written for {len(state['class_names'])} classes "
-                f"{state['class_names'][:5]} but the data has {bench.num_classes} "
-                f"{bench.class_names[:5]}; resume with the same --data", path=checkpoint_path)
-        try:
-            net.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise InputError(
-                "the checkpoint does not fit this model and data (tampered, or other data?): "
-                f"{str(exc).strip().splitlines()[-1].strip()}", path=checkpoint_path) from None
-        start_epoch, best_epoch, best_acc = state["epoch"], state["best_epoch"], state["best_acc"]
-        if talk:
-            print(f"[{cfg['stage']}] resuming after epoch {start_epoch} of {epochs}", flush=True)
-    # the frozen part's outputs, once per weights (train.feature_cache; the weights are final)
-    stores = None
-    if train_cfg["feature_cache"] == "on" and start_epoch < epochs:
-        stores = build_stage_stores(stage_dir, net, bench, cfg, runtime,
-                                    progress=progress and primary)
-        net.contiguous_after_split()  # the rows are contiguous: no layout conversion per conv
-        if talk:
-            print(f"[{cfg['stage']}] feature cache: training on the frozen backbone's "
-                  f"{net.frozen_split} outputs of the evaluation transform (no augmentation "
-                  f"in this stage), {stores.train.path.name}", flush=True)
-    if starts_from_previous:
-        init_from_train_features(net, bench, cfg, runtime,
-                                 store=stores.train if stores is not None else None)
-    model_info = {
-        "model": cfg["model"],
-        "num_classes": bench.num_classes,
-        "in_chans": data_cfg["channels"],
-        "data": {k: data_cfg[k] for k in ("image_size", "channels", "mean", "std", "transform")},
-        "class_names": bench.class_names,
-        "train_counts": bench.train_counts.tolist(),
-        "stage": cfg["stage"],
-        "seed": cfg["seed"],
-        "skipped_images": skipped,
-    }
-    if primary:
-        save_config(cfg, stage_dir / CONFIG)
-        if start_epoch == 0 and epochs == 0:
-            save_model(stage_dir, net, model_info | {"epoch": 0, "val_accuracy": None})
-
-    task = _wrap(TrainTask(net, objective, from_frozen=stores is not None), cfg, runtime)
-    loader: Any = None
-    val_batches: Any = None
-    if stores is not None:
-        loader = FeatureTrainLoader(
-            stores.train, make_sampler(stores.train.labels.numpy(), train_cfg, cfg["seed"], runtime),
-            rank_batch_size(train_cfg["batch_size"], runtime), runtime.device,
-            drop_last=len(stores.train) > train_cfg["batch_size"])
-    else:
-        loader = build_train_loader(bench, cfg, runtime) if start_epoch < epochs else None
-        val_set = dataset_for(bench, "val", data_cfg, train=False)
-        val_batches = EvalBatches(val_set, data_cfg, batch_size=cfg["eval"]["batch_size"],
-                                  num_workers=data_cfg["num_workers"], device=runtime.device,
-                                  indices=shard(len(val_set), runtime.rank, runtime.world_size))
-    history = read_history(stage_dir)[:start_epoch]
-    use_channels_last = (train_cfg["channels_last"] and net.supports_channels_last
-                         and stores is None)
-    if talk and start_epoch < epochs:
-        print(f"[{cfg['stage']}] training epochs {start_epoch + 1}..{epochs} ({steps} steps "
-              f"each, {runtime.world_size} process{'es' if runtime.distributed else ''} on "
-              f"{runtime.device.type}) into {stage_dir}", flush=True)
-    log = None
-    if tensorboard is not None:
-        def log(step: int, scalars: dict[str, float]) -> None:
-            for name, value in scalars.items():
-                tensorboard.add_scalar(f"{cfg['stage']}/{name}", value, step)
-    bar = None
-    if progress and primary and start_epoch < epochs:
-        bar = tqdm(total=(epochs - start_epoch) * steps, desc=f"[{cfg['stage']}]", unit="step",
-                   leave=False, dynamic_ncols=True, disable=None)
-    with bar if bar is not None else nullcontext():
-        for epoch in range(start_epoch, epochs):
-            torch.manual_seed(epoch_seed(cfg["seed"], epoch) + runtime.rank)
-            epoch_start = time.perf_counter()
-            objective.set_epoch(epoch)
-            assert loader is not None
-            loader.set_epoch(epoch)
-            stats = train_one_epoch(task, optimizer, scheduler, loader, runtime,
-                                    train_cfg=train_cfg, steps=steps, stage=cfg["stage"],
-                                    use_channels_last=use_channels_last, progress=bar, log=log,
-                                    global_step=epoch * steps)
-            totals = runtime.all_reduce_sum([stats.loss_sum, stats.correct, stats.seen,
-                                             stats.skipped, *stats.parts.values()])
-            loss_sum, correct, seen, skipped_steps = (float(x) for x in totals[:4])
-            parts = dict(zip(stats.parts, (float(x) / max(1.0, seen) for x in totals[4:])))
-            train_seconds = time.perf_counter() - epoch_start
-            val = validate(net, val_batches, cfg, runtime, bench.train_counts,
-                           store=stores.val if stores is not None else None)
-            record = {
-                "epoch": epoch + 1,
-                "train_loss": loss_sum / max(1.0, seen),
-                "train_loss_parts": parts,
-                "train_accuracy": correct / max(1.0, seen),
-                "val_accuracy": val["accuracy"],
-                "val_many": val["many"], "val_medium": val["medium"], "val_few": val["few"],
-                "lr": optimizer.param_groups[-1]["lr"],
-                "images_per_second": seen / train_seconds,
-                "seconds": time.perf_counter() - epoch_start,
-                "skipped_steps": int(skipped_steps),
-            }
-            history.append(record)
-            improved = val["accuracy"] > best_acc
-            if improved:
-                best_epoch, best_acc = epoch + 1, float(val["accuracy"])
-            if primary:
-                if improved:
-                    save_model(stage_dir, net, model_info | {"epoch": epoch + 1,
-                                                             "val_accuracy": best_acc})
-                write_history(stage_dir, history)
-                save_checkpoint(checkpoint_path, {
-                    "config": cfg, "model": unwrap_model(net).state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "epoch": epoch + 1, "best_epoch": best_epoch, "best_acc": best_acc,
-                    "class_names": bench.class_names,
-                })
-                if log is not None:
-                    log((epoch + 1) * steps, {
-                        f"epoch/{k}": v for k, v in record.items()
-                        if isinstance(v, (int, float)) and v is not None and k != "epoch"})
-                message = (f"[{cfg['stage']}] epoch {epoch + 1}/{epochs}  loss "
-                           f"{record['train_loss']:.4f}  train acc {record['train_accuracy']:.3f}"
-                           f"  val acc {val['accuracy']:.3f}{' *' if improved else ''}  "
-                           f"{record['images_per_second']:.0f} img/s"
-                           f"{f'  ({int(skipped_steps)} non-finite steps skipped)' if skipped_steps else ''}")
-                if talk:
-                    (bar.write(message) if bar is not None else print(message, flush=True))
-            runtime.barrier()
-    return StageResult(stage_dir, best_epoch, best_acc, epochs - start_epoch,
-                       time.perf_counter() - started, skipped)
-
-
 # --------------------------------------------------------------------------- a run of stages
+def _init_source(cfg: dict[str, Any], previous: Path | None) -> Path | None:
+    """What a stage starts from (``train.init_from``): the previous stage's folder, a path,
+    or nothing."""
+    init = cfg["train"]["init_from"]
+    if init == "previous":
+        return previous
+    if init in (None, "none"):
+        return None
+    return Path(init).expanduser()
+
+
+def check_run(config: dict[str, Any], data_dir: str | Path, run_dir: Path,
+              stages: Sequence[str] | None = None) -> None:
+    """Everything about a run that can be checked before it creates anything: the stages
+    named, the benchmark (loaded once per image root), and every stage to train
+    (:func:`check_stage`, e.g. stage 2's losses before stage 1 trains) with the weights it
+    starts from when they must exist already. InputError naming the problem."""
+    stage_names = [stage["name"] for stage in config["stages"]]
+    unknown = sorted(set(stages or ()) - set(stage_names))
+    if unknown:
+        raise InputError(f"no stage named {', '.join(unknown)} in this method "
+                         f"(stages: {', '.join(stage_names)})")
+    benches: dict[tuple[Any, bool, bool], Benchmark] = {}
+    previous: Path | None = None
+    trained_here = False  # the previous stage is trained by this invocation
+    for name in stage_names:
+        cfg = stage_config(config, name)
+        if stages is not None and name not in stages:
+            previous, trained_here = run_dir / name, False
+            continue
+        data_cfg = cfg["data"]
+        key = (data_cfg["image_root"], data_cfg["allow_outside_root"],
+               data_cfg["skip_bad_images"])
+        if key not in benches:  # every split's files must exist, unless bad images are skipped
+            benches[key] = load_benchmark(data_dir, image_root=data_cfg["image_root"],
+                                          allow_outside_root=data_cfg["allow_outside_root"],
+                                          require_images=not data_cfg["skip_bad_images"])
+        check_stage(cfg, benches[key])
+        source = _init_source(cfg, previous)
+        model_cfg = cfg["model"]
+        if source is None and cfg["train"]["require_pretrained"] and (
+                model_cfg["pretrained_path"] is None):
+            raise InputError(
+                f"stage '{name}' starts from ImageNet-pretrained {model_cfg['backbone']} weights "
+                "in this preset (train.require_pretrained: true), but model.pretrained_path is "
+                f"not set: give model.pretrained_path=FILE (a local torchvision "
+                f"{model_cfg['backbone']} state dict, never downloaded; docs/reproduction.md), "
+                "or train.require_pretrained=false to train it from scratch on purpose")
+        if source is not None and not (source == previous and trained_here):
+            weights = init_weights_path(source)
+            if not weights.is_file():
+                raise InputError(f"train.init_from of stage '{name}': no weights found (train "
+                                 "that stage first, or set train.init_from)", path=weights)
+        previous, trained_here = run_dir / name, True
+
+
 def _finished_an_epoch(run_dir: Path, stage_names: Sequence[str]) -> bool:
     """Whether any stage of the run holds a checkpoint or selected weights."""
     return any((run_dir / name / CHECKPOINT).exists() or (run_dir / name / WEIGHTS).exists()
@@ -792,10 +484,10 @@ def _train_stages(
             previous = run_dir / name
             continue
         cfg = stage_config(config, name)
-        results.append(train_stage(cfg, data_dir, run_dir / name,
-                                   init_from=_init_source(cfg, previous), resume=resume,
-                                   progress=progress, verbose=verbose, runtime=runtime,
-                                   tensorboard=tensorboard))
+        results.append(fit(build_stage(cfg, data_dir, run_dir / name,
+                                       init_from=_init_source(cfg, previous), resume=resume,
+                                       progress=progress, verbose=verbose, runtime=runtime),
+                           progress=progress, verbose=verbose, tensorboard=tensorboard))
         previous = run_dir / name
         runtime.barrier()
     return results

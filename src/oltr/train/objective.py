@@ -1,7 +1,8 @@
 """The training objective: one module that returns named loss parts (timm's ``task`` shape).
 
 ``Objective(outputs, labels)`` → ``{"loss": total, "classification": …, "feature": …,
-"centroid": …}`` for a network's output dict (``logits``, ``features`` = v_direct, ``meta``):
+"centroid": …}`` for a network's :class:`~oltr.models.NetworkOutput` (``logits``,
+``features`` = v_direct, ``meta``):
 
     L = L_cls(logits, y) + w_f · L_feature(v_direct, y) + λ · L_centroid(v, y, C)   (Eq. 7)
 
@@ -29,25 +30,27 @@ from oltr.losses import (
     build_feature_loss,
     drw_class_weights,
 )
-from oltr.models import OLTRNetwork
-from oltr.models.margin import MarginClassifier
+from oltr.models import NetworkOutput, OLTRNetwork
 
 
-def check_stage_losses(train_cfg: dict[str, Any], net: nn.Module | None = None,
+def check_stage_losses(train_cfg: dict[str, Any], net: OLTRNetwork | None = None,
                        stage: str | None = None) -> None:
-    """The loss settings that exclude each other (InputError naming them and ``stage``)."""
+    """The loss settings that exclude each other, and those ``net`` does not allow (a
+    CosFace/ArcFace head brings its own loss; the centroid loss needs a memory).
+
+    Raises:
+        InputError: naming the settings and ``stage``.
+    """
     name = train_cfg["loss"]
     if train_cfg["label_smoothing"] and name != "ce":
         raise InputError("train.label_smoothing applies to train.loss: ce only", value=name)
     if train_cfg["drw_epoch"] is not None and name not in ("ce", "ldam"):
         raise InputError("deferred re-weighting (train.drw_epoch) needs train.loss ce or ldam",
                          value=name)
-    if net is not None and isinstance(getattr(net, "classifier", None), MarginClassifier) \
-            and name != "ce":
+    if net is not None and net.has_head_loss and name != "ce":
         raise InputError("a cosface/arcface head brings its own margin loss: set "
                          "train.loss: ce", value=name)
-    if net is not None and train_cfg["centroid_loss"] != "none" \
-            and getattr(net, "meta_embedding", None) is None:
+    if net is not None and train_cfg["centroid_loss"] != "none" and not net.has_memory:
         where = f" in stage '{stage}'" if stage else ""
         raise InputError(f"train.centroid_loss needs model.meta_embedding: true{where} (the "
                          "centroids live there)", value=train_cfg["centroid_loss"])
@@ -57,7 +60,12 @@ class Objective(nn.Module):
     """The loss of one stage, built from its ``train`` config (see the module docstring).
 
     ``train_counts`` (K,) are the train images per class (balanced softmax, LDAM, DRW). Call
-    :meth:`set_epoch` at every epoch start (deferred re-weighting switches on there)."""
+    :meth:`set_epoch` at every epoch start (deferred re-weighting switches on there). The
+    centroid loss reads ``net.centroids`` at every call (the memory stays the network's).
+
+    Raises:
+        InputError: settings :func:`check_stage_losses` refuses.
+    """
 
     def __init__(self, train_cfg: dict[str, Any], train_counts: Any, net: OLTRNetwork,
                  device: torch.device | str = "cpu") -> None:
@@ -68,9 +76,9 @@ class Objective(nn.Module):
         counts = np.asarray(train_counts)
         self.train_counts = counts
         name = train_cfg["loss"]
-        if isinstance(net.classifier, MarginClassifier):
-            self.classification: nn.Module = net.classifier.margin_loss(
-                label_smoothing=train_cfg["label_smoothing"])
+        head_loss = net.head_loss(label_smoothing=train_cfg["label_smoothing"])
+        if head_loss is not None:
+            self.classification: nn.Module = head_loss
         else:
             options: dict[str, Any] = {
                 "ce": {"label_smoothing": train_cfg["label_smoothing"]},
@@ -89,8 +97,8 @@ class Objective(nn.Module):
                                              margin=train_cfg["centroid_margin"],
                                              relative=train_cfg["centroid_relative_margin"])
                          if train_cfg["centroid_loss"] != "none" else None)
-        # the memory stays the network's module (a tuple keeps it out of this module's own)
-        self._memory = (net.meta_embedding,)
+        # the network stays its own module (a tuple keeps it out of this module's own)
+        self._net = (net,)
         self.to(self.device)
 
     def set_epoch(self, epoch: int) -> None:
@@ -103,23 +111,21 @@ class Objective(nn.Module):
         weights = drw_class_weights(self.train_counts, self.cfg["drw_beta"])
         self.classification.weight = weights.to(self.device)
 
-    def forward(self, outputs: dict[str, torch.Tensor | None], labels: torch.Tensor
-                ) -> dict[str, torch.Tensor]:
+    def forward(self, outputs: NetworkOutput, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Eq. 7 for a batch's network ``outputs`` and ``labels`` (B,): the named parts
+        (scalars) and their weighted sum ``loss``, the losses computed in float32."""
         parts: dict[str, torch.Tensor] = {}
-        logits = outputs["logits"]
-        assert logits is not None
-        parts["classification"] = self.classification(logits.float(), labels)
+        parts["classification"] = self.classification(outputs.logits.float(), labels)
         total = parts["classification"]
         if self.feature is not None:
-            parts["feature"] = self.feature(outputs["features"].float(), labels)  # type: ignore[union-attr]
+            parts["feature"] = self.feature(outputs.features.float(), labels)
             total = total + self.cfg["feature_loss_weight"] * parts["feature"]
         if self.centroid is not None:
-            feature = outputs["features"] if self.cfg["centroid_feature"] == "direct" \
-                else outputs["meta"]
-            memory = self._memory[0]
-            assert memory is not None
-            parts["centroid"] = self.centroid(feature.float(), labels,  # type: ignore[union-attr]
-                                              memory.centroids)
+            feature = outputs.features if self.cfg["centroid_feature"] == "direct" \
+                else outputs.meta
+            centroids = self._net[0].centroids
+            assert feature is not None and centroids is not None
+            parts["centroid"] = self.centroid(feature.float(), labels, centroids)
             total = total + self.cfg["centroid_weight"] * parts["centroid"]
         parts["loss"] = total
         return parts
@@ -142,7 +148,7 @@ class TrainTask(nn.Module):
     def forward(self, images: torch.Tensor, labels: torch.Tensor
                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         outputs = self.net.forward_from_frozen(images) if self.from_frozen else self.net(images)
-        return self.objective(outputs, labels), outputs["logits"]
+        return self.objective(outputs, labels), outputs.logits
 
     def train(self, mode: bool = True) -> TrainTask:
         super().train(mode)
