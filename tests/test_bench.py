@@ -195,7 +195,7 @@ def test_second_bench_call_trains_nothing_and_gives_the_same_summary(bench_run, 
     def no_training(*args, **kwargs):
         raise AssertionError("a cached stage was trained again")
 
-    monkeypatch.setattr(bench_module, "train_stage", no_training)
+    monkeypatch.setattr(bench_module, "build_stage", no_training)
     second = _bench(fmnist_small, out)
     assert sorted(p.name for p in (out / "stages").iterdir()) == folders
     assert _stage_state(out) == done
@@ -365,6 +365,7 @@ def test_a_detector_that_does_not_apply_is_recorded_and_shown_as_na():
     from oltr.bench import format_results, summarize
     from oltr.errors import InputError
     from oltr.evaluate import detector_scores
+    from oltr.models import NetworkOutput
 
     rng = np.random.default_rng(0)
 
@@ -375,10 +376,13 @@ def test_a_detector_that_does_not_apply_is_recorded_and_shown_as_na():
     class Tiny(torch.nn.Module):  # an OLTRNetwork's head interface: a linear classifier
         def __init__(self) -> None:
             super().__init__()
-            self.meta_embedding, self.classifier = None, torch.nn.Linear(4, 3).double()
+            self.classifier = torch.nn.Linear(4, 3).double()
 
-        def forward_head(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
-            return {"logits": self.classifier(v)}
+        def linear_classifier(self) -> torch.nn.Linear:
+            return self.classifier
+
+        def forward_head(self, v: torch.Tensor) -> NetworkOutput:
+            return NetworkOutput(self.classifier(v), v)
 
     outputs = SimpleNamespace(net=Tiny().eval(), centroids=None,
                               splits={"train": split(30), "val": split(6), "test": split(6)})

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from oltr.config import load_config
 from oltr.run import read_history
-from oltr.train import loop, train_run
+from oltr.train import train_run
 from oltr.train.checkpoint import unwrap_model
 
 
@@ -25,8 +25,7 @@ def test_compiled_training_saves_plain_weights(fmnist_small, tiny, tmp_path, mon
     ``aot_eager`` backend here: TorchDynamo and AOTAutograd trace the same step graph, but
     inductor's C++ code generation, the default backend, takes ~90 s for this tiny network
     on the 2-core test CPU (measured); the default backend is what ``oltr train`` uses."""
-    monkeypatch.setattr(loop.torch, "compile",
-                        functools.partial(torch.compile, backend="aot_eager"))
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     histories, weights = {}, {}
     for compiled in (False, True):
         run = tmp_path / str(compiled)

@@ -460,13 +460,13 @@ def test_network_head_of_a_plain_and_an_oltr_network():
     head = network_head(plain)
     assert isinstance(head, LinearHead) and torch.equal(head.weight, plain.classifier.weight)
     v = _direct_features(plain)
-    assert torch.allclose(head(v), plain.forward_head(v)["logits"], atol=1e-6)
+    assert torch.allclose(head(v), plain.forward_head(v).logits, atol=1e-6)
 
     oltr = create_network(STAGE2, num_classes=4, in_chans=1).eval()
     head = network_head(oltr)
     assert isinstance(head, NetworkHead)
     v = _direct_features(oltr)
-    assert torch.equal(head(v.double()), oltr.forward_head(v)["logits"])  # cast to the net's
+    assert torch.equal(head(v.double()), oltr.forward_head(v).logits)  # cast to the net's
     with pytest.raises(InputError, match="eval mode"):
         network_head(oltr.train())
     with pytest.raises(InputError, match="needs an nn.Linear"):
@@ -480,7 +480,7 @@ def test_feature_shaping_detectors_run_through_an_oltr_head():
     train, test = _direct_features(net, 40, 0), _direct_features(net, 6, 1)
     react = ReAct().fit(features=train)
     expected = -torch.logsumexp(
-        net.forward_head(test.clamp(max=float(react.threshold)))["logits"].double(), dim=1)
+        net.forward_head(test.clamp(max=float(react.threshold))).logits.double(), dim=1)
     assert np.allclose(react.score(features=test, head=head), expected.detach().numpy(),
                        rtol=1e-6)
     for detector in (ASH(), SCALE(), ViM(origin="mean").fit(features=train, head=head)):

@@ -7,6 +7,7 @@ import pickle
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from oltr.config import load_config
 from oltr.errors import InputError, OltrError
@@ -87,26 +88,25 @@ def test_oltr_two_stages_initialise_memory(fmnist_small, tiny, tmp_path) -> None
     assert report["open"]["open_score"] == "reachability"
 
 
-def test_resume_after_crash_matches_uninterrupted(fmnist_small, tiny, tmp_path, monkeypatch) -> None:
+def test_resume_after_crash_matches_uninterrupted(fmnist_small, tiny, tmp_path) -> None:
     overrides = [*tiny, "train.epochs=3", "deterministic=true"]
     reference = tmp_path / "reference"
     train_run(load_config("plain", overrides=overrides), fmnist_small, reference, progress=False)
 
     crashed = tmp_path / "crashed"
-    original = engine.train_one_epoch
-    calls = {"n": 0}
 
-    def crash_in_second_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
+    def crash_in_second_epoch(*_args):  # before every optimiser step
+        if (crashed / "main" / "checkpoint.pt").exists():  # epoch 1 is done
             raise KeyboardInterrupt  # a kill in the middle of epoch 2
-        return original(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "train_one_epoch", crash_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train_run(load_config("plain", overrides=overrides), fmnist_small, crashed, progress=False)
+    hook = register_optimizer_step_pre_hook(crash_in_second_epoch)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_run(load_config("plain", overrides=overrides), fmnist_small, crashed,
+                      progress=False)
+    finally:
+        hook.remove()
     assert load_checkpoint(crashed / "main" / "checkpoint.pt")["epoch"] == 1
-    monkeypatch.setattr(engine, "train_one_epoch", original)
     (result,) = train_run(load_config("plain", overrides=overrides), fmnist_small, crashed,
                           resume=True, progress=False)
     assert result.epochs_run == 2
@@ -157,14 +157,13 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(fmnist_small, tiny, tmp_path
 
 def test_auto_reachability_scale_puts_median_meta_norm_at_one() -> None:
     from oltr.models import create_network
-    from oltr.train import calibrate_reachability_scale
 
     torch.manual_seed(0)
     net = create_network({"backbone": "resnet10_small", "width": 8, "classifier": "cosine",
                           "meta_embedding": True, "reachability_scale": "auto"}, 3, 1)
     features = torch.randn(101, net.meta_embedding.feat_dim) * 5
     net.meta_embedding.init_centroids(torch.randn(3, net.meta_embedding.feat_dim))
-    scale = calibrate_reachability_scale(net, features)
+    scale = net.calibrate_reachability_scale(features)
     norms = net.meta_embedding(features)["meta"].detach().norm(dim=1)
     assert float(net.meta_embedding.reachability_scale) == pytest.approx(scale)
     assert float(norms.median()) == pytest.approx(1.0, rel=1e-5)

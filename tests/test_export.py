@@ -79,7 +79,7 @@ def _network(cfg: dict) -> torch.nn.Module:
 def _outputs(net: torch.nn.Module, n: int, seed: int) -> SplitOutputs:
     with torch.no_grad():
         out = net(_images(n, seed))
-    return SplitOutputs(out["logits"], out["features"], torch.arange(n) % len(CLASSES))
+    return SplitOutputs(out.logits, out.features, torch.arange(n) % len(CLASSES))
 
 
 def _rule(net: torch.nn.Module, open_score: str, tau: float, adjustment: float):
@@ -98,7 +98,7 @@ def _torch_reference(net, rule, images: torch.Tensor) -> dict[str, np.ndarray]:
     """The PyTorch decision path: DecisionRule.apply on the network's outputs."""
     with torch.no_grad():
         out = net(images)
-        applied = rule.apply(out["logits"], out["features"], classifier=net.classifier,
+        applied = rule.apply(out.logits, out.features, classifier=net.classifier,
                              head=network_head(net))
     logits = applied["logits"]
     return {"logits": logits.numpy(), "open_score": applied["open_score"].numpy(),
@@ -229,7 +229,7 @@ def test_closed_set_rule_never_answers_unknown():
     net = _network(SMALL)
     with torch.no_grad():
         _, _, prediction, _ = ExportModule(net, rule)(_images(5, 1))
-        expected = net(_images(5, 1))["logits"].argmax(dim=1)
+        expected = net(_images(5, 1)).logits.argmax(dim=1)
     assert torch.equal(prediction, expected)
 
 

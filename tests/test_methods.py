@@ -309,14 +309,14 @@ def test_lws_from_stage1_reproduces_stage1_logits_and_learns_only_scales():
     lws.eval()
     x = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        assert torch.allclose(lws(x)["logits"], stage1(x)["logits"], atol=1e-6)
+        assert torch.allclose(lws(x).logits, stage1(x).logits, atol=1e-6)
     trainable = [name for name, p in lws.named_parameters() if p.requires_grad]
     assert trainable == ["classifier.scales"]
     # scales act per class on the stage-1 logits
     with torch.no_grad():
         lws.classifier.scales.copy_(torch.tensor([2.0, 1.0, 0.5, 0.0]))
-        assert torch.allclose(lws(x)["logits"],
-                              stage1(x)["logits"] * torch.tensor([2.0, 1.0, 0.5, 0.0]),
+        assert torch.allclose(lws(x).logits,
+                              stage1(x).logits * torch.tensor([2.0, 1.0, 0.5, 0.0]),
                               atol=1e-6)
 
 
@@ -423,26 +423,24 @@ def _finite_history(stage_dir) -> list[dict]:
     return history
 
 
-def test_ldam_drw_run_switches_weights_on_at_drw_epoch(fmnist_small, tmp_path, one_thread,
-                                                       monkeypatch):
-    from oltr.train import loop
+def test_ldam_drw_run_switches_weights_on_at_drw_epoch(fmnist_small, tmp_path, one_thread):
+    from oltr.train import build_stage, fit
 
-    seen, built = [], []
-
-    class Spy(Objective):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            built.append(self.classification)
-
-        def set_epoch(self, epoch):
-            super().set_epoch(epoch)
-            weight = getattr(self.classification, "weight", None)
-            seen.append(None if weight is None else weight.clone())
-
-    monkeypatch.setattr(loop, "Objective", Spy)
     config = load_config("ldam_drw", overrides=[*SMALL, "train.epochs=2", "train.drw_epoch=2"])
     assert config["train"]["loss"] == "ldam"
-    (result,) = train_run(config, fmnist_small, tmp_path / "ldam", progress=False)
+    parts = build_stage(stage_config(config, "main"), fmnist_small, tmp_path / "ldam" / "main",
+                        progress=False)
+    objective, seen = parts.objective, []
+    built = [objective.classification]
+    set_epoch = objective.set_epoch
+
+    def spy(epoch):  # the objective's weights as each epoch starts
+        set_epoch(epoch)
+        weight = getattr(objective.classification, "weight", None)
+        seen.append(None if weight is None else weight.clone())
+
+    objective.set_epoch = spy
+    result = fit(parts, progress=False)
     assert len(_finite_history(result.stage_dir)) == 2
     counts = load_benchmark(fmnist_small).train_counts
     assert seen[0] is None

@@ -42,8 +42,8 @@ def test_plain_network_outputs():
     assert isinstance(net.classifier, LinearClassifier)
     assert net.attention is None and net.meta_embedding is None and net.embed is None
     out = net(_images())
-    assert out["logits"].shape == (8, 5) and out["features"].shape == (8, 64)
-    assert out["meta"] is None and out["reachability"] is None
+    assert out.logits.shape == (8, 5) and out.features.shape == (8, 64)
+    assert out.meta is None and out.reachability is None
 
 
 def test_full_network_is_the_composition_of_its_parts():
@@ -55,12 +55,12 @@ def test_full_network_is_the_composition_of_its_parts():
     fmap = net.forward_features(images)
     assert fmap.shape == (8, 64, 2, 2)
     v_direct = net.pool(fmap)
-    torch.testing.assert_close(out["features"], v_direct)
+    torch.testing.assert_close(out.features, v_direct)
     torch.testing.assert_close(v_direct, F.relu(net.embed[0](fmap.mean(dim=(2, 3)))))
     memory = net.meta_embedding(v_direct)
-    torch.testing.assert_close(out["meta"], memory["meta"])
-    torch.testing.assert_close(out["reachability"], memory["reachability"])
-    torch.testing.assert_close(out["logits"], net.classifier(memory["meta"]))
+    torch.testing.assert_close(out.meta, memory["meta"])
+    torch.testing.assert_close(out.reachability, memory["reachability"])
+    torch.testing.assert_close(out.logits, net.classifier(memory["meta"]))
     assert isinstance(net.classifier, CosineClassifier) and net.feature_dim == 32
 
 
@@ -97,8 +97,8 @@ def test_dropout_acts_on_the_classifier_input_only():
     net = create_network({**SMALL, "dropout": 0.5}, num_classes=3, in_chans=1).train()
     images = _images()
     first, second = net(images), net(images)
-    torch.testing.assert_close(first["features"], second["features"])
-    assert not torch.allclose(first["logits"], second["logits"])
+    torch.testing.assert_close(first.features, second.features)
+    assert not torch.allclose(first.logits, second.logits)
 
 
 def test_gradients_reach_every_learnable_part():
@@ -112,8 +112,8 @@ def test_gradients_reach_every_learnable_part():
     def step() -> None:
         optimizer.zero_grad()
         out = net(images)
-        loss = F.cross_entropy(out["logits"], labels)
-        loss = loss + 0.1 * centroid_loss(out["features"], labels, net.meta_embedding.centroids)
+        loss = F.cross_entropy(out.logits, labels)
+        loss = loss + 0.1 * centroid_loss(out.features, labels, net.meta_embedding.centroids)
         loss.backward()
 
     step()
@@ -146,7 +146,7 @@ def test_frozen_backbone_keeps_bn_statistics_while_the_head_learns():
     assert all(not p.requires_grad for p in net.backbone.parameters())
     stats, weights = _bn_stats(net), {k: v.clone() for k, v in net.state_dict().items()}
     optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
-    loss = F.cross_entropy(net(_images())["logits"], torch.arange(8) % 3)
+    loss = F.cross_entropy(net(_images()).logits, torch.arange(8) % 3)
     loss.backward()
     optimizer.step()
     for key, value in _bn_stats(net).items():

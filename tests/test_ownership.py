@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from oltr.cli import main
 from oltr.config import load_config
@@ -26,7 +27,6 @@ from oltr.data.sources import FASHION_MNIST_SYSTEM_DIR
 from oltr.errors import InputError
 from oltr.inference import load_model
 from oltr.ownership import MARKER, locked, marker_kind, remove_stale_staging, write_marker
-from oltr.train import loop as engine
 from oltr.train import train_run
 from oltr.train.checkpoint import save_model
 
@@ -201,22 +201,24 @@ def test_make_run_style_commands_repeat_on_what_oltr_wrote(fmnist_small, tmp_pat
 # ------------------------------------------------------------------ fresh runs that fail
 @pytest.mark.parametrize("before", ["absent", "empty", "absent, sibling made meanwhile"])
 def test_a_fresh_run_that_fails_before_an_epoch_leaves_nothing(fmnist_small, tmp_path,
-                                                               monkeypatch, capsys,
-                                                               before) -> None:
+                                                               capsys, before) -> None:
     run = tmp_path / "runs" / "r"
     if before == "empty":
         run.mkdir(parents=True)
 
-    def disk_full(*_args, **_kwargs):
+    def disk_full(*_args):  # before the first optimiser step: no epoch finishes
         if before.endswith("meanwhile"):  # another process's run next to this one
             (tmp_path / "runs" / "other").mkdir()
             (tmp_path / "runs" / "other" / "x").write_text("theirs")
         raise OSError(28, "No space left on device", str(run / "main" / "checkpoint.pt"))
 
-    monkeypatch.setattr(engine, "train_one_epoch", disk_full)
+    hook = register_optimizer_step_pre_hook(disk_full)
     argv = ["train", "--method", "plain", "--data", str(fmnist_small), "--out", str(run),
             "--no-progress", *TINY]
-    _refused(argv, capsys, "checkpoint.pt: No space left on device")
+    try:
+        _refused(argv, capsys, "checkpoint.pt: No space left on device")
+    finally:
+        hook.remove()
     if before == "empty":
         assert run.is_dir() and list(run.iterdir()) == []  # the user's empty folder stays
     elif before == "absent":
@@ -224,25 +226,23 @@ def test_a_fresh_run_that_fails_before_an_epoch_leaves_nothing(fmnist_small, tmp
     else:
         assert _snapshot(tmp_path / "runs") == {
             "other": "dir", "other/x": hashlib.sha256(b"theirs").hexdigest()}
-    monkeypatch.undo()
     assert main(argv) == 0  # the fixed command works: no "run directory is not empty"
 
 
-def test_a_failure_after_an_epoch_keeps_the_run_for_resume(fmnist_small, tmp_path,
-                                                           monkeypatch) -> None:
+def test_a_failure_after_an_epoch_keeps_the_run_for_resume(fmnist_small, tmp_path) -> None:
     run = tmp_path / "run"
-    original, calls = engine.train_one_epoch, {"n": 0}
 
-    def second_epoch_fails(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
+    def second_epoch_fails(*_args):  # before every optimiser step
+        if (run / "main" / "checkpoint.pt").exists():  # epoch 1 is done
             raise KeyboardInterrupt
-        return original(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "train_one_epoch", second_epoch_fails)
     config = load_config("plain", overrides=[*TINY, "train.epochs=2"])
-    with pytest.raises(KeyboardInterrupt):
-        train_run(config, fmnist_small, run, progress=False)
+    hook = register_optimizer_step_pre_hook(second_epoch_fails)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_run(config, fmnist_small, run, progress=False)
+    finally:
+        hook.remove()
     assert (run / "main" / "checkpoint.pt").is_file()
 
 
