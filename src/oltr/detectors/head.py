@@ -46,7 +46,8 @@ class LinearHead:
 
     @classmethod
     def from_module(cls, module: nn.Module) -> LinearHead:
-        """The weight and bias of an ``nn.Linear`` (e.g. a plain model's ``net.classifier``).
+        """The weight and bias of an ``nn.Linear`` (e.g. a plain model's
+        ``net.linear_classifier()``).
 
         Raises:
             InputError: ``module`` is not an ``nn.Linear``.
