@@ -2,7 +2,18 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
+
+# The CPU kernels' instruction set, pinned before torch loads them (and inherited by the CLI
+# subprocesses tests start): oneDNN's and MKL's AVX-512 kernels block a matrix product by its
+# batch size, so a backbone run on batches of 32 and of 256 rounds differently and the
+# "cached equals uncached" / "DDP equals one process" checks (tests/test_features.py,
+# tests/test_distributed.py) drifted by 1e-4 after six steps on an AVX-512 machine while
+# they agree to 0 on AVX2. With AVX2 kernels everywhere the suite's numbers are the same on
+# every x86-64 CPU this project's CI may get (docs/architecture.md, "Tests").
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
+os.environ.setdefault("MKL_ENABLE_INSTRUCTIONS", "AVX2")
 from pathlib import Path
 from types import ModuleType
 
