@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from oltr.config import load_saved_config
-from oltr.data import load_benchmark
-from oltr.inference import collect_outputs, dataset_for, eval_loader, load_model
+from oltr.data import dataset_for, load_benchmark
+from oltr.inference import collect_outputs, eval_loader, load_model
 from oltr.losses import LargeMarginCentroidLoss, NearestCentroidLoss
 from oltr.models import class_means
 

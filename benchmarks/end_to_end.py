@@ -183,11 +183,11 @@ def stage_and_benchmark(args: argparse.Namespace, decode: str, device: str
 def bytes_speed(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The ``bytes`` rows: the DataLoader of ``data.decode: device`` delivering file bytes,
     one tensor per image (``collate_fn=list``, the baseline) vs packed per batch."""
+    from oltr.data import dataset_for
     from oltr.data.jpeg import EncodedImages, pack_encoded
     from oltr.data.loader import ImageLoader
-    from oltr.inference import dataset_for
+    from oltr.runtime import Runtime
     from oltr.train.loaders import _EncodedItems, _TaggedSampler, make_sampler
-    from oltr.train.runtime import Runtime
 
     cfg, bench = stage_and_benchmark(args, "device", "cpu")
     dataset = dataset_for(bench, "train", cfg["data"], train=True)
@@ -215,9 +215,9 @@ def decode_speed(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The ``decode`` rows: ``decode_images`` alone and the training transform alone, on up to
     4 batches read and packed beforehand (pinned on CUDA, as the loader's are), each timed
     over all of them once per ``--epochs`` repetition, the device synchronised."""
+    from oltr.data import dataset_for
+    from oltr.data.augment import DeviceImagenetTransform
     from oltr.data.jpeg import EncodedImages, decode_images, pack_encoded, unpack_encoded
-    from oltr.inference import dataset_for
-    from oltr.train.augment import DeviceImagenetTransform
 
     cfg, bench = stage_and_benchmark(args, "device", args.device)
     device = torch.device(args.device)
@@ -269,8 +269,8 @@ def decode_speed(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def loader_speed(run: str, args: argparse.Namespace) -> dict[str, Any]:
     """Images per second of the training loader alone (``loader-cpu`` / ``loader-device``)."""
+    from oltr.runtime import Runtime
     from oltr.train.loaders import build_train_loader
-    from oltr.train.runtime import Runtime
 
     decode = run.split("-", 1)[1]
     cfg, bench = stage_and_benchmark(args, decode, args.device)

@@ -37,7 +37,7 @@ from oltr.data.curation import OPEN_CLASSES_NAME
 from oltr.errors import InputError
 from oltr.evaluate import evaluate_run
 from oltr.io import read_json_object
-from oltr.train import train_run
+from oltr.pipeline import train_run
 
 CURATION = {"seed": 1, "known": 6, "open": 4, "profile": "exp", "max_count": 4000,
             "val_per_class": 100}

@@ -75,9 +75,9 @@ from oltr.losses import NearestCentroidLoss
 from oltr.models import OLTRNetwork, create_network, freeze_backbone
 from oltr.models.classifiers import CosineClassifier
 from oltr.models.memory import MetaEmbedding
+from oltr.runtime import Runtime, uses_bf16
 from oltr.train.loop import train_one_epoch
 from oltr.train.objective import Objective, TrainTask
-from oltr.train.runtime import Runtime, uses_bf16
 from oltr.train.stage import lr_factor
 
 MIB = 2**20

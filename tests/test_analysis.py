@@ -335,7 +335,7 @@ def analysis_parser():
 def test_analyze_command_on_a_tiny_trained_run(fmnist_small, tmp_path, tiny, one_thread,
                                                capsys):
     from oltr.config import load_config
-    from oltr.train import train_run
+    from oltr.pipeline import train_run
 
     run = tmp_path / "plain"
     config = load_config("plain", overrides=[*tiny, "train.epochs=1"])

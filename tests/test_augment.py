@@ -1,4 +1,4 @@
-"""Batched uint8 augmentation (oltr.train.augment) against torchvision's per-image PIL ops."""
+"""Batched uint8 augmentation (oltr.data.augment) against torchvision's per-image PIL ops."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-from oltr.train.augment import (
+from oltr.data.augment import (
     BatchAugment,
     normalize_uint8,
     random_crop,

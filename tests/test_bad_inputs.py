@@ -25,7 +25,7 @@ from oltr.config import load_config
 from oltr.data import curate, load_benchmark, parse_source, read_idx
 from oltr.errors import InputError
 from oltr.evaluate import evaluate_run
-from oltr.train import train_run
+from oltr.pipeline import train_run
 
 TRAINED = ["model.width=8", "train.batch_size=32", "train.max_steps_per_epoch=2",
            "eval.batch_size=256", "train.epochs=1"]

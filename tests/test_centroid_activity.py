@@ -17,11 +17,11 @@ import torch
 from safetensors.torch import load_file
 
 from oltr.config import load_config, load_saved_config, stage_config
-from oltr.data import load_benchmark
-from oltr.inference import collect_outputs, dataset_for, eval_loader, load_model
+from oltr.data import dataset_for, load_benchmark
+from oltr.inference import collect_outputs, eval_loader, load_model
 from oltr.losses import build_centroid_loss
 from oltr.models import class_means
-from oltr.train import train_run
+from oltr.pipeline import train_run
 
 
 def _train(fmnist_small: Path, out: Path, extra: list[str]) -> Path:

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from oltr.config import load_config
+from oltr.pipeline import train_run
 from oltr.run import read_history
-from oltr.train import train_run
 from oltr.train.checkpoint import unwrap_model
 
 

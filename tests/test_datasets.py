@@ -290,7 +290,7 @@ def test_training_checks_every_split_before_it_creates_the_run(fmnist_small, tmp
     import shutil
 
     from oltr.config import load_config
-    from oltr.train.loop import check_run
+    from oltr.pipeline import check_run
 
     bench = tmp_path / "bench"
     shutil.copytree(fmnist_small, bench)

@@ -14,17 +14,17 @@ from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import functional as TF
 
 from oltr.config import load_config, stage_config
-from oltr.data import load_benchmark
+from oltr.data import dataset_for, load_benchmark
+from oltr.data.augment import DeviceImagenetTransform, color_jitter, resized_crop_params
 from oltr.data.jpeg import EncodedImages, device_decodable, pillow_luma
 from oltr.errors import InputError
-from oltr.inference import EvalBatches, dataset_for
-from oltr.train.augment import DeviceImagenetTransform, color_jitter, resized_crop_params
+from oltr.inference import EvalBatches
+from oltr.runtime import Runtime
 from oltr.train.loaders import (
     DeviceDecodeTrainLoader,
     DevicePrefetcher,
     build_train_loader,
 )
-from oltr.train.runtime import Runtime
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = Runtime(torch.device("cpu"))

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from oltr.config import load_config, stage_config
-from oltr.data import load_benchmark
-from oltr.inference import EvalBatches, collect_outputs, dataset_for, load_model
+from oltr.data import dataset_for, load_benchmark
+from oltr.inference import EvalBatches, collect_outputs, load_model
+from oltr.pipeline import train_run
 from oltr.run import read_history
-from oltr.train import train_run
 
 WORKER = Path(__file__).parent / "helpers" / "ddp_worker.py"
 TINY = ["model.width=8", "train.batch_size=32", "train.max_steps_per_epoch=3",

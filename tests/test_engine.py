@@ -12,10 +12,10 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from oltr.config import load_config
 from oltr.errors import InputError, OltrError
 from oltr.evaluate import evaluate_run
+from oltr.pipeline import check_run, train_run
 from oltr.predict import Predictor
 from oltr.run import final_stage_dir
-from oltr.train import loop as engine
-from oltr.train import lr_factor, train_run
+from oltr.train import lr_factor
 from oltr.train.checkpoint import load_checkpoint
 
 
@@ -176,8 +176,8 @@ def test_stages_one_at_a_time_and_centroids_start_as_class_means(fmnist_small, t
     import numpy as np
 
     from oltr.config import stage_config
-    from oltr.data import load_benchmark
-    from oltr.inference import collect_outputs, dataset_for, eval_loader, load_model
+    from oltr.data import dataset_for, load_benchmark
+    from oltr.inference import collect_outputs, eval_loader, load_model
 
     run = tmp_path / "oltr"
     overrides = [*tiny, "stage1.train.epochs=1", "stage2.train.epochs=0"]
@@ -230,18 +230,18 @@ def test_a_preset_on_pretrained_weights_refuses_to_start_from_scratch(fmnist_sma
         with pytest.raises(InputError, match=r"stage 'main' starts from ImageNet-pretrained "
                                              r"resnet\d+ weights.*model\.pretrained_path is not "
                                              r"set.*train\.require_pretrained=false"):
-            engine.check_run(config, fmnist_small, tmp_path / "run")
+            check_run(config, fmnist_small, tmp_path / "run")
         assert not (tmp_path / "run").exists()
-    engine.check_run(load_config("plain", benchmark="places_lt",
-                                 overrides=["train.require_pretrained=false"]),
-                     fmnist_small, tmp_path / "run")
+    check_run(load_config("plain", benchmark="places_lt",
+                          overrides=["train.require_pretrained=false"]),
+              fmnist_small, tmp_path / "run")
     weights = tmp_path / "resnet152.pth"
     weights.write_bytes(b"checked for existence only here")
-    engine.check_run(load_config("oltr", benchmark="places_lt",
-                                 overrides=[f"model.pretrained_path={weights}"]),
-                     fmnist_small, tmp_path / "run")
+    check_run(load_config("oltr", benchmark="places_lt",
+                          overrides=[f"model.pretrained_path={weights}"]),
+              fmnist_small, tmp_path / "run")
     with pytest.raises(InputError, match="stage 'stage2' starts from"):
-        engine.check_run(load_config("oltr", benchmark="places_lt", overrides=[
+        check_run(load_config("oltr", benchmark="places_lt", overrides=[
             f"stage1.model.pretrained_path={weights}", "stage2.train.init_from=none"]),
             fmnist_small, tmp_path / "run")
 

@@ -14,9 +14,9 @@ from oltr.data import load_benchmark
 from oltr.errors import InputError
 from oltr.features import FeatureStore, cache_key, frozen_state_digest, store_outputs
 from oltr.models import create_network
+from oltr.pipeline import train_run
 from oltr.run import read_history
-from oltr.train import train_run
-from oltr.train.runtime import Runtime
+from oltr.runtime import Runtime
 
 #: No augmentation on either path (data.transform: none), so the two must agree.
 NO_AUGMENT = ["data.transform=none", "model.width=8", "train.batch_size=32",

@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 
 from oltr.config import load_config, stage_config
-from oltr.data import load_benchmark
+from oltr.data import dataset_for, load_benchmark
 from oltr.data.loader import ImageLoader, LoadFailure
 from oltr.errors import InputError
-from oltr.inference import dataset_for, eval_loader
+from oltr.inference import eval_loader
+from oltr.runtime import Runtime
 from oltr.train.loaders import build_train_loader
-from oltr.train.runtime import Runtime
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,12 +15,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from oltr.config import load_config, stage_config
-from oltr.data import load_benchmark
+from oltr.data import dataset_for, load_benchmark
 from oltr.decision import TAU_NORMALIZATION_GRID as TAU_NORM_GRID
 from oltr.decision import DecisionRule, SplitOutputs, fit_decision_rule
 from oltr.errors import InputError
 from oltr.evaluate import collect_run_outputs, evaluate_run, format_report
-from oltr.inference import collect_outputs, dataset_for, eval_loader, load_model
+from oltr.inference import collect_outputs, eval_loader, load_model
 from oltr.losses import LiftedStructureLoss, RangeLoss
 from oltr.models import (
     CosineClassifier,
@@ -31,7 +31,7 @@ from oltr.models import (
     load_stage1_into_stage2,
     squash,
 )
-from oltr.train import train_run
+from oltr.pipeline import train_run
 from oltr.train.objective import Objective
 
 torch.set_num_threads(1)

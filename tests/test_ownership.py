@@ -27,7 +27,7 @@ from oltr.data.sources import FASHION_MNIST_SYSTEM_DIR
 from oltr.errors import InputError
 from oltr.inference import load_model
 from oltr.ownership import MARKER, locked, marker_kind, remove_stale_staging, write_marker
-from oltr.train import train_run
+from oltr.pipeline import train_run
 from oltr.train.checkpoint import save_model
 
 TINY = ["model.width=8", "train.batch_size=32", "train.max_steps_per_epoch=2",

@@ -17,8 +17,8 @@ from PIL import Image
 from oltr.cli import main
 from oltr.config import load_config
 from oltr.errors import InputError
+from oltr.pipeline import train_run
 from oltr.predict import Predictor
-from oltr.train import train_run
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from oltr.data import load_benchmark
 from oltr.errors import InputError, OltrError
 from oltr.evaluate import evaluate_run
 from oltr.ownership import remove_stale_temporaries, write_marker
-from oltr.train import train_run
+from oltr.pipeline import train_run
 from oltr.train.checkpoint import load_checkpoint
 
 EPOCHS = 12

@@ -22,16 +22,18 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from oltr import metrics
+from oltr.data.curation import load_manifest, load_open_classes
 from oltr.errors import InputError
+from oltr.evaluate import RunOutputs, collect_run_outputs, evaluate_run, score_logits
+from oltr.evaluate import open_scores as stateless_scores
 from oltr.io import atomic_write_bytes, atomic_write_text, read_json_object
-
-if TYPE_CHECKING:
-    from oltr.evaluate import RunOutputs
+from oltr.openset import msp_score, probability_threshold_to_msp_score
+from oltr.run import RUN_INFO
 
 PLOTS = ("longtail", "threshold", "open-classes")
 PLOT_FILES = {
@@ -85,9 +87,6 @@ def threshold_curve(
     plus ``closed_overall`` (the closed-set accuracy, the p = 0 limit on known images) and
     ``num_classes``.
     """
-    from oltr.evaluate import score_logits
-    from oltr.openset import msp_score, probability_threshold_to_msp_score
-
     grid = sorted({float(p) for p in probabilities})
     if not grid:
         raise InputError("give at least one probability threshold")
@@ -158,8 +157,6 @@ def open_classes_curve(
     rule's open score, ``outputs.splits[split]["open_score"]``). k = 0 gives the known-only
     figures.
     """
-    from oltr.evaluate import open_scores as stateless_scores
-
     def split_scores(split: dict[str, np.ndarray]) -> np.ndarray:
         if open_score is None:
             if "open_score" not in split:
@@ -276,8 +273,6 @@ def longtail_curve(
 
 def imbalance_ratio(data_dir: str | Path) -> float:
     """max / min train images per class of a curated benchmark (from its manifest)."""
-    from oltr.data.curation import load_manifest
-
     counts = load_manifest(data_dir)["counts"]["train"]
     if not counts or min(counts) <= 0:
         raise InputError("manifest train counts must be positive", path=Path(data_dir),
@@ -419,8 +414,6 @@ class RunSpec:
 
 def trained_data_dir(run_dir: str | Path) -> Path:
     """The benchmark a run was trained on, as recorded in ``RUN/run.json``."""
-    from oltr.run import RUN_INFO
-
     path = Path(run_dir) / RUN_INFO
     if not path.is_file():
         raise InputError(f"not an oltr run directory (no {RUN_INFO}); give --data", path=path)
@@ -507,9 +500,6 @@ def analyze(
     imbalanced benchmark. ``accept_rate`` (default: the run's ``eval.accept_rate``) calibrates
     Fig. 8c's threshold on val; its open score is the run's decision rule's (``RUN/decision.json``).
     """
-    from oltr.data.curation import load_open_classes
-    from oltr.evaluate import collect_run_outputs, evaluate_run
-
     plots = parse_plots(plots)
     if accept_rate is not None and not 0.0 < accept_rate <= 1.0:
         raise InputError("accept rate must lie in (0, 1]", value=accept_rate)

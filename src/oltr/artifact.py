@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from oltr.config import load_saved_config, stage_config, with_defaults
-from oltr.data import Benchmark, load_benchmark
+from oltr.data import Benchmark, dataset_for, load_benchmark
 from oltr.decision import (
     AUTO_OPEN_SCORES,
     DECISION_JSON,
@@ -36,14 +36,13 @@ from oltr.features import FeatureStore, find_stores, store_outputs
 from oltr.inference import (
     EvalBatches,
     collect_outputs,
-    dataset_for,
     load_model,
     shard,
     split_outputs,
 )
 from oltr.models import OLTRNetwork
 from oltr.run import CONFIG, final_stage_dir
-from oltr.train.runtime import Runtime, init_runtime
+from oltr.runtime import Runtime, init_runtime
 
 
 def run_stage_config(run_dir: str | Path) -> dict[str, Any]:

@@ -214,7 +214,7 @@ def _benchmark_mismatch(data: str, benchmark: str) -> str | None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from oltr.train import train_run
+    from oltr.pipeline import train_run
 
     overrides = list(args.overrides)
     if args.seed is not None:
@@ -234,7 +234,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     results = train_run(config, args.data, args.out, resume=args.resume,
                         progress=not args.no_progress, stages=args.stage,
                         tensorboard=args.tensorboard)
-    from oltr.train.runtime import init_runtime, launched_by_torchrun, shutdown_runtime
+    from oltr.runtime import init_runtime, launched_by_torchrun, shutdown_runtime
 
     if launched_by_torchrun():
         shutdown_runtime(init_runtime(config["device"]))

@@ -777,7 +777,7 @@ def _check_flat(config: dict[str, Any], name_of: Callable[[str], str], origins: 
 def check_config(config: dict[str, Any]) -> None:
     """Check a resolved config built or edited in Python as :func:`load_config` checks one it
     resolves: every key known (in each stage too) and every value valid; InputError naming the
-    key and value. `oltr.train.train_run` calls it before it creates anything."""
+    key and value. `oltr.pipeline.train_run` calls it before it creates anything."""
     reference = read_yaml(BASE_CONFIG)
     check_keys({k: v for k, v in config.items() if k != "stages"}, reference)
     stages = config.get("stages")

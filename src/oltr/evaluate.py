@@ -41,21 +41,20 @@ from oltr.artifact import (
     run_stage_config,
     saved_rule,
 )
-from oltr.data import load_benchmark
-from oltr.data.datasets import published_open_folder
+from oltr.data import dataset_for, load_benchmark, report_skipped_images
+from oltr.data.datasets import ImageListDataset, published_open_folder
 from oltr.data.paths import IMAGE_EXTENSIONS, check_image_paths, walk_images
 from oltr.data.splits import read_split_lines
 from oltr.decision import SELECT_OBJECTIVES, DecisionRule
 from oltr.detectors import create_detector, list_detectors, odin_perturb, rule_detector
 from oltr.detectors.head import network_head
 from oltr.errors import InputError
-from oltr.inference import EvalBatches, collect_outputs, dataset_for, eval_loader, load_model
+from oltr.inference import EvalBatches, collect_outputs, eval_loader, load_model
 from oltr.io import atomic_write_text
 from oltr.openset import compute_open_score, msp_score
 from oltr.ownership import check_report_output, lock_holder, locked, marker_kind
 from oltr.run import final_stage_dir, stage_epochs
-from oltr.train.loop import report_skipped_images
-from oltr.train.runtime import Runtime, init_runtime
+from oltr.runtime import Runtime, init_runtime
 
 REPORT_VERSION = 2
 #: ``eval`` settings an evaluation may override (fitting a rule on val for its report only).
@@ -264,8 +263,6 @@ def collect_run_outputs(
     datasets = {split: dataset_for(bench, split, data_cfg, train=False) for split in wanted}
     for name, spec in (open_sets or {}).items():
         entries, root, source_file = open_set_entries(spec)
-        from oltr.data.datasets import ImageListDataset
-
         datasets[f"open:{name}"] = ImageListDataset(
             entries, root, source_file=source_file,
             mode="L" if data_cfg["channels"] == 1 else "RGB")

@@ -67,8 +67,9 @@ from oltr.decision import DECISION_JSON, DecisionRule
 from oltr.detectors import MSP, network_head
 from oltr.detectors.base import Detector
 from oltr.errors import InputError, OltrError
+from oltr.inference import load_model
 from oltr.io import atomic_write
-from oltr.run import weights_digest
+from oltr.run import WEIGHTS, final_stage_dir, weights_digest
 
 #: The exporter's own opset in torch 2.14 (``torch.onnx`` dynamo exporter, onnxscript's
 #: torchlib): every op is emitted natively, no version conversion.
@@ -321,9 +322,6 @@ def _load_source(source: str | Path | nn.Module, data: Mapping[str, Any] | None
                  ) -> tuple[nn.Module, dict[str, Any], list[str] | None, str | None]:
     if isinstance(source, nn.Module):
         return source, _data_settings(data), None, None
-    from oltr.inference import load_model
-    from oltr.run import WEIGHTS
-
     stage_dir = Path(source)
     net, info = load_model(stage_dir)
     return net, _data_settings(data if data is not None else info["data"]), \
@@ -512,8 +510,6 @@ def compare_outputs(got: Mapping[str, np.ndarray], expected: Mapping[str, np.nda
 # --------------------------------------------------------------------------- command line
 def cmd_export(args: argparse.Namespace) -> int:
     """``oltr export RUN --onnx FILE``: the run's final stage and its decision rule."""
-    from oltr.run import final_stage_dir
-
     stage_dir = final_stage_dir(args.run)
     rule = None
     if (Path(args.run) / DECISION_JSON).exists():

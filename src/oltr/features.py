@@ -50,14 +50,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from oltr.data import Benchmark
+from oltr.data import Benchmark, dataset_for
 from oltr.data.splits import sha256_file
 from oltr.errors import InputError
-from oltr.inference import EvalBatches, collect_outputs, dataset_for, eval_transform, shard
+from oltr.inference import EvalBatches, collect_outputs, eval_transform, shard
 from oltr.io import atomic_write, atomic_write_text, read_json_object
 from oltr.models import NetworkOutput, OLTRNetwork
 from oltr.ownership import marker_kind
-from oltr.train.runtime import Runtime, autocast, uses_bf16
+from oltr.runtime import Runtime, autocast, uses_bf16
 
 #: Version of the cache's layout and of what its key covers; a change makes old caches stale.
 CACHE_FORMAT = 1

@@ -44,6 +44,7 @@ from oltr.data.datasets import ImageListDataset
 from oltr.data.paths import check_image_paths
 from oltr.data.splits import read_split_lines
 from oltr.errors import InputError
+from oltr.evaluate import open_set_entries
 from oltr.evaluation.identification import (
     DEFAULT_THRESHOLD,
     GALLERY_MODES,
@@ -54,7 +55,7 @@ from oltr.inference import EvalBatches, load_model
 from oltr.io import atomic_write_text, read_json_object
 from oltr.ownership import check_report_output
 from oltr.run import RUN_INFO, final_stage_dir
-from oltr.train.runtime import autocast, init_runtime
+from oltr.runtime import autocast, init_runtime
 
 IDENTIFY_REPORT_VERSION = 1
 REPORT_KIND = "identification"
@@ -87,8 +88,6 @@ def read_identities(spec: str | Path, image_root: str | Path | None, what: str
 def read_distractors(spec: str | Path) -> tuple[list[tuple[str, int]], Path, Path | None]:
     """Distractors: a folder of images or a split file (labels ignored), as an external open
     set (`oltr.evaluate.open_set_entries`)."""
-    from oltr.evaluate import open_set_entries
-
     return open_set_entries(spec)
 
 

@@ -20,7 +20,8 @@ from safetensors.torch import load as load_safetensors
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from oltr.data import Benchmark, ImageListDataset, build_transform
+from oltr.data import ImageListDataset, build_transform
+from oltr.data.augment import DeviceImagenetTransform, normalize_uint8
 from oltr.data.jpeg import EncodedImages, decode_images, pack_encoded, unpack_encoded
 from oltr.data.loader import ImageLoader
 from oltr.data.tensors import TensorImages, use_tensor_path
@@ -28,8 +29,7 @@ from oltr.decision import SplitOutputs
 from oltr.errors import InputError
 from oltr.models import OLTRNetwork, create_network
 from oltr.run import MODEL_INFO, WEIGHTS, read_model_info, weights_digest
-from oltr.train.augment import DeviceImagenetTransform, normalize_uint8
-from oltr.train.runtime import Runtime, autocast
+from oltr.runtime import Runtime, autocast
 
 OUTPUT_KEYS = ("logits", "features", "reachability")
 
@@ -77,20 +77,6 @@ def eval_transform(data_cfg: dict[str, Any]) -> Any:
                            std=data_cfg["std"])
 
 
-def dataset_for(
-    bench: Benchmark, split: str, data_cfg: dict[str, Any], *, train: bool
-) -> ImageListDataset:
-    """The dataset of ``split`` with the train (augmenting) or eval transform of ``data_cfg``;
-    its errors name the split file and line."""
-    transform = build_transform(
-        data_cfg["transform"], train=train, image_size=data_cfg["image_size"],
-        channels=data_cfg["channels"], mean=data_cfg["mean"], std=data_cfg["std"],
-    )
-    dataset = bench.dataset(split, transform, mode="L" if data_cfg["channels"] == 1 else "RGB",
-                            cache=data_cfg["cache_images"])
-    return dataset
-
-
 def eval_loader(dataset: ImageListDataset, batch_size: int, num_workers: int) -> ImageLoader:
     """The file loader of an evaluation pass (in order); a bad image is the original one-line
     InputError in this process, whatever ``num_workers`` (`oltr.data.loader.ImageLoader`)."""
@@ -111,7 +97,7 @@ class EvalBatches:
     once into memory (``small``/``none`` transforms), or a DataLoader over the files with the
     evaluation transform — with ``data.decode: device`` its workers read the files' bytes and
     each batch is decoded, resized, centre-cropped and normalised on ``device``
-    (`oltr.data.jpeg`, `oltr.train.augment.DeviceImagenetTransform`). ``indices`` restricts the
+    (`oltr.data.jpeg`, `oltr.data.augment.DeviceImagenetTransform`). ``indices`` restricts the
     pass to those items (a DDP rank's shard).
     """
 

@@ -27,7 +27,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from oltr.config import CHECKS
+from oltr.config import CHECKS, load_saved_config
 from oltr.data.splits import leaves_root
 from oltr.errors import InputError
 from oltr.io import atomic_write_text, read_json_object, read_text
@@ -74,8 +74,6 @@ def final_stage_dir(run_dir: str | Path) -> Path:
 def stage_epochs(stage_dir: Path) -> tuple[int, int | None]:
     """``(finished epochs, epochs configured)`` of a stage folder: lines of ``history.jsonl``
     and ``train.epochs`` of its ``config.yaml`` (None when it has none)."""
-    from oltr.config import load_saved_config
-
     done = len(read_history(stage_dir)) if stage_dir.is_dir() else 0
     if not (stage_dir / CONFIG).is_file():
         return done, None

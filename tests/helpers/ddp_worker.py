@@ -42,8 +42,8 @@ os.mkdir = recording_mkdir
 if mode == "loaders":
     from oltr.config import load_config, stage_config
     from oltr.data import load_benchmark
+    from oltr.runtime import init_runtime, shutdown_runtime
     from oltr.train.loaders import build_train_loader
-    from oltr.train.runtime import init_runtime, shutdown_runtime
 
     runtime = init_runtime("cpu")
     streams = {}

@@ -2,7 +2,13 @@
 identity and folder walk (`paths`), one image loader (`images`), one batching of images
 (`loader`)."""
 from oltr.data.curation import curate, load_manifest, verify_manifest
-from oltr.data.datasets import Benchmark, ImageListDataset, load_benchmark
+from oltr.data.datasets import (
+    Benchmark,
+    ImageListDataset,
+    dataset_for,
+    load_benchmark,
+    report_skipped_images,
+)
 from oltr.data.images import load_image
 from oltr.data.loader import ImageLoader
 from oltr.data.paths import ImageLocator, walk_images
@@ -29,6 +35,7 @@ __all__ = [
     "build_transform",
     "class_counts",
     "curate",
+    "dataset_for",
     "find_fashion_mnist",
     "load_benchmark",
     "load_image",
@@ -37,6 +44,7 @@ __all__ = [
     "read_idx",
     "read_split_file",
     "read_split_lines",
+    "report_skipped_images",
     "sha256_file",
     "verify_manifest",
     "walk_images",

@@ -34,6 +34,7 @@ from oltr.data.loader import ImageLoader
 from oltr.data.paths import check_image_paths
 from oltr.data.sources import find_split_file, read_class_names
 from oltr.data.splits import OPEN_LABEL, read_split_lines
+from oltr.data.transforms import build_transform
 from oltr.errors import InputError
 
 SPLITS = ("train", "val", "test", "open", "val_open")
@@ -242,6 +243,31 @@ class Benchmark:
             mode=mode,
             cache=cache,
         )
+
+
+def report_skipped_images(prefix: str, dropped: dict[str, list[str]]) -> None:
+    """Print how many unreadable images were skipped per split, and the first few of them."""
+    messages = [message for split_messages in dropped.values() for message in split_messages]
+    if not messages:
+        return
+    counts = ", ".join(f"{split} {len(m)}" for split, m in dropped.items())
+    print(f"{prefix} skipping {len(messages)} unreadable images ({counts}):", flush=True)
+    for message in messages[:5]:
+        print(f"{prefix}   {message}", flush=True)
+
+
+def dataset_for(
+    bench: Benchmark, split: str, data_cfg: dict[str, Any], *, train: bool
+) -> ImageListDataset:
+    """The dataset of ``split`` with the train (augmenting) or eval transform of ``data_cfg``;
+    its errors name the split file and line."""
+    transform = build_transform(
+        data_cfg["transform"], train=train, image_size=data_cfg["image_size"],
+        channels=data_cfg["channels"], mean=data_cfg["mean"], std=data_cfg["std"],
+    )
+    dataset = bench.dataset(split, transform, mode="L" if data_cfg["channels"] == 1 else "RGB",
+                            cache=data_cfg["cache_images"])
+    return dataset
 
 
 def published_open_folder(split_file: Path) -> Path | None:

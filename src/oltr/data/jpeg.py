@@ -3,7 +3,7 @@
 DataLoader workers only read each file's bytes (:class:`EncodedImages`); the main process
 decodes a batch at once with ``torchvision.io.decode_jpeg(list_of_bytes, device=…)`` (nvJPEG
 on CUDA, libjpeg-turbo on the CPU) — :func:`decode_images` — and the batch is then resized,
-augmented and normalised on the device (`oltr.train.augment.DeviceImagenetTransform`).
+augmented and normalised on the device (`oltr.data.augment.DeviceImagenetTransform`).
 
 Which files are decoded where (decided here, documented in docs/speed.md):
 

@@ -5,7 +5,7 @@ deterministic, so a split's images are decoded once (with the one image loader,
 `oltr.data.images.load_image`), resized and centre-cropped as the PIL pipeline does, and kept
 as a ``uint8`` tensor (N, C, H, W) — 6 499 Fashion-MNIST-LT train images take 5 MB. Batches are
 then indexed out of it and augmented and normalised for the whole batch at once
-(:class:`oltr.train.augment.BatchAugment`): no per-image PIL or Python on the hot path.
+(:class:`oltr.data.augment.BatchAugment`): no per-image PIL or Python on the hot path.
 Evaluation batches are bit-identical to the PIL pipeline's (``ToTensor`` + ``Normalize`` of the
 same pixels); training batches have the same distribution of crops and flips.
 
@@ -24,11 +24,14 @@ from torchvision import transforms as T
 
 from oltr.data.datasets import ImageListDataset
 from oltr.data.loader import size_mismatch_message
+from oltr.data.transforms import PRESETS
 from oltr.errors import InputError
 
 #: ``data.loader: auto`` keeps a split in memory up to this many bytes of decoded pixels.
 TENSOR_LIMIT_BYTES = 2 << 30
-TENSOR_TRANSFORMS = ("small", "none")
+#: The presets whose augmentation is batchable (`oltr.data.transforms.Preset.batchable`):
+#: ``small`` and ``none``.
+TENSOR_TRANSFORMS = tuple(name for name, preset in PRESETS.items() if preset.batchable)
 
 
 def decoded_bytes(num_images: int, channels: int, image_size: int) -> int:
@@ -75,8 +78,8 @@ class TensorImages:
         if transform not in TENSOR_TRANSFORMS:
             raise InputError("the in-memory path decodes small or none transforms only",
                              value=transform)
-        resize = (T.Compose([T.Resize(image_size), T.CenterCrop(image_size)])
-                  if transform == "small" else None)
+        steps = PRESETS[transform].fixed_steps(image_size)
+        resize = T.Compose(steps) if steps else None
         arrays: list[np.ndarray] = []
         for index in range(len(dataset)):
             image = dataset.load_image(index)

@@ -1,11 +1,70 @@
-"""Image transform presets (PIL image in, normalised tensor out)."""
+"""Image transform presets: one definition per ``data.transform`` preset (:data:`PRESETS`),
+which every image path builds from — the PIL pipeline here (:func:`build_transform`, PIL image
+in, normalised tensor out), the in-memory uint8 path (`oltr.data.tensors.TensorImages` +
+`oltr.data.augment.BatchAugment`) and the device path (`oltr.data.jpeg` +
+`oltr.data.augment.DeviceImagenetTransform`)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from torchvision import transforms as T
 
-TRANSFORM_PRESETS = ("small", "imagenet", "none")
+
+@dataclass(frozen=True)
+class Preset:
+    """The operations of one ``data.transform`` preset, for ``image_size`` px outputs.
+
+    - evaluation: Resize(round(image_size · ``resize``)) + CenterCrop(image_size); ``resize``
+      None keeps the pixels as they are (no resizing, no augmentation);
+    - training: RandomResizedCrop(image_size, ``crop_scale``, ``crop_ratio``) when
+      ``crop_scale`` is set, else the evaluation resize + crop followed by
+      RandomCrop(image_size, padding=image_size // ``pad_divisor``) when ``pad_divisor``; then
+      RandomHorizontalFlip when ``flip``; then ColorJitter(``jitter``, ``jitter``, ``jitter``;
+      saturation only for 3 channels) when ``jitter``.
+
+    Mean and std are not a preset's: they are the benchmark's (``data.mean``/``data.std``).
+    """
+
+    name: str
+    resize: float | None = None
+    crop_scale: tuple[float, float] | None = None
+    crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    pad_divisor: int = 0
+    flip: bool = False
+    jitter: float = 0.0
+
+    def resize_to(self, image_size: int) -> int:
+        """The evaluation resize's target (shorter side) for ``image_size`` px outputs."""
+        assert self.resize is not None, f"preset {self.name} does not resize"
+        return round(image_size * self.resize)
+
+    def padding(self, image_size: int) -> int:
+        """The training RandomCrop's zero padding (0: no random crop)."""
+        return image_size // self.pad_divisor if self.pad_divisor else 0
+
+    @property
+    def batchable(self) -> bool:
+        """Whether everything but a padded random crop and a flip is deterministic, so a split
+        can be resized once and augmented as a uint8 batch (`oltr.data.tensors`)."""
+        return self.crop_scale is None and not self.jitter
+
+    def fixed_steps(self, image_size: int) -> list[object]:
+        """The deterministic resize + centre crop (PIL or tensor images), or nothing."""
+        if self.resize is None:
+            return []
+        return [T.Resize(self.resize_to(image_size)), T.CenterCrop(image_size)]
+
+
+#: ``small`` (28-64 px images), ``imagenet`` (paper appendix D.2, 224 px; torchvision's
+#: RandomResizedCrop defaults), ``none`` (no resizing or augmentation).
+PRESETS: dict[str, Preset] = {
+    "small": Preset("small", resize=1.0, pad_divisor=8, flip=True),
+    "imagenet": Preset("imagenet", resize=256 / 224, crop_scale=(0.08, 1.0), flip=True,
+                       jitter=0.4),
+    "none": Preset("none"),
+}
+TRANSFORM_PRESETS = tuple(PRESETS)
 
 
 def build_transform(
@@ -21,7 +80,7 @@ def build_transform(
     """The ``preset`` pipeline for training (``train=True``) or evaluation, then ToTensor/Normalize.
 
     ``output="uint8"`` ends with ``PILToTensor`` instead (uint8 (C, H, W), 4× fewer bytes to
-    pass between processes and to the device); `oltr.train.augment.normalize_uint8` then
+    pass between processes and to the device); `oltr.data.augment.normalize_uint8` then
     computes exactly what ToTensor + Normalize would (the file loader normalises on the
     training device, `oltr.train.loaders.DevicePrefetcher`).
 
@@ -50,23 +109,20 @@ def build_transform(
     if output not in ("normalized", "uint8"):
         raise ValueError(f"output must be normalized or uint8, got {output!r}")
 
+    spec = PRESETS[preset]
     steps: list[object] = []
-    if preset == "small":
-        steps += [T.Resize(image_size), T.CenterCrop(image_size)]
-        if train:
-            steps += [
-                T.RandomCrop(image_size, padding=image_size // 8),
-                T.RandomHorizontalFlip(),
-            ]
-    elif preset == "imagenet":
-        if train:
-            steps += [
-                T.RandomResizedCrop(image_size),
-                T.RandomHorizontalFlip(),
-                T.ColorJitter(0.4, 0.4, 0.4 if channels == 3 else 0.0),
-            ]
-        else:
-            steps += [T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size)]
+    if train and spec.crop_scale is not None:
+        steps += [T.RandomResizedCrop(image_size, scale=spec.crop_scale, ratio=spec.crop_ratio)]
+    else:
+        steps += spec.fixed_steps(image_size)
+    if train:
+        if spec.pad_divisor:
+            steps += [T.RandomCrop(image_size, padding=spec.padding(image_size))]
+        if spec.flip:
+            steps += [T.RandomHorizontalFlip()]
+        if spec.jitter:
+            steps += [T.ColorJitter(spec.jitter, spec.jitter,
+                                    spec.jitter if channels == 3 else 0.0)]
     if output == "uint8":
         steps += [T.PILToTensor()]
     else:

@@ -21,6 +21,7 @@ from oltr import metrics
 from oltr.data import load_benchmark
 from oltr.data.images import load_image
 from oltr.errors import InputError
+from oltr.evaluate import collect_run_outputs
 from oltr.evaluation.render import PAGE_FILE, ReportInputs, ReportTable, render_report
 from oltr.ownership import claim_directory
 
@@ -49,8 +50,6 @@ def build_report(run_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
     """Render the report page of ``run_dir`` evaluated on ``data_dir`` into ``out_dir``
     (created by oltr, or an earlier report of oltr's); returns the page's path.
     ``image_root`` replaces the run's ``data.image_root`` (images moved since training)."""
-    from oltr.evaluate import collect_run_outputs
-
     out_dir = Path(out_dir).expanduser()
     claim_directory(out_dir, "report", what="report directory", reuse=True,
                     protect=(data_dir, run_dir))

@@ -45,6 +45,7 @@ import numpy as np
 from oltr import metrics
 from oltr.errors import InputError
 from oltr.io import atomic_write_bytes, atomic_write_text
+from oltr.ownership import marker_kind
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -1319,8 +1320,6 @@ def _remove_figures_not_drawn(out_dir: Path, sections: Sequence[ReportSection]) 
     the figures of an earlier report that this one does not draw (e.g. the embedding of a run
     re-evaluated without features), so the folder never shows a stale PNG beside the page.
     Elsewhere nothing is removed (a figure file there may be the user's)."""
-    from oltr.ownership import marker_kind
-
     if marker_kind(out_dir) != "report":
         return
     drawn = {str(figure.path) for section in sections for figure in section.figures}

@@ -8,7 +8,7 @@ augmentations as one uninterrupted process:
 
 - :class:`TensorTrainLoader` (``data.loader`` tensor/auto, small datasets): the split decoded
   once into a uint8 tensor (on the training device), batches indexed out of it and augmented
-  together (`oltr.train.augment.BatchAugment`), no DataLoader, no per-image Python;
+  together (`oltr.data.augment.BatchAugment`), no DataLoader, no per-image Python;
 - :class:`FileTrainLoader`: a DataLoader over the image files (persistent workers, pinned
   memory on CUDA) whose items are ``(epoch, position, index)``; each item's transform runs
   under a torch RNG seeded from ``(seed, epoch, position)``, and bad images arrive as one-line
@@ -18,7 +18,7 @@ augmentations as one uninterrupted process:
 - :class:`DeviceDecodeTrainLoader` (``data.decode: device``, JPEG datasets on a GPU): workers
   only read file bytes; the main process decodes each batch on the device
   (`oltr.data.jpeg.decode_images`) and augments it there
-  (`oltr.train.augment.DeviceImagenetTransform`).
+  (`oltr.data.augment.DeviceImagenetTransform`).
 
 ``train.batch_size`` is the global batch: with R ranks each rank takes ``batch_size / R``
 images of every step, and the union of the ranks' batches is the single-process batch.
@@ -32,20 +32,19 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from oltr.data import Benchmark, ImageListDataset, build_transform
-from oltr.data.jpeg import EncodedImages, decode_images, pack_encoded, unpack_encoded
-from oltr.data.loader import ImageLoader
-from oltr.data.samplers import SAMPLERS, ClassAwareSampler, InstanceSampler
-from oltr.data.tensors import TensorImages, use_tensor_path
-from oltr.errors import InputError
-from oltr.inference import dataset_for
-from oltr.train.augment import (
+from oltr.data import Benchmark, ImageListDataset, build_transform, dataset_for
+from oltr.data.augment import (
     BatchAugment,
     DeviceImagenetTransform,
     normalize_uint8,
     sample_seeds,
 )
-from oltr.train.runtime import Runtime
+from oltr.data.jpeg import EncodedImages, decode_images, pack_encoded, unpack_encoded
+from oltr.data.loader import ImageLoader
+from oltr.data.samplers import SAMPLERS, ClassAwareSampler, InstanceSampler
+from oltr.data.tensors import TensorImages, use_tensor_path
+from oltr.errors import InputError
+from oltr.runtime import Runtime
 
 
 def make_sampler(labels: np.ndarray, train_cfg: dict[str, Any], seed: int, runtime: Runtime
@@ -151,7 +150,7 @@ class DevicePrefetcher:
     stream, the compute stream waits for it only when batch k+1 is taken, and the tensors
     are recorded on the compute stream (so the allocator does not reuse them early). uint8
     images are normalised on the device (``mean``/``std``: ToTensor + Normalize, exactly on
-    the CPU and within 1e-6 on CUDA, `oltr.train.augment.normalize_uint8`). On other devices it only moves and normalises.
+    the CPU and within 1e-6 on CUDA, `oltr.data.augment.normalize_uint8`). On other devices it only moves and normalises.
     ``set_epoch`` and ``sampler`` are the wrapped loader's."""
 
     def __init__(self, loader: Any, device: torch.device, *,
@@ -258,7 +257,7 @@ def build_train_loader(bench: Benchmark, cfg: dict[str, Any], runtime: Runtime
                                      image_size=data_cfg["image_size"],
                                      channels=data_cfg["channels"]).to(runtime.device)
         augment = BatchAugment(data_cfg["image_size"], data_cfg["mean"], data_cfg["std"],
-                               train=data_cfg["transform"] == "small", seed=cfg["seed"])
+                               seed=cfg["seed"], preset=data_cfg["transform"])
         return TensorTrainLoader(images, sampler, augment, batch, drop_last=drop_last)
     if data_cfg["decode"] == "device":
         return DeviceDecodeTrainLoader(dataset, sampler, batch, data_cfg, seed=cfg["seed"],

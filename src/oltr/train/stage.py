@@ -25,7 +25,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from oltr.config import save_config
-from oltr.data import Benchmark, build_transform, load_benchmark
+from oltr.data import (
+    Benchmark,
+    build_transform,
+    dataset_for,
+    load_benchmark,
+    report_skipped_images,
+)
 from oltr.errors import InputError
 from oltr.features import (
     FeatureStore,
@@ -34,14 +40,14 @@ from oltr.features import (
     build_stage_stores,
     store_outputs,
 )
-from oltr.inference import EvalBatches, collect_outputs, dataset_for, shard
+from oltr.inference import EvalBatches, collect_outputs, shard
 from oltr.models import OLTRNetwork, create_network, freeze_backbone, load_stage1_into_stage2
 from oltr.ownership import claim_directory, remove_stale_temporaries
 from oltr.run import CHECKPOINT, CONFIG, WEIGHTS, read_history
+from oltr.runtime import Runtime, init_runtime, seed_everything, select_device
 from oltr.train.checkpoint import BestEpoch, load_checkpoint, restore_checkpoint, save_model
 from oltr.train.loaders import build_train_loader, make_sampler, rank_batch_size
 from oltr.train.objective import Objective, TrainTask, check_stage_losses
-from oltr.train.runtime import Runtime, init_runtime, seed_everything, select_device
 
 
 # --------------------------------------------------------------------------- the parts
@@ -206,17 +212,6 @@ def open_stage(cfg: dict[str, Any], data_dir: str | Path, stage_dir: Path,
         torch.use_deterministic_algorithms(True)
     seed_everything(cfg["seed"])
     return bench
-
-
-def report_skipped_images(prefix: str, dropped: dict[str, list[str]]) -> None:
-    """Print how many unreadable images were skipped per split, and the first few of them."""
-    messages = [message for split_messages in dropped.values() for message in split_messages]
-    if not messages:
-        return
-    counts = ", ".join(f"{split} {len(m)}" for split, m in dropped.items())
-    print(f"{prefix} skipping {len(messages)} unreadable images ({counts}):", flush=True)
-    for message in messages[:5]:
-        print(f"{prefix}   {message}", flush=True)
 
 
 def skip_unreadable_images(cfg: dict[str, Any], bench: Benchmark, runtime: Runtime

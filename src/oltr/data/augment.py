@@ -1,6 +1,8 @@
-"""Batched image augmentation on uint8 tensors (the in-memory fast path of small datasets), and
-the counter-based random numbers that make every augmentation a function of
-``(seed, epoch, position)``.
+"""Batched image augmentation on uint8 tensors — the in-memory fast path of small datasets
+(:class:`BatchAugment`) and the device path of JPEG datasets (:class:`DeviceImagenetTransform`)
+— and the counter-based random numbers that make every augmentation a function of
+``(seed, epoch, position)``. Both build from the preset definitions of
+`oltr.data.transforms.PRESETS`, as the PIL pipeline does.
 
 :class:`BatchAugment` does, for a whole batch at once and on the batch's device, what
 ``oltr.data.transforms.build_transform("small", train=True)`` does per PIL image after its
@@ -19,6 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+from oltr.data.transforms import PRESETS
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -87,16 +91,22 @@ def random_flip(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
 
 
 class BatchAugment:
-    """The ``small`` preset's training augmentation on a uint8 batch, then normalisation.
+    """The training augmentation of a batchable ``preset`` (`oltr.data.transforms.Preset`:
+    ``small``'s padded random crop and flip; ``none``'s nothing) on a uint8 batch, then
+    normalisation.
 
     Call with the batch and the global stream positions of its images; ``train=False`` only
-    normalises (the evaluation transform of already resized images).
+    normalises (the evaluation transform of already resized images). ValueError for a preset
+    whose augmentation is not batchable (``imagenet``).
     """
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], *,
-                 train: bool = True, seed: int = 0) -> None:
-        self.padding = image_size // 8 if train else 0
-        self.flip = train
+                 train: bool = True, seed: int = 0, preset: str = "small") -> None:
+        spec = PRESETS[preset]
+        if not spec.batchable:
+            raise ValueError(f"the {preset} preset's augmentation is not batchable")
+        self.padding = spec.padding(image_size) if train else 0
+        self.flip = train and spec.flip
         self.mean, self.std = list(mean), list(std)
         self.seed = seed
         self.epoch = 0
@@ -128,10 +138,8 @@ class BatchAugment:
 
 
 # --------------------------------------------------------------------------- imagenet preset
-#: torchvision's RandomResizedCrop defaults and the preset's ColorJitter strength.
-CROP_SCALE = (0.08, 1.0)
-CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-JITTER = 0.4
+_IMAGENET = PRESETS["imagenet"]
+assert _IMAGENET.crop_scale is not None
 _CROP_ATTEMPTS = 10
 #: Independent streams of :func:`sample_uniform` per image: 2 per crop attempt, then these.
 _TOP, _LEFT, _FLIP, _BRIGHTNESS, _CONTRAST, _SATURATION, _ORDER = range(20, 27)
@@ -140,8 +148,8 @@ _ORDERS = torch.tensor([[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [
 
 def resized_crop_params(heights: np.ndarray, widths: np.ndarray, seed: int, epoch: int,
                         positions: Sequence[int] | np.ndarray,
-                        scale: tuple[float, float] = CROP_SCALE,
-                        ratio: tuple[float, float] = CROP_RATIO
+                        scale: tuple[float, float] = _IMAGENET.crop_scale,
+                        ratio: tuple[float, float] = _IMAGENET.crop_ratio
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``RandomResizedCrop.get_params`` (torchvision) for images of ``heights``/``widths``
     (B,) at stream ``positions``, vectorised, with :func:`sample_uniform` draws: up to 10
@@ -209,8 +217,8 @@ def color_jitter(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tens
 
 
 class DeviceImagenetTransform:
-    """The ``imagenet`` preset (`oltr.data.transforms`) on decoded uint8 images (C, H, W) of
-    any sizes, on their device, for a whole batch (``data.decode: device``):
+    """The ``imagenet`` preset (`oltr.data.transforms.PRESETS`) on decoded uint8 images
+    (C, H, W) of any sizes, on their device, for a whole batch (``data.decode: device``):
 
     - ``train=True``: RandomResizedCrop(``image_size``) + RandomHorizontalFlip +
       ColorJitter(0.4, 0.4, 0.4; saturation only with 3 channels), then normalisation; every
@@ -228,7 +236,7 @@ class DeviceImagenetTransform:
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], *,
                  train: bool, seed: int = 0) -> None:
         self.image_size, self.train, self.seed = image_size, train, seed
-        self.resize_to = round(image_size * 256 / 224)
+        self.resize_to = _IMAGENET.resize_to(image_size)
         self.mean, self.std = list(mean), list(std)
         self.epoch = 0
 
@@ -249,7 +257,8 @@ class DeviceImagenetTransform:
         seed, epoch = self.seed, self.epoch
         top, left, height, width = resized_crop_params(
             np.array([image.shape[1] for image in images]),
-            np.array([image.shape[2] for image in images]), seed, epoch, positions)
+            np.array([image.shape[2] for image in images]), seed, epoch, positions,
+            _IMAGENET.crop_scale, _IMAGENET.crop_ratio)
         batch = torch.stack([
             TF.resized_crop(image, int(t), int(lf), int(h), int(w), [size, size], antialias=True)
             for image, t, lf, h, w in zip(images, top, left, height, width)])
@@ -258,7 +267,8 @@ class DeviceImagenetTransform:
         x = batch.float().div_(255.0)
 
         def factor(stream: int) -> torch.Tensor:
-            return torch.from_numpy(1 - JITTER + 2 * JITTER
+            jitter = _IMAGENET.jitter
+            return torch.from_numpy(1 - jitter + 2 * jitter
                                     * sample_uniform(seed, epoch, positions, stream))
 
         saturation = factor(_SATURATION) if x.shape[1] == 3 else torch.ones(len(images),
