@@ -69,7 +69,9 @@ speed: setup
 report: setup
 	$(BIN)/oltr report $(RUN) --data $(DATA) --out $(RUN)-report
 
+# the layers contract (pyproject.toml's [tool.importlinter]) first, then the tests
 test: setup fashion-mnist
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
 # removes only what oltr wrote: folders of runs/ and data/ that carry oltr's marker
