@@ -139,7 +139,6 @@ class BatchAugment:
 
 # --------------------------------------------------------------------------- imagenet preset
 _IMAGENET = PRESETS["imagenet"]
-assert _IMAGENET.crop_scale is not None
 _CROP_ATTEMPTS = 10
 #: Independent streams of :func:`sample_uniform` per image: 2 per crop attempt, then these.
 _TOP, _LEFT, _FLIP, _BRIGHTNESS, _CONTRAST, _SATURATION, _ORDER = range(20, 27)

@@ -18,7 +18,7 @@ class Preset:
     - evaluation: Resize(round(image_size · ``resize``)) + CenterCrop(image_size); ``resize``
       None keeps the pixels as they are (no resizing, no augmentation);
     - training: RandomResizedCrop(image_size, ``crop_scale``, ``crop_ratio``) when
-      ``crop_scale`` is set, else the evaluation resize + crop followed by
+      ``random_resized_crop``, else the evaluation resize + crop followed by
       RandomCrop(image_size, padding=image_size // ``pad_divisor``) when ``pad_divisor``; then
       RandomHorizontalFlip when ``flip``; then ColorJitter(``jitter``, ``jitter``, ``jitter``;
       saturation only for 3 channels) when ``jitter``.
@@ -28,15 +28,18 @@ class Preset:
 
     name: str
     resize: float | None = None
-    crop_scale: tuple[float, float] | None = None
+    random_resized_crop: bool = False
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # torchvision's RandomResizedCrop defaults
     crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
     pad_divisor: int = 0
     flip: bool = False
     jitter: float = 0.0
 
     def resize_to(self, image_size: int) -> int:
-        """The evaluation resize's target (shorter side) for ``image_size`` px outputs."""
-        assert self.resize is not None, f"preset {self.name} does not resize"
+        """The evaluation resize's target (shorter side) for ``image_size`` px outputs;
+        ValueError for a preset that does not resize."""
+        if self.resize is None:
+            raise ValueError(f"the {self.name} preset does not resize")
         return round(image_size * self.resize)
 
     def padding(self, image_size: int) -> int:
@@ -47,7 +50,7 @@ class Preset:
     def batchable(self) -> bool:
         """Whether everything but a padded random crop and a flip is deterministic, so a split
         can be resized once and augmented as a uint8 batch (`oltr.data.tensors`)."""
-        return self.crop_scale is None and not self.jitter
+        return not self.random_resized_crop and not self.jitter
 
     def fixed_steps(self, image_size: int) -> list[object]:
         """The deterministic resize + centre crop (PIL or tensor images), or nothing."""
@@ -56,11 +59,11 @@ class Preset:
         return [T.Resize(self.resize_to(image_size)), T.CenterCrop(image_size)]
 
 
-#: ``small`` (28-64 px images), ``imagenet`` (paper appendix D.2, 224 px; torchvision's
-#: RandomResizedCrop defaults), ``none`` (no resizing or augmentation).
+#: ``small`` (28-64 px images), ``imagenet`` (paper appendix D.2, 224 px), ``none`` (no
+#: resizing or augmentation).
 PRESETS: dict[str, Preset] = {
     "small": Preset("small", resize=1.0, pad_divisor=8, flip=True),
-    "imagenet": Preset("imagenet", resize=256 / 224, crop_scale=(0.08, 1.0), flip=True,
+    "imagenet": Preset("imagenet", resize=256 / 224, random_resized_crop=True, flip=True,
                        jitter=0.4),
     "none": Preset("none"),
 }
@@ -111,7 +114,7 @@ def build_transform(
 
     spec = PRESETS[preset]
     steps: list[object] = []
-    if train and spec.crop_scale is not None:
+    if train and spec.random_resized_crop:
         steps += [T.RandomResizedCrop(image_size, scale=spec.crop_scale, ratio=spec.crop_ratio)]
     else:
         steps += spec.fixed_steps(image_size)
