@@ -1,11 +1,11 @@
 """A training run end to end: every stage of a method in order, then the decision rule.
 
 A *run* is a sequence of stages (``configs/<benchmark>/<method>.yaml``), each built by
-`oltr.train.build_stage` and trained by `oltr.train.fit`; stage *k* starts from stage *k-1*'s selected weights (OLTR stage 2
-loads stage 1, paper §3.3). At the run's end the decision rule of the final stage is fitted on
-val and saved beside its weights (`oltr.artifact.fit_decision`). :func:`check_run` checks
-everything checkable before the run creates anything; :func:`train_run` claims and locks the
-run directory, trains the stages and fits the rule.
+`oltr.train.build_stage` and trained by `oltr.train.fit`; stage *k* starts from stage *k-1*'s
+selected weights (OLTR stage 2 loads stage 1, paper §3.3). At the run's end the decision rule of
+the final stage is fitted on val and saved beside its weights (`oltr.artifact.fit_decision`).
+:func:`check_run` checks everything checkable before the run creates anything; :func:`train_run`
+claims and locks the run directory, trains the stages and fits the rule.
 
 It is the layer above `oltr.artifact` (the decision rule fitted from a trained stage) and
 `oltr.train` (one stage), so that neither imports upwards (the layers contract in
