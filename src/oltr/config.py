@@ -9,9 +9,10 @@ Unknown keys are errors, never silently ignored; every value is checked in one p
 
 The allowed names of a component key are its registry's (:class:`oltr.registry.Registry`),
 read when a config is checked: ``train.loss`` / ``train.feature_loss`` / ``train.centroid_loss``
-(:mod:`oltr.losses`), ``train.sampler`` (:data:`oltr.data.samplers.SAMPLERS`),
-``eval.open_score`` (:data:`oltr.detectors.DETECTORS`). Method presets are the files of
-``configs/<benchmark>/`` plus those registered with :func:`register_method`.
+(:mod:`oltr.losses`), ``model.classifier`` (:data:`oltr.models.heads.HEADS`), ``train.sampler``
+(:data:`oltr.data.samplers.SAMPLERS`), ``eval.open_score`` (:data:`oltr.detectors.DETECTORS`).
+Method presets are the files of ``configs/<benchmark>/`` plus those registered with
+:func:`register_method`.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from oltr.errors import InputError, bounded_repr
 from oltr.io import atomic_write_text, read_text
 from oltr.losses import CENTROID_LOSSES, CLASSIFICATION_LOSSES, FEATURE_LOSSES
 from oltr.models.classifiers import SQUASH_FORMS
-from oltr.models.network import CLASSIFIERS
+from oltr.models.heads import HEADS
 from oltr.registry import Registry
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -625,7 +626,7 @@ CHECKS: dict[str, Check | _Registered] = {
     "model.pretrained_path": _or_null(_TEXT),
     "model.embed_dim": _or_null(_int(1)),
     "model.dropout": _number("in [0, 1)", lambda v: 0 <= v < 1),
-    "model.classifier": _choice(*CLASSIFIERS),
+    "model.classifier": _Registered(HEADS),
     "model.margin_scale": _number("> 0", lambda v: v > 0),
     "model.margin": _or_null(_number(">= 0", lambda v: v >= 0)),
     "model.arcface_easy_margin": _BOOL,

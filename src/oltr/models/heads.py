@@ -4,9 +4,15 @@ A head builder is called as ``builder(in_dim, num_classes, options)`` and return
 that maps a feature ``(B, in_dim)`` to logits ``(B, num_classes)``; ``options`` holds the
 network's head options (``cosine_scale``, ``squash_form``, ``learn_cosine_scale``,
 ``margin_scale``, ``margin``, ``arcface_easy_margin``, ``novel_classes``) and each builder reads
-the ones it needs. Each builds what :class:`~oltr.models.network.OLTRNetwork` builds for its
-name (tests/test_registry.py compares them), so that the network's chain of classifiers can
-become ``HEADS.create(classifier, feature_dim, num_classes, options)``.
+the ones it needs. :class:`~oltr.models.network.OLTRNetwork` builds its classifier as
+``HEADS.create(classifier, feature_dim, num_classes, options)``, and the config's
+``model.classifier`` accepts the registered names, so a head of one's own is a builder
+registered with ``@HEADS.register("name")``.
+
+A builder whose attribute ``needs_novel_classes`` is true (FSLwF's) is built on novel (tail)
+classes: :func:`~oltr.models.network.create_network` then derives ``options["novel_classes"]``
+(the classes with at most ``model.fslwf_novel_max`` train images) from the class counts
+(:func:`needs_novel_classes`).
 """
 from __future__ import annotations
 
@@ -25,8 +31,18 @@ from oltr.models.classifiers import (
 from oltr.models.margin import MarginClassifier
 from oltr.registry import Registry
 
+HeadBuilder = Callable[[int, int, Mapping[str, Any]], nn.Module]
+
 #: ``model.classifier``: head builders ``(in_dim, num_classes, options)`` → module.
-HEADS: Registry[Callable[[int, int, Mapping[str, Any]], nn.Module]] = Registry("classifier")
+HEADS: Registry[HeadBuilder] = Registry("classifier")
+
+
+def needs_novel_classes(name: Any) -> bool:
+    """Whether the head registered as ``name`` is built on novel (tail) classes: its builder's
+    ``needs_novel_classes`` attribute (False when it has none, or for an unknown name, which
+    the network refuses with the registry's message)."""
+    builder = HEADS.get(name) if isinstance(name, str) else None
+    return bool(getattr(builder, "needs_novel_classes", False))
 
 
 @HEADS.register("linear")
@@ -68,6 +84,9 @@ def fslwf_head(in_dim: int, num_classes: int, options: Mapping[str, Any]) -> nn.
     return FSLwFClassifier(in_dim, num_classes, novel_classes, scale=options["cosine_scale"])
 
 
+fslwf_head.needs_novel_classes = True  # type: ignore[attr-defined]
+
+
 def _margin_head(kind: str) -> Callable[[int, int, Mapping[str, Any]], nn.Module]:
     def build(in_dim: int, num_classes: int, options: Mapping[str, Any]) -> nn.Module:
         return MarginClassifier(in_dim, num_classes, kind=kind, scale=options["margin_scale"],
@@ -82,4 +101,4 @@ def _margin_head(kind: str) -> Callable[[int, int, Mapping[str, Any]], nn.Module
 HEADS.register("cosface", _margin_head("cosface"))
 HEADS.register("arcface", _margin_head("arcface"))
 
-__all__ = ["HEADS"]
+__all__ = ["HEADS", "HeadBuilder", "needs_novel_classes"]

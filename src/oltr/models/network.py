@@ -28,17 +28,14 @@ from torch import nn
 from oltr.errors import InputError
 from oltr.models.attention import ModulatedAttention
 from oltr.models.backbones import create_backbone
-from oltr.models.classifiers import (
-    SQUASH_FORMS,
-    CosineClassifier,
-    FSLwFClassifier,
-    LearnableWeightScaling,
-    LinearClassifier,
-)
+from oltr.models.classifiers import SQUASH_FORMS, FSLwFClassifier, LearnableWeightScaling
+from oltr.models.heads import HEADS, needs_novel_classes
 from oltr.models.margin import MarginClassifier
 from oltr.models.memory import MetaEmbedding, class_means
 
-CLASSIFIERS = ("linear", "cosine", "lws", "fslwf", "cosface", "arcface")
+#: The built-in classifier names (``model.classifier``), in registration order; the names
+#: accepted are :data:`~oltr.models.heads.HEADS`'s, read when a network is built.
+CLASSIFIERS = tuple(HEADS)
 
 
 class NetworkOutput(NamedTuple):
@@ -71,6 +68,16 @@ class OLTRNetwork(nn.Module):
     Dropout (if any) acts on the classifier's input only, never on ``features`` or γ.
     ``backbone`` is any module with ``feature_dim`` and ``forward_features(x)`` (e.g.
     :class:`~oltr.models.backbones.ResNetBackbone`).
+
+    The classifier is the head registered as ``classifier`` in
+    :data:`~oltr.models.heads.HEADS`, built on the feature dimension d by its builder from the
+    head options (``cosine_scale``, ``squash_form``, ``learn_cosine_scale``, ``margin_scale``,
+    ``margin``, ``arcface_easy_margin``, ``novel_classes``: the FSLwF head's tail classes).
+
+    Raises:
+        InputError: an unknown ``classifier`` (listing the registered heads) or
+            ``squash_form``, ``dropout`` outside [0, 1), a bad ``embed_dim``, ``num_classes``
+            < 1; and the head builder's errors (fslwf: no novel class, or no base class).
     """
 
     def __init__(
@@ -99,8 +106,7 @@ class OLTRNetwork(nn.Module):
         arcface_easy_margin: bool = False,
     ) -> None:
         super().__init__()
-        if classifier not in CLASSIFIERS:
-            raise InputError(f"unknown classifier (valid: {', '.join(CLASSIFIERS)})", value=classifier)
+        HEADS.entry(classifier)  # an unknown name fails first, listing the registered ones
         if squash_form not in SQUASH_FORMS:
             raise InputError(f"unknown squash_form (valid: {', '.join(SQUASH_FORMS)})", value=squash_form)
         if not 0.0 <= dropout < 1.0:
@@ -111,56 +117,22 @@ class OLTRNetwork(nn.Module):
             raise InputError("num_classes must be >= 1", value=num_classes)
         self.num_classes = num_classes
         self.backbone = backbone
-        self.attention = (
-            ModulatedAttention(backbone.feature_dim, use_modulation=modulation) if attention else None
-        )
-        self.embed = (
-            nn.Sequential(nn.Linear(backbone.feature_dim, embed_dim), nn.ReLU(inplace=True))
-            if embed_dim is not None
-            else None
-        )
+        self.attention = (ModulatedAttention(backbone.feature_dim, use_modulation=modulation)
+                          if attention else None)
+        self.embed = (nn.Sequential(nn.Linear(backbone.feature_dim, embed_dim), nn.ReLU(inplace=True))
+                      if embed_dim is not None else None)
         self.feature_dim = embed_dim if embed_dim is not None else backbone.feature_dim
-        self.meta_embedding = (
-            MetaEmbedding(
-                self.feature_dim,
-                num_classes,
-                use_memory=use_memory,
-                use_selector=use_selector,
-                use_reachability=use_reachability,
-                reachability_scale=reachability_scale,
-                learn_reachability_scale=learn_reachability_scale,
-                detach_memory=detach_memory,
-            )
-            if meta_embedding
-            else None
-        )
+        self.meta_embedding = MetaEmbedding(
+            self.feature_dim, num_classes, use_memory=use_memory, use_selector=use_selector,
+            use_reachability=use_reachability, reachability_scale=reachability_scale,
+            learn_reachability_scale=learn_reachability_scale, detach_memory=detach_memory,
+        ) if meta_embedding else None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
-        if classifier == "linear":
-            self.classifier: nn.Module = LinearClassifier(self.feature_dim, num_classes)
-        elif classifier == "lws":
-            self.classifier = LearnableWeightScaling(LinearClassifier(self.feature_dim, num_classes))
-        elif classifier == "fslwf":
-            if not novel_classes:
-                raise InputError("the fslwf classifier needs novel (tail) classes: no class has "
-                                 "at most model.fslwf_novel_max train images")
-            if len(novel_classes) == num_classes:
-                raise InputError("the fslwf classifier needs base classes as well: every class "
-                                 "has at most model.fslwf_novel_max train images (lower it, "
-                                 "e.g. model.fslwf_novel_max=20)", value=num_classes)
-            self.classifier = FSLwFClassifier(self.feature_dim, num_classes, novel_classes,
-                                              scale=cosine_scale)
-        elif classifier in ("cosface", "arcface"):
-            self.classifier = MarginClassifier(self.feature_dim, num_classes, kind=classifier,
-                                               scale=margin_scale, margin=margin,
-                                               easy_margin=arcface_easy_margin)
-        else:
-            self.classifier = CosineClassifier(
-                self.feature_dim,
-                num_classes,
-                scale=cosine_scale,
-                squash_form=squash_form,
-                learn_scale=learn_cosine_scale,
-            )
+        self.classifier: nn.Module = HEADS.create(classifier, self.feature_dim, num_classes, {
+            "cosine_scale": cosine_scale, "squash_form": squash_form,
+            "learn_cosine_scale": learn_cosine_scale, "margin_scale": margin_scale,
+            "margin": margin, "arcface_easy_margin": arcface_easy_margin,
+            "novel_classes": novel_classes})
         self.backbone_frozen = False
         self.backbone_bn_frozen = False
 
@@ -432,8 +404,13 @@ def create_network(
     """Build an :class:`OLTRNetwork` from a flat dict (keys of ``NETWORK_DEFAULTS``).
 
     Missing keys take the defaults; unknown keys raise ``InputError`` naming them.
-    ``class_counts`` (train images per class) is needed by the ``fslwf`` classifier only: its
-    novel classes are those with at most ``fslwf_novel_max`` images.
+    ``class_counts`` (train images per class) is needed only by a head built on novel classes
+    (:func:`~oltr.models.heads.needs_novel_classes`: ``fslwf``): its novel classes are those
+    with at most ``fslwf_novel_max`` images.
+
+    Raises:
+        InputError: unknown keys; such a head without one count per class; and the errors of
+            :class:`OLTRNetwork` and of the backbone.
     """
     unknown = sorted(set(cfg) - set(NETWORK_DEFAULTS))
     if unknown:
@@ -445,9 +422,10 @@ def create_network(
     if options["reachability_scale"] == "auto":  # calibrated by the engine at stage start
         options["reachability_scale"] = 1.0
     novel_max = options.pop("fslwf_novel_max")
-    if options["classifier"] == "fslwf":
+    if needs_novel_classes(options["classifier"]):
         if class_counts is None or len(class_counts) != num_classes:
-            raise InputError("the fslwf classifier needs the train count of every class")
+            raise InputError(f"the {options['classifier']} classifier needs the train count "
+                             "of every class")
         options["novel_classes"] = [k for k, n in enumerate(class_counts) if n <= novel_max]
     backbone = create_backbone(
         options.pop("backbone"),
