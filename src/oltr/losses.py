@@ -523,6 +523,8 @@ class LossBuilder:
             (``{"gamma": "focal_gamma"}``); :meth:`config_options` reads them.
         needs_class_counts: the constructor takes the class counts as its first argument.
         kind: ``classification``, ``feature`` or ``centroid`` (a key of :data:`LOSSES`).
+        takes_class_weights: the built loss weighs classes by its ``weight`` attribute (K,)
+            (None: equally), which deferred re-weighting (``train.drw_epoch``) assigns.
     """
 
     name: str
@@ -530,6 +532,12 @@ class LossBuilder:
     options: Mapping[str, str] = field(default_factory=dict)
     needs_class_counts: bool = False
     kind: str = "classification"
+    takes_class_weights: bool = False
+
+    @property
+    def takes_label_smoothing(self) -> bool:
+        """Whether the loss reads ``train.label_smoothing`` (one of its :attr:`options`)."""
+        return "label_smoothing" in self.options.values()
 
     def __call__(
         self,
@@ -577,14 +585,19 @@ def register_loss(
     *,
     options: Mapping[str, str] | None = None,
     needs_class_counts: bool = False,
+    takes_class_weights: bool = False,
 ) -> Any:
     """Register the loss constructor ``build`` as ``name`` in the registry of ``kind``
     (``classification``, ``feature`` or ``centroid``); without ``build``, a decorator that
     does so (and returns the constructor unchanged). ``options`` maps constructor arguments to
-    the ``train`` config keys that give them; ``needs_class_counts``: the constructor takes the
-    per-class train counts first. The config then accepts ``name`` (``train.loss``,
-    ``train.feature_loss``, ``train.centroid_loss``), and :func:`build_classification_loss`
-    etc. build it. Its options must be config keys of ``configs/base.yaml``.
+    the ``train`` config keys that give them (a loss with the option ``label_smoothing`` is
+    one that ``train.label_smoothing`` applies to); ``needs_class_counts``: the constructor
+    takes the per-class train counts first; ``takes_class_weights``: the loss has a per-class
+    ``weight`` attribute that deferred re-weighting (``train.drw_epoch``) may assign. The
+    config then accepts ``name`` (``train.loss``, ``train.feature_loss``,
+    ``train.centroid_loss``), training builds it (:func:`loss_from_config`), and
+    :func:`build_classification_loss` etc. build it. Its options must be config keys of
+    ``configs/base.yaml``.
 
     Raises:
         InputError: an unknown kind, or a name already registered.
@@ -594,7 +607,8 @@ def register_loss(
 
     def decorator(target: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         LOSSES[kind].register(name, LossBuilder(name, target, dict(options or {}),
-                                                needs_class_counts, kind))
+                                                needs_class_counts, kind,
+                                                takes_class_weights=takes_class_weights))
         return target
 
     return decorator if build is None else decorator(build)
@@ -652,14 +666,14 @@ def build_feature_loss(name: str, **kwargs: Any) -> nn.Module:
 
 # The built-in losses, in the order the config's messages list them.
 register_loss("classification", "ce", nn.CrossEntropyLoss,
-              options={"label_smoothing": "label_smoothing"})
+              options={"label_smoothing": "label_smoothing"}, takes_class_weights=True)
 register_loss("classification", "focal", FocalLoss, options={"gamma": "focal_gamma"})
 register_loss("classification", "balanced_softmax", BalancedSoftmaxLoss, needs_class_counts=True)
 register_loss("classification", "logit_adjusted", LogitAdjustedLoss,
               options={"tau": "logit_adjust_tau"}, needs_class_counts=True)
 register_loss("classification", "ldam", LDAMLoss,
               options={"max_margin": "ldam_max_margin", "scale": "ldam_scale"},
-              needs_class_counts=True)
+              needs_class_counts=True, takes_class_weights=True)
 register_loss("feature", "range", RangeLoss, options={"margin": "feature_loss_margin"})
 register_loss("feature", "lifted", LiftedStructureLoss, options={"margin": "feature_loss_margin"})
 _CENTROID_OPTIONS = {"margin": "centroid_margin", "relative": "centroid_relative_margin"}

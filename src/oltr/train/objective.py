@@ -9,7 +9,10 @@
 with ``L_cls`` of ``train.loss`` (cross-entropy, focal, balanced softmax, logit-adjusted, LDAM;
 the margin loss of a CosFace/ArcFace head), deferred re-weighting of its class weights from
 ``train.drw_epoch`` on (Cao et al. 2019), the metric loss ``train.feature_loss`` and OLTR's
-centroid loss ``train.centroid_loss`` on the memory's centroids C (`oltr.losses`).
+centroid loss ``train.centroid_loss`` on the memory's centroids C (`oltr.losses`). Each is
+looked up by name in its registry and built from the ``train`` section
+(:func:`oltr.losses.loss_from_config`), so a loss added with :func:`oltr.losses.register_loss`
+trains like a built-in one.
 
 ``TrainTask(net, objective)`` is what a step calls and what DDP wraps: ``task(images, labels)``
 runs the network and the objective in one forward, so every parameter the loss touches (the
@@ -17,6 +20,7 @@ centroids too) is seen by DDP's gradient all-reduce.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -24,13 +28,13 @@ import torch
 from torch import nn
 
 from oltr.errors import InputError
-from oltr.losses import (
-    build_centroid_loss,
-    build_classification_loss,
-    build_feature_loss,
-    drw_class_weights,
-)
+from oltr.losses import CLASSIFICATION_LOSSES, LossBuilder, drw_class_weights, loss_from_config
 from oltr.models import NetworkOutput, OLTRNetwork
+
+
+def _losses_that(takes: Callable[[LossBuilder], bool]) -> list[str]:
+    """The registered classification losses whose builder ``takes`` says yes to, in order."""
+    return [name for name, builder in CLASSIFICATION_LOSSES.items() if takes(builder)]
 
 
 def check_stage_losses(train_cfg: dict[str, Any], net: OLTRNetwork | None = None,
@@ -38,15 +42,23 @@ def check_stage_losses(train_cfg: dict[str, Any], net: OLTRNetwork | None = None
     """The loss settings that exclude each other, and those ``net`` does not allow (a
     CosFace/ArcFace head brings its own loss; the centroid loss needs a memory).
 
+    Label smoothing applies to a loss that reads it (:attr:`LossBuilder.takes_label_smoothing`:
+    ``ce``), deferred re-weighting to one with class weights
+    (:attr:`LossBuilder.takes_class_weights`: ``ce``, ``ldam``); the messages list them.
+
     Raises:
         InputError: naming the settings and ``stage``.
     """
     name = train_cfg["loss"]
-    if train_cfg["label_smoothing"] and name != "ce":
-        raise InputError("train.label_smoothing applies to train.loss: ce only", value=name)
-    if train_cfg["drw_epoch"] is not None and name not in ("ce", "ldam"):
-        raise InputError("deferred re-weighting (train.drw_epoch) needs train.loss ce or ldam",
-                         value=name)
+    builder = CLASSIFICATION_LOSSES.get(name) if isinstance(name, str) else None
+    if train_cfg["label_smoothing"] and not (builder and builder.takes_label_smoothing):
+        smoothed = _losses_that(lambda b: b.takes_label_smoothing)
+        raise InputError(f"train.label_smoothing applies to train.loss: {' or '.join(smoothed)} "
+                         "only", value=name)
+    if train_cfg["drw_epoch"] is not None and not (builder and builder.takes_class_weights):
+        weighted = _losses_that(lambda b: b.takes_class_weights)
+        raise InputError("deferred re-weighting (train.drw_epoch) needs train.loss "
+                         f"{' or '.join(weighted)}", value=name)
     if net is not None and net.has_head_loss and name != "ce":
         raise InputError("a cosface/arcface head brings its own margin loss: set "
                          "train.loss: ce", value=name)
@@ -64,7 +76,8 @@ class Objective(nn.Module):
     centroid loss reads ``net.centroids`` at every call (the memory stays the network's).
 
     Raises:
-        InputError: settings :func:`check_stage_losses` refuses.
+        InputError: settings :func:`check_stage_losses` refuses; an unknown loss name (listing
+            the registered ones) and a loss constructor's own errors.
     """
 
     def __init__(self, train_cfg: dict[str, Any], train_counts: Any, net: OLTRNetwork,
@@ -75,27 +88,14 @@ class Objective(nn.Module):
         self.cfg = dict(train_cfg)
         counts = np.asarray(train_counts)
         self.train_counts = counts
-        name = train_cfg["loss"]
         head_loss = net.head_loss(label_smoothing=train_cfg["label_smoothing"])
-        if head_loss is not None:
-            self.classification: nn.Module = head_loss
-        else:
-            options: dict[str, Any] = {
-                "ce": {"label_smoothing": train_cfg["label_smoothing"]},
-                "focal": {"gamma": train_cfg["focal_gamma"]},
-                "balanced_softmax": {},
-                "logit_adjusted": {"tau": train_cfg["logit_adjust_tau"]},
-                "ldam": {"max_margin": train_cfg["ldam_max_margin"],
-                         "scale": train_cfg["ldam_scale"]},
-            }[name]
-            self.classification = build_classification_loss(name, class_counts=counts,
-                                                             **options)
-        self.feature = (build_feature_loss(train_cfg["feature_loss"],
-                                           margin=train_cfg["feature_loss_margin"])
+        self.classification: nn.Module = (
+            head_loss if head_loss is not None
+            else loss_from_config("classification", train_cfg["loss"], train_cfg,
+                                  class_counts=counts))
+        self.feature = (loss_from_config("feature", train_cfg["feature_loss"], train_cfg)
                         if train_cfg["feature_loss"] != "none" else None)
-        self.centroid = (build_centroid_loss(train_cfg["centroid_loss"],
-                                             margin=train_cfg["centroid_margin"],
-                                             relative=train_cfg["centroid_relative_margin"])
+        self.centroid = (loss_from_config("centroid", train_cfg["centroid_loss"], train_cfg)
                          if train_cfg["centroid_loss"] != "none" else None)
         # the network stays its own module (a tuple keeps it out of this module's own)
         self._net = (net,)
