@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from torch import nn
 
 from oltr.config import (
@@ -42,6 +43,8 @@ from oltr.models.heads import HEADS
 from oltr.models.network import CLASSIFIERS, NETWORK_DEFAULTS, create_network
 from oltr.openset import OPEN_SCORES, compute_open_score
 from oltr.registry import Registry
+from oltr.train import train_run
+from oltr.train.objective import check_stage_losses
 
 BASE = yaml.safe_load(BASE_CONFIG.read_text(encoding="utf-8"))
 COUNTS = [9, 5, 2]
@@ -196,7 +199,7 @@ def test_source_kinds_are_the_registry_and_keep_their_messages(tmp_path):
 
 
 def test_heads_build_what_the_network_builds():
-    """models.heads.HEADS, prepared for the network's chain of classifiers, agrees with it."""
+    """models.heads.HEADS, which the network builds its classifier from, agrees with it."""
     assert HEADS.names() == list(CLASSIFIERS)
     options = {key: NETWORK_DEFAULTS[key] for key in (
         "cosine_scale", "squash_form", "learn_cosine_scale", "margin_scale", "margin",
@@ -315,3 +318,59 @@ def test_a_loss_a_detector_and_a_method_of_ones_own_are_used_by_name(tmp_path):
         METHODS.pop("toy_method", None)
         METHODS.pop("toy_file", None)
     assert "toy_method" not in list_methods() and "toy_loss" not in CLASSIFICATION_LOSSES
+
+
+class ToyHead(nn.Module):
+    """A scaled linear head without bias, features (B, d) → logits (B, K) (a test head of
+    one's own)."""
+
+    def __init__(self, in_dim: int, num_classes: int, scale: float) -> None:
+        super().__init__()
+        self.project = nn.Linear(in_dim, num_classes, bias=False)
+        self.scale = scale
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.project(features)
+
+
+def toy_head(in_dim: int, num_classes: int, options) -> nn.Module:
+    """The builder of :class:`ToyHead`, its scale read from the head options."""
+    return ToyHead(in_dim, num_classes, options["cosine_scale"])
+
+
+def test_a_loss_and_a_head_of_ones_own_train_a_run_by_name(fmnist_small, tiny, tmp_path):
+    """A loss registered with register_loss (its option read from the config) and a head
+    registered in HEADS, both from outside the package, train a tiny run end to end by name
+    (train.loss, model.classifier); the settings only some losses take list the losses that
+    take them."""
+    calls = []
+
+    class CountedToyLoss(ToyLoss):
+        def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            calls.append((self.factor, tuple(logits.shape)))
+            return super().forward(logits, labels)
+
+    register_loss("classification", "toy_loss", CountedToyLoss, options={"factor": "focal_gamma"})
+    HEADS.register("toy_head", toy_head)
+    try:
+        assert "toy_head" in CHECKS["model.classifier"][0]
+        config = load_config("plain", overrides=[
+            *tiny, "train.epochs=1", "train.loss=toy_loss", "train.focal_gamma=0.5",
+            "model.classifier=toy_head", "model.cosine_scale=2.0"])
+        (result,) = train_run(config, fmnist_small, tmp_path / "run", progress=False,
+                              verbose=False)
+        assert result.epochs_run == 1
+        assert calls and all(call == (0.5, (32, 4)) for call in calls)  # batch 32, 4 classes
+        weights = load_file(tmp_path / "run" / "main" / "model.safetensors")
+        assert [k for k in weights if k.startswith("classifier.")] == ["classifier.project.weight"]
+        train = stage_config(config, "main")["train"]
+        with pytest.raises(InputError, match=r"train\.label_smoothing applies to train\.loss: "
+                                             r"ce only \(value: 'toy_loss'\)"):
+            check_stage_losses(train | {"label_smoothing": 0.1})
+        with pytest.raises(InputError, match=r"needs train\.loss ce or ldam "
+                                             r"\(value: 'toy_loss'\)"):
+            check_stage_losses(train | {"drw_epoch": 2})
+    finally:
+        CLASSIFICATION_LOSSES.pop("toy_loss", None)
+        HEADS.pop("toy_head", None)
+    assert "toy_head" not in CHECKS["model.classifier"][0]
