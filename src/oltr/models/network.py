@@ -119,8 +119,8 @@ class OLTRNetwork(nn.Module):
         self.backbone = backbone
         self.attention = (ModulatedAttention(backbone.feature_dim, use_modulation=modulation)
                           if attention else None)
-        self.embed = (nn.Sequential(nn.Linear(backbone.feature_dim, embed_dim), nn.ReLU(inplace=True))
-                      if embed_dim is not None else None)
+        self.embed = (nn.Sequential(nn.Linear(backbone.feature_dim, embed_dim),
+                                    nn.ReLU(inplace=True)) if embed_dim is not None else None)
         self.feature_dim = embed_dim if embed_dim is not None else backbone.feature_dim
         self.meta_embedding = MetaEmbedding(
             self.feature_dim, num_classes, use_memory=use_memory, use_selector=use_selector,
