@@ -42,8 +42,8 @@ from oltr.losses import (
 from oltr.models.heads import HEADS
 from oltr.models.network import CLASSIFIERS, NETWORK_DEFAULTS, create_network
 from oltr.openset import OPEN_SCORES, compute_open_score
+from oltr.pipeline import train_run
 from oltr.registry import Registry
-from oltr.train import train_run
 from oltr.train.objective import check_stage_losses
 
 BASE = yaml.safe_load(BASE_CONFIG.read_text(encoding="utf-8"))
@@ -374,3 +374,31 @@ def test_a_loss_and_a_head_of_ones_own_train_a_run_by_name(fmnist_small, tiny, t
         CLASSIFICATION_LOSSES.pop("toy_loss", None)
         HEADS.pop("toy_head", None)
     assert "toy_head" not in CHECKS["model.classifier"][0]
+
+
+def test_a_dataset_source_of_ones_own_is_curated_by_name(tmp_path):
+    """docs/architecture.md's recipe for a dataset source: one loader returning a
+    :class:`~oltr.data.sources.Source`, registered in ``SOURCES``; ``curate("toy_arrays:…")``
+    and the benchmark it writes then work as for a built-in kind."""
+    from oltr.data import curate, load_benchmark
+    from oltr.data.sources import Source, SourceKind
+
+    def load(spec, argument, **_options):
+        rng = np.random.default_rng(int(argument))
+        images = rng.integers(0, 256, size=(6 * 40, 8, 8), dtype=np.uint8)
+        labels = np.repeat(np.arange(6), 40)
+        keys = [(f"train/{i:05d}", int(label)) for i, label in enumerate(labels)]
+        return Source(name=spec, class_names=[f"c{k}" for k in range(6)], train=keys,
+                      arrays={"train": images})
+
+    SOURCES.register("toy_arrays", SourceKind(load, ("toy_arrays:SEED",)))
+    try:
+        with pytest.raises(InputError, match=r"toy_arrays:SEED"):
+            parse_source("nope:1")
+        manifest = curate("toy_arrays:3", tmp_path / "bench", known=4, open=1, val_open=1,
+                          max_count=20, min_count=2, val_per_class=2, test_per_class=2)
+        bench = load_benchmark(tmp_path / "bench")
+        assert len(bench.class_names) == 4 == len(manifest["known_classes"])
+        assert bench.train_counts.tolist() == manifest["counts"]["train"] == [20, 9, 4, 2]
+    finally:
+        SOURCES.pop("toy_arrays")
