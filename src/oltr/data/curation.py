@@ -114,6 +114,35 @@ def _named_classes(what: str, names: Sequence[str], index_of: dict[str, int]) ->
     return indices
 
 
+def _selection_names(what: str, selection: ClassSelection,
+                     index_of: dict[str, int]) -> list[int] | None:
+    """The class indices a selection names, or None for a count (or ``None``): drawn later."""
+    if selection is None or not isinstance(selection, Sequence):
+        return None
+    return _named_classes(what, selection, index_of)
+
+
+def _check_disjoint(class_names: Sequence[str], named: dict[str, list[int] | None]) -> None:
+    """InputError naming a class that two of the named selections (known, open, val_open)
+    both list."""
+    for first, second in (("known", "open"), ("known", "val_open"), ("open", "val_open")):
+        if named[first] is not None and named[second] is not None:
+            overlap = sorted(set(named[first]) & set(named[second]))  # type: ignore[arg-type]
+            if overlap:
+                raise InputError(
+                    f"a class cannot be both {first} and {second}",
+                    value=class_names[overlap[0]],
+                )
+
+
+def _selection_count(what: str, selection: ClassSelection, named: list[int] | None, *,
+                     minimum: int) -> int | None:
+    """How many classes a count selection draws; None for ``None`` or a list of names."""
+    if selection is None or named is not None:
+        return None
+    return _count_argument(what, selection, minimum=minimum)
+
+
 def choose_classes(
     class_names: Sequence[str],
     known: ClassSelection,
@@ -127,38 +156,22 @@ def choose_classes(
     means "all remaining classes" (known and open both ``None``: every class is known, none
     open). ``val_open`` (a count, default 0, or names) is drawn after the known classes and
     before the open ones, so with ``val_open=0`` the draw is the one of earlier versions.
+    Raises InputError for an unknown or repeated name, a class in two selections, a count
+    that is not an integer (known >= 1, open and val_open >= 0), more classes asked for than
+    are left, or no known class left.
     """
     index_of = {name: index for index, name in enumerate(class_names)}
-    known_list = None if known is None or not isinstance(known, Sequence) else (
-        _named_classes("known", known, index_of)
-    )
-    open_list = None if open_ is None or not isinstance(open_, Sequence) else (
-        _named_classes("open", open_, index_of)
-    )
-    val_open_list = None if val_open is None or not isinstance(val_open, Sequence) else (
-        _named_classes("val_open", val_open, index_of)
-    )
-    named = {"known": known_list, "open": open_list, "val_open": val_open_list}
-    for first, second in (("known", "open"), ("known", "val_open"), ("open", "val_open")):
-        if named[first] is not None and named[second] is not None:
-            overlap = sorted(set(named[first]) & set(named[second]))  # type: ignore[arg-type]
-            if overlap:
-                raise InputError(
-                    f"a class cannot be both {first} and {second}",
-                    value=class_names[overlap[0]],
-                )
+    known_list = _selection_names("known", known, index_of)
+    open_list = _selection_names("open", open_, index_of)
+    val_open_list = _selection_names("val_open", val_open, index_of)
+    _check_disjoint(class_names, {"known": known_list, "open": open_list,
+                                  "val_open": val_open_list})
     fixed = set(known_list or ()) | set(open_list or ()) | set(val_open_list or ())
     remaining = [index for index in range(len(class_names)) if index not in fixed]
     order = [int(index) for index in rng.permutation(np.array(remaining, dtype=np.int64))]
-    known_count = None if known is None or known_list is not None else (
-        _count_argument("known", known, minimum=1)
-    )
-    open_count = None if open_ is None or open_list is not None else (
-        _count_argument("open", open_, minimum=0)
-    )
-    val_open_count = 0 if val_open is None or val_open_list is not None else (
-        _count_argument("val_open", val_open, minimum=0)
-    )
+    known_count = _selection_count("known", known, known_list, minimum=1)
+    open_count = _selection_count("open", open_, open_list, minimum=0)
+    val_open_count = _selection_count("val_open", val_open, val_open_list, minimum=0) or 0
     wanted = (known_count or 0) + (open_count or 0) + val_open_count
     if wanted > len(remaining):
         raise InputError(
@@ -322,29 +335,10 @@ def curate(
     _output_ready(out_dir, force, source)
     remove_stale_staging(out_dir)  # what a killed curation of this output left
     seed = _count_argument("seed", seed, minimum=0)
-    val_per_class = _count_argument("val_per_class", val_per_class, minimum=1)
-    if test_per_class is not None:
-        test_per_class = _count_argument("test_per_class", test_per_class,
-                                         minimum=0 if profile == PROPORTIONAL else 1)
-    if open_per_class is not None:
-        open_per_class = _count_argument("open_per_class", open_per_class, minimum=1)
-    val_open_per_class = val_per_class if val_open_per_class is None else _count_argument(
-        "val_open_per_class", val_open_per_class, minimum=1)
-    if class_order is not None and profile == PROPORTIONAL:
-        raise InputError("class_order does not apply to the proportional profile (its classes "
-                         "are ordered by the images they keep)")
-    if reference_count is not None:
-        if profile != PROPORTIONAL:
-            raise InputError("reference_count applies to the proportional profile only",
-                             value=reference_count)
-        reference_count = _count_argument("reference_count", reference_count, minimum=1)
-    for name in source.class_names:
-        if not name or name != name.strip() or "\n" in name or "\r" in name:
-            raise InputError(
-                "class name cannot be written to classes.txt (empty, surrounding whitespace "
-                "or a line break)",
-                value=name,
-            )
+    val_per_class, test_per_class, open_per_class, val_open_per_class = _per_class_counts(
+        profile, val_per_class, test_per_class, open_per_class, val_open_per_class)
+    reference_count = _profile_options(profile, class_order, reference_count)
+    _check_class_names(source.class_names)
 
     skipped: list[dict[str, str]] = []
     if skip_bad_images and not source.needs_export:
@@ -353,9 +347,7 @@ def curate(
     rng = np.random.Generator(np.random.PCG64(seed))
     known_classes, open_classes, val_open_classes = choose_classes(
         source.class_names, known, open, rng, val_open)
-    num_source_classes = len(source.class_names)
-    train_pools = _by_class(source.train, num_source_classes)
-    test_pools = None if source.test is None else _by_class(source.test, num_source_classes)
+    train_pools, test_pools = _class_pools(source)
     if profile == PROPORTIONAL:
         plan = _proportional_plan(rng, source, known_classes, train_pools, test_pools,
                                   reference_count=reference_count, val_per_class=val_per_class,
@@ -365,53 +357,68 @@ def curate(
                                  profile=profile, max_count=max_count, min_count=min_count,
                                  alpha=alpha, ratio=ratio, val_per_class=val_per_class,
                                  test_per_class=test_per_class, class_order=class_order)
-    splits = plan.splits
-    test_per_class = plan.test_per_class
     if open_per_class is None:
-        open_per_class = test_per_class or DEFAULT_TEST_PER_CLASS
-    open_class_of: list[int] = []  # per open image, its index in open_classes
-    for position, index in enumerate(open_classes):
-        pool = train_pools[index] if test_pools is None else test_pools[index]
-        open_keys, _ = _pick(rng, pool, min(open_per_class, len(pool)))
-        splits["open"] += [(key, OPEN_LABEL) for key in open_keys]
-        open_class_of += [position] * len(open_keys)
-    for index in val_open_classes:
-        pool = train_pools[index]
-        if len(pool) < val_open_per_class:
-            raise InputError(f"validation open class has {len(pool)} images, needs "
-                             f"val_open_per_class={val_open_per_class}",
-                             value=source.class_names[index])
-        val_open_keys, _ = _pick(rng, pool, val_open_per_class)
-        splits["val_open"] += [(key, OPEN_LABEL) for key in val_open_keys]
-
-    manifest: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        "source": source.name,
-        "image_root": EXPORT_DIR if source.needs_export else str(source.image_root),
-        "seed": seed,
-        "profile": plan.profile_record,
-        "val_per_class": val_per_class,
-        "test_per_class": test_per_class,
-        "open_per_class": open_per_class,
-        "known_classes": [source.class_names[index] for index in plan.rank_order],
-        "open_classes": [source.class_names[index] for index in open_classes],
-        "counts": {**plan.counts, "open": len(splits["open"])},
-    }
-    if plan.dropped_classes:
-        manifest["dropped_classes"] = [source.class_names[i] for i in plan.dropped_classes]
-    if val_open_classes:
-        manifest["val_open_classes"] = [source.class_names[i] for i in val_open_classes]
-        manifest["val_open_per_class"] = val_open_per_class
-        manifest["counts"]["val_open"] = len(splits["val_open"])
-    if skipped:
-        manifest["skipped_images"] = skipped
+        open_per_class = plan.test_per_class or DEFAULT_TEST_PER_CLASS
+    open_entries, open_class_of = _open_split(
+        rng, open_classes, train_pools if test_pools is None else test_pools, open_per_class)
+    plan.splits["open"] += open_entries
+    plan.splits["val_open"] += _val_open_split(rng, source, val_open_classes, train_pools,
+                                               val_open_per_class)
+    manifest = _curation_manifest(source, seed, plan, open_classes, val_open_classes,
+                                  val_per_class=val_per_class, open_per_class=open_per_class,
+                                  val_open_per_class=val_open_per_class, skipped=skipped)
     try:
-        return write_benchmark(source, out_dir, splits, manifest, open_class_of=open_class_of,
-                               force=force, verify_images=verify_images)
+        return write_benchmark(source, out_dir, plan.splits, manifest,
+                               open_class_of=open_class_of, force=force,
+                               verify_images=verify_images)
     except ImageError as exc:
         hint = "or curate with --skip-bad-images to leave every unreadable image out"
         raise ImageError(exc.problem, exc.image_path,
                          f"{exc.detail}; {hint}" if exc.detail else hint) from None
+
+
+def _per_class_counts(
+    profile: str, val_per_class: int, test_per_class: int | None,
+    open_per_class: int | None, val_open_per_class: int | None,
+) -> tuple[int, int | None, int | None, int]:
+    """The images per class of val, test, open and val_open, checked (InputError unless an
+    integer >= 1; test >= 0 for the proportional profile); test and open stay None when not
+    given (their defaults depend on the plan), val_open defaults to ``val_per_class``."""
+    val_per_class = _count_argument("val_per_class", val_per_class, minimum=1)
+    if test_per_class is not None:
+        test_per_class = _count_argument("test_per_class", test_per_class,
+                                         minimum=0 if profile == PROPORTIONAL else 1)
+    if open_per_class is not None:
+        open_per_class = _count_argument("open_per_class", open_per_class, minimum=1)
+    val_open_per_class = val_per_class if val_open_per_class is None else _count_argument(
+        "val_open_per_class", val_open_per_class, minimum=1)
+    return val_per_class, test_per_class, open_per_class, val_open_per_class
+
+
+def _profile_options(profile: str, class_order: str | Sequence[str] | None,
+                     reference_count: int | None) -> int | None:
+    """``reference_count`` checked; InputError for an option the profile does not take
+    (``class_order`` with the proportional profile, ``reference_count`` with any other)."""
+    if class_order is not None and profile == PROPORTIONAL:
+        raise InputError("class_order does not apply to the proportional profile (its classes "
+                         "are ordered by the images they keep)")
+    if reference_count is not None:
+        if profile != PROPORTIONAL:
+            raise InputError("reference_count applies to the proportional profile only",
+                             value=reference_count)
+        reference_count = _count_argument("reference_count", reference_count, minimum=1)
+    return reference_count
+
+
+def _check_class_names(class_names: Sequence[str]) -> None:
+    """InputError for a class name that classes.txt cannot hold, one per line."""
+    for name in class_names:
+        if not name or name != name.strip() or "\n" in name or "\r" in name:
+            raise InputError(
+                "class name cannot be written to classes.txt (empty, surrounding whitespace "
+                "or a line break)",
+                value=name,
+            )
 
 
 def _without_bad_images(source: Source) -> tuple[Source, list[dict[str, str]]]:
@@ -428,6 +435,77 @@ def _without_bad_images(source: Source) -> tuple[Source, list[dict[str, str]]]:
                    test=None if source.test is None else [e for e in source.test
                                                            if e[0] not in bad])
     return kept, [{"image": key, "reason": str(error)} for key, error in bad.items()]
+
+
+def _class_pools(source: Source) -> tuple[list[list[str]], list[list[str]] | None]:
+    """Each source class's train keys and, when the source has a test split, its test keys
+    (source order)."""
+    num_source_classes = len(source.class_names)
+    train_pools = _by_class(source.train, num_source_classes)
+    test_pools = None if source.test is None else _by_class(source.test, num_source_classes)
+    return train_pools, test_pools
+
+
+def _open_split(rng: np.random.Generator, open_classes: list[int], pools: list[list[str]],
+                open_per_class: int) -> tuple[list[tuple[str, int]], list[int]]:
+    """The open split (label -1): up to ``open_per_class`` images of each open class from its
+    pool, and per open image the position of its class in ``open_classes``."""
+    entries: list[tuple[str, int]] = []
+    open_class_of: list[int] = []
+    for position, index in enumerate(open_classes):
+        pool = pools[index]
+        open_keys, _ = _pick(rng, pool, min(open_per_class, len(pool)))
+        entries += [(key, OPEN_LABEL) for key in open_keys]
+        open_class_of += [position] * len(open_keys)
+    return entries, open_class_of
+
+
+def _val_open_split(rng: np.random.Generator, source: Source, val_open_classes: list[int],
+                    train_pools: list[list[str]], val_open_per_class: int,
+                    ) -> list[tuple[str, int]]:
+    """The val_open split (label -1): ``val_open_per_class`` train images of each validation
+    open class; InputError naming a class that has fewer."""
+    entries: list[tuple[str, int]] = []
+    for index in val_open_classes:
+        pool = train_pools[index]
+        if len(pool) < val_open_per_class:
+            raise InputError(f"validation open class has {len(pool)} images, needs "
+                             f"val_open_per_class={val_open_per_class}",
+                             value=source.class_names[index])
+        val_open_keys, _ = _pick(rng, pool, val_open_per_class)
+        entries += [(key, OPEN_LABEL) for key in val_open_keys]
+    return entries
+
+
+def _curation_manifest(
+    source: Source, seed: int, plan: _Plan, open_classes: list[int],
+    val_open_classes: list[int], *, val_per_class: int, open_per_class: int,
+    val_open_per_class: int, skipped: list[dict[str, str]],
+) -> dict[str, Any]:
+    """The manifest of a curation (without ``files``, which `write_benchmark` adds)."""
+    splits = plan.splits
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "source": source.name,
+        "image_root": EXPORT_DIR if source.needs_export else str(source.image_root),
+        "seed": seed,
+        "profile": plan.profile_record,
+        "val_per_class": val_per_class,
+        "test_per_class": plan.test_per_class,
+        "open_per_class": open_per_class,
+        "known_classes": [source.class_names[index] for index in plan.rank_order],
+        "open_classes": [source.class_names[index] for index in open_classes],
+        "counts": {**plan.counts, "open": len(splits["open"])},
+    }
+    if plan.dropped_classes:
+        manifest["dropped_classes"] = [source.class_names[i] for i in plan.dropped_classes]
+    if val_open_classes:
+        manifest["val_open_classes"] = [source.class_names[i] for i in val_open_classes]
+        manifest["val_open_per_class"] = val_open_per_class
+        manifest["counts"]["val_open"] = len(splits["val_open"])
+    if skipped:
+        manifest["skipped_images"] = skipped
+    return manifest
 
 
 @dataclass
@@ -456,89 +534,20 @@ def _fixed_count_plan(
 ) -> _Plan:
     """Counts from ``class_counts(profile, …)``, ranks by ``class_order`` (default: at random),
     images without replacement (the ImageNet-LT / CIFAR-LT recipe)."""
-    try:
-        counts = class_counts(
-            profile,
-            len(known_classes),
-            max_count=max_count,  # type: ignore[arg-type]
-            min_count=min_count,
-            alpha=alpha,
-            ratio=ratio,
-        )
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"invalid long-tail profile: {exc}") from None
+    counts = _profile_counts(profile, len(known_classes), max_count=max_count,
+                             min_count=min_count, alpha=alpha, ratio=ratio)
     rank_order = _rank_order(source, known_classes,
                              [known_classes[i] for i in rng.permutation(len(known_classes))],
                              train_pools, class_order)
-
     if test_pools is not None:
-        available = {index: len(test_pools[index]) for index in rank_order}
-        fewest = min(rank_order, key=lambda index: (available[index], index))
-        if test_per_class is None:
-            test_per_class = available[fewest]
-            if test_per_class == 0:
-                raise InputError(
-                    "known class has no image in the source's test split",
-                    value=source.class_names[fewest],
-                )
-        short = [index for index in rank_order if available[index] < test_per_class]
-        if short:
-            raise InputError(
-                f"known class has {available[short[0]]} test images, needs test_per_class="
-                f"{test_per_class} ({len(short)} classes short)",
-                value=source.class_names[short[0]],
-            )
+        test_per_class = _test_split_per_class(source, rank_order, test_pools, test_per_class)
     elif test_per_class is None:
         test_per_class = DEFAULT_TEST_PER_CLASS
-
-    held_out_test = test_pools is None
-    needs = [
-        int(count) + val_per_class + (test_per_class if held_out_test else 0)
-        for count in counts
-    ]
-    short_labels = [
-        label for label, index in enumerate(rank_order) if len(train_pools[index]) < needs[label]
-    ]
-    if short_labels:
-        label = short_labels[0]
-        index = rank_order[label]
-        parts = f"train {counts[label]} + val {val_per_class}"
-        if held_out_test:
-            parts += f" + test {test_per_class}"
-        sizes = sorted((len(train_pools[i]) for i in rank_order), reverse=True)
-        by_size_fits = class_order != "size" and all(
-            size >= need for size, need in zip(sizes, sorted(needs, reverse=True)))
-        remedy = ("--class-order size (the classes with the most images at the head) fits "
-                  "these counts; or lower" if by_size_fits else "lower")
-        raise InputError(
-            f"class has {len(train_pools[index])} images, needs {needs[label]} ({parts}) at "
-            f"rank {label}; {len(short_labels)} classes short — {remedy} max_count/min_count, "
-            "val_per_class or test_per_class, or pick other classes",
-            value=source.class_names[index],
-        )
-
-    splits = _empty_splits()
-    for label, index in enumerate(rank_order):
-        pool = train_pools[index]
-        if test_pools is None:
-            test_keys, pool = _pick(rng, pool, test_per_class)
-        else:
-            test_keys, _ = _pick(rng, test_pools[index], test_per_class)
-        train_keys, unused = _pick(rng, pool, int(counts[label]))
-        val_keys, _ = _pick(rng, unused, val_per_class)
-        splits["train"] += [(key, label) for key in train_keys]
-        splits["val"] += [(key, label) for key in val_keys]
-        splits["test"] += [(key, label) for key in test_keys]
-    profile_record: dict[str, Any] = {
-        "name": profile,
-        "max_count": int(max_count),  # type: ignore[arg-type]
-        "min_count": None if min_count is None else int(min_count),
-        "ratio": None if ratio is None else float(ratio),
-    }
-    if profile == "pareto":
-        profile_record["alpha"] = float(alpha)
-    if class_order is not None:
-        profile_record["class_order"] = class_order if isinstance(class_order, str) else "given"
+    _check_class_sizes(source, rank_order, train_pools, counts, val_per_class=val_per_class,
+                       test_per_class=test_per_class, held_out_test=test_pools is None,
+                       class_order=class_order)
+    splits = _draw_known_images(rng, rank_order, counts, train_pools, test_pools,
+                                val_per_class=val_per_class, test_per_class=test_per_class)
     return _Plan(
         rank_order=rank_order,
         splits=splits,
@@ -546,8 +555,26 @@ def _fixed_count_plan(
                 "val": [val_per_class] * len(rank_order),
                 "test": [test_per_class] * len(rank_order)},
         test_per_class=test_per_class,
-        profile_record=profile_record,
+        profile_record=_fixed_profile_record(profile, max_count=max_count, min_count=min_count,
+                                             alpha=alpha, ratio=ratio, class_order=class_order),
     )
+
+
+def _profile_counts(profile: str, num_classes: int, *, max_count: int | None,
+                    min_count: int | None, alpha: float, ratio: float | None) -> np.ndarray:
+    """Train images per rank (head first) of the long-tail profile; InputError for settings
+    `class_counts` refuses."""
+    try:
+        return class_counts(
+            profile,
+            num_classes,
+            max_count=max_count,  # type: ignore[arg-type]
+            min_count=min_count,
+            alpha=alpha,
+            ratio=ratio,
+        )
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"invalid long-tail profile: {exc}") from None
 
 
 def _rank_order(source: Source, known_classes: list[int], drawn: list[int],
@@ -573,6 +600,103 @@ def _rank_order(source: Source, known_classes: list[int], drawn: list[int],
         raise InputError(f"class order lacks {len(missing)} known classes",
                          value=source.class_names[missing[0]])
     return sorted(known_classes, key=lambda index: position[source.class_names[index]])
+
+
+def _test_split_per_class(source: Source, rank_order: list[int], test_pools: list[list[str]],
+                          test_per_class: int | None) -> int:
+    """Test images per known class drawn from the source's test split: ``test_per_class``,
+    by default the fewest any known class has. InputError naming a known class with no test
+    image (for the default) or fewer than ``test_per_class``."""
+    available = {index: len(test_pools[index]) for index in rank_order}
+    fewest = min(rank_order, key=lambda index: (available[index], index))
+    if test_per_class is None:
+        test_per_class = available[fewest]
+        if test_per_class == 0:
+            raise InputError(
+                "known class has no image in the source's test split",
+                value=source.class_names[fewest],
+            )
+    short = [index for index in rank_order if available[index] < test_per_class]
+    if short:
+        raise InputError(
+            f"known class has {available[short[0]]} test images, needs test_per_class="
+            f"{test_per_class} ({len(short)} classes short)",
+            value=source.class_names[short[0]],
+        )
+    return test_per_class
+
+
+def _check_class_sizes(source: Source, rank_order: list[int], train_pools: list[list[str]],
+                       counts: np.ndarray, *, val_per_class: int, test_per_class: int,
+                       held_out_test: bool, class_order: str | Sequence[str] | None) -> None:
+    """InputError naming the first known class (in label order) whose train pool is smaller
+    than its rank's train count plus val (plus test when ``held_out_test``), with how many
+    classes are short and whether ``class_order="size"`` would fit."""
+    needs = [
+        int(count) + val_per_class + (test_per_class if held_out_test else 0)
+        for count in counts
+    ]
+    short_labels = [
+        label for label, index in enumerate(rank_order) if len(train_pools[index]) < needs[label]
+    ]
+    if not short_labels:
+        return
+    label = short_labels[0]
+    index = rank_order[label]
+    parts = f"train {counts[label]} + val {val_per_class}"
+    if held_out_test:
+        parts += f" + test {test_per_class}"
+    sizes = sorted((len(train_pools[i]) for i in rank_order), reverse=True)
+    by_size_fits = class_order != "size" and all(
+        size >= need for size, need in zip(sizes, sorted(needs, reverse=True)))
+    remedy = ("--class-order size (the classes with the most images at the head) fits "
+              "these counts; or lower" if by_size_fits else "lower")
+    raise InputError(
+        f"class has {len(train_pools[index])} images, needs {needs[label]} ({parts}) at "
+        f"rank {label}; {len(short_labels)} classes short — {remedy} max_count/min_count, "
+        "val_per_class or test_per_class, or pick other classes",
+        value=source.class_names[index],
+    )
+
+
+def _draw_known_images(
+    rng: np.random.Generator, rank_order: list[int], counts: np.ndarray,
+    train_pools: list[list[str]], test_pools: list[list[str]] | None, *,
+    val_per_class: int, test_per_class: int,
+) -> dict[str, list[tuple[str, int]]]:
+    """Train, val and test entries of the known classes, label by label: test images (held
+    out of the train pool, or from the test split), then the rank's train count, then val
+    from the images left unused."""
+    splits = _empty_splits()
+    for label, index in enumerate(rank_order):
+        pool = train_pools[index]
+        if test_pools is None:
+            test_keys, pool = _pick(rng, pool, test_per_class)
+        else:
+            test_keys, _ = _pick(rng, test_pools[index], test_per_class)
+        train_keys, unused = _pick(rng, pool, int(counts[label]))
+        val_keys, _ = _pick(rng, unused, val_per_class)
+        splits["train"] += [(key, label) for key in train_keys]
+        splits["val"] += [(key, label) for key in val_keys]
+        splits["test"] += [(key, label) for key in test_keys]
+    return splits
+
+
+def _fixed_profile_record(profile: str, *, max_count: int | None, min_count: int | None,
+                          alpha: float, ratio: float | None,
+                          class_order: str | Sequence[str] | None) -> dict[str, Any]:
+    """The manifest's ``profile`` of a fixed-count curation."""
+    profile_record: dict[str, Any] = {
+        "name": profile,
+        "max_count": int(max_count),  # type: ignore[arg-type]
+        "min_count": None if min_count is None else int(min_count),
+        "ratio": None if ratio is None else float(ratio),
+    }
+    if profile == "pareto":
+        profile_record["alpha"] = float(alpha)
+    if class_order is not None:
+        profile_record["class_order"] = class_order if isinstance(class_order, str) else "given"
+    return profile_record
 
 
 def _proportional_plan(
