@@ -162,16 +162,53 @@ def curate_given(
     listed twice or in both lists, an image root or class folder that is missing, a folder
     shared by two classes (its unlisted images have no class), or a class without train
     images."""
+    directory, root = _given_folders(directory, image_root)
+    val_per_class = _count_argument("val_per_class", val_per_class, minimum=1)
+    seed = _count_argument("seed", seed, minimum=0)
+    files = {name: _find_list(directory, name, required=name != "val")
+             for name in ("train", "test", "val")}
+    labelled, entries, lines, class_names = _read_given_lists(files, directory, root)
+    num_classes = (len(class_names) if class_names is not None
+                   else 1 + max(label for _, label in entries["train"]))
+    if class_names is None:
+        class_names = [f"class_{index}" for index in range(num_classes)]
+    _check_train_classes(entries["train"], class_names, files["train"])  # type: ignore[arg-type]
+    check_image_paths(entries, lines, {k: v for k, v in files.items() if v is not None}, root)
+
+    if "val" not in entries:
+        pools = _unused_images(entries, class_names, root)
+        entries["val"] = _draw_val(pools, val_per_class, seed)
+    if not entries["val"]:
+        raise InputError("the given lists leave no unused image to draw the val split from",
+                         path=directory)
+    source = Source(name=f"{GIVEN_SOURCE}:{directory}", class_names=list(class_names),
+                    train=entries["train"], test=entries.get("test"), image_root=root.resolve())
+    manifest = _given_manifest(source, files, entries, labelled=labelled, seed=seed,
+                               val_per_class=val_per_class)
+    splits = {"train": entries["train"], "val": entries["val"], "test": entries.get("test", [])}
+    return write_benchmark(source, out_dir, splits, manifest, force=force,
+                           verify_images=verify_images)
+
+
+def _given_folders(directory: str | os.PathLike[str],
+                   image_root: str | os.PathLike[str] | None) -> tuple[Path, Path]:
+    """The folder of the lists and the image root (default: that folder); InputError when
+    either is not a folder."""
     directory = Path(directory).expanduser()
     if not directory.is_dir():
         raise InputError("directory of given split files not found", path=directory)
     root = Path(image_root).expanduser() if image_root is not None else directory
     if not root.is_dir():
         raise InputError("image root not found", path=root)
-    val_per_class = _count_argument("val_per_class", val_per_class, minimum=1)
-    seed = _count_argument("seed", seed, minimum=0)
-    files = {name: _find_list(directory, name, required=name != "val")
-             for name in ("train", "test", "val")}
+    return directory, root
+
+
+def _read_given_lists(
+    files: dict[str, Path | None], directory: Path, root: Path,
+) -> tuple[bool, dict[str, list[tuple[str, int]]], dict[str, list[int]], list[str] | None]:
+    """Whether the lists are labelled (the train list's form, which the others must share),
+    each list's entries and line numbers, and the class names (None: labelled lists without
+    a classes.txt)."""
     labelled = _is_labelled(files["train"])  # type: ignore[arg-type]
     named = read_class_names(directory) if labelled else None
     class_names = None if named is None else named[0]
@@ -186,51 +223,68 @@ def curate_given(
         entries[name], lines[name], class_names = _read_given(path, directory, root, labelled,
                                                               class_names)
     assert class_names is not None or labelled
-    num_classes = (len(class_names) if class_names is not None
-                   else 1 + max(label for _, label in entries["train"]))
-    if class_names is None:
-        class_names = [f"class_{index}" for index in range(num_classes)]
-    present = np.bincount([label for _, label in entries["train"]], minlength=num_classes)
+    return labelled, entries, lines, class_names
+
+
+def _check_train_classes(train: list[tuple[str, int]], class_names: list[str],
+                         path: Path) -> None:
+    """InputError naming the first class without a train image."""
+    num_classes = len(class_names)
+    present = np.bincount([label for _, label in train], minlength=num_classes)
     if (present == 0).any():
         missing = int(np.flatnonzero(present == 0)[0])
         raise InputError(f"class {missing} ({class_names[missing]!r}) has no train image "
                          f"({int((present == 0).sum())} classes without one)",
-                         path=files["train"], value=class_names[missing])
-    check_image_paths(entries, lines, {k: v for k, v in files.items() if v is not None}, root)
+                         path=path, value=class_names[missing])
 
-    if "val" not in entries:
-        listed = {image for split in entries.values() for image, _ in split}
-        class_of_folder: dict[str, int] = {}
-        for split in entries.values():
-            for image, label in split:
-                folder = str(PurePosixPath(image).parent)
-                if class_of_folder.setdefault(folder, label) != label:
-                    raise InputError(f"folder {folder!r} holds listed images of two classes "
-                                     f"({class_names[class_of_folder[folder]]!r} and "
-                                     f"{class_names[label]!r}): its unlisted images have no "
-                                     "class to be drawn for val", path=root / folder)
-        pools: list[list[str]] = [[] for _ in range(num_classes)]
-        for folder, label in sorted(class_of_folder.items()):
-            pools[label] += [image for image in _folder_images(root, folder)
-                             if image not in listed]
-        rng = np.random.Generator(np.random.PCG64(seed))
-        val: list[tuple[str, int]] = []
-        for label, pool in enumerate(pools):
-            keys, _ = _pick(rng, sorted(pool), min(val_per_class, len(pool)))
-            val += [(key, label) for key in keys]
-        entries["val"] = val
-    if not entries["val"]:
-        raise InputError("the given lists leave no unused image to draw the val split from",
-                         path=directory)
 
-    def per_class(split: str) -> list[int]:
-        labels = [label for _, label in entries.get(split, [])]
-        return [int(n) for n in np.bincount(labels, minlength=num_classes)] if labels else []
+def _unused_images(entries: dict[str, list[tuple[str, int]]], class_names: list[str],
+                   root: Path) -> list[list[str]]:
+    """Per class, the images of the folders its listed images lie in that no list names (the
+    paper's "un-used training data"); InputError for a folder holding listed images of two
+    classes."""
+    listed = {image for split in entries.values() for image, _ in split}
+    class_of_folder: dict[str, int] = {}
+    for split in entries.values():
+        for image, label in split:
+            folder = str(PurePosixPath(image).parent)
+            if class_of_folder.setdefault(folder, label) != label:
+                raise InputError(f"folder {folder!r} holds listed images of two classes "
+                                 f"({class_names[class_of_folder[folder]]!r} and "
+                                 f"{class_names[label]!r}): its unlisted images have no "
+                                 "class to be drawn for val", path=root / folder)
+    pools: list[list[str]] = [[] for _ in range(len(class_names))]
+    for folder, label in sorted(class_of_folder.items()):
+        pools[label] += [image for image in _folder_images(root, folder)
+                         if image not in listed]
+    return pools
 
-    test_counts = per_class("test")
-    source = Source(name=f"{GIVEN_SOURCE}:{directory}", class_names=list(class_names),
-                    train=entries["train"], test=entries.get("test"), image_root=root.resolve())
-    manifest: dict[str, Any] = {
+
+def _draw_val(pools: list[list[str]], val_per_class: int, seed: int) -> list[tuple[str, int]]:
+    """Up to ``val_per_class`` images of each class's pool (seeded, without replacement)."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    val: list[tuple[str, int]] = []
+    for label, pool in enumerate(pools):
+        keys, _ = _pick(rng, sorted(pool), min(val_per_class, len(pool)))
+        val += [(key, label) for key in keys]
+    return val
+
+
+def _per_class(entries: dict[str, list[tuple[str, int]]], split: str,
+               num_classes: int) -> list[int]:
+    """Images per class of ``split`` (empty for a split without images)."""
+    labels = [label for _, label in entries.get(split, [])]
+    return [int(n) for n in np.bincount(labels, minlength=num_classes)] if labels else []
+
+
+def _given_manifest(source: Source, files: dict[str, Path | None],
+                    entries: dict[str, list[tuple[str, int]]], *, labelled: bool, seed: int,
+                    val_per_class: int) -> dict[str, Any]:
+    """The manifest of given lists (without ``files``, which `write_benchmark` adds): the
+    given files' sha256 under ``profile``, the per-class counts of each split."""
+    num_classes = len(source.class_names)
+    test_counts = _per_class(entries, "test", num_classes)
+    return {
         "format_version": FORMAT_VERSION,
         "source": source.name,
         "image_root": str(source.image_root),
@@ -245,11 +299,9 @@ def curate_given(
         },
         "val_per_class": val_per_class,
         "test_per_class": test_counts[0] if test_counts and len(set(test_counts)) == 1 else None,
-        "known_classes": list(class_names),
+        "known_classes": list(source.class_names),
         "open_classes": [],
-        "counts": {"train": per_class("train"), "val": per_class("val"), "test": test_counts,
+        "counts": {"train": _per_class(entries, "train", num_classes),
+                   "val": _per_class(entries, "val", num_classes), "test": test_counts,
                    "open": 0},
     }
-    splits = {"train": entries["train"], "val": entries["val"], "test": entries.get("test", [])}
-    return write_benchmark(source, out_dir, splits, manifest, force=force,
-                           verify_images=verify_images)
