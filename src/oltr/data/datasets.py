@@ -311,93 +311,20 @@ def load_benchmark(
     does not exist (training checks every split this way before it starts, so a test image
     missing is found before hours of training, not at evaluation).
     """
-    data_dir = Path(data_dir).expanduser()
-    if data_dir.is_file():
-        raise InputError("a benchmark is the folder holding the split files, not one of them: "
-                         f"give {data_dir.parent}", path=data_dir)
-    if not data_dir.is_dir():
-        raise InputError("benchmark directory not found", path=data_dir)
+    data_dir = _benchmark_folder(data_dir)
     manifest = load_manifest(data_dir) if (data_dir / MANIFEST_NAME).exists() else None
     if manifest is not None and verify:
         verify_manifest(data_dir)
     split_files = _split_files(data_dir, manifest)
-
-    named = read_class_names(data_dir)
-    if manifest is not None:
-        if named is None or named[1].name != CLASSES_NAME:
-            raise InputError(f"curated benchmark lacks {CLASSES_NAME}", path=data_dir)
-        if named[0] != manifest["known_classes"]:
-            raise InputError(
-                f"{CLASSES_NAME} does not match the manifest's known_classes", path=named[1]
-            )
-    num_classes = len(named[0]) if named is not None else None
-
-    entries: dict[str, list[tuple[str, int]]] = {}
-    line_numbers: dict[str, list[int]] = {}
-    split_roots: dict[str, Path] = {}
-    for name in SPLITS:
-        if name not in split_files:
-            continue
-        folder = (published_open_folder(split_files[name])
-                  if manifest is None and name in OPEN_SPLITS else None)
-        if folder is not None:
-            split_roots[name] = folder
-        try:
-            entries[name], line_numbers[name] = read_split_lines(
-                split_files[name], num_classes=num_classes, allow_open=name in OPEN_SPLITS,
-                allow_outside_root=allow_outside_root, slash_is_root=folder is not None,
-            )
-        except InputError as exc:
-            expected = split_files[name].with_suffix("")
-            if (manifest is None and name in OPEN_SPLITS and folder is None
-                    and "path leaves the image root" in str(exc)
-                    and str(exc.value).startswith("/")):
-                raise InputError(
-                    f"{name} split: its paths start with '/', as in the published open lists, "
-                    f"which are read against the folder {expected} beside the list; that folder "
-                    "does not exist: unpack the open images there (or remove the list to train "
-                    "without the open split)", path=exc.path, line=exc.line,
-                    value=exc.value) from None
-            raise
-        if name == "train" and num_classes is None:
-            present = {label for _, label in entries["train"]}
-            num_classes = next(label for label in range(len(present) + 1) if label not in present)
-            if num_classes <= max(present):
-                raise InputError(
-                    f"labels must be contiguous from 0 (without a classes.txt): label "
-                    f"{num_classes} has no train image but {max(present)} does",
-                    path=split_files["train"],
-                    value=num_classes,
-                )
-    assert num_classes is not None
-    class_names = named[0] if named is not None else [f"class_{i}" for i in range(num_classes)]
-
-    for name in OPEN_SPLITS:
-        for (path, label), line in zip(entries.get(name, ()), line_numbers.get(name, ())):
-            if label != OPEN_LABEL:
-                raise InputError(
-                    f"{name} split holds only label -1", path=split_files[name], line=line,
-                    value=label,
-                )
-    train_counts = np.bincount(
-        np.array([label for _, label in entries["train"]], dtype=np.int64), minlength=num_classes
-    )
-    empty = np.flatnonzero(train_counts == 0)
-    if empty.size:
-        raise InputError(
-            f"class {int(empty[0])} ({class_names[empty[0]]!r}) has no train image "
-            f"({empty.size} classes without one)",
-            path=split_files["train"],
-        )
-
-    if image_root is not None:
-        root = Path(image_root).expanduser()
-    elif manifest is not None:
-        root = data_dir / manifest["image_root"]
-    else:
-        root = data_dir
-    if not root.is_dir():
-        raise InputError("image root not found", path=root)
+    named = _benchmark_class_names(data_dir, manifest)
+    entries, line_numbers, split_roots, num_classes = _read_splits(
+        split_files, published=manifest is None,
+        num_classes=len(named) if named is not None else None,
+        allow_outside_root=allow_outside_root)
+    class_names = named if named is not None else [f"class_{i}" for i in range(num_classes)]
+    _check_open_labels(entries, line_numbers, split_files)
+    train_counts = _train_counts(entries["train"], class_names, split_files["train"])
+    root = _image_root(data_dir, manifest, image_root)
     for group_root in {split_roots.get(name, root) for name in entries}:
         names = [name for name in entries if split_roots.get(name, root) == group_root]
         check_image_paths({name: entries[name] for name in names},
@@ -414,3 +341,139 @@ def load_benchmark(
         _line_numbers=line_numbers,
         split_roots=split_roots,
     )
+
+
+def _benchmark_folder(data_dir: str | os.PathLike[str]) -> Path:
+    """``data_dir`` as a path; InputError when it is a file (a split file given for its
+    folder) or missing."""
+    data_dir = Path(data_dir).expanduser()
+    if data_dir.is_file():
+        raise InputError("a benchmark is the folder holding the split files, not one of them: "
+                         f"give {data_dir.parent}", path=data_dir)
+    if not data_dir.is_dir():
+        raise InputError("benchmark directory not found", path=data_dir)
+    return data_dir
+
+
+def _benchmark_class_names(data_dir: Path, manifest: dict[str, Any] | None) -> list[str] | None:
+    """The class names of ``classes.txt`` (or another class-name file of a plain directory),
+    or None without one. InputError when a curated benchmark lacks classes.txt or it differs
+    from the manifest's ``known_classes``."""
+    named = read_class_names(data_dir)
+    if manifest is not None:
+        if named is None or named[1].name != CLASSES_NAME:
+            raise InputError(f"curated benchmark lacks {CLASSES_NAME}", path=data_dir)
+        if named[0] != manifest["known_classes"]:
+            raise InputError(
+                f"{CLASSES_NAME} does not match the manifest's known_classes", path=named[1]
+            )
+    return named[0] if named is not None else None
+
+
+def _read_splits(
+    split_files: dict[str, Path], *, published: bool, num_classes: int | None,
+    allow_outside_root: bool,
+) -> tuple[dict[str, list[tuple[str, int]]], dict[str, list[int]], dict[str, Path], int]:
+    """Each split's entries and line numbers, the splits read against a folder of their own
+    (a published open folder, `published_open_folder`; ``published``: a directory without a
+    manifest), and the number of classes (without class names: from the train labels)."""
+    entries: dict[str, list[tuple[str, int]]] = {}
+    line_numbers: dict[str, list[int]] = {}
+    split_roots: dict[str, Path] = {}
+    for name in SPLITS:
+        if name not in split_files:
+            continue
+        folder = (published_open_folder(split_files[name])
+                  if published and name in OPEN_SPLITS else None)
+        if folder is not None:
+            split_roots[name] = folder
+        entries[name], line_numbers[name] = _read_split(
+            name, split_files[name], folder, published=published, num_classes=num_classes,
+            allow_outside_root=allow_outside_root)
+        if name == "train" and num_classes is None:
+            num_classes = _contiguous_class_count(entries["train"], split_files["train"])
+    assert num_classes is not None
+    return entries, line_numbers, split_roots, num_classes
+
+
+def _read_split(name: str, path: Path, folder: Path | None, *, published: bool,
+                num_classes: int | None, allow_outside_root: bool,
+                ) -> tuple[list[tuple[str, int]], list[int]]:
+    """One split file (`read_split_lines`; read against ``folder`` when given). A published
+    open list whose '/' paths have no folder beside it to be read against gets an InputError
+    that says so."""
+    try:
+        return read_split_lines(
+            path, num_classes=num_classes, allow_open=name in OPEN_SPLITS,
+            allow_outside_root=allow_outside_root, slash_is_root=folder is not None,
+        )
+    except InputError as exc:
+        expected = path.with_suffix("")
+        if (published and name in OPEN_SPLITS and folder is None
+                and "path leaves the image root" in str(exc)
+                and str(exc.value).startswith("/")):
+            raise InputError(
+                f"{name} split: its paths start with '/', as in the published open lists, "
+                f"which are read against the folder {expected} beside the list; that folder "
+                "does not exist: unpack the open images there (or remove the list to train "
+                "without the open split)", path=exc.path, line=exc.line,
+                value=exc.value) from None
+        raise
+
+
+def _contiguous_class_count(train: list[tuple[str, int]], path: Path) -> int:
+    """The number of classes of train labels without class names: one past the lowest label
+    absent; InputError when a higher label is present (labels must be contiguous)."""
+    present = {label for _, label in train}
+    num_classes = next(label for label in range(len(present) + 1) if label not in present)
+    if num_classes <= max(present):
+        raise InputError(
+            f"labels must be contiguous from 0 (without a classes.txt): label "
+            f"{num_classes} has no train image but {max(present)} does",
+            path=path,
+            value=num_classes,
+        )
+    return num_classes
+
+
+def _check_open_labels(entries: dict[str, list[tuple[str, int]]],
+                       line_numbers: dict[str, list[int]], split_files: dict[str, Path]) -> None:
+    """InputError naming the first line of an open split whose label is not -1."""
+    for name in OPEN_SPLITS:
+        for (path, label), line in zip(entries.get(name, ()), line_numbers.get(name, ())):
+            if label != OPEN_LABEL:
+                raise InputError(
+                    f"{name} split holds only label -1", path=split_files[name], line=line,
+                    value=label,
+                )
+
+
+def _train_counts(train: list[tuple[str, int]], class_names: list[str], path: Path,
+                  ) -> np.ndarray:
+    """Train images per class; InputError naming the first class without one."""
+    train_counts = np.bincount(
+        np.array([label for _, label in train], dtype=np.int64), minlength=len(class_names)
+    )
+    empty = np.flatnonzero(train_counts == 0)
+    if empty.size:
+        raise InputError(
+            f"class {int(empty[0])} ({class_names[empty[0]]!r}) has no train image "
+            f"({empty.size} classes without one)",
+            path=path,
+        )
+    return train_counts
+
+
+def _image_root(data_dir: Path, manifest: dict[str, Any] | None,
+                image_root: str | os.PathLike[str] | None) -> Path:
+    """Where split paths are looked up: ``image_root``, else the manifest's (relative to
+    ``data_dir``), else ``data_dir``; InputError when it is not a folder."""
+    if image_root is not None:
+        root = Path(image_root).expanduser()
+    elif manifest is not None:
+        root = data_dir / manifest["image_root"]
+    else:
+        root = data_dir
+    if not root.is_dir():
+        raise InputError("image root not found", path=root)
+    return root
