@@ -217,59 +217,87 @@ def walk_images(
                                                        frozenset({real_folder}))]
     while stack:
         directory, real_directory, above = stack.pop()
-        try:
-            entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
-        except OSError as exc:
-            raise InputError(f"cannot list folder ({exc.strerror or exc})",
-                             path=directory) from None
         subfolders = []
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
+        for entry in _folder_entries(directory):
             path = directory / entry.name
-            if entry.is_symlink():
-                try:
-                    target = os.path.realpath(path, strict=True)
-                except OSError as exc:
-                    if exc.errno == errno.ELOOP:
-                        raise InputError("symbolic link loop (the link leads back to itself)",
-                                         path=path) from None
-                    raise InputError("broken symbolic link (it leads to nothing)",
-                                     path=path) from None
-                if not allow_outside_root and not is_inside(target, real_root):
-                    raise InputError(f"symbolic link leads outside the image root {real_root} "
-                                     f"(to {target}); {outside_hint}", path=path)
-                is_folder = os.path.isdir(target)
-            else:
-                target = os.path.join(real_directory, entry.name)
-                try:
-                    is_folder = entry.is_dir(follow_symlinks=False)
-                except OSError:
-                    is_folder = False
+            target, is_folder = _entry_target(entry, path, real_directory, real_root,
+                                              allow_outside_root=allow_outside_root,
+                                              outside_hint=outside_hint)
             if is_folder:
-                if target in above:
-                    raise InputError(f"symbolic link loop: the link leads back to {target}, a "
-                                     "folder it is inside, so every image below would be "
-                                     "listed again and again", path=path)
-                if target in visited:
-                    raise InputError(f"folder reached twice (also as {visited[target]}; a "
-                                     "symbolic link leads there): its images would be listed "
-                                     "twice", path=path)
+                _check_new_folder(path, target, above, visited)
                 visited[target] = path
                 subfolders.append((path, target, above | {target}))
             elif Path(entry.name).suffix.lower() in extensions:
-                try:
-                    info = entry.stat()  # follows a link: the identity of the file itself
-                except OSError as exc:
-                    raise InputError(f"cannot read image ({exc.strerror or exc})",
-                                     path=path) from None
-                identity: Hashable = (info.st_dev, info.st_ino)
-                found.append((path, identity))
+                found.append((path, _file_identity(entry, path)))
         stack.extend(reversed(subfolders))
     found.sort(key=lambda item: item[0])
+    _check_listed_once(found)
+    return [path for path, _ in found]
+
+
+def _folder_entries(directory: Path) -> list[os.DirEntry[str]]:
+    """The entries of ``directory`` by name, without those starting with '.'; InputError when
+    it cannot be listed."""
+    try:
+        entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+    except OSError as exc:
+        raise InputError(f"cannot list folder ({exc.strerror or exc})",
+                         path=directory) from None
+    return [entry for entry in entries if not entry.name.startswith(".")]
+
+
+def _entry_target(entry: os.DirEntry[str], path: Path, real_directory: str, real_root: str, *,
+                  allow_outside_root: bool, outside_hint: str) -> tuple[str, bool]:
+    """Where a folder entry leads (a symbolic link resolved) and whether that is a folder.
+    InputError naming the link for a link loop, a broken link, or (unless
+    ``allow_outside_root``) a link leading outside ``real_root``."""
+    if not entry.is_symlink():
+        try:
+            is_folder = entry.is_dir(follow_symlinks=False)
+        except OSError:
+            is_folder = False
+        return os.path.join(real_directory, entry.name), is_folder
+    try:
+        target = os.path.realpath(path, strict=True)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InputError("symbolic link loop (the link leads back to itself)",
+                             path=path) from None
+        raise InputError("broken symbolic link (it leads to nothing)", path=path) from None
+    if not allow_outside_root and not is_inside(target, real_root):
+        raise InputError(f"symbolic link leads outside the image root {real_root} "
+                         f"(to {target}); {outside_hint}", path=path)
+    return target, os.path.isdir(target)
+
+
+def _check_new_folder(path: Path, target: str, above: frozenset[str],
+                      visited: dict[str, Path]) -> None:
+    """InputError when the folder ``path`` leads to (``target``) is one it lies inside (a
+    link loop) or one already walked (``visited``: reached through a link)."""
+    if target in above:
+        raise InputError(f"symbolic link loop: the link leads back to {target}, a "
+                         "folder it is inside, so every image below would be "
+                         "listed again and again", path=path)
+    if target in visited:
+        raise InputError(f"folder reached twice (also as {visited[target]}; a "
+                         "symbolic link leads there): its images would be listed "
+                         "twice", path=path)
+
+
+def _file_identity(entry: os.DirEntry[str], path: Path) -> Hashable:
+    """The identity of the file an entry names (device and inode, a link followed);
+    InputError when it cannot be read."""
+    try:
+        info = entry.stat()  # follows a link: the identity of the file itself
+    except OSError as exc:
+        raise InputError(f"cannot read image ({exc.strerror or exc})", path=path) from None
+    return (info.st_dev, info.st_ino)
+
+
+def _check_listed_once(found: list[tuple[Path, Hashable]]) -> None:
+    """InputError naming the second path of the first file reached under two names."""
     repeat = first_repeat(identity for _, identity in found)
     if repeat is not None:
         first, second = found[repeat[0]][0], found[repeat[1]][0]
         raise InputError(f"the same image file as {first} (reached through a symbolic or hard "
                          "link): an image must be listed once", path=second)
-    return [path for path, _ in found]
