@@ -55,63 +55,89 @@ def read_split_lines(
     line_numbers: list[int] = []
     first_line_of: dict[str, int] = {}
     for line_number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line:
+        if not raw.strip():
             continue
-        fields = line.rsplit(maxsplit=1)
-        if len(fields) != 2:
-            raise InputError("expected 'path label'", path=path, line=line_number, value=raw)
-        image_path, label_text = fields
-        if slash_is_root:
-            image_path = image_path.lstrip("/")
-            if not image_path:
-                raise InputError("expected 'path label'", path=path, line=line_number, value=raw)
-        if not _INTEGER.fullmatch(label_text):
-            raise InputError(
-                "label is not an integer", path=path, line=line_number, value=label_text
-            )
-        if len(label_text.lstrip("+-").lstrip("0")) > _MAX_LABEL_DIGITS:
-            raise InputError("label is too large", path=path, line=line_number, value=label_text)
-        label = int(label_text)
-        if label < OPEN_LABEL:
-            raise InputError(
-                "label below -1 (the open label)", path=path, line=line_number, value=label_text
-            )
-        if label == OPEN_LABEL and not allow_open:
-            raise InputError(
-                "open label -1 is not allowed in this split",
-                path=path,
-                line=line_number,
-                value=label_text,
-            )
-        if num_classes is not None and label >= num_classes:
-            raise InputError(
-                f"label out of range: there are {num_classes} classes (labels 0..{num_classes - 1})",
-                path=path,
-                line=line_number,
-                value=label_text,
-            )
-        if not allow_outside_root and leaves_root(image_path):
-            raise InputError(
-                f"path leaves the image root (absolute or with a '..' component); "
-                f"{OUTSIDE_ROOT_HINT}",
-                path=path,
-                line=line_number,
-                value=image_path,
-            )
-        if image_path in first_line_of:
-            raise InputError(
-                f"path listed twice (first on line {first_line_of[image_path]})",
-                path=path,
-                line=line_number,
-                value=image_path,
-            )
+        image_path, label_text = _path_and_label(raw, path, line_number,
+                                                 slash_is_root=slash_is_root)
+        label = _label(label_text, path, line_number, num_classes=num_classes,
+                       allow_open=allow_open)
+        _check_image_path(image_path, path, line_number, first_line_of,
+                          allow_outside_root=allow_outside_root)
         first_line_of[image_path] = line_number
         entries.append((image_path, label))
         line_numbers.append(line_number)
     if not entries:
         raise InputError("split file is empty", path=path)
     return entries, line_numbers
+
+
+def _path_and_label(raw: str, path: Path, line_number: int, *,
+                    slash_is_root: bool) -> tuple[str, str]:
+    """The image path and label text of a non-blank line (the label is the last field; with
+    ``slash_is_root`` a leading '/' is dropped from the path). InputError unless both are
+    there."""
+    fields = raw.strip().rsplit(maxsplit=1)
+    if len(fields) != 2:
+        raise InputError("expected 'path label'", path=path, line=line_number, value=raw)
+    image_path, label_text = fields
+    if slash_is_root:
+        image_path = image_path.lstrip("/")
+        if not image_path:
+            raise InputError("expected 'path label'", path=path, line=line_number, value=raw)
+    return image_path, label_text
+
+
+def _label(label_text: str, path: Path, line_number: int, *, num_classes: int | None,
+           allow_open: bool) -> int:
+    """The label of a line; InputError for a non-integer, one too large, one below -1, -1
+    unless ``allow_open``, or one ``>= num_classes``."""
+    if not _INTEGER.fullmatch(label_text):
+        raise InputError(
+            "label is not an integer", path=path, line=line_number, value=label_text
+        )
+    if len(label_text.lstrip("+-").lstrip("0")) > _MAX_LABEL_DIGITS:
+        raise InputError("label is too large", path=path, line=line_number, value=label_text)
+    label = int(label_text)
+    if label < OPEN_LABEL:
+        raise InputError(
+            "label below -1 (the open label)", path=path, line=line_number, value=label_text
+        )
+    if label == OPEN_LABEL and not allow_open:
+        raise InputError(
+            "open label -1 is not allowed in this split",
+            path=path,
+            line=line_number,
+            value=label_text,
+        )
+    if num_classes is not None and label >= num_classes:
+        raise InputError(
+            f"label out of range: there are {num_classes} classes (labels 0..{num_classes - 1})",
+            path=path,
+            line=line_number,
+            value=label_text,
+        )
+    return label
+
+
+def _check_image_path(image_path: str, path: Path, line_number: int,
+                      first_line_of: dict[str, int], *, allow_outside_root: bool) -> None:
+    """InputError for a path that leaves the image root (unless ``allow_outside_root``) or
+    one listed on an earlier line (``first_line_of``)."""
+    if not allow_outside_root and leaves_root(image_path):
+        raise InputError(
+            f"path leaves the image root (absolute or with a '..' component); "
+            f"{OUTSIDE_ROOT_HINT}",
+            path=path,
+            line=line_number,
+            value=image_path,
+        )
+    if image_path in first_line_of:
+        raise InputError(
+            f"path listed twice (first on line {first_line_of[image_path]})",
+            path=path,
+            line=line_number,
+            value=image_path,
+        )
 
 
 def read_split_file(
