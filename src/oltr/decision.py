@@ -400,9 +400,22 @@ def fit_decision_rule(
     rule.record["val_images"] = len(val)
     rule.record["val_open_images"] = 0 if val_open is None else len(val_open)
     labels = val.labels.numpy()
+    _fit_tau_normalization(rule, eval_cfg, context, labels)
+    if open_set:  # the open score before the logit adjustment: the F-measure objective needs it
+        rule.detector = _fit_open_score(rule, eval_cfg, context, select)
+    _fit_logit_adjustment(rule, eval_cfg, context, select, labels)
+    if rule.detector is not None:
+        _fit_threshold(rule, eval_cfg, context, select)
+    return rule
 
-    # 1. τ-normalisation
+
+def _fit_tau_normalization(rule: DecisionRule, eval_cfg: Mapping[str, Any],
+                           context: _FitContext, labels: np.ndarray) -> None:
+    """Set ``rule.tau_normalization``: given, or ``auto``: the value of
+    `TAU_NORMALIZATION_GRID` with the best val balanced accuracy. InputError for a
+    τ-normalisation of a classifier that is not linear."""
     tau = eval_cfg.get("tau_normalization", 0.0)
+    classifier = context.classifier
     if (tau == "auto" or tau != 0) and (
             classifier is None or not isinstance(getattr(classifier, "weight", None), torch.Tensor)):
         raise InputError("τ-normalisation needs a model with a linear classifier on the "
@@ -419,11 +432,12 @@ def fit_decision_rule(
         rule.tau_normalization = float(tau)
         rule.record["tau_normalization"] = {"source": "given"}
 
-    # 2. the open score (before the logit adjustment: the F-measure objective needs it)
-    if open_set:
-        rule.detector = _fit_open_score(rule, eval_cfg, context, select)
 
-    # 3. logit adjustment
+def _fit_logit_adjustment(rule: DecisionRule, eval_cfg: Mapping[str, Any],
+                          context: _FitContext, select: str, labels: np.ndarray) -> None:
+    """Set ``rule.logit_adjustment``: given, or ``auto``: the value of
+    `LOGIT_ADJUSTMENT_GRID` with the best val objective (the F-measure at its best threshold
+    when ``select`` is ``f_measure``, else balanced accuracy)."""
     la = eval_cfg.get("logit_adjustment", 0.0)
     if la == "auto":
         def la_objective(value: float) -> float:
@@ -441,11 +455,6 @@ def fit_decision_rule(
     else:
         rule.logit_adjustment = float(la)
         rule.record["logit_adjustment"] = {"source": "given"}
-
-    # 4. the threshold
-    if rule.detector is not None:
-        _fit_threshold(rule, eval_cfg, context, select)
-    return rule
 
 
 def _fit_open_score(rule: DecisionRule, eval_cfg: Mapping[str, Any], context: _FitContext,
