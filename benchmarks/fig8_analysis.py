@@ -29,13 +29,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from oltr.analysis import PLOT_FILES, RunSpec, analyze, imbalance_ratio
 from oltr.bench import machine_description
 from oltr.config import load_config, load_saved_config
 from oltr.data import curate, load_manifest
 from oltr.data.curation import OPEN_CLASSES_NAME
 from oltr.errors import InputError
-from oltr.evaluate import evaluate_run
+from oltr.evaluation.analysis import PLOT_FILES, RunSpec, analyze, imbalance_ratio
+from oltr.evaluation.closed_open import evaluate_run
 from oltr.io import read_json_object
 from oltr.pipeline import train_run
 

@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 
 from oltr.bench import machine_description, run_bench
-from oltr.cli import protocol_defaults
+from oltr.cli.curate import protocol_defaults
 from oltr.config import load_config, stage_config
 from oltr.data import curate
-from oltr.evaluate import evaluate_run
+from oltr.evaluation.closed_open import evaluate_run
 from oltr.io import read_json_object
 
 OLTR_EPOCHS = sum(stage_config(load_config("oltr"), s["name"])["train"]["epochs"]
@@ -126,7 +126,8 @@ def val_figures(run_dir: Path) -> dict[str, float | None]:
 
 def val_open_figures(run_dir: Path, data: Path, overrides: dict[str, Any]) -> dict[str, float]:
     """An open score's figures on val (known) against val_open, its threshold fitted on val."""
-    from oltr.evaluate import collect_run_outputs, open_set_figures
+    from oltr.evaluation.open_set import open_set_figures
+    from oltr.evaluation.run_outputs import collect_run_outputs
 
     outputs = collect_run_outputs(run_dir, data, ("val", "val_open"), overrides=overrides)
     val, val_open = outputs.splits["val"], outputs.splits["val_open"]

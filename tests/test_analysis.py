@@ -10,10 +10,13 @@ import pytest
 from PIL import Image
 
 from oltr import metrics
-from oltr.analysis import (
+from oltr.cli import analyze as analyze_command
+from oltr.data.curation import curate, load_open_classes
+from oltr.data.splits import read_split_file, sha256_file
+from oltr.errors import InputError
+from oltr.evaluation.analysis import (
     PLOT_FILES,
     RunSpec,
-    add_analysis_command,
     analyze,
     class_subsets,
     json_ready,
@@ -21,14 +24,10 @@ from oltr.analysis import (
     open_classes_curve,
     parse_plots,
     parse_run_specs,
-    plot_open_classes,
-    plot_threshold,
     threshold_curve,
 )
-from oltr.data.curation import curate, load_open_classes
-from oltr.data.splits import read_split_file, sha256_file
-from oltr.errors import InputError
-from oltr.evaluate import RunOutputs
+from oltr.evaluation.plots.curves import plot_open_classes, plot_threshold
+from oltr.evaluation.run_outputs import RunOutputs
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 GROUPS = {"many_threshold": 100, "few_threshold": 20, "strict": True}
@@ -328,7 +327,7 @@ def test_analyze_longtail_from_reports_and_input_errors(tmp_path):
 def analysis_parser():
     parser = argparse.ArgumentParser(prog="oltr")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_analysis_command(sub)
+    analyze_command.register(sub)
     return parser
 
 

@@ -24,7 +24,7 @@ from oltr.cli import main
 from oltr.config import load_config
 from oltr.data import curate, load_benchmark, parse_source, read_idx
 from oltr.errors import InputError
-from oltr.evaluate import evaluate_run
+from oltr.evaluation.closed_open import evaluate_run
 from oltr.pipeline import train_run
 
 TRAINED = ["model.width=8", "train.batch_size=32", "train.max_steps_per_epoch=2",

@@ -17,7 +17,7 @@ from oltr.bench import DONE, run_bench, scale_epochs, stage_key
 from oltr.cli import main
 from oltr.config import load_config, stage_config
 from oltr.errors import InputError
-from oltr.evaluate import evaluate_run
+from oltr.evaluation.closed_open import evaluate_run
 from oltr.ownership import write_marker
 
 
@@ -364,7 +364,7 @@ def test_a_detector_that_does_not_apply_is_recorded_and_shown_as_na():
 
     from oltr.bench import format_results, summarize
     from oltr.errors import InputError
-    from oltr.evaluate import detector_scores
+    from oltr.evaluation.detector_sweep import detector_scores
     from oltr.models import NetworkOutput
 
     rng = np.random.default_rng(0)

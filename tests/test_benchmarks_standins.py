@@ -22,7 +22,7 @@ from oltr.data.given import curate_given
 from oltr.data.images import load_image
 from oltr.data.profiles import keep_probabilities
 from oltr.errors import InputError
-from oltr.evaluate import open_set_entries
+from oltr.evaluation.external_open_sets import open_set_entries
 from oltr.evaluation.identification import evaluate_identification
 from oltr.inference import eval_transform, load_model
 from oltr.models.backbones import create_backbone

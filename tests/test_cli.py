@@ -197,7 +197,7 @@ def test_train_image_root_is_saved_absolute_and_moved_images_are_found_again(
 
 
 def test_published_lists_with_another_preset_family_are_pointed_out(tmp_path) -> None:
-    from oltr.cli import _benchmark_mismatch
+    from oltr.cli.train import benchmark_mismatch as _benchmark_mismatch
 
     (tmp_path / "ImageNet_LT_train.txt").write_text("train/n1/a.JPEG 0\n")
     assert "use --benchmark imagenet_lt" in _benchmark_mismatch(str(tmp_path), "fmnist_lt")

@@ -11,7 +11,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from oltr.config import load_config
 from oltr.errors import InputError, OltrError
-from oltr.evaluate import evaluate_run
+from oltr.evaluation.closed_open import evaluate_run
 from oltr.pipeline import check_run, train_run
 from oltr.predict import Predictor
 from oltr.run import final_stage_dir

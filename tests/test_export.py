@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from oltr.cli import export as export_command
 from oltr.decision import SplitOutputs, fit_decision_rule
 from oltr.detectors import LinearHead, create_detector, list_detectors, network_head
 from oltr.errors import InputError
@@ -29,7 +30,6 @@ from oltr.export import (
     OUTPUT_NAMES,
     RTOL,
     ExportModule,
-    add_export_command,
     check_output_file,
     closed_set_rule,
     euclidean_distances,
@@ -341,7 +341,7 @@ def _run_dir(tmp_path: Path, net, rule=None) -> Path:
 
 def _command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="oltr")
-    add_export_command(parser.add_subparsers(dest="command"))
+    export_command.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(argv)
     return args.func(args)
 

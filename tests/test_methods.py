@@ -19,7 +19,9 @@ from oltr.data import dataset_for, load_benchmark
 from oltr.decision import TAU_NORMALIZATION_GRID as TAU_NORM_GRID
 from oltr.decision import DecisionRule, SplitOutputs, fit_decision_rule
 from oltr.errors import InputError
-from oltr.evaluate import collect_run_outputs, evaluate_run, format_report
+from oltr.evaluation.closed_open import evaluate_run
+from oltr.evaluation.run_outputs import collect_run_outputs
+from oltr.evaluation.terminal import format_report
 from oltr.inference import collect_outputs, eval_loader, load_model
 from oltr.losses import LiftedStructureLoss, RangeLoss
 from oltr.models import (
@@ -623,7 +625,7 @@ def test_negative_logit_adjustment_is_accepted(plain_run, fmnist_small):
 def test_open_scores_use_the_models_logits_unless_told_otherwise(plain_run, fmnist_small):
     """eval.open_score_logits: the logit adjustment moves the closed-set decision only (model),
     or the open score too (decision)."""
-    from oltr.evaluate import score_logits
+    from oltr.evaluation.run_outputs import score_logits
 
     base = evaluate_run(plain_run, fmnist_small, open_set=True, logit_adjustment=0.0)
     moved = evaluate_run(plain_run, fmnist_small, open_set=True, logit_adjustment=-1.0)

@@ -24,7 +24,7 @@ from oltr.cli import main
 from oltr.config import load_config
 from oltr.data import load_benchmark
 from oltr.errors import InputError, OltrError
-from oltr.evaluate import evaluate_run
+from oltr.evaluation.closed_open import evaluate_run
 from oltr.ownership import remove_stale_temporaries, write_marker
 from oltr.pipeline import train_run
 from oltr.train.checkpoint import load_checkpoint

@@ -15,7 +15,7 @@ from oltr.config import load_config
 from oltr.data import curate
 from oltr.data.sources import FASHION_MNIST_SYSTEM_DIR
 from oltr.data.splits import sha256_file
-from oltr.evaluate import evaluate_run
+from oltr.evaluation.closed_open import evaluate_run
 from oltr.pipeline import train_run
 
 TINY = ["model.width=8", "train.batch_size=32", "train.max_steps_per_epoch=2",

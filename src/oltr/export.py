@@ -47,7 +47,6 @@ respect to the input. Every other registered open score exports.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import io
@@ -63,13 +62,13 @@ import torch
 from torch import nn
 
 from oltr import __version__
-from oltr.decision import DECISION_JSON, DecisionRule
+from oltr.decision import DecisionRule
 from oltr.detectors import MSP, network_head
 from oltr.detectors.base import Detector
 from oltr.errors import InputError, OltrError
 from oltr.inference import load_model
 from oltr.io import atomic_write
-from oltr.run import WEIGHTS, final_stage_dir, weights_digest
+from oltr.run import WEIGHTS, weights_digest
 
 #: The exporter's own opset in torch 2.14 (``torch.onnx`` dynamo exporter, onnxscript's
 #: torchlib): every op is emitted natively, no version conversion.
@@ -505,49 +504,3 @@ def compare_outputs(got: Mapping[str, np.ndarray], expected: Mapping[str, np.nda
                             "the threshold")
     return {"differences": differences, "mismatched_predictions": int(differ.sum()),
             "failures": failures}
-
-
-# --------------------------------------------------------------------------- command line
-def cmd_export(args: argparse.Namespace) -> int:
-    """``oltr export RUN --onnx FILE``: the run's final stage and its decision rule."""
-    stage_dir = final_stage_dir(args.run)
-    rule = None
-    if (Path(args.run) / DECISION_JSON).exists():
-        rule = DecisionRule.load(Path(args.run))
-    else:
-        print(f"note: {Path(args.run) / DECISION_JSON} not found: exporting a closed-set rule (the "
-              "model's logits, msp open score, no threshold: never 'unknown')")
-    result = export_onnx(stage_dir, rule, args.onnx, opset=args.opset, batch=args.batch,
-                         force=args.force)
-    threshold = "none" if result.threshold is None else f"{result.threshold:.6g}"
-    batch = "dynamic" if result.batch is None else str(result.batch)
-    check = ("not checked (onnxruntime not installed)" if not result.differences else
-             "onnxruntime matches PyTorch (max |diff| "
-             + ", ".join(f"{k} {v:.2g}" for k, v in result.differences.items()) + ")")
-    print(f"wrote {result.path} (opset {result.opset}, batch {batch}, open score "
-          f"{result.open_score}, threshold {threshold}); {check}")
-    return 0
-
-
-def add_export_command(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``oltr export`` on the ``oltr`` command's sub-parsers."""
-    p = subparsers.add_parser(
-        "export", help="export a trained run (network + decision rule) to ONNX",
-        description="Write the full inference path of RUN's final stage — network, "
-                    "τ-normalisation, logit adjustment, open score and threshold of its "
-                    "decision rule (decision.json; a closed-set msp rule without one) — as one "
-                    "ONNX model. Input: preprocessed float32 images (B, C, H, W); outputs: "
-                    "logits, open_score, prediction (-1 = unknown), confidence. Class names, "
-                    "threshold and data settings (for preprocessing) are in its metadata.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("run", metavar="RUN", help="trained run directory (or a stage directory)")
-    p.add_argument("--onnx", required=True, metavar="FILE", help="the ONNX file to write")
-    p.add_argument("--batch", type=int, default=None, metavar="N",
-                   help="fixed batch size (default: a dynamic batch dimension)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, metavar="N",
-                   help=f"ONNX opset (>= {MIN_OPSET})")
-    p.add_argument("--force", action="store_true",
-                   help="replace FILE if it is an ONNX model oltr exported (never another file)")
-    p.set_defaults(func=cmd_export)
-    return p

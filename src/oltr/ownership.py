@@ -321,7 +321,7 @@ def remove_stale_temporaries(directory: Path) -> list[Path]:
 def is_oltr_report(path: Path) -> bool:
     """Whether ``path`` is a file holding an oltr report (JSON with ``report_version``): an
     evaluation report (``closed``) or an identification report (``kind``: identification,
-    `oltr.identify`)."""
+    `oltr.evaluation.identify_run`)."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):

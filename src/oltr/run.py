@@ -15,7 +15,7 @@
     RUN/decision.json + decision.safetensors   the decision rule fitted on val for the final
                             stage's weights (oltr.decision): τ's, open score and its state,
                             threshold; in the run, since a stage folder may be shared by runs
-    RUN/report.json         the last evaluation (oltr.evaluate)
+    RUN/report.json         the last evaluation (oltr.evaluation)
 
 Every write is atomic (temporary file, fsync, rename: ``kill -9`` leaves the old or the new
 file); JSON is read with :func:`oltr.io.read_json_object`, whose errors name the file.

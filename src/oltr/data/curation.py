@@ -260,6 +260,14 @@ def _json_bytes(data: dict[str, Any]) -> bytes:
     return (json.dumps(data, sort_keys=True, indent=2) + "\n").encode("utf-8")
 
 
+#: The head and tail train counts ``oltr curate`` draws with a fixed-count profile when neither
+#: they (nor ``--ratio``) nor a protocol are given: ImageNet-LT's (paper §4, Pareto α = 6,
+#: 1280 → 5). :func:`curate` itself has no default for them: a fixed-count profile needs
+#: ``max_count`` and one of ``min_count`` / ``ratio``, and a call without them is an error.
+DEFAULT_MAX_COUNT = 1280
+DEFAULT_MIN_COUNT = 5
+
+
 def curate(
     source: Source | str,
     out_dir: str | os.PathLike[str],

@@ -1,18 +1,16 @@
 """``oltr report RUN --data DIR --out DIR``: a run's evaluation as a page you look at.
 
 Runs the trained model once over the test (and open) split with its decision rule
-(`oltr.evaluate.collect_run_outputs`), takes OLTR's meta-embeddings, hallucinator coefficients
-and selector weights from its memory for the same images, and hands everything to the
-renderer (`oltr.evaluation.render`): per-class accuracy against train frequency, open-score
+(`oltr.evaluation.run_outputs.collect_run_outputs`), takes OLTR's meta-embeddings, hallucinator
+coefficients and selector weights from its memory for the same images, and hands everything to
+the renderer (`oltr.evaluation.html`): per-class accuracy against train frequency, open-score
 histograms, the threshold sweep, the direct vs meta-embedding map (paper Fig. 3), the memory
 concepts of a few test images (paper Fig. 7) and the tail/open confusion, on one
 self-contained HTML page with its PNG figures.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -21,8 +19,9 @@ from oltr import metrics
 from oltr.data import load_benchmark
 from oltr.data.images import load_image
 from oltr.errors import InputError
-from oltr.evaluate import collect_run_outputs
-from oltr.evaluation.render import PAGE_FILE, ReportInputs, ReportTable, render_report
+from oltr.evaluation.html import ReportInputs, ReportTable, render_report
+from oltr.evaluation.open_set import open_set_at_threshold
+from oltr.evaluation.run_outputs import collect_run_outputs
 from oltr.ownership import claim_directory
 
 CONCEPT_IMAGES = 6
@@ -98,15 +97,13 @@ def build_report(run_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
         concept_predictions=concept_predictions, many_threshold=group_kw["many_threshold"],
         few_threshold=group_kw["few_threshold"], strict=group_kw["strict"])
     if opened is not None:
-        rejected = metrics.reject(
-            np.concatenate([closed_predictions, opened["logits"].argmax(axis=1)]),
-            np.concatenate([test["open_score"], opened["open_score"]]), rule.threshold)
-        labels = np.concatenate([test["labels"], np.full(len(opened["labels"]), -1)])
-        opened_figures = metrics.open_set_accuracy(rejected, labels, counts, **group_kw)
-        f = metrics.f_measure(rejected, labels)["f_measure"]
+        opened_figures = open_set_at_threshold(
+            closed_predictions, test["labels"], test["open_score"],
+            opened["logits"].argmax(axis=1), opened["open_score"], rule.threshold, counts,
+            group_kw)
         summary_rows.append({"setting": "open", **{k: _pct(opened_figures[k]) for k in
                                                    ("many", "medium", "few", "overall")},
-                             "F-measure": f"{f:.3f}"})
+                             "F-measure": f"{opened_figures['f_measure']:.3f}"})
     text = [(f"Run {run_dir} on {data_dir}; weights of stage {outputs.info['stage']}, epoch "
             f"{outputs.info.get('epoch')} (sha256 {outputs.info['weights_sha256'][:12]}…)."),
             (f"Decision rule ({outputs.rule_source}): open score {rule.open_score}, threshold "
@@ -121,30 +118,4 @@ def _pct(value: float | None) -> str:
     return metrics.percent_text(value) or "n/a"
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    page = build_report(args.run, args.data, args.out, device=args.device,
-                        image_root=args.image_root)
-    print(f"report written to {page}")
-    return 0
-
-
-def add_report_command(subparsers: Any) -> argparse.ArgumentParser:
-    """``oltr report``: see the module docstring."""
-    parser = subparsers.add_parser(
-        "report", help="write an HTML page with the figures of a run's evaluation",
-        description=__doc__.split("\n\n")[1].replace("\n", " "),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("run", help="run directory written by `oltr train`")
-    parser.add_argument("--data", required=True, help="the curated benchmark directory")
-    parser.add_argument("--out", required=True,
-                        help=f"output directory ({PAGE_FILE} + PNG figures); oltr writes only "
-                             "into a directory it created")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--image-root", dest="image_root",
-                        help="where the images are now, when they moved since training "
-                             "(default: the run's data.image_root)")
-    parser.set_defaults(func=cmd_report)
-    return parser
-
-
-__all__ = ["InputError", "add_report_command", "build_report"]
+__all__ = ["InputError", "build_report"]

@@ -1,11 +1,13 @@
 """Further analysis (paper §4.3, Fig. 8): how accuracy moves with (a) the dataset's longtail-ness,
 (b) the open-set probability threshold and (c) the number of open classes; curves and PNG plots.
 
-The curve functions are pure: they take a run's stored outputs (:class:`oltr.evaluate.RunOutputs`)
-or its evaluation reports and return plain dicts of lists (JSON-ready), so they are tested
-without training. :func:`analyze` runs them over trained runs and writes the plots
-(``fig8a_longtail.png``, ``fig8b_threshold.png``, ``fig8c_open_classes.png``, one line per
-method) and ``analysis.json``; ``oltr analyze`` is its command line (:func:`add_analysis_command`).
+The curve functions are pure: they take a run's stored outputs
+(:class:`oltr.evaluation.run_outputs.RunOutputs`) or its evaluation reports and return plain
+dicts of lists (JSON-ready), so they are tested without training; each point's figures are
+:func:`oltr.evaluation.open_set.open_set_at_threshold`'s. :func:`analyze` runs them over
+trained runs and writes the plots (:mod:`oltr.evaluation.plots.curves`: ``fig8a_longtail.png``,
+``fig8b_threshold.png``, ``fig8c_open_classes.png``, one line per method) and
+``analysis.json``; ``oltr analyze`` is its command line (:mod:`oltr.cli.analyze`).
 
 Conventions: open scores are *higher = more open* and an image is rejected iff its score exceeds
 the threshold (``oltr.metrics.reject``); open-set accuracy counts a rejected known image as an
@@ -14,8 +16,6 @@ split, never on test.
 """
 from __future__ import annotations
 
-import argparse
-import io
 import itertools
 import json
 import math
@@ -29,9 +29,12 @@ import numpy as np
 from oltr import metrics
 from oltr.data.curation import load_manifest, load_open_classes
 from oltr.errors import InputError
-from oltr.evaluate import RunOutputs, collect_run_outputs, evaluate_run, score_logits
-from oltr.evaluate import open_scores as stateless_scores
-from oltr.io import atomic_write_bytes, atomic_write_text, read_json_object
+from oltr.evaluation.closed_open import evaluate_run
+from oltr.evaluation.open_set import open_set_at_threshold
+from oltr.evaluation.plots.curves import plot_longtail, plot_open_classes, plot_threshold
+from oltr.evaluation.run_outputs import RunOutputs, collect_run_outputs, score_logits
+from oltr.evaluation.run_outputs import open_scores as stateless_scores
+from oltr.io import atomic_write_text, read_json_object
 from oltr.openset import msp_score, probability_threshold_to_msp_score
 from oltr.run import RUN_INFO
 
@@ -50,22 +53,17 @@ POINT_KEYS = ("overall", "many", "medium", "few", "f_measure", "precision", "rec
 # --------------------------------------------------------------------------- curves
 
 
-def _open_point(
+def _point(
     known_predictions: np.ndarray, known_labels: np.ndarray, known_scores: np.ndarray,
     open_predictions: np.ndarray, open_scores: np.ndarray, threshold: float,
-    train_counts: np.ndarray, group_kw: Mapping[str, Any],
-) -> dict[str, float | None]:
-    """Open-set accuracies and F-measure of known + open test images at one score threshold
+    outputs: RunOutputs,
+) -> dict[str, Any]:
+    """The :data:`POINT_KEYS` figures of known + open test images at one score threshold
     (``open_*`` may be empty: the known-only case of Fig. 8c's zero open classes)."""
-    predictions = np.concatenate([known_predictions, open_predictions]).astype(np.int64)
-    labels = np.concatenate([known_labels, np.full(len(open_predictions), metrics.OPEN_LABEL)])
-    scores = np.concatenate([known_scores, open_scores])
-    rejected = metrics.reject(predictions, scores, threshold)
-    accuracy = metrics.open_set_accuracy(rejected, labels, train_counts, **group_kw)
-    f = metrics.f_measure(rejected, labels)
-    return {**{key: accuracy[key] for key in ("overall", "many", "medium", "few",
-                                               "known_acceptance_rate", "open_rejection_rate")},
-            **{key: float(f[key]) for key in ("f_measure", "precision", "recall")}}
+    figures = open_set_at_threshold(known_predictions, known_labels, known_scores,
+                                    open_predictions, open_scores, threshold,
+                                    outputs.train_counts, outputs.group_kw)
+    return {key: figures[key] for key in POINT_KEYS}
 
 
 def _split(outputs: RunOutputs, name: str) -> dict[str, np.ndarray]:
@@ -99,8 +97,8 @@ def threshold_curve(
     curve |= {key: [] for key in POINT_KEYS}
     for probability in grid:
         threshold = probability_threshold_to_msp_score(probability)
-        point = _open_point(known_predictions, test["labels"], known_scores, open_predictions,
-                            open_scores, threshold, outputs.train_counts, outputs.group_kw)
+        point = _point(known_predictions, test["labels"], known_scores, open_predictions,
+                       open_scores, threshold, outputs)
         curve["score_threshold"].append(threshold)
         for key in POINT_KEYS:
             curve[key].append(point[key])
@@ -194,9 +192,9 @@ def open_classes_curve(
         points, sizes = [], []
         for subset in subsets:
             chosen = np.isin(classes, subset)
-            points.append(_open_point(known_predictions, test["labels"], known_scores,
-                                      open_predictions[chosen], open_scores_[chosen], threshold,
-                                      outputs.train_counts, outputs.group_kw))
+            points.append(_point(known_predictions, test["labels"], known_scores,
+                                 open_predictions[chosen], open_scores_[chosen], threshold,
+                                 outputs))
             sizes.append(int(chosen.sum()))
         curve["num_open_classes"].append(k)
         curve["num_subsets"].append(len(subsets))
@@ -225,13 +223,14 @@ def longtail_curve(
     """Accuracy vs the imbalance ratio max/min of the train class counts (paper §4.3, Fig. 8a;
     the paper varies the Pareto α of ImageNet-LT, we vary the ratio of an exp profile).
 
-    ``points``: (imbalance ratio, evaluation report of ``oltr.evaluate.evaluate_run``) pairs,
-    sorted here by ratio. Besides the reports' closed many/medium/few/overall and open
-    overall/F-measure/AUROC, gives ``closed_head`` / ``closed_tail``: the mean per-class
-    accuracy of the ``tail_fraction`` most / least frequent classes. Shot groups (many > 100,
-    few < 20 images) are empty at low imbalance, the rank-based head and tail are defined at
-    every ratio. Class frequency order: ``train_counts`` (one list per point) where given,
-    else the label order (curated benchmarks give label 0 to the largest class).
+    ``points``: (imbalance ratio, evaluation report of
+    ``oltr.evaluation.closed_open.evaluate_run``) pairs, sorted here by ratio. Besides the
+    reports' closed many/medium/few/overall and open overall/F-measure/AUROC, gives
+    ``closed_head`` / ``closed_tail``: the mean per-class accuracy of the ``tail_fraction``
+    most / least frequent classes. Shot groups (many > 100, few < 20 images) are empty at low
+    imbalance, the rank-based head and tail are defined at every ratio. Class frequency order:
+    ``train_counts`` (one list per point) where given, else the label order (curated
+    benchmarks give label 0 to the largest class).
     """
     if not points:
         raise InputError("the longtail curve needs at least one (ratio, report) point")
@@ -295,109 +294,6 @@ def json_ready(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
-
-
-# --------------------------------------------------------------------------- plots
-
-
-def _plot_values(values: Sequence[float | None], scale: float) -> np.ndarray:
-    return np.array([np.nan if v is None else scale * v for v in values], dtype=float)
-
-
-def plot_curves(
-    curves: Mapping[str, Mapping[str, Any]],
-    x_key: str,
-    panels: Sequence[tuple[str, str, float]],
-    path: str | Path,
-    *,
-    title: str,
-    xlabel: str,
-    xscale: str = "linear",
-    vlines: Sequence[tuple[float, str]] = (),
-) -> Path:
-    """One subplot per ``(key, y label, scale)`` panel, one line per method of ``curves``
-    (name → curve dict), with a ±std band where the curve has ``<key>_std``; write a PNG.
-    Missing values (None) leave gaps."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas
-
-    if not curves:
-        raise InputError("nothing to plot: no curve given")
-    columns = len(panels) if len(panels) <= 3 else math.ceil(len(panels) / 2)
-    rows = math.ceil(len(panels) / columns)
-    figure = Figure(figsize=(4.4 * columns, 3.4 * rows + 0.4), layout="constrained")
-    axes = figure.subplots(rows, columns, squeeze=False).ravel()
-    for unused in axes[len(panels):]:
-        unused.set_visible(False)
-    ticks = sorted({float(x) for curve in curves.values() for x in curve[x_key]})
-    for axis, (key, ylabel, scale) in zip(axes, panels):
-        for name, curve in curves.items():
-            x = np.asarray(curve[x_key], dtype=float)
-            y = _plot_values(curve[key], scale)
-            line, = axis.plot(x, y, marker="o", markersize=4, label=name)
-            if f"{key}_std" in curve:
-                std = _plot_values(curve[f"{key}_std"], scale)
-                axis.fill_between(x, y - std, y + std, alpha=0.2, color=line.get_color(),
-                                  linewidth=0)
-        for position, label in vlines:
-            axis.axvline(position, color="grey", linestyle="--", linewidth=1, label=label)
-        axis.set_xscale(xscale)
-        if xscale == "log" or len(ticks) <= 12:  # the measured x values, as plain numbers
-            axis.set_xticks(ticks, [f"{t:g}" for t in ticks])
-            axis.minorticks_off()
-        axis.set_xlabel(xlabel)
-        axis.set_ylabel(ylabel)
-        axis.grid(True, alpha=0.3)
-        axis.legend(fontsize="small")
-    figure.suptitle(title)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
-
-
-def plot_longtail(curves: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path:
-    """Fig. 8a: closed accuracy (overall, head and tail classes) and open F-measure vs the
-    imbalance ratio (log scale), one line per method."""
-    fraction = next(iter(curves.values())).get("tail_fraction", 1 / 3)
-    share = "third" if abs(fraction - 1 / 3) < 1e-9 else f"{fraction:.0%}"
-    return plot_curves(
-        curves, "imbalance_ratio",
-        [("closed_overall", "closed-set accuracy, overall (%)", 100),
-         ("open_f_measure", "open-set F-measure", 1),
-         ("closed_head", f"closed accuracy, head {share} (%)", 100),
-         ("closed_tail", f"closed accuracy, tail {share} (%)", 100)],
-        path, title="Fig. 8a: influence of the dataset's longtail-ness",
-        xlabel="imbalance ratio (max / min train images per class)", xscale="log",
-    )
-
-
-def plot_threshold(curves: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path:
-    """Fig. 8b: open-set overall accuracy and F-measure vs the MSP probability threshold."""
-    num_classes = {curve.get("num_classes") for curve in curves.values()} - {None}
-    vlines = [(1 / k, "1/K: nothing rejected below") for k in num_classes if len(num_classes) == 1]
-    return plot_curves(
-        curves, "probability",
-        [("overall", "open-set overall accuracy (%)", 100),
-         ("f_measure", "open-set F-measure", 1),
-         ("known_acceptance_rate", "known test images accepted (%)", 100)],
-        path, title="Fig. 8b: influence of the open-set probability threshold",
-        xlabel="probability threshold p (reject if max softmax < p)", vlines=vlines,
-    )
-
-
-def plot_open_classes(curves: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path:
-    """Fig. 8c: open-set overall accuracy and F-measure vs the number of open classes, mean
-    ± std over class subsets, threshold calibrated on val."""
-    return plot_curves(
-        curves, "num_open_classes",
-        [("overall", "open-set overall accuracy (%)", 100),
-         ("f_measure", "open-set F-measure", 1)],
-        path, title="Fig. 8c: influence of the number of open classes "
-                    "(mean ± std over subsets of open classes)",
-        xlabel="number of open classes in the test set",
-    )
 
 
 # --------------------------------------------------------------------------- driver
@@ -514,21 +410,7 @@ def analyze(
                                         "imbalance_ratio": ratios[s.data_dir]} for s in runs],
                               "curves": {}, "files": {}}
     if "longtail" in plots:
-        curves = {}
-        for name, specs in by_name.items():
-            if len({ratios[s.data_dir] for s in specs}) < 2:
-                raise InputError(f"the longtail plot needs runs of '{name}' on two or more "
-                                 "benchmarks of different imbalance ratios", value=name)
-            points, counts = [], []
-            for spec in specs:
-                report = (reports or {}).get(spec.run_dir)
-                if report is None:
-                    report = evaluate_run(spec.run_dir, spec.data_dir, open_set=True,
-                                          device=device)
-                points.append((ratios[spec.data_dir], report))
-                counts.append(read_json_object(spec.data_dir / "manifest.json",
-                                               "manifest")["counts"]["train"])
-            curves[name] = longtail_curve(points, train_counts=counts)
+        curves = _longtail_curves(by_name, ratios, reports, device)
         result["curves"]["longtail"] = curves
         result["files"]["longtail"] = str(plot_longtail(curves, out_dir / PLOT_FILES["longtail"]))
     wanted = [p for p in plots if p != "longtail"]
@@ -538,18 +420,13 @@ def analyze(
         result["selected"] = {name: str(spec.run_dir) for name, spec in chosen.items()}
         threshold_curves, open_curves = {}, {}
         for name, spec in chosen.items():
-            outputs = collect_run_outputs(spec.run_dir, spec.data_dir, ("test", "val", "open"),
-                                          device=device)
-            if "threshold" in wanted:
-                threshold_curves[name] = threshold_curve(outputs, probabilities)
-            if "open-classes" in wanted:
-                class_names, of_image = load_open_classes(spec.data_dir)
-                eval_cfg = outputs.stage_cfg["eval"]
-                open_curves[name] = open_classes_curve(
-                    outputs, of_image, num_open_classes=len(class_names),
-                    accept_rate=eval_cfg["accept_rate"] if accept_rate is None else accept_rate,
-                    max_subsets=max_subsets, seed=seed)
-                open_curves[name]["open_classes"] = class_names
+            curves = _run_curves(spec, wanted, probabilities=probabilities,
+                                 accept_rate=accept_rate, max_subsets=max_subsets, seed=seed,
+                                 device=device)
+            if "threshold" in curves:
+                threshold_curves[name] = curves["threshold"]
+            if "open-classes" in curves:
+                open_curves[name] = curves["open-classes"]
         if threshold_curves:
             result["curves"]["threshold"] = threshold_curves
             result["files"]["threshold"] = str(
@@ -563,62 +440,44 @@ def analyze(
     return result
 
 
-def _probability_list(text: str) -> list[float]:
-    try:
-        values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise InputError("expected comma-separated probabilities, e.g. 0,0.1,0.2",
-                         value=text) from None
-    if not values:
-        raise InputError("expected at least one probability", value=text)
-    return values
+def _longtail_curves(by_name: Mapping[str, Sequence[RunSpec]], ratios: Mapping[Path, float],
+                     reports: Mapping[Path, Mapping[str, Any]] | None,
+                     device: str) -> dict[str, Any]:
+    """Fig. 8a's curve per method, from its runs' evaluation reports (``reports``, else
+    evaluated here) on benchmarks of two or more imbalance ratios."""
+    curves = {}
+    for name, specs in by_name.items():
+        if len({ratios[s.data_dir] for s in specs}) < 2:
+            raise InputError(f"the longtail plot needs runs of '{name}' on two or more "
+                             "benchmarks of different imbalance ratios", value=name)
+        points, counts = [], []
+        for spec in specs:
+            report = (reports or {}).get(spec.run_dir)
+            if report is None:
+                report = evaluate_run(spec.run_dir, spec.data_dir, open_set=True,
+                                      device=device)
+            points.append((ratios[spec.data_dir], report))
+            counts.append(read_json_object(spec.data_dir / "manifest.json",
+                                           "manifest")["counts"]["train"])
+        curves[name] = longtail_curve(points, train_counts=counts)
+    return curves
 
 
-def cmd_analyze(args: argparse.Namespace) -> int:
-    """``oltr analyze``: Fig. 8 curves and plots of trained runs."""
-    specs = parse_run_specs(args.runs, args.data)
-    plots = parse_plots(args.plots)
-    probabilities = (DEFAULT_PROBABILITIES if args.probabilities is None
-                     else _probability_list(args.probabilities))
-    if args.max_subsets < 1:
-        raise InputError("--max-subsets must be >= 1", value=args.max_subsets)
-    result = analyze(specs, args.out, plots=plots, probabilities=probabilities,
-                     accept_rate=args.accept_rate, max_subsets=args.max_subsets,
-                     seed=args.seed, device=args.device)
-    for plot, path in result["files"].items():
-        print(f"{plot}: {path}")
-    print(f"curves written to {Path(args.out) / 'analysis.json'}")
-    return 0
-
-
-def add_analysis_command(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``oltr analyze`` on the ``oltr`` command's sub-parsers (paper §4.3, Fig. 8)."""
-    p = subparsers.add_parser(
-        "analyze", help="Fig. 8 analysis: accuracy vs longtail-ness, threshold, open classes",
-        description="Plot the paper's further analysis (§4.3, Fig. 8) for trained runs, one "
-                    "line per NAME: (a) longtail: accuracy vs the imbalance ratio (give each "
-                    "NAME's runs on several benchmarks); (b) threshold: open-set accuracy and "
-                    "F-measure vs the MSP probability threshold; (c) open-classes: the same vs "
-                    "the number of open classes (threshold calibrated on val). (b) and (c) use "
-                    "each NAME's run on its most imbalanced benchmark. Writes PNGs and "
-                    "analysis.json to --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--runs", nargs="+", required=True, metavar="NAME=RUN_DIR",
-                   help="trained runs, e.g. plain=runs/plain oltr=runs/oltr (a NAME may repeat)")
-    p.add_argument("--data", help="benchmark of every run (default: the one each run was "
-                                  "trained on, from RUN_DIR/run.json)")
-    p.add_argument("--out", required=True, help="output directory for the PNGs and JSON")
-    p.add_argument("--plots", default="threshold,open-classes",
-                   help=f"comma list of {', '.join(PLOTS)}")
-    p.add_argument("--probabilities", help="comma list of probability thresholds for "
-                                           "(b) (default 0, 0.05, …, 0.95)")
-    p.add_argument("--accept-rate", type=float, dest="accept_rate",
-                   help="(c): the threshold accepts this fraction of known val images "
-                        "(default: the run's eval.accept_rate)")
-    p.add_argument("--max-subsets", type=int, default=DEFAULT_MAX_SUBSETS, dest="max_subsets",
-                   help="(c): average over at most this many open-class subsets per count")
-    p.add_argument("--seed", type=int, default=0, help="(c): seed of the subset sample")
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=cmd_analyze)
-    return p
+def _run_curves(spec: RunSpec, wanted: Sequence[str], *, probabilities: Sequence[float],
+                accept_rate: float | None, max_subsets: int, seed: int,
+                device: str) -> dict[str, Any]:
+    """Fig. 8b's and 8c's curves (those ``wanted``) of one run, from one forward pass."""
+    outputs = collect_run_outputs(spec.run_dir, spec.data_dir, ("test", "val", "open"),
+                                  device=device)
+    curves: dict[str, Any] = {}
+    if "threshold" in wanted:
+        curves["threshold"] = threshold_curve(outputs, probabilities)
+    if "open-classes" in wanted:
+        class_names, of_image = load_open_classes(spec.data_dir)
+        eval_cfg = outputs.stage_cfg["eval"]
+        curves["open-classes"] = open_classes_curve(
+            outputs, of_image, num_open_classes=len(class_names),
+            accept_rate=eval_cfg["accept_rate"] if accept_rate is None else accept_rate,
+            max_subsets=max_subsets, seed=seed)
+        curves["open-classes"]["open_classes"] = class_names
+    return curves

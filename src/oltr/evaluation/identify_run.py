@@ -1,4 +1,4 @@
-"""``oltr identify``: face identification with a trained run (paper Tab. 4: MS1M-LT → MegaFace).
+"""Face identification with a trained run, `oltr identify` (paper Tab. 4: MS1M-LT → MegaFace).
 
 The run's network embeds every image as its direct feature ``v_direct`` (the ``features``
 output of :class:`oltr.models.OLTRNetwork`, the embedding the memory and the classifier read;
@@ -27,7 +27,6 @@ what produced it: the run, stage and sha256 of the weights, the embedding, and t
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -44,11 +43,9 @@ from oltr.data.datasets import ImageListDataset
 from oltr.data.paths import check_image_paths
 from oltr.data.splits import read_split_lines
 from oltr.errors import InputError
-from oltr.evaluate import open_set_entries
+from oltr.evaluation.external_open_sets import open_set_entries
 from oltr.evaluation.identification import (
     DEFAULT_THRESHOLD,
-    GALLERY_MODES,
-    TIE_RULES,
     IdentificationProtocol,
 )
 from oltr.inference import EvalBatches, load_model
@@ -87,7 +84,7 @@ def read_identities(spec: str | Path, image_root: str | Path | None, what: str
 
 def read_distractors(spec: str | Path) -> tuple[list[tuple[str, int]], Path, Path | None]:
     """Distractors: a folder of images or a split file (labels ignored), as an external open
-    set (`oltr.evaluate.open_set_entries`)."""
+    set (`oltr.evaluation.external_open_sets.open_set_entries`)."""
     return open_set_entries(spec)
 
 
@@ -175,22 +172,10 @@ def identify_run(
                                       threshold=threshold)  # checks the settings
     stage_cfg = run_stage_config(run_dir)
     stage_dir = final_stage_dir(run_dir)
-    probe_entries, probe_root, probe_file = read_identities(probes, image_root, "probes")
-    sets: dict[str, tuple[list[tuple[str, int]], Path, Path | None]] = {
-        "probes": (probe_entries, probe_root, probe_file)}
-    if gallery is not None:
-        sets["gallery"] = read_identities(gallery, image_root, "gallery")
-    if distractors is not None:
-        sets["distractors"] = read_distractors(distractors)
-    if reference_embeddings is not None and not pseudo_shots:
-        raise InputError("--reference-embeddings give pseudo-shots; drop --no-pseudo-shots")
-    train_data = None
-    if pseudo_shots and reference_embeddings is None:
-        train_data = _training_data(run_dir, data)
-        bench = load_benchmark(train_data, image_root=stage_cfg["data"]["image_root"],
-                               allow_outside_root=stage_cfg["data"]["allow_outside_root"])
-        train = bench.dataset("train")
-        sets["train"] = (train.entries, train.image_root, train.source_file)
+    sets, train_data = _image_sets(run_dir, stage_cfg, probes, gallery=gallery,
+                                   distractors=distractors, image_root=image_root, data=data,
+                                   reference_embeddings=reference_embeddings,
+                                   pseudo_shots=pseudo_shots)
     if attributes is not None and not Path(attributes).expanduser().is_file():
         raise InputError("attribute file not found", path=attributes)
     if batch_size is not None and batch_size < 1:
@@ -204,23 +189,13 @@ def identify_run(
     runtime = init_runtime(device)
     net, info = load_model(stage_dir, runtime.device)
     data_cfg = dict(info["data"])
-    eval_cfg, train_cfg = stage_cfg["eval"], stage_cfg["train"]
-    workers = stage_cfg["data"]["num_workers"]
-    size = batch_size or eval_cfg["batch_size"]
     with tempfile.TemporaryDirectory(prefix="oltr-identify-") as scratch:
         folder = Path(embeddings_dir).expanduser() if embeddings_dir is not None else Path(scratch)
         folder.mkdir(parents=True, exist_ok=True)
-        files: dict[str, Path] = {}
-        for name, (entries, root, source_file) in sets.items():
-            dataset = _dataset(entries, root, source_file, data_cfg["channels"])
-            print(f"embedding {len(dataset)} {name} images …", file=sys.stderr, flush=True)
-            files[name] = embed_to_file(net, dataset, data_cfg, folder / f"{name}.npy",
-                                        device=runtime.device, batch_size=size,
-                                        num_workers=workers, amp=eval_cfg["amp"],
-                                        channels_last=train_cfg["channels_last"])
-            if name in LABEL_FILES:
-                np.save(folder / LABEL_FILES[name],
-                        np.array([label for _, label in entries], dtype=np.int64))
+        files = {name: _embed_set(net, name, entries, root, source_file, folder,
+                                  data_cfg=data_cfg, stage_cfg=stage_cfg, device=runtime.device,
+                                  batch_size=batch_size or stage_cfg["eval"]["batch_size"])
+                 for name, (entries, root, source_file) in sets.items()}
         labels = {name: np.array([label for _, label in sets[name][0]], dtype=np.int64)
                   for name in ("probes", "gallery") if name in sets}
         shot_probes = train_embeddings = None
@@ -234,20 +209,7 @@ def identify_run(
             gallery=files.get("gallery"), gallery_labels=labels.get("gallery"),
             distractors=files.get("distractors"), train=train_embeddings,
             shot_probes=shot_probes, attributes=attributes)
-    inputs: dict[str, Any] = {
-        name: {"file": None if source is None else str(source), "root": str(root),
-               "images": len(entries)}
-        for name, (entries, root, source) in sets.items() if name != "train"}
-    if reference_embeddings is not None:
-        inputs["pseudo_shots"] = {"reference_embeddings": {
-            "probes": str(reference_embeddings[0]), "train": str(reference_embeddings[1])}}
-    elif train_data is not None:
-        inputs["pseudo_shots"] = {"model_embeddings_of_train": str(train_data),
-                                  "images": len(sets["train"][0])}
-    else:
-        inputs["pseudo_shots"] = None
-    if attributes is not None:
-        inputs["attributes"] = str(attributes)
+    inputs = _inputs_record(sets, reference_embeddings, train_data, attributes)
     report: dict[str, Any] = {
         "report_version": IDENTIFY_REPORT_VERSION,
         "kind": REPORT_KIND,
@@ -270,94 +232,68 @@ def identify_run(
     return report
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}"
+def _image_sets(
+    run_dir: Path, stage_cfg: dict[str, Any], probes: str | Path, *,
+    gallery: str | Path | None, distractors: str | Path | None,
+    image_root: str | Path | None, data: str | Path | None,
+    reference_embeddings: tuple[str | Path, str | Path] | None, pseudo_shots: bool,
+) -> tuple[dict[str, tuple[list[tuple[str, int]], Path, Path | None]], Path | None]:
+    """The image sets to embed — probes, gallery, distractors and (for pseudo-shots from the
+    run's own embeddings) the training split — as (entries, image root, split file), and the
+    benchmark the training split comes from (None without)."""
+    probe_entries, probe_root, probe_file = read_identities(probes, image_root, "probes")
+    sets: dict[str, tuple[list[tuple[str, int]], Path, Path | None]] = {
+        "probes": (probe_entries, probe_root, probe_file)}
+    if gallery is not None:
+        sets["gallery"] = read_identities(gallery, image_root, "gallery")
+    if distractors is not None:
+        sets["distractors"] = read_distractors(distractors)
+    if reference_embeddings is not None and not pseudo_shots:
+        raise InputError("--reference-embeddings give pseudo-shots; drop --no-pseudo-shots")
+    train_data = None
+    if pseudo_shots and reference_embeddings is None:
+        train_data = _training_data(run_dir, data)
+        bench = load_benchmark(train_data, image_root=stage_cfg["data"]["image_root"],
+                               allow_outside_root=stage_cfg["data"]["allow_outside_root"])
+        train = bench.dataset("train")
+        sets["train"] = (train.entries, train.image_root, train.source_file)
+    return sets, train_data
 
 
-def format_identification(report: dict[str, Any]) -> str:
-    """Tab. 4's row for one model: rank-1 (%) overall, per pseudo-shot group and attribute."""
-    lines = [(f"{report.get('method')} (stage {report.get('stage')}): rank-1 identification "
-              f"{_pct(report['rank1'])} % over {report['trials']} trials "
-              f"({report['probes']} probes, gallery {report['gallery']}"
-              f"{' leave-one-out' if report['leave_one_out'] else ''}, "
-              f"{report['distractors']} distractors, mode {report['gallery_mode']})")]
-    if report.get("groups"):
-        names = list(report["groups"])
-        lines.append("pseudo-shots " + "  ".join(f"{name:>10}" for name in names))
-        lines.append("rank-1 %     " + "  ".join(
-            f"{_pct(report['groups'][name]['rank1']):>10}" for name in names))
-        lines.append("probes       " + "  ".join(
-            f"{report['groups'][name]['probes']:>10}" for name in names))
-    if report.get("attributes"):
-        lines.append(f"{report['attribute']}: " + ", ".join(
-            f"{value} {_pct(figures['rank1'])} % ({figures['probes']} probes)"
-            for value, figures in report["attributes"].items()))
-    return "\n".join(lines)
+def _embed_set(net: torch.nn.Module, name: str, entries: list[tuple[str, int]], root: Path,
+               source_file: Path | None, folder: Path, *, data_cfg: dict[str, Any],
+               stage_cfg: dict[str, Any], device: torch.device, batch_size: int) -> Path:
+    """Embed one image set into ``folder/<name>.npy`` (and its labels beside it, for the probes
+    and the gallery); return the embeddings' file."""
+    dataset = _dataset(entries, root, source_file, data_cfg["channels"])
+    print(f"embedding {len(dataset)} {name} images …", file=sys.stderr, flush=True)
+    path = embed_to_file(net, dataset, data_cfg, folder / f"{name}.npy", device=device,
+                         batch_size=batch_size, num_workers=stage_cfg["data"]["num_workers"],
+                         amp=stage_cfg["eval"]["amp"],
+                         channels_last=stage_cfg["train"]["channels_last"])
+    if name in LABEL_FILES:
+        np.save(folder / LABEL_FILES[name],
+                np.array([label for _, label in entries], dtype=np.int64))
+    return path
 
 
-def cmd_identify(args: argparse.Namespace) -> int:
-    output = args.output or Path(args.run) / "identification.json"
-    report = identify_run(
-        args.run, args.probes, gallery=args.gallery, distractors=args.distractors,
-        image_root=args.image_root, data=args.data,
-        reference_embeddings=tuple(args.reference_embeddings) if args.reference_embeddings
-        else None,
-        pseudo_shots=not args.no_pseudo_shots, attributes=args.attributes,
-        gallery_mode=args.gallery_mode, ties=args.ties, threshold=args.threshold,
-        device=args.device, batch_size=args.batch_size, embeddings_dir=args.embeddings_dir,
-        output=output)
-    print(format_identification(report))
-    print(f"report written to {output}")
-    return 0
-
-
-def add_identify_command(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``oltr identify`` on the ``oltr`` command's sub-parsers."""
-    p = subparsers.add_parser(
-        "identify", help="face identification by pseudo-shot group (MegaFace, paper Tab. 4)",
-        description="Embed probes, gallery, distractors and the training images with RUN's "
-                    "network (its direct features v_direct) and report rank-1 identification "
-                    "overall, per pseudo-shot group (training images with cosine similarity > "
-                    "--threshold: many >= 6, few 2-5, one = 1, zero = 0) and per attribute "
-                    "value (docs/identification.md).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("run", metavar="RUN", help="trained run directory (or a stage directory)")
-    p.add_argument("--probes", required=True, metavar="SPLIT",
-                   help="split file of probe images: 'path identity' per line")
-    p.add_argument("--gallery", metavar="SPLIT",
-                   help="split file of gallery images ('path identity'); default: the probes "
-                        "are their own gallery, each left out of its own search")
-    p.add_argument("--distractors", metavar="DIR|SPLIT",
-                   help="distractor images: a folder (searched recursively) or a split file")
-    p.add_argument("--image-root", dest="image_root", metavar="DIR",
-                   help="where the probe and gallery paths are relative to (default: the "
-                        "split file's folder)")
-    p.add_argument("--data", metavar="DIR",
-                   help="benchmark whose train split gives the pseudo-shots (default: the one "
-                        "the run was trained on, run.json)")
-    p.add_argument("--reference-embeddings", dest="reference_embeddings", nargs=2,
-                   metavar=("PROBES", "TRAIN"),
-                   help="pseudo-shots from a reference model's embeddings (.npy or "
-                        ".safetensors, rows in the order of --probes and of the training "
-                        "split), as the paper's ArcFace features, instead of the run's own")
-    p.add_argument("--no-pseudo-shots", dest="no_pseudo_shots", action="store_true",
-                   help="no pseudo-shot groups (no training images needed)")
-    p.add_argument("--attributes", metavar="FILE",
-                   help="'identity<TAB>NAME' header, then 'identity<TAB>value' rows (e.g. "
-                        "gender, Tab. 4's male / female)")
-    p.add_argument("--gallery-mode", dest="gallery_mode", choices=GALLERY_MODES, default="all",
-                   help="all: one gallery of every image; megaface: one mate per trial against "
-                        "the distractors (MegaFace challenge 1)")
-    p.add_argument("--ties", choices=TIE_RULES, default="miss",
-                   help="a mate tied with a non-mate: a miss, or a hit (MegaFace devkit)")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                   help="pseudo-shot cosine-similarity threshold (paper: 0.7)")
-    p.add_argument("--batch-size", dest="batch_size", type=int,
-                   help="images per forward pass (default: the run's eval.batch_size)")
-    p.add_argument("--embeddings-dir", dest="embeddings_dir", metavar="DIR",
-                   help="keep the embeddings (.npy) there (default: a temporary folder)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--output", help="report path (default RUN/identification.json)")
-    p.set_defaults(func=cmd_identify)
-    return p
+def _inputs_record(sets: dict[str, tuple[list[tuple[str, int]], Path, Path | None]],
+                   reference_embeddings: tuple[str | Path, str | Path] | None,
+                   train_data: Path | None, attributes: str | Path | None) -> dict[str, Any]:
+    """The report's ``inputs``: each image set (file, root, number of images), where the
+    pseudo-shots came from, and the attribute file."""
+    inputs: dict[str, Any] = {
+        name: {"file": None if source is None else str(source), "root": str(root),
+               "images": len(entries)}
+        for name, (entries, root, source) in sets.items() if name != "train"}
+    if reference_embeddings is not None:
+        inputs["pseudo_shots"] = {"reference_embeddings": {
+            "probes": str(reference_embeddings[0]), "train": str(reference_embeddings[1])}}
+    elif train_data is not None:
+        inputs["pseudo_shots"] = {"model_embeddings_of_train": str(train_data),
+                                  "images": len(sets["train"][0])}
+    else:
+        inputs["pseudo_shots"] = None
+    if attributes is not None:
+        inputs["attributes"] = str(attributes)
+    return inputs

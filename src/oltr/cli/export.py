@@ -1,0 +1,60 @@
+"""``oltr export``: a trained run (network + decision rule) as one ONNX model
+(:func:`oltr.export.export_onnx`)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from oltr.cli.common import DefaultsHelpFormatter, default_of
+from oltr.decision import DECISION_JSON, DecisionRule
+from oltr.export import MIN_OPSET, export_onnx
+
+NAME = "export"
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``oltr export`` to the ``oltr`` command's sub-parsers."""
+    p = subparsers.add_parser(
+        NAME, help="export a trained run (network + decision rule) to ONNX",
+        description="Write the full inference path of RUN's final stage — network, "
+                    "τ-normalisation, logit adjustment, open score and threshold of its "
+                    "decision rule (decision.json; a closed-set msp rule without one) — as one "
+                    "ONNX model. Input: preprocessed float32 images (B, C, H, W); outputs: "
+                    "logits, open_score, prediction (-1 = unknown), confidence. Class names, "
+                    "threshold and data settings (for preprocessing) are in its metadata.",
+        formatter_class=DefaultsHelpFormatter,
+    )
+    p.add_argument("run", metavar="RUN", help="trained run directory (or a stage directory)")
+    p.add_argument("--onnx", required=True, metavar="FILE", help="the ONNX file to write")
+    p.add_argument("--batch", type=int, default=default_of(export_onnx, "batch"), metavar="N",
+                   help="fixed batch size (default: a dynamic batch dimension)")
+    p.add_argument("--opset", type=int, default=default_of(export_onnx, "opset"), metavar="N",
+                   help=f"ONNX opset (>= {MIN_OPSET})")
+    p.add_argument("--force", action="store_true",
+                   help="replace FILE if it is an ONNX model oltr exported (never another file)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """``oltr export RUN --onnx FILE``: the run's final stage and its decision rule."""
+    from oltr.run import final_stage_dir
+
+    stage_dir = final_stage_dir(args.run)
+    rule = None
+    if (Path(args.run) / DECISION_JSON).exists():
+        rule = DecisionRule.load(Path(args.run))
+    else:
+        print(f"note: {Path(args.run) / DECISION_JSON} not found: exporting a closed-set rule (the "
+              "model's logits, msp open score, no threshold: never 'unknown')")
+    result = export_onnx(stage_dir, rule, args.onnx, opset=args.opset, batch=args.batch,
+                         force=args.force)
+    threshold = "none" if result.threshold is None else f"{result.threshold:.6g}"
+    batch = "dynamic" if result.batch is None else str(result.batch)
+    check = ("not checked (onnxruntime not installed)" if not result.differences else
+             "onnxruntime matches PyTorch (max |diff| "
+             + ", ".join(f"{k} {v:.2g}" for k, v in result.differences.items()) + ")")
+    print(f"wrote {result.path} (opset {result.opset}, batch {batch}, open score "
+          f"{result.open_score}, threshold {threshold}); {check}")
+    return 0
