@@ -22,7 +22,9 @@ from oltr import metrics
 from oltr.errors import InputError
 from oltr.evaluation import html as H
 from oltr.evaluation.open_set import open_set_at_threshold
-from oltr.evaluation.plots import classes, embeddings, scores
+from oltr.evaluation.plots import classes as C
+from oltr.evaluation.plots import embeddings as E
+from oltr.evaluation.plots import scores as S
 
 NASTY = '<b>&"x"'
 
@@ -97,7 +99,7 @@ def test_threshold_sweep_equals_the_metrics_at_every_threshold():
     opened = np.round(rng.normal(0.5, 1, size=15), 1)
     labels = rng.integers(0, 3, 40)
     predictions = np.where(rng.random(40) < 0.7, labels, (labels + 1) % 3)
-    sweep = scores.threshold_sweep(known, predictions == labels, opened)
+    sweep = S.threshold_sweep(known, predictions == labels, opened)
     np.testing.assert_array_equal(sweep["threshold"], np.unique(np.r_[known, opened]))
     for i, t in enumerate(sweep["threshold"]):  # the one open-set-at-a-threshold function
         f = accuracy = open_set_at_threshold(predictions, labels, known,
@@ -115,33 +117,33 @@ def test_threshold_sweep_equals_the_metrics_at_every_threshold():
 
 def test_threshold_sweep_known_answer_and_without_open_images():
     # known: scores 0.1 (right), 0.5 (wrong), 0.9 (right); open: 0.5, 1.0
-    sweep = scores.threshold_sweep([0.1, 0.5, 0.9], [True, False, True], [0.5, 1.0])
+    sweep = S.threshold_sweep([0.1, 0.5, 0.9], [True, False, True], [0.5, 1.0])
     np.testing.assert_allclose(sweep["threshold"], [0.1, 0.5, 0.9, 1.0])
     np.testing.assert_allclose(sweep["known_acceptance_rate"], [1 / 3, 2 / 3, 1, 1])
     np.testing.assert_allclose(sweep["open_rejection_rate"], [1, 0.5, 0.5, 0])
     # t = 0.5: TP 1, FN 1 → P 1/3, R 1/2, F 0.4; correct: 1 known + 1 open of 5
     assert sweep["f_measure"][1] == pytest.approx(0.4)
     assert sweep["overall"][1] == pytest.approx(2 / 5)
-    closed = scores.threshold_sweep([0.2, 0.2, 0.7], [True, True, False], None, [0.0, 0.2, 5.0])
+    closed = S.threshold_sweep([0.2, 0.2, 0.7], [True, True, False], None, [0.0, 0.2, 5.0])
     assert closed["open_rejection_rate"] is None
     np.testing.assert_allclose(closed["recall"], [0, 1, 1])
     np.testing.assert_allclose(closed["f_measure"], [0, 0.8, 0.8])
     with pytest.raises(InputError, match="known_scores must be finite"):
-        scores.threshold_sweep([0.1, np.nan], [True, False])
+        S.threshold_sweep([0.1, np.nan], [True, False])
     with pytest.raises(InputError, match="same length"):
-        scores.threshold_sweep([0.1, 0.2], [True])
+        S.threshold_sweep([0.1, 0.2], [True])
 
 
 def test_histogram_bins_put_the_threshold_on_an_edge_and_ties_on_the_accepted_side():
     scores = np.array([0.0, 0.37, 0.37, 1.0])
-    edges = scores.score_bin_edges(scores, 0.37)
+    edges = S.score_bin_edges(scores, 0.37)
     assert np.isclose(edges, 0.37).any()
     assert edges[0] <= 0.0 and edges[-1] >= 1.0
-    bins = scores._right_closed_bins(scores, edges)
+    bins = S._right_closed_bins(scores, edges)
     at = int(np.argmin(np.abs(edges - 0.37)))
     assert (edges[bins[1:3] + 1] <= 0.37 + 1e-12).all()  # tied scores: bin ending at t
     assert bins[1] == at - 1
-    equal = scores.score_bin_edges(np.full(5, 2.0), 2.0)
+    equal = S.score_bin_edges(np.full(5, 2.0), 2.0)
     assert equal[0] < 2.0 < equal[-1] and len(equal) > 5
 
 
@@ -149,23 +151,23 @@ def test_tail_open_confusion_counts():
     counts = [200, 50, 10, 5]  # many, medium, few, few (< 20)
     labels = np.array([0, 2, 2, 2, 3, 3, 1])
     predictions = np.array([0, 2, 3, -1, 3, 0, 1])
-    table = classes.tail_open_confusion(labels, predictions, counts, ["a", "b", "c", "d"],
+    table = C.tail_open_confusion(labels, predictions, counts, ["a", "b", "c", "d"],
                                   np.array([-1, -1, 2, 0]))
     assert table.rows == ["c", "d", "open"]
     assert table.columns == ["c", "d", "head/medium classes", "unknown"]
     np.testing.assert_array_equal(table.counts, [[1, 1, 0, 1], [0, 1, 1, 0], [1, 0, 1, 2]])
     assert "few-shot" in table.tail_rule
-    pooled = classes.tail_open_confusion(labels, predictions, counts, None, None, max_tail_classes=1)
+    pooled = C.tail_open_confusion(labels, predictions, counts, None, None, max_tail_classes=1)
     assert pooled.rows == ["3", "other tail"]  # the rarest class alone, the rest pooled
     assert pooled.columns == ["3", "other tail", "head/medium classes", "unknown"]
     np.testing.assert_array_equal(pooled.counts, [[1, 0, 1, 0], [1, 1, 0, 1]])
-    fallback = classes.tail_open_confusion([0, 1, 2], [0, 0, 2], [100, 90, 80])  # no few class
+    fallback = C.tail_open_confusion([0, 1, 2], [0, 0, 2], [100, 90, 80])  # no few class
     assert fallback.rows == ["2"] and "rarest third" in fallback.tail_rule
     np.testing.assert_array_equal(fallback.counts, [[1, 0, 0]])
-    given = classes.tail_open_confusion(labels, predictions, counts, tail_classes=[0])
+    given = C.tail_open_confusion(labels, predictions, counts, tail_classes=[0])
     assert given.rows == ["0"] and given.counts.tolist() == [[1, 0, 0]]
     with pytest.raises(InputError, match="known_predictions must lie in"):
-        classes.tail_open_confusion([0], [7], [10, 10])
+        C.tail_open_confusion([0], [7], [10, 10])
 
 
 # --------------------------------------------------------------------------- figures
@@ -177,19 +179,19 @@ def test_per_class_plot_few_and_one_class_and_errors(tmp_path):
                                            inputs.known_labels, inputs.train_counts)
     per_class = list(accuracy["per_class"])
     per_class[2] = None  # a class without test images: a gap and a marker
-    path = classes.plot_per_class_accuracy(tmp_path / "a.png", inputs.train_counts, per_class,
+    path = C.plot_per_class_accuracy(tmp_path / "a.png", inputs.train_counts, per_class,
                                      np.asarray(per_class, dtype=float) * 0.9,
                                      class_names=inputs.class_names)
     assert path == tmp_path / "a.png"
     assert_png(path)
-    assert_png(classes.plot_per_class_accuracy(tmp_path / "one.png", [7], [0.5],
+    assert_png(C.plot_per_class_accuracy(tmp_path / "one.png", [7], [0.5],
                                          class_names=[NASTY + "$x$"]))
     with pytest.raises(InputError, match="same length"):
-        classes.plot_per_class_accuracy(tmp_path / "x.png", [5, 6], [0.5])
+        C.plot_per_class_accuracy(tmp_path / "x.png", [5, 6], [0.5])
     with pytest.raises(InputError, match=r"fractions in \[0, 1\]"):
-        classes.plot_per_class_accuracy(tmp_path / "x.png", [5], [50.0])
+        C.plot_per_class_accuracy(tmp_path / "x.png", [5], [50.0])
     with pytest.raises(InputError, match="one name per class"):
-        classes.plot_per_class_accuracy(tmp_path / "x.png", [5], [0.5], class_names=["a", "b"])
+        C.plot_per_class_accuracy(tmp_path / "x.png", [5], [0.5], class_names=["a", "b"])
 
 
 def test_per_class_plot_with_1000_classes_is_fast_and_small(tmp_path):
@@ -197,7 +199,7 @@ def test_per_class_plot_with_1000_classes_is_fast_and_small(tmp_path):
     counts = np.round(500 * (2 / 500) ** (np.arange(1000) / 999)).astype(int)
     accuracy = rng.random(1000)
     start = time.perf_counter()
-    path = classes.plot_per_class_accuracy(tmp_path / "k1000.png", counts, accuracy, accuracy * 0.8,
+    path = C.plot_per_class_accuracy(tmp_path / "k1000.png", counts, accuracy, accuracy * 0.8,
                                      class_names=[f"n{i:04d}" for i in range(1000)])
     assert time.perf_counter() - start < 20
     width, _ = assert_png(path)
@@ -206,44 +208,44 @@ def test_per_class_plot_with_1000_classes_is_fast_and_small(tmp_path):
 
 def test_open_score_histograms(tmp_path):
     rng = np.random.default_rng(1)
-    assert_png(scores.plot_open_score_histograms(
+    assert_png(S.plot_open_score_histograms(
         tmp_path / "h.png", rng.normal(size=100), rng.normal(1, 1, 40), threshold=0.5,
         external={NASTY: rng.normal(2, 1, 30), "empty": []}, score_name="energy"))
-    assert_png(scores.plot_open_score_histograms(tmp_path / "no_open.png", rng.normal(size=10)))
-    assert_png(scores.plot_open_score_histograms(tmp_path / "equal.png", np.ones(20), np.ones(3),
+    assert_png(S.plot_open_score_histograms(tmp_path / "no_open.png", rng.normal(size=10)))
+    assert_png(S.plot_open_score_histograms(tmp_path / "equal.png", np.ones(20), np.ones(3),
                                             threshold=1.0))
     with pytest.raises(InputError, match="open_scores must be finite"):
-        scores.plot_open_score_histograms(tmp_path / "x.png", [0.1], [np.inf])
+        S.plot_open_score_histograms(tmp_path / "x.png", [0.1], [np.inf])
     with pytest.raises(InputError, match="known_scores is empty"):
-        scores.plot_open_score_histograms(tmp_path / "x.png", [])
+        S.plot_open_score_histograms(tmp_path / "x.png", [])
     with pytest.raises(InputError, match="threshold must be finite"):
-        scores.plot_open_score_histograms(tmp_path / "x.png", [0.1], threshold=float("nan"))
+        S.plot_open_score_histograms(tmp_path / "x.png", [0.1], threshold=float("nan"))
 
 
 def test_threshold_sweep_plot(tmp_path):
     rng = np.random.default_rng(2)
-    assert_png(scores.plot_threshold_sweep(tmp_path / "s.png", rng.normal(size=80),
+    assert_png(S.plot_threshold_sweep(tmp_path / "s.png", rng.normal(size=80),
                                       rng.random(80) < 0.7, rng.normal(1, 1, 30),
                                       threshold=0.4))
-    assert_png(scores.plot_threshold_sweep(tmp_path / "equal.png", np.zeros(10),
+    assert_png(S.plot_threshold_sweep(tmp_path / "equal.png", np.zeros(10),
                                       np.ones(10, bool), np.zeros(4), threshold=0.0))
-    assert_png(scores.plot_threshold_sweep(tmp_path / "closed.png", rng.normal(size=10),
+    assert_png(S.plot_threshold_sweep(tmp_path / "closed.png", rng.normal(size=10),
                                       np.ones(10, bool)))  # no open images, no threshold
 
 
 def test_embed_2d_is_seeded_and_handles_tiny_inputs(monkeypatch):
     rng = np.random.default_rng(4)
     x = rng.normal(size=(40, 60))  # d > 50: PCA to 50 first
-    a, method = embeddings.embed_2d(x, seed=1, method="tsne")
-    b, _ = embeddings.embed_2d(x, seed=1, method="tsne")
+    a, method = E.embed_2d(x, seed=1, method="tsne")
+    b, _ = E.embed_2d(x, seed=1, method="tsne")
     assert method == "t-SNE" and a.shape == (40, 2)
     np.testing.assert_array_equal(a, b)
-    tiny, method = embeddings.embed_2d(x[:3], method="tsne")
+    tiny, method = E.embed_2d(x[:3], method="tsne")
     assert method == "PCA" and tiny.shape == (3, 2)
-    same, method = embeddings.embed_2d(np.ones((10, 4)))
+    same, method = E.embed_2d(np.ones((10, 4)))
     assert method == "PCA" and not same.any()
     with pytest.raises(InputError, match="auto, umap or tsne"):
-        embeddings.embed_2d(x, method="isomap")
+        E.embed_2d(x, method="isomap")
 
     class FakeUMAP:  # the UMAP branch, without the package
         def __init__(self, **kwargs):
@@ -253,7 +255,7 @@ def test_embed_2d_is_seeded_and_handles_tiny_inputs(monkeypatch):
             return np.asarray(data)[:, :2] * self.kwargs["random_state"]
 
     monkeypatch.setitem(sys.modules, "umap", types.SimpleNamespace(UMAP=FakeUMAP))
-    points, method = embeddings.embed_2d(x, seed=2)
+    points, method = E.embed_2d(x, seed=2)
     assert method == "UMAP"
     np.testing.assert_array_equal(points, x[:, :2] * 2)
 
@@ -266,8 +268,8 @@ def test_embedding_plot_subsamples_the_same_points_in_both_panels(tmp_path, monk
         seen.append(np.asarray(vectors))
         return np.asarray(vectors)[:, :2], "fake"
 
-    monkeypatch.setattr(embeddings, "embed_2d", fake_embed)
-    path = embeddings.plot_embeddings(tmp_path / "e.png", inputs.features, inputs.known_labels,
+    monkeypatch.setattr(E, "embed_2d", fake_embed)
+    path = E.plot_embeddings(tmp_path / "e.png", inputs.features, inputs.known_labels,
                              inputs.meta, train_counts=inputs.train_counts,
                              class_names=inputs.class_names, max_points=50, seed=3)
     assert_png(path)
@@ -278,41 +280,41 @@ def test_embedding_plot_subsamples_the_same_points_in_both_panels(tmp_path, monk
 
 def test_embedding_plot_real_tsne_direct_only_and_errors(tmp_path):
     inputs = toy_inputs(num_classes=4, per_class=10, meta=False)
-    width, _ = assert_png(embeddings.plot_embeddings(
+    width, _ = assert_png(E.plot_embeddings(
         tmp_path / "direct.png", inputs.features, inputs.known_labels,
         train_counts=inputs.train_counts, class_names=inputs.class_names, method="tsne"))
     both = toy_inputs(num_classes=4, per_class=10)
-    wide, _ = assert_png(embeddings.plot_embeddings(
+    wide, _ = assert_png(E.plot_embeddings(
         tmp_path / "both.png", both.features, both.known_labels, both.meta,
         train_counts=both.train_counts, method="tsne"))
     assert wide > width + 300  # a second panel
-    assert_png(embeddings.plot_embeddings(tmp_path / "one.png", np.ones((2, 3)), [0, 0]))
+    assert_png(E.plot_embeddings(tmp_path / "one.png", np.ones((2, 3)), [0, 0]))
     with pytest.raises(InputError, match="meta must have 40 rows"):
-        embeddings.plot_embeddings(tmp_path / "x.png", both.features, both.known_labels,
+        E.plot_embeddings(tmp_path / "x.png", both.features, both.known_labels,
                           both.meta[:5])
     with pytest.raises(InputError, match=r"labels must lie in \[0, 3\]"):
-        embeddings.plot_embeddings(tmp_path / "x.png", both.features, both.known_labels + 1,
+        E.plot_embeddings(tmp_path / "x.png", both.features, both.known_labels + 1,
                           train_counts=both.train_counts)
 
 
 def test_memory_concepts_plot(tmp_path):
     rng = np.random.default_rng(5)
     names = [f"n{i}" for i in range(1000)]
-    assert_png(embeddings.plot_memory_concepts(
+    assert_png(E.plot_memory_concepts(
         tmp_path / "gray.png", rng.integers(0, 256, (3, 28, 28), dtype=np.uint8),
         rng.dirichlet(np.ones(1000), 3), np.tanh(rng.normal(size=(3, 512))), names,
         labels=[0, 1, 2], predictions=[0, -1, 5], top_k=3))
-    assert_png(embeddings.plot_memory_concepts(
+    assert_png(E.plot_memory_concepts(
         tmp_path / "rgb.png", rng.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8),
         [[1.0]], [[0.5, -0.5]], [NASTY], top_k=5), min_size=(400, 150))
     with pytest.raises(InputError, match="uint8"):
-        embeddings.plot_memory_concepts(tmp_path / "x.png", np.zeros((1, 8, 8)), [[1.0]], [[0.0]],
+        E.plot_memory_concepts(tmp_path / "x.png", np.zeros((1, 8, 8)), [[1.0]], [[0.0]],
                                ["a"])
     with pytest.raises(InputError, match="coefficients must have 1 rows"):
-        embeddings.plot_memory_concepts(tmp_path / "x.png", np.zeros((1, 8, 8), np.uint8),
+        E.plot_memory_concepts(tmp_path / "x.png", np.zeros((1, 8, 8), np.uint8),
                                [[1.0], [1.0]], [[0.0]], ["a"])
     with pytest.raises(InputError, match=r"predictions must lie in \[-1, 0\]"):
-        embeddings.plot_memory_concepts(tmp_path / "x.png", np.zeros((1, 8, 8), np.uint8), [[1.0]],
+        E.plot_memory_concepts(tmp_path / "x.png", np.zeros((1, 8, 8), np.uint8), [[1.0]],
                                [[0.0]], ["a"], predictions=[3])
 
 
@@ -320,11 +322,11 @@ def test_tail_open_confusion_plot(tmp_path):
     rng = np.random.default_rng(6)
     counts = np.round(500 * (2 / 500) ** (np.arange(1000) / 999)).astype(int)
     labels = rng.integers(0, 1000, 3000)
-    assert_png(classes.plot_tail_open_confusion(tmp_path / "k1000.png", labels, labels, counts,
+    assert_png(C.plot_tail_open_confusion(tmp_path / "k1000.png", labels, labels, counts,
                                           None, rng.integers(-1, 1000, 100)))
-    assert_png(classes.plot_tail_open_confusion(tmp_path / "one.png", [0, 0, 0], [0, -1, 0], [7],
+    assert_png(C.plot_tail_open_confusion(tmp_path / "one.png", [0, 0, 0], [0, -1, 0], [7],
                                           [NASTY]))  # one class, no open images
-    assert_png(classes.plot_tail_open_confusion(tmp_path / "empty.png", [], [], [7, 3], ["a", "b"],
+    assert_png(C.plot_tail_open_confusion(tmp_path / "empty.png", [], [], [7, 3], ["a", "b"],
                                           [-1, 0]))  # no known image at all
 
 

@@ -1,14 +1,15 @@
 """``oltr export``: a trained run (network + decision rule) as one ONNX model
-(:func:`oltr.export.export_onnx`)."""
+(:func:`oltr.export.export_onnx`; ``--opset`` defaults to its
+:data:`~oltr.export.DEFAULT_OPSET`)."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 from typing import Any
 
-from oltr.cli.common import DefaultsHelpFormatter, default_of
+from oltr import export
+from oltr.cli.common import DefaultsHelpFormatter
 from oltr.decision import DECISION_JSON, DecisionRule
-from oltr.export import MIN_OPSET, export_onnx
 
 NAME = "export"
 
@@ -27,10 +28,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("run", metavar="RUN", help="trained run directory (or a stage directory)")
     p.add_argument("--onnx", required=True, metavar="FILE", help="the ONNX file to write")
-    p.add_argument("--batch", type=int, default=default_of(export_onnx, "batch"), metavar="N",
+    p.add_argument("--batch", type=int, default=None, metavar="N",
                    help="fixed batch size (default: a dynamic batch dimension)")
-    p.add_argument("--opset", type=int, default=default_of(export_onnx, "opset"), metavar="N",
-                   help=f"ONNX opset (>= {MIN_OPSET})")
+    p.add_argument("--opset", type=int, default=export.DEFAULT_OPSET, metavar="N",
+                   help=f"ONNX opset (>= {export.MIN_OPSET})")
     p.add_argument("--force", action="store_true",
                    help="replace FILE if it is an ONNX model oltr exported (never another file)")
     p.set_defaults(func=run)
@@ -48,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"note: {Path(args.run) / DECISION_JSON} not found: exporting a closed-set rule (the "
               "model's logits, msp open score, no threshold: never 'unknown')")
-    result = export_onnx(stage_dir, rule, args.onnx, opset=args.opset, batch=args.batch,
-                         force=args.force)
+    result = export.export_onnx(stage_dir, rule, args.onnx, opset=args.opset, batch=args.batch,
+                                force=args.force)
     threshold = "none" if result.threshold is None else f"{result.threshold:.6g}"
     batch = "dynamic" if result.batch is None else str(result.batch)
     check = ("not checked (onnxruntime not installed)" if not result.differences else
