@@ -86,6 +86,37 @@ def plot_per_class_accuracy(
     figure = new_figure(min(12.0, 8.5 + 0.1 * min(k, MAX_BARS)),
                          4.6 + (0.8 if k <= MAX_NAMED_CLASSES else 0))
     axis = figure.add_subplot()
+    _shot_group_spans(axis, groups, closed, opened)
+    _accuracy_bars(axis, closed, opened)
+    axis.set_xlim(-0.5, k - 0.5)
+    axis.set_ylim(0, 105)
+    axis.set_ylabel("test accuracy per class (%)")
+    if k <= MAX_NAMED_CLASSES:
+        axis.set_xticks(x, [plot_text(names[i], 18) for i in order], rotation=50, ha="right",
+                        fontsize="small" if k > 12 else "medium", rotation_mode="anchor")
+        axis.set_xlabel("classes, by train images (head → tail)")
+    else:
+        axis.set_xlabel("class rank by train images (0 = most frequent; head → tail)")
+    twin = _train_count_axis(axis, counts)
+    handles, labels = axis.get_legend_handles_labels()
+    twin_handles, twin_labels = twin.get_legend_handles_labels()
+    from matplotlib.lines import Line2D
+
+    extra = [Line2D([], [], color="0.3", linestyle=":", linewidth=2)]
+    figure.legend(handles + twin_handles + extra,
+                  labels + twin_labels + ["group mean (dotted closed, dashed open)"],
+                  loc="outside lower center", ncols=3, fontsize="small", frameon=False)
+    figure.suptitle(f"Per-class accuracy vs train-set frequency ({k} class"
+                    f"{'es' if k > 1 else ''}; shot groups: "
+                    f"{rule_text(many_threshold, few_threshold, strict)})", fontsize="medium")
+    return save_png(figure, path)
+
+
+def _shot_group_spans(axis: Any, groups: np.ndarray, closed: np.ndarray,
+                      opened: np.ndarray | None) -> None:
+    """Shade each run of one shot group (head → tail), mark the boundaries, draw each group's
+    mean closed (dotted) and open (dashed) accuracy and label it above the axes."""
+    k = len(groups)
     spans: list[tuple[str, int, int]] = []  # (group, first, last) runs in head→tail order
     for i, group in enumerate(groups):
         if spans and spans[-1][0] == group:
@@ -113,6 +144,13 @@ def plot_per_class_accuracy(
                         (last + 0.5, "right") if centre > 0.92 else ((first + last) / 2, "center"))
         axis.text(where, 1.0, label, transform=axis.get_xaxis_transform(), ha=align,
                   va="bottom", fontsize="small", clip_on=False)
+
+
+def _accuracy_bars(axis: Any, closed: np.ndarray, opened: np.ndarray | None) -> None:
+    """Per-class accuracy in %: bars up to :data:`MAX_BARS` classes (a cross where a class
+    has no test image), beyond light steps and a moving average."""
+    k = len(closed)
+    x = np.arange(k)
     if k <= MAX_BARS:
         width = 0.8 if opened is None else 0.4
         shift = 0.0 if opened is None else -0.2
@@ -138,15 +176,12 @@ def plot_per_class_accuracy(
             axis.plot(x, 100 * _moving_average(opened, window), color="saddlebrown",
                       linewidth=2, label=f"open, moving average of {window} classes",
                       zorder=3)
-    axis.set_xlim(-0.5, k - 0.5)
-    axis.set_ylim(0, 105)
-    axis.set_ylabel("test accuracy per class (%)")
-    if k <= MAX_NAMED_CLASSES:
-        axis.set_xticks(x, [plot_text(names[i], 18) for i in order], rotation=50, ha="right",
-                        fontsize="small" if k > 12 else "medium", rotation_mode="anchor")
-        axis.set_xlabel("classes, by train images (head → tail)")
-    else:
-        axis.set_xlabel("class rank by train images (0 = most frequent; head → tail)")
+
+
+def _train_count_axis(axis: Any, counts: np.ndarray) -> Any:
+    """The right axis: train images per class on a log scale, plain numbers as ticks."""
+    k = len(counts)
+    x = np.arange(k)
     twin = axis.twinx()
     shown_counts = np.where(counts > 0, counts, np.nan).astype(float)
     twin.plot(x, shown_counts, color="black", linewidth=1.5,
@@ -163,18 +198,7 @@ def plot_per_class_accuracy(
     if np.isfinite(shown_counts).any():
         low, high = np.nanmin(shown_counts), np.nanmax(shown_counts)
         twin.set_ylim(low / 2, high * 2)
-    handles, labels = axis.get_legend_handles_labels()
-    twin_handles, twin_labels = twin.get_legend_handles_labels()
-    from matplotlib.lines import Line2D
-
-    extra = [Line2D([], [], color="0.3", linestyle=":", linewidth=2)]
-    figure.legend(handles + twin_handles + extra,
-                  labels + twin_labels + ["group mean (dotted closed, dashed open)"],
-                  loc="outside lower center", ncols=3, fontsize="small", frameon=False)
-    figure.suptitle(f"Per-class accuracy vs train-set frequency ({k} class"
-                    f"{'es' if k > 1 else ''}; shot groups: "
-                    f"{rule_text(many_threshold, few_threshold, strict)})", fontsize="medium")
-    return save_png(figure, path)
+    return twin
 
 
 # --------------------------------------------------------------------------- 6. confusion

@@ -3,9 +3,9 @@ meta-embeddings (4, paper Fig. 3) and the memory concepts behind a few test imag
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from oltr.evaluation.plots.common import (
     shot_groups_of,
     vector,
 )
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 #: At most this many points go into the 2-D embedding (a seeded random subsample).
 MAX_EMBEDDING_POINTS = 2000
@@ -109,16 +112,9 @@ def plot_embeddings(
     panels = [("direct features v_direct", direct)]
     if meta is not None:
         panels.append(("meta-embeddings v_meta", matrix("meta", meta, rows=len(direct))))
-    if train_counts is not None:
-        counts = vector("train_counts", train_counts, kind="int")
-        k = len(counts)
-        groups = shot_groups_of(counts, many_threshold, few_threshold, strict)
-        rank = np.empty(k, dtype=np.int64)
-        rank[head_to_tail(counts)] = np.arange(k)
-    else:
-        k = len(class_names) if class_names is not None else int(labels.max()) + 1
-        groups = np.full(k, "many", dtype="<U6")
-        rank = np.arange(k)
+    groups, rank = _groups_and_ranks(train_counts, class_names, labels, many_threshold,
+                                     few_threshold, strict)
+    k = len(groups)
     labels_in_range("labels", labels, k, allow_unknown=False)
     names = class_name_list(class_names, k)
     if max_points < 1:
@@ -128,19 +124,7 @@ def plot_embeddings(
               if len(labels) > max_points else np.arange(len(labels)))
     labels = labels[chosen]
     present = np.unique(labels)
-    from matplotlib import colormaps
-    from matplotlib.colors import Normalize
-    from matplotlib.lines import Line2D
-
-    if len(present) <= 10:
-        palette = colormaps["tab10"]
-        colour_of = {int(c): palette(i) for i, c in enumerate(present)}
-        colours = np.array([colour_of[int(c)] for c in labels])
-        scalar = None
-    else:
-        norm = Normalize(0, max(k - 1, 1))
-        scalar = (colormaps["viridis"], norm)
-        colours = colormaps["viridis"](norm(rank[labels]))
+    colours, colour_of, scalar = _class_colours(labels, present, rank)
     figure = new_figure(5.2 * len(panels) + 1.6, 5.0)
     axes = figure.subplots(1, len(panels), squeeze=False).ravel()
     used = ""
@@ -158,14 +142,65 @@ def plot_embeddings(
         axis.set_title(f"{title} ({used})", fontsize="medium")
         axis.set_xticks([])
         axis.set_yticks([])
+    _class_legend(figure, axes, present, colour_of, scalar, names,
+                  groups[labels] if train_counts is not None else None)
+    figure.suptitle(f"2-D {used} embedding of {len(chosen)} test images"
+                    + (f" (random subsample of {len(direct)})" if len(chosen) < len(direct)
+                       else "") + ", coloured by class", fontsize="medium")
+    return save_png(figure, path)
+
+
+
+def _groups_and_ranks(train_counts: Any | None, class_names: Sequence[str] | None,
+                      labels: np.ndarray, many_threshold: int, few_threshold: int,
+                      strict: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per class (K of ``train_counts``, else of ``class_names``, else the largest label + 1):
+    its shot group (all "many" without counts) and its rank by train images (0 = head; the
+    class index without counts)."""
+    if train_counts is not None:
+        counts = vector("train_counts", train_counts, kind="int")
+        k = len(counts)
+        groups = shot_groups_of(counts, many_threshold, few_threshold, strict)
+        rank = np.empty(k, dtype=np.int64)
+        rank[head_to_tail(counts)] = np.arange(k)
+    else:
+        k = len(class_names) if class_names is not None else int(labels.max()) + 1
+        groups = np.full(k, "many", dtype="<U6")
+        rank = np.arange(k)
+    return groups, rank
+
+
+def _class_colours(labels: np.ndarray, present: np.ndarray, rank: np.ndarray,
+                   ) -> tuple[np.ndarray, dict[int, Any], tuple[Any, Any] | None]:
+    """Each point's colour: one tab10 colour per class up to 10 classes present (and the
+    class → colour map); beyond, viridis by train-frequency rank (and (colour map, norm) for
+    the colour bar)."""
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+
+    if len(present) <= 10:
+        palette = colormaps["tab10"]
+        colour_of = {int(c): palette(i) for i, c in enumerate(present)}
+        return np.array([colour_of[int(c)] for c in labels]), colour_of, None
+    norm = Normalize(0, max(len(rank) - 1, 1))
+    return colormaps["viridis"](norm(rank[labels])), {}, (colormaps["viridis"], norm)
+
+
+def _class_legend(figure: Figure, axes: Any, present: np.ndarray, colour_of: dict[int, Any],
+                  scalar: tuple[Any, Any] | None, names: list[str],
+                  point_groups: np.ndarray | None) -> None:
+    """The legend (class names where coloured by class; the shot-group markers where
+    ``point_groups`` are known) or the colour bar of the class rank."""
+    from matplotlib.lines import Line2D
+
     handles, texts = [], []
     if scalar is None:
         for c in present:
             handles.append(Line2D([], [], marker="s", linestyle="", color=colour_of[int(c)]))
             texts.append(plot_text(names[int(c)], 24))
-    if train_counts is not None:
+    if point_groups is not None:
         for group in ("many", "medium", "few"):
-            if (groups[labels] == group).any():
+            if (point_groups == group).any():
                 handles.append(Line2D([], [], marker=GROUP_MARKERS[group], linestyle="",
                                       color="0.4", markeredgecolor="black" if group == "few"
                                       else "0.4"))
@@ -178,12 +213,8 @@ def plot_embeddings(
 
         bar = figure.colorbar(ScalarMappable(norm=scalar[1], cmap=scalar[0]), ax=list(axes),
                               location="right", shrink=0.8)
-        bar.set_label("class rank by train images (0 = head)" if train_counts is not None
+        bar.set_label("class rank by train images (0 = head)" if point_groups is not None
                       else "class index")
-    figure.suptitle(f"2-D {used} embedding of {len(chosen)} test images"
-                    + (f" (random subsample of {len(direct)})" if len(chosen) < len(direct)
-                       else "") + ", coloured by class", fontsize="medium")
-    return save_png(figure, path)
 
 
 # --------------------------------------------------------------------------- 5. concepts
@@ -240,65 +271,83 @@ def plot_memory_concepts(
     o_limit = min(1.0, largest * 1.25) if largest > 0 else 1.0  # shared: rows compare
     figure = new_figure(10.0, 0.4 + 1.45 * n)
     grid = figure.add_gridspec(n, 3, width_ratios=[1.0, 3.2, 3.6])
-    d = e.shape[1]
     for row in range(n):
-        image_axis = figure.add_subplot(grid[row, 0])
-        image = images[row]
-        image_axis.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255,
-                          interpolation="nearest")
-        image_axis.set_xticks([])
-        image_axis.set_yticks([])
-        caption = []
-        if truth is not None:
-            caption.append(f"true: {named(int(truth[row]))}")
-        if guess is not None:
-            caption.append(f"pred: {named(int(guess[row]))}")
-        if truth is not None and guess is not None:
-            ok = truth[row] == guess[row]
-            for spine in image_axis.spines.values():
-                spine.set_edgecolor("tab:green" if ok else "tab:red")
-                spine.set_linewidth(2.5)
-        image_axis.set_title("\n".join(caption) or f"image {row}", fontsize="x-small")
-
-        bar_axis = figure.add_subplot(grid[row, 1])
-        top = tops[row]
-        values = o[row, top]
-        positions = np.arange(top_k)[::-1]
-        colours = ["tab:green" if truth is not None and c == truth[row] else "tab:purple"
-                   for c in top]
-        bar_axis.barh(positions, values, color=colours, height=0.7)
-        bar_axis.set_yticks(positions, [named(int(c)) for c in top], fontsize="x-small")
-        bar_axis.set_xlim(0, o_limit * 1.15)
-        for position, value in zip(positions, values):
-            bar_axis.text(value + 0.015 * o_limit, position, f"{value:.3g}", va="center",
-                          fontsize="x-small")
-        bar_axis.tick_params(axis="x", labelsize="x-small")
-        if row == 0:
-            bar_axis.set_title(f"top-{top_k} memory coefficients o_i (Eq. 1)",
-                               fontsize="small")
-        if row == n - 1:
-            bar_axis.set_xlabel("o_i (softmax over the K centroids)", fontsize="x-small")
-
-        sel_axis = figure.add_subplot(grid[row, 2])
-        dims = np.arange(d)
-        sel_axis.bar(dims, e[row], width=0.9 if d <= 128 else 1.0, linewidth=0,
-                     color=np.where(e[row] > 0, "tab:orange", "tab:gray"))
-        sel_axis.axhline(0, color="black", linewidth=0.6)
-        sel_axis.set_xlim(-0.5, d - 0.5)
-        sel_axis.set_ylim(-1.08, 1.75)  # headroom above e = 1 for the summary
-        sel_axis.set_yticks([-1, 0, 1])
-        sel_axis.tick_params(labelsize="x-small")
-        sel_axis.text(0.99, 0.96, f"mean |e| {np.abs(e[row]).mean():.2f}, "
-                                  f"e > 0: {100 * (e[row] > 0).mean():.0f} % of dims",
-                      transform=sel_axis.transAxes, ha="right", va="top", fontsize="x-small",
-                      bbox={"facecolor": "white", "alpha": 0.8, "linewidth": 0})
-        if row == 0:
-            sel_axis.set_title("concept selector e = tanh(T_sel(v)) per dimension (Eq. 4)",
-                               fontsize="small")
-        if row == n - 1:
-            sel_axis.set_xlabel("feature dimension", fontsize="x-small")
-        else:
-            sel_axis.set_xticklabels([])
+        _thumbnail_panel(figure.add_subplot(grid[row, 0]), images[row], row,
+                         None if truth is None else int(truth[row]),
+                         None if guess is None else int(guess[row]), named)
+        _coefficient_panel(figure.add_subplot(grid[row, 1]), o[row], tops[row],
+                           None if truth is None else int(truth[row]), named, o_limit,
+                           first=row == 0, last=row == n - 1)
+        _selector_panel(figure.add_subplot(grid[row, 2]), e[row], first=row == 0,
+                        last=row == n - 1)
     figure.suptitle("Memory concepts infused into the meta-embedding (cf. paper Fig. 7)",
                     fontsize="medium")
     return save_png(figure, path)
+
+
+def _thumbnail_panel(axis: Any, image: np.ndarray, row: int, truth: int | None,
+                     guess: int | None, named: Callable[[int], str]) -> None:
+    """One test image, titled with its true class and prediction; framed green (right) or red
+    (wrong) where both are known."""
+    axis.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255,
+                interpolation="nearest")
+    axis.set_xticks([])
+    axis.set_yticks([])
+    caption = []
+    if truth is not None:
+        caption.append(f"true: {named(truth)}")
+    if guess is not None:
+        caption.append(f"pred: {named(guess)}")
+    if truth is not None and guess is not None:
+        ok = truth == guess
+        for spine in axis.spines.values():
+            spine.set_edgecolor("tab:green" if ok else "tab:red")
+            spine.set_linewidth(2.5)
+    axis.set_title("\n".join(caption) or f"image {row}", fontsize="x-small")
+
+
+def _coefficient_panel(axis: Any, o: np.ndarray, top: np.ndarray, truth: int | None,
+                       named: Callable[[int], str], o_limit: float, *, first: bool,
+                       last: bool) -> None:
+    """One image's largest memory coefficients o_i (the true class's bar green), on the x
+    range ``o_limit`` every row shares."""
+    top_k = len(top)
+    values = o[top]
+    positions = np.arange(top_k)[::-1]
+    colours = ["tab:green" if truth is not None and c == truth else "tab:purple" for c in top]
+    axis.barh(positions, values, color=colours, height=0.7)
+    axis.set_yticks(positions, [named(int(c)) for c in top], fontsize="x-small")
+    axis.set_xlim(0, o_limit * 1.15)
+    for position, value in zip(positions, values):
+        axis.text(value + 0.015 * o_limit, position, f"{value:.3g}", va="center",
+                  fontsize="x-small")
+    axis.tick_params(axis="x", labelsize="x-small")
+    if first:
+        axis.set_title(f"top-{top_k} memory coefficients o_i (Eq. 1)", fontsize="small")
+    if last:
+        axis.set_xlabel("o_i (softmax over the K centroids)", fontsize="x-small")
+
+
+def _selector_panel(axis: Any, e: np.ndarray, *, first: bool, last: bool) -> None:
+    """One image's concept selector e over the feature dimensions, with mean |e| and the
+    share of dimensions where e > 0."""
+    d = len(e)
+    dims = np.arange(d)
+    axis.bar(dims, e, width=0.9 if d <= 128 else 1.0, linewidth=0,
+             color=np.where(e > 0, "tab:orange", "tab:gray"))
+    axis.axhline(0, color="black", linewidth=0.6)
+    axis.set_xlim(-0.5, d - 0.5)
+    axis.set_ylim(-1.08, 1.75)  # headroom above e = 1 for the summary
+    axis.set_yticks([-1, 0, 1])
+    axis.tick_params(labelsize="x-small")
+    axis.text(0.99, 0.96, f"mean |e| {np.abs(e).mean():.2f}, "
+                          f"e > 0: {100 * (e > 0).mean():.0f} % of dims",
+              transform=axis.transAxes, ha="right", va="top", fontsize="x-small",
+              bbox={"facecolor": "white", "alpha": 0.8, "linewidth": 0})
+    if first:
+        axis.set_title("concept selector e = tanh(T_sel(v)) per dimension (Eq. 4)",
+                       fontsize="small")
+    if last:
+        axis.set_xlabel("feature dimension", fontsize="x-small")
+    else:
+        axis.set_xticklabels([])
