@@ -203,3 +203,40 @@ def test_published_lists_with_another_preset_family_are_pointed_out(tmp_path) ->
     assert "use --benchmark imagenet_lt" in _benchmark_mismatch(str(tmp_path), "fmnist_lt")
     assert _benchmark_mismatch(str(tmp_path), "imagenet_lt") is None
     assert _benchmark_mismatch(str(tmp_path / "absent"), "fmnist_lt") is None
+
+
+def test_command_defaults_are_the_library_functions_defaults(capsys) -> None:
+    """A command's defaults are read from the function it calls, and --help shows them; oltr
+    curate's head/tail counts (ImageNet-LT's 1280 → 5) are constants of oltr.data.curation,
+    since curate() itself requires them for a fixed-count profile."""
+    import inspect
+
+    from oltr.cli.curate import SETTINGS, curation_defaults
+    from oltr.data.curation import DEFAULT_MAX_COUNT, DEFAULT_MIN_COUNT, curate
+    from oltr.evaluation.analysis import analyze
+    from oltr.evaluation.identify_run import identify_run
+    from oltr.predict import Predictor
+
+    def default(function, name):
+        return inspect.signature(function).parameters[name].default
+
+    defaults = curation_defaults()
+    assert (defaults["max_count"], defaults["min_count"]) == (1280, 5)
+    assert (DEFAULT_MAX_COUNT, DEFAULT_MIN_COUNT) == (1280, 5)
+    assert default(curate, "max_count") is None and default(curate, "min_count") is None
+    assert all(defaults[key] == default(curate, key) for key in SETTINGS
+               if key not in ("max_count", "min_count"))
+    parser = build_parser()
+    predict = parser.parse_args(["predict", "run", "a.png"])
+    assert (predict.top_k, predict.batch_size) == (default(Predictor.predict, "top_k"),
+                                                   default(Predictor.predict, "batch_size"))
+    analysis = parser.parse_args(["analyze", "--runs", "a=b", "--out", "o"])
+    assert analysis.plots == ",".join(default(analyze, "plots"))
+    assert analysis.max_subsets == default(analyze, "max_subsets")
+    identify = parser.parse_args(["identify", "run", "--probes", "p"])
+    assert (identify.gallery_mode, identify.ties, identify.threshold) == tuple(
+        default(identify_run, name) for name in ("gallery_mode", "ties", "threshold"))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["curate", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "(default: 1280)" in shown and "(default: 5; none with --ratio)" in shown
