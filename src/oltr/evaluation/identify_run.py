@@ -44,10 +44,7 @@ from oltr.data.paths import check_image_paths
 from oltr.data.splits import read_split_lines
 from oltr.errors import InputError
 from oltr.evaluation.external_open_sets import open_set_entries
-from oltr.evaluation.identification import (
-    DEFAULT_THRESHOLD,
-    IdentificationProtocol,
-)
+from oltr.evaluation.identification import DEFAULT_THRESHOLD, IdentificationProtocol
 from oltr.inference import EvalBatches, load_model
 from oltr.io import atomic_write_text, read_json_object
 from oltr.ownership import check_report_output
