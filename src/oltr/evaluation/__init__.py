@@ -23,6 +23,7 @@ report page of ``oltr report``).
 The identification protocol's names are importable from this package itself; every other
 name from its module (``from oltr.evaluation.closed_open import evaluate_run``).
 """
+from oltr.evaluation.attributes import read_attributes
 from oltr.evaluation.identification import (
     DEFAULT_SHOT_GROUPS,
     DEFAULT_THRESHOLD,
@@ -32,7 +33,6 @@ from oltr.evaluation.identification import (
     evaluate_identification,
     identification_trials,
     pseudo_shot_counts,
-    read_attributes,
     shot_groups,
 )
 from oltr.evaluation.vectors import Vectors, as_vectors, load_labels

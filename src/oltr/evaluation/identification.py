@@ -38,16 +38,15 @@ Protocol (docs/identification.md has the full text and the paper's numbers):
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from oltr.errors import InputError
+from oltr.evaluation.attributes import attribute_values
 from oltr.evaluation.vectors import Vectors, as_vectors, check_same_dim, load_labels
 
 GALLERY_MODES = ("all", "megaface")
@@ -55,7 +54,6 @@ TIE_RULES = ("miss", "hit")
 DEFAULT_THRESHOLD = 0.7
 DEFAULT_CHUNK_SIZE = 4096
 DEFAULT_PROBE_CHUNK_SIZE = 2048
-ATTRIBUTE_KEYS = ("identity", "probe_index")
 
 
 # --------------------------------------------------------------------------- shot groups
@@ -220,11 +218,31 @@ def identification_trials(
     chunk_size = _check_chunk("chunk_size", chunk_size)
     probe_chunk_size = _check_chunk("probe_chunk_size", probe_chunk_size)
     device = torch.device(device)
+    probes_v, labels, gallery_v, gallery_np, distractors_v = _trial_inputs(
+        probes, probe_labels, gallery, gallery_labels, distractors)
+    leave_one_out = gallery is None
+    queries = _load_probes(probes_v, device)
+    best_distractor = _best_distractor(queries, distractors_v, chunk_size, probe_chunk_size)
+    scan = _GalleryScan(queries, torch.from_numpy(labels).to(device),
+                        best_distractor=best_distractor, leave_one_out=leave_one_out,
+                        all_mode=gallery_mode == "all", beats=beats)
+    gallery_ids = torch.from_numpy(gallery_np).to(device)
+    for g0, block in gallery_v.blocks(chunk_size, device):
+        for p0 in range(0, len(queries), probe_chunk_size):
+            scan.update(p0, probe_chunk_size, g0, block, gallery_ids[g0:g0 + len(block)])
+    hits, trials = scan.result()
+    return hits.cpu().numpy(), trials.cpu().numpy()
+
+
+def _trial_inputs(probes: Any, probe_labels: Any, gallery: Any, gallery_labels: Any,
+                  distractors: Any) -> tuple[Vectors, np.ndarray, Vectors, np.ndarray,
+                                             Vectors | None]:
+    """The checked embeddings and labels of :func:`identification_trials`: probes, their
+    labels, the gallery (the probes themselves without one) and its labels, the distractors."""
     probes_v = as_vectors(probes, "probe")
     labels = load_labels(probe_labels, "probe")
     _check_length("probe labels", labels, len(probes_v))
-    leave_one_out = gallery is None
-    if leave_one_out:
+    if gallery is None:
         if gallery_labels is not None:
             raise InputError("gallery labels were given without a gallery")
         gallery_v, gallery_np = probes_v, labels
@@ -236,51 +254,72 @@ def identification_trials(
         _check_length("gallery labels", gallery_np, len(gallery_v))
     distractors_v = None if distractors is None else as_vectors(distractors, "distractor")
     check_same_dim(("probe", probes_v), ("gallery", gallery_v), ("distractor", distractors_v))
+    return probes_v, labels, gallery_v, gallery_np, distractors_v
 
-    queries = _load_probes(probes_v, device)
-    n_probes = len(queries)
-    probe_ids = torch.from_numpy(labels).to(device)
-    gallery_ids = torch.from_numpy(gallery_np).to(device)
-    minus_inf = torch.full((n_probes,), -math.inf, device=device)
-    best_distractor = minus_inf.clone()
-    if distractors_v is not None:
-        for _, block in distractors_v.blocks(chunk_size, device):
-            for p0 in range(0, n_probes, probe_chunk_size):
+
+def _best_distractor(queries: torch.Tensor, distractors: Vectors | None, chunk_size: int,
+                     probe_chunk_size: int) -> torch.Tensor:
+    """Each probe's highest similarity to a distractor (P,), −inf without distractors."""
+    best = torch.full((len(queries),), -math.inf, device=queries.device)
+    if distractors is not None:
+        for _, block in distractors.blocks(chunk_size, queries.device):
+            for p0 in range(0, len(queries), probe_chunk_size):
                 similarity = queries[p0:p0 + probe_chunk_size] @ block.t()
                 rows = slice(p0, p0 + len(similarity))
-                best_distractor[rows] = torch.maximum(best_distractor[rows],
-                                                      similarity.max(dim=1).values)
-    best_mate, best_other = minus_inf.clone(), minus_inf.clone()
-    mates = torch.zeros(n_probes, dtype=torch.int64, device=device)
-    pair_hits = torch.zeros(n_probes, dtype=torch.int64, device=device)
-    for g0, block in gallery_v.blocks(chunk_size, device):
-        block_ids = gallery_ids[g0:g0 + len(block)]
-        for p0 in range(0, n_probes, probe_chunk_size):
-            similarity = queries[p0:p0 + probe_chunk_size] @ block.t()
-            rows = slice(p0, p0 + len(similarity))
-            mate = probe_ids[rows].unsqueeze(1) == block_ids.unsqueeze(0)
-            other = ~mate
-            if leave_one_out:
-                probe_index = torch.arange(rows.start, rows.stop, device=device).unsqueeze(1)
-                gallery_index = torch.arange(g0, g0 + len(block), device=device).unsqueeze(0)
-                self_pair = probe_index == gallery_index
-                mate &= ~self_pair
-                other &= ~self_pair
-            mates[rows] += mate.sum(dim=1)
-            if gallery_mode == "all":
-                best_mate[rows] = torch.maximum(
-                    best_mate[rows], similarity.masked_fill(~mate, -math.inf).max(dim=1).values)
-                best_other[rows] = torch.maximum(
-                    best_other[rows], similarity.masked_fill(~other, -math.inf).max(dim=1).values)
-            else:
-                wins = beats(similarity, best_distractor[rows].unsqueeze(1))
-                pair_hits[rows] += (wins & mate).sum(dim=1)
-    if gallery_mode == "all":
-        trials = (mates > 0).long()
-        hits = (trials.bool() & beats(best_mate, torch.maximum(best_other, best_distractor))).long()
-    else:
-        trials, hits = mates, pair_hits
-    return hits.cpu().numpy(), trials.cpu().numpy()
+                best[rows] = torch.maximum(best[rows], similarity.max(dim=1).values)
+    return best
+
+
+class _GalleryScan:
+    """Running per-probe counts and maxima over streamed gallery blocks: mates, the best mate
+    and the best non-mate (``gallery_mode="all"``) or the (probe, mate) pairs that beat every
+    distractor (``"megaface"``)."""
+
+    def __init__(self, queries: torch.Tensor, probe_ids: torch.Tensor, *,
+                 best_distractor: torch.Tensor, leave_one_out: bool, all_mode: bool,
+                 beats: Any) -> None:
+        n_probes, device = len(queries), queries.device
+        self.queries, self.probe_ids = queries, probe_ids
+        self.best_distractor, self.leave_one_out = best_distractor, leave_one_out
+        self.all_mode, self.beats = all_mode, beats
+        minus_inf = torch.full((n_probes,), -math.inf, device=device)
+        self.best_mate, self.best_other = minus_inf.clone(), minus_inf.clone()
+        self.mates = torch.zeros(n_probes, dtype=torch.int64, device=device)
+        self.pair_hits = torch.zeros(n_probes, dtype=torch.int64, device=device)
+
+    def update(self, p0: int, probe_chunk_size: int, g0: int, block: torch.Tensor,
+               block_ids: torch.Tensor) -> None:
+        """Take the similarities of probes ``p0 …`` to the gallery rows ``g0 …`` (``block``)."""
+        device = self.queries.device
+        similarity = self.queries[p0:p0 + probe_chunk_size] @ block.t()
+        rows = slice(p0, p0 + len(similarity))
+        mate = self.probe_ids[rows].unsqueeze(1) == block_ids.unsqueeze(0)
+        other = ~mate
+        if self.leave_one_out:
+            probe_index = torch.arange(rows.start, rows.stop, device=device).unsqueeze(1)
+            gallery_index = torch.arange(g0, g0 + len(block), device=device).unsqueeze(0)
+            self_pair = probe_index == gallery_index
+            mate &= ~self_pair
+            other &= ~self_pair
+        self.mates[rows] += mate.sum(dim=1)
+        if self.all_mode:
+            self.best_mate[rows] = torch.maximum(
+                self.best_mate[rows], similarity.masked_fill(~mate, -math.inf).max(dim=1).values)
+            self.best_other[rows] = torch.maximum(
+                self.best_other[rows],
+                similarity.masked_fill(~other, -math.inf).max(dim=1).values)
+        else:
+            wins = self.beats(similarity, self.best_distractor[rows].unsqueeze(1))
+            self.pair_hits[rows] += (wins & mate).sum(dim=1)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(hits, trials)`` per probe, int64 (P,)."""
+        if self.all_mode:
+            trials = (self.mates > 0).long()
+            rival = torch.maximum(self.best_other, self.best_distractor)
+            hits = (trials.bool() & self.beats(self.best_mate, rival)).long()
+            return hits, trials
+        return self.pair_hits, self.mates
 
 
 def _check_modes(gallery_mode: str, ties: str) -> None:
@@ -297,87 +336,6 @@ def _check_length(name: str, array: np.ndarray, expected: int) -> None:
                          "embeddings")
 
 
-# --------------------------------------------------------------------------- attributes
-
-
-def read_attributes(path: str | os.PathLike[str], probe_labels: Any
-                    ) -> tuple[str, list[str | None]]:
-    """Attribute value of each probe from a UTF-8 text file; returns ``(name, values)``.
-
-    Format: blank lines and lines starting with ``#`` are skipped; the first other line is the
-    header ``identity<TAB>NAME`` (keys are probe identities) or ``probe_index<TAB>NAME`` (keys
-    are 0-based probe rows), NAME naming the attribute (e.g. ``gender``); every further line
-    is ``KEY<TAB>VALUE`` with an integer key, e.g. ``17<TAB>female``. A probe not listed has
-    no value (None). Keys of identities that have no probe are allowed (one file can serve
-    several probe sets). Raises :class:`InputError` naming file:line for a missing or bad
-    header, a row without exactly two tab-separated fields, a key that is not an integer, an
-    empty value, a repeated key, or a probe index outside [0, P).
-    """
-    path = Path(path)
-    labels = load_labels(probe_labels, "probe")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError("attribute file not found", path=path) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read the attribute file ({exc})", path=path) from None
-    key_kind: str | None = None
-    name = ""
-    mapping: dict[int, str] = {}
-    first_line: dict[int, int] = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.rstrip("\r")
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        fields = line.split("\t")
-        if key_kind is None:
-            if len(fields) != 2 or fields[0].strip() not in ATTRIBUTE_KEYS or not fields[1].strip():
-                raise InputError("the header must be 'identity<TAB>NAME' or "
-                                 "'probe_index<TAB>NAME'", path=path, line=number, value=line)
-            key_kind, name = fields[0].strip(), fields[1].strip()
-            continue
-        if len(fields) != 2:
-            raise InputError(f"expected 2 tab-separated fields (key, value), got {len(fields)}",
-                             path=path, line=number, value=line)
-        key_text, value = fields[0].strip(), fields[1].strip()
-        try:
-            key = int(key_text)
-        except ValueError:
-            raise InputError(f"the {key_kind} is not an integer", path=path, line=number,
-                             value=key_text) from None
-        if not value:
-            raise InputError("empty attribute value", path=path, line=number, value=line)
-        if key in mapping:
-            raise InputError(f"repeated {key_kind} (first on line {first_line[key]})",
-                             path=path, line=number, value=key)
-        if key_kind == "probe_index" and not 0 <= key < len(labels):
-            raise InputError(f"probe index outside [0, {len(labels)})", path=path, line=number,
-                             value=key)
-        mapping[key], first_line[key] = value, number
-    if key_kind is None:
-        raise InputError("the attribute file has no header ('identity<TAB>NAME' or "
-                         "'probe_index<TAB>NAME')", path=path)
-    if key_kind == "identity":
-        return name, [mapping.get(int(label)) for label in labels]
-    return name, [mapping.get(index) for index in range(len(labels))]
-
-
-def _attribute_values(attributes: Any, labels: np.ndarray) -> tuple[str, list[str | None]]:
-    if isinstance(attributes, (str, os.PathLike)):
-        return read_attributes(attributes, labels)
-    if isinstance(attributes, Mapping):
-        return "attribute", [_value(attributes.get(int(label))) for label in labels]
-    values = [_value(value) for value in attributes]
-    if len(values) != len(labels):
-        raise InputError(f"attributes have {len(values)} entries but there are {len(labels)} "
-                         "probes")
-    return "attribute", values
-
-
-def _value(value: Any) -> str | None:
-    return None if value is None else str(value)
-
-
 # --------------------------------------------------------------------------- the protocol
 
 
@@ -389,6 +347,21 @@ def _summary(hits: np.ndarray, trials: np.ndarray, members: np.ndarray) -> dict[
         "trials": n_trials,
         "probes": int((members & (trials > 0)).sum()),
     }
+
+
+def _attribute_figures(hits: np.ndarray, trials: np.ndarray, attributes: Any,
+                       labels: np.ndarray) -> dict[str, Any]:
+    """``attribute`` (its name), ``attributes`` (value → figures) and
+    ``probes_without_attribute`` of :meth:`IdentificationProtocol.evaluate`; None each
+    without attributes."""
+    if attributes is None:
+        return {"attribute": None, "attributes": None, "probes_without_attribute": None}
+    name, values = attribute_values(attributes, labels)
+    present = sorted({value for value in values if value is not None})
+    column = np.array([value if value is not None else "" for value in values], dtype=object)
+    return {"attribute": name,
+            "attributes": {value: _summary(hits, trials, column == value) for value in present},
+            "probes_without_attribute": sum(value is None for value in values)}
 
 
 class IdentificationProtocol:
@@ -475,32 +448,9 @@ class IdentificationProtocol:
                 as_vectors(distractors, "distractor")),
         }
         counts = self._pseudo_shots(probes, len(labels), train, shot_probes, pseudo_shots)
-        result["pseudo_shots"] = None
-        result["groups"] = None
-        if counts is not None:
-            result["pseudo_shots"] = {
-                "threshold": self.threshold if pseudo_shots is None else None,
-                "source": "given" if pseudo_shots is not None else (
-                    "train vs probes" if shot_probes is None else "train vs shot_probes"),
-                "train": None if train is None else len(as_vectors(train, "train")),
-            }
-            result["groups"] = {
-                group.name: {"min": group.low, "max": group.high,
-                             **_summary(hits, trials, group.contains(counts))}
-                for group in self.groups
-            }
-        result["attribute"] = None
-        result["attributes"] = None
-        result["probes_without_attribute"] = None
-        if attributes is not None:
-            name, values = _attribute_values(attributes, labels)
-            present = sorted({value for value in values if value is not None})
-            column = np.array([value if value is not None else "" for value in values],
-                              dtype=object)
-            result["attribute"] = name
-            result["attributes"] = {value: _summary(hits, trials, column == value)
-                                    for value in present}
-            result["probes_without_attribute"] = sum(value is None for value in values)
+        result.update(self._group_figures(hits, trials, counts, train, shot_probes,
+                                          pseudo_shots))
+        result.update(_attribute_figures(hits, trials, attributes, labels))
         if per_probe:
             result["per_probe"] = {
                 "hits": hits.tolist(),
@@ -511,6 +461,26 @@ class IdentificationProtocol:
                     for count in counts],
             }
         return result
+
+    def _group_figures(self, hits: np.ndarray, trials: np.ndarray, counts: np.ndarray | None,
+                       train: Any, shot_probes: Any, given: Any) -> dict[str, Any]:
+        """``pseudo_shots`` (where the counts came from) and ``groups`` (the figures per
+        pseudo-shot group); both None without counts."""
+        if counts is None:
+            return {"pseudo_shots": None, "groups": None}
+        return {
+            "pseudo_shots": {
+                "threshold": self.threshold if given is None else None,
+                "source": "given" if given is not None else (
+                    "train vs probes" if shot_probes is None else "train vs shot_probes"),
+                "train": None if train is None else len(as_vectors(train, "train")),
+            },
+            "groups": {
+                group.name: {"min": group.low, "max": group.high,
+                             **_summary(hits, trials, group.contains(counts))}
+                for group in self.groups
+            },
+        }
 
     def _pseudo_shots(self, probes: Any, n_probes: int, train: Any, shot_probes: Any,
                       given: Any) -> np.ndarray | None:
