@@ -34,6 +34,10 @@ Protocol (docs/identification.md has the full text and the paper's numbers):
   1e-6; two candidates (or a candidate and the threshold) closer than that may be ordered
   differently on another device, BLAS or chunk size — the rules above apply to the computed
   values.
+
+The module is one protocol (about 530 lines: the streamed trials, the pseudo-shot groups and
+the protocol object share their checks); the probes' attribute file is read by
+:mod:`oltr.evaluation.attributes`.
 """
 from __future__ import annotations
 
