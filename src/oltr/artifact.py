@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from oltr.config import load_saved_config, stage_config, with_defaults
 from oltr.data import Benchmark, dataset_for, load_benchmark
 from oltr.decision import (
     AUTO_OPEN_SCORES,
@@ -41,23 +40,8 @@ from oltr.inference import (
     split_outputs,
 )
 from oltr.models import OLTRNetwork
-from oltr.run import CONFIG, final_stage_dir
+from oltr.run import RunDir
 from oltr.runtime import Runtime, init_runtime
-
-
-def run_stage_config(run_dir: str | Path) -> dict[str, Any]:
-    """The resolved config of a run's final stage, as the *run* saved it (``RUN/config.yaml``):
-    a stage folder shared by several runs (``oltr bench``'s cache: plain, τ-norm and post-hoc
-    logit adjustment train the same stage) keeps the config of the run that trained it, but
-    each run decides with its own ``eval`` settings. Falls back to the stage's own config."""
-    stage_dir = final_stage_dir(run_dir)
-    run_config = Path(run_dir) / CONFIG
-    stage_cfg = load_saved_config(stage_dir / CONFIG)
-    if run_config.exists() and stage_dir.parent == Path(run_dir):
-        config = load_saved_config(run_config)
-        if "stages" in config and stage_dir.name in [s["name"] for s in config["stages"]]:
-            return stage_config(with_defaults(config), stage_dir.name)
-    return stage_cfg
 
 
 def rule_needs_train(eval_cfg: Mapping[str, Any]) -> bool:
@@ -175,16 +159,17 @@ def saved_rule(directory: Path, info: Mapping[str, Any],
     return rule
 
 
-def fit_decision(run_dir: str | Path, data_dir: str | Path, *,
+def fit_decision(run_dir: str | Path | RunDir, data_dir: str | Path, *,
                  runtime: Runtime | None = None, verbose: bool = True) -> DecisionRule:
     """Fit the decision rule of a trained run's final stage on val and save it in the run
     (``RUN/decision.json``; rank 0 writes, every rank passes its shard of each split). The
     rule belongs to the run, not to the stage folder: stages shared by several methods
     (``oltr bench``) keep one set of weights but each run its own rule. ``verbose``: print the
     fitted rule in one line."""
-    stage_cfg = run_stage_config(run_dir)
+    run = RunDir.of(run_dir)
+    stage_cfg = run.stage_config()
     runtime = runtime or init_runtime(stage_cfg["device"])
-    stage_dir = final_stage_dir(run_dir)
+    stage_dir = run.final_stage().path
     net, info = load_model(stage_dir, runtime.device)
     bench = load_benchmark(data_dir, image_root=stage_cfg["data"]["image_root"],
                            allow_outside_root=stage_cfg["data"]["allow_outside_root"])
@@ -200,16 +185,15 @@ def fit_decision(run_dir: str | Path, data_dir: str | Path, *,
                              stores=stores)
     rule = fit_rule(net, info, eval_cfg, outputs)
     if runtime.is_primary:
-        rule.save(Path(run_dir))
+        rule.save(run.path)
     if runtime.is_primary and verbose:
         source = rule.record["open_score"]["source"]
         print(f"decision rule: τ-norm {rule.tau_normalization:g}, logit adjustment "
               f"{rule.logit_adjustment:g}, open score {rule.open_score} ({source}), threshold "
-              f"{rule.threshold:.4g}; saved to {Path(run_dir) / DECISION_JSON}", flush=True)
+              f"{rule.threshold:.4g}; saved to {run.decision_path}", flush=True)
     runtime.barrier()
     return rule
 
 
 __all__ = ["AUTO_OPEN_SCORES", "DEFAULT_OPEN_SCORE", "check_benchmark_fits", "classifier_of",
-           "fit_decision", "fit_rule", "forward_splits", "rule_needs_train", "run_stage_config",
-           "saved_rule"]
+           "fit_decision", "fit_rule", "forward_splits", "rule_needs_train", "saved_rule"]

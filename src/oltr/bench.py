@@ -50,10 +50,7 @@ from oltr.config import (
     DEFAULT_BENCHMARK,
     absolute_paths,
     load_config,
-    load_saved_config,
-    save_config,
     stage_config,
-    with_defaults,
 )
 from oltr.data.splits import sha256_file
 from oltr.detectors import list_detectors
@@ -67,7 +64,7 @@ from oltr.evaluation.markdown import (
 )
 from oltr.io import atomic_write_text, read_json_object
 from oltr.ownership import claim_directory, locked
-from oltr.run import RUN_INFO, WEIGHTS, final_stage_dir
+from oltr.run import RunDir, StageDir
 from oltr.train import build_stage, fit
 
 QUICK_OVERRIDES = ("model.width=8", "train.max_steps_per_epoch=3")
@@ -171,10 +168,9 @@ def train_cached(
         if not link.exists():
             link.symlink_to(target, target_is_directory=True)
         previous, previous_key = stage_dir, key
-    save_config(config, run_dir / "config.yaml")
-    atomic_write_text(run_dir / RUN_INFO, json.dumps(
-        {"method": config["method"], "stages": names, "final_stage": names[-1],
-         "data": str(data_dir)}, indent=2) + "\n")
+    run = RunDir(run_dir)
+    run.save_config(config)
+    run.write_info(config["method"], names, data_dir)
     return seconds
 
 
@@ -182,10 +178,10 @@ def _config_of_started_stage(stage_dir: Path, cfg: dict[str, Any]) -> dict[str, 
     """The config a cached stage was started with, when another method started it: it differs
     from ``cfg`` at most in what the cache key leaves out (method name, eval settings), and
     resuming needs the very config of the checkpoint."""
-    saved = stage_dir / "config.yaml"
-    if not saved.exists():
+    stage = StageDir(stage_dir)
+    if not stage.config_path.exists():
         return cfg
-    started = with_defaults(load_saved_config(saved))
+    started = stage.config()
     if {k: v for k, v in started.items() if k not in ("method", "eval")} != {
             k: v for k, v in cfg.items() if k not in ("method", "eval")}:
         raise InputError("a cached stage folder holds another config (hash collision, or "
@@ -341,9 +337,9 @@ def _train_and_evaluate(config: dict[str, Any], data_dir: Path, out: Path, run_d
     """One run of the matrix: train (or reuse) its stages, evaluate it with every detector
     (or keep its current report), and return the report with its train seconds and epochs."""
     train_cached(config, data_dir, out, run_dir, progress=progress, data_digest=several)
-    report_path = run_dir / "report.json"
-    report = read_json_object(report_path, "report") if report_path.exists() else None
-    if report is None or not _report_is_current(report, run_dir) or sorted(
+    run = RunDir(run_dir)
+    report = run.report()
+    if report is None or not _report_is_current(report, run) or sorted(
             [*report.get("detectors", {}), *report.get("detectors_inapplicable", {})]
     ) != sorted(detectors) or (
             sorted(report.get("open_sets", {})) != sorted(open_sets or {})) or (
@@ -351,19 +347,19 @@ def _train_and_evaluate(config: dict[str, Any], data_dir: Path, out: Path, run_d
             "open_score_logits" not in report):  # written before that choice existed
         report = evaluate_run(run_dir, data_dir, open_set=True,
                               detectors=list(detectors), open_sets=open_sets,
-                              detector_options=detector_options, output=report_path)
+                              detector_options=detector_options, output=run.report_path)
     names = [stage["name"] for stage in config["stages"]]
     report["train_seconds"] = _stage_seconds(run_dir, names)
     report["epochs"] = {name: stage_config(config, name)["train"]["epochs"] for name in names}
     return report
 
 
-def _report_is_current(report: dict[str, Any], run_dir: Path) -> bool:
+def _report_is_current(report: dict[str, Any], run: RunDir) -> bool:
     """Whether a kept report was computed from the weights the run's final stage holds now."""
     record = report.get("weights")
     if not isinstance(record, dict):
         return False
-    weights = final_stage_dir(run_dir) / WEIGHTS
+    weights = run.final_stage().weights_path
     return weights.is_file() and record.get("sha256") == sha256_file(weights)
 
 

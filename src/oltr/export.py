@@ -68,7 +68,6 @@ from oltr.detectors.base import Detector
 from oltr.errors import InputError, OltrError
 from oltr.inference import load_model
 from oltr.io import atomic_write
-from oltr.run import WEIGHTS, weights_digest
 
 #: The exporter's own opset in torch 2.14 (``torch.onnx`` dynamo exporter, onnxscript's
 #: torchlib): every op is emitted natively, no version conversion.
@@ -324,7 +323,7 @@ def _load_source(source: str | Path | nn.Module, data: Mapping[str, Any] | None
     stage_dir = Path(source)
     net, info = load_model(stage_dir)
     return net, _data_settings(data if data is not None else info["data"]), \
-        list(info["class_names"]), weights_digest(stage_dir / WEIGHTS)
+        list(info["class_names"]), info["weights_sha256"]
 
 
 def _check_rule(rule: DecisionRule, class_names: list[str] | None, digest: str | None) -> None:

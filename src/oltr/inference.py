@@ -28,23 +28,24 @@ from oltr.data.tensors import TensorImages, use_tensor_path
 from oltr.decision import SplitOutputs
 from oltr.errors import InputError
 from oltr.models import OLTRNetwork, create_network
-from oltr.run import MODEL_INFO, WEIGHTS, read_model_info, weights_digest
+from oltr.run import MODEL_INFO, StageDir, weights_digest
 from oltr.runtime import Runtime, autocast
 
 OUTPUT_KEYS = ("logits", "features", "reachability")
 
 
-def load_model(stage_dir: Path, device: torch.device | str = "cpu") -> tuple[OLTRNetwork, dict]:
+def load_model(stage_dir: str | Path | StageDir, device: torch.device | str = "cpu"
+               ) -> tuple[OLTRNetwork, dict]:
     """Rebuild the network of a trained stage from ``model.json`` + ``model.safetensors``, in
     eval mode on ``device``. The returned info is ``model.json`` plus ``weights_sha256``, the
     sha256 of the weights file as read (what derived results — a report's threshold, the
     decision rule — record). InputError naming the file for anything missing or damaged."""
-    stage_dir = Path(stage_dir)
-    info_path, weights_path = stage_dir / MODEL_INFO, stage_dir / WEIGHTS
+    stage = stage_dir if isinstance(stage_dir, StageDir) else StageDir(stage_dir)
+    info_path, weights_path = stage.model_info_path, stage.weights_path
     for path in (info_path, weights_path):
         if not path.exists():
             raise InputError("trained model not found (has the stage finished an epoch?)", path=path)
-    info = read_model_info(info_path)
+    info = stage.model_info()
     try:
         net = create_network(info["model"], info["num_classes"], info["in_chans"],
                              class_counts=info.get("train_counts"))

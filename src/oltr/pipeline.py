@@ -23,14 +23,12 @@ from oltr.config import (
     absolute_paths,
     check_config,
     config_differences,
-    load_saved_config,
-    save_config,
     stage_config,
 )
 from oltr.data import Benchmark, load_benchmark
 from oltr.errors import InputError
 from oltr.ownership import claim_directory, locked, remove_stale_temporaries, undo_claim
-from oltr.run import CHECKPOINT, CONFIG, WEIGHTS, write_run_info
+from oltr.run import RunDir
 from oltr.runtime import Runtime, init_runtime
 from oltr.train import StageResult, build_stage, check_stage, fit, init_weights_path
 
@@ -97,7 +95,8 @@ def check_run(config: dict[str, Any], data_dir: str | Path, run_dir: Path,
 # --------------------------------------------------------------------------- a run of stages
 def _finished_an_epoch(run_dir: Path, stage_names: Sequence[str]) -> bool:
     """Whether any stage of the run holds a checkpoint or selected weights."""
-    return any((run_dir / name / CHECKPOINT).exists() or (run_dir / name / WEIGHTS).exists()
+    run = RunDir(run_dir)
+    return any(run.stage(name).has_checkpoint() or run.stage(name).has_weights()
                for name in stage_names)
 
 
@@ -189,15 +188,15 @@ def _train_stages(
     stage_names = [stage["name"] for stage in config["stages"]]
     if runtime.is_primary:
         remove_stale_temporaries(run_dir)
-        saved = run_dir / CONFIG
-        if check_saved and saved.exists():
-            before = load_saved_config(saved)
+        run = RunDir(run_dir)
+        if check_saved and run.config_path.exists():
+            before = run.config()
             if before != config:
                 raise InputError(f"--resume with a config that differs from the saved one: "
                                  f"{config_differences(before, config)}; resume with the same "
-                                 "command, or choose another --out", path=saved)
-        save_config(config, saved)
-        write_run_info(run_dir, config["method"], stage_names, data_dir)
+                                 "command, or choose another --out", path=run.config_path)
+        run.save_config(config)
+        run.write_info(config["method"], stage_names, data_dir)
     results, previous = [], None
     for name in stage_names:
         if stages is not None and name not in stages:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from oltr.artifact import classifier_of, run_stage_config, saved_rule
+from oltr.artifact import classifier_of, saved_rule
 from oltr.data import build_transform
 from oltr.data.images import as_seen, load_image
 from oltr.data.loader import first_size_mismatch, size_mismatch_message
@@ -37,7 +37,7 @@ from oltr.detectors.head import network_head
 from oltr.errors import InputError
 from oltr.inference import load_model
 from oltr.ownership import marker_kind
-from oltr.run import final_stage_dir
+from oltr.run import RunDir
 from oltr.runtime import autocast, select_device
 
 UNKNOWN = "unknown"
@@ -140,9 +140,10 @@ class Predictor:
                  threshold: float | None = None) -> Predictor:
         """The predictor of a trained run: its final stage's weights and the run's decision
         rule (see :meth:`from_artifact`)."""
-        amp = run_stage_config(run_dir)["eval"]["amp"]
+        run = RunDir(run_dir)
+        amp = run.stage_config()["eval"]["amp"]
         return cls.from_artifact(run_dir, device=device, threshold=threshold, amp=amp,
-                                 weights_dir=final_stage_dir(run_dir))
+                                 weights_dir=run.final_stage().path)
 
     # ------------------------------------------------------------------ preprocessing
     def preprocess(self, image: ImageInput) -> torch.Tensor:

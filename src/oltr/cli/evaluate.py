@@ -15,6 +15,7 @@ from oltr.cli.common import (
 )
 from oltr.detectors import list_detectors
 from oltr.evaluation.closed_open import evaluate_run
+from oltr.run import RunDir
 
 NAME = "evaluate"
 
@@ -89,7 +90,7 @@ def evaluate_and_print(run_dir: str | Path, data: str | Path, **kwargs: Any) -> 
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate ``args.run``; the report goes to ``--output`` or ``RUN/report.json``."""
-    output = args.output or Path(args.run) / "report.json"  # checked before evaluating
+    output = args.output or RunDir(args.run).report_path  # checked before evaluating
     return evaluate_and_print(
         args.run, args.data, open_set=args.open, open_score=args.open_score,
         threshold=args.threshold, accept_rate=args.accept_rate, device=args.device,

@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from oltr import export
 from oltr.cli.common import DefaultsHelpFormatter
-from oltr.decision import DECISION_JSON, DecisionRule
+from oltr.decision import DecisionRule
 
 NAME = "export"
 
@@ -40,14 +39,15 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """``oltr export RUN --onnx FILE``: the run's final stage and its decision rule."""
-    from oltr.run import final_stage_dir
+    from oltr.run import RunDir
 
-    stage_dir = final_stage_dir(args.run)
+    run_dir = RunDir(args.run)
+    stage_dir = run_dir.final_stage().path
     rule = None
-    if (Path(args.run) / DECISION_JSON).exists():
-        rule = DecisionRule.load(Path(args.run))
+    if run_dir.has_decision():
+        rule = DecisionRule.load(run_dir.path)
     else:
-        print(f"note: {Path(args.run) / DECISION_JSON} not found: exporting a closed-set rule (the "
+        print(f"note: {run_dir.decision_path} not found: exporting a closed-set rule (the "
               "model's logits, msp open score, no threshold: never 'unknown')")
     result = export.export_onnx(stage_dir, rule, args.onnx, opset=args.opset, batch=args.batch,
                                 force=args.force)

@@ -120,9 +120,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"trained {args.out} in {time.perf_counter() - started:.0f} s")
     if args.evaluate:
         from oltr.cli.evaluate import evaluate_and_print
+        from oltr.run import RunDir
 
         return evaluate_and_print(args.out, args.data, open_set=True,
-                                  output=Path(args.out) / "report.json")
+                                  output=RunDir(args.out).report_path)
     return 0
 
 

@@ -36,7 +36,7 @@ from oltr.evaluation.run_outputs import RunOutputs, collect_run_outputs, score_l
 from oltr.evaluation.run_outputs import open_scores as stateless_scores
 from oltr.io import atomic_write_text, read_json_object
 from oltr.openset import msp_score, probability_threshold_to_msp_score
-from oltr.run import RUN_INFO
+from oltr.run import RUN_INFO, RunDir
 
 PLOTS = ("longtail", "threshold", "open-classes")
 PLOT_FILES = {
@@ -309,14 +309,19 @@ class RunSpec:
 
 
 def trained_data_dir(run_dir: str | Path) -> Path:
-    """The benchmark a run was trained on, as recorded in ``RUN/run.json``."""
-    path = Path(run_dir) / RUN_INFO
-    if not path.is_file():
-        raise InputError(f"not an oltr run directory (no {RUN_INFO}); give --data", path=path)
-    data = read_json_object(path, "run description").get("data")
-    if not isinstance(data, str) or not data:
-        raise InputError("run description names no data directory; give --data", path=path)
-    return Path(data)
+    """The benchmark a run was trained on, as recorded in ``RUN/run.json``.
+
+    Raises:
+        InputError: naming ``run.json`` when it is missing, damaged or names no data.
+    """
+    run = RunDir(run_dir)
+    if not run.info_path.is_file():
+        raise InputError(f"not an oltr run directory (no {RUN_INFO}); give --data",
+                         path=run.info_path)
+    if run.data_dir is None:
+        raise InputError("run description names no data directory; give --data",
+                         path=run.info_path)
+    return run.data_dir
 
 
 def parse_run_specs(values: Sequence[str], data_dir: str | Path | None = None) -> list[RunSpec]:

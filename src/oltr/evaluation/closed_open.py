@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 
 from oltr import metrics
-from oltr.artifact import run_stage_config
 from oltr.decision import DecisionRule
 from oltr.detectors import create_detector, list_detectors
 from oltr.detectors.odin import ODIN
@@ -41,7 +40,7 @@ from oltr.evaluation.run_outputs import RunOutputs, collect_run_outputs, eval_se
 from oltr.io import atomic_write_text
 from oltr.openset import msp_score
 from oltr.ownership import check_report_output, lock_holder, locked, marker_kind
-from oltr.run import final_stage_dir, stage_epochs
+from oltr.run import RunDir
 
 REPORT_VERSION = 2
 #: ODIN's temperature where its options name none (the detector's own default).
@@ -101,7 +100,8 @@ def evaluate_run(
     ``data.image_root``) is where the split files' image paths are looked up.
     """
     started = time.perf_counter()
-    stage_cfg = run_stage_config(run_dir)
+    run = RunDir(run_dir)
+    stage_cfg = run.stage_config()
     if output is not None:
         check_report_output(output)
     writes_into_run = output is not None and Path(output).expanduser().resolve().is_relative_to(
@@ -122,7 +122,7 @@ def evaluate_run(
     save_rule = marker_kind(Path(run_dir)) == "run" and (
         writes_into_run or lock_holder(Path(run_dir)) is None)
     with guard:
-        return _evaluate(run_dir, data_dir, stage_cfg, started, open_set=open_set,
+        return _evaluate(run_dir, run, data_dir, stage_cfg, started, open_set=open_set,
                          overrides=overrides, device=device, output=output,
                          skip_bad_images=skip_bad_images, detectors=detectors,
                          detector_options=detector_options, open_sets=open_sets,
@@ -132,6 +132,7 @@ def evaluate_run(
 
 def _evaluate(
     run_dir: str | Path,
+    run: RunDir,
     data_dir: str | Path,
     stage_cfg: dict[str, Any],
     started: float,
@@ -148,7 +149,8 @@ def _evaluate(
     strict_shots: bool | None = None,
     image_root: str | Path | None = None,
 ) -> dict[str, Any]:
-    """The body of :func:`evaluate_run`, its output checked and its run locked."""
+    """The body of :func:`evaluate_run`, its output checked and its run locked (``run``: the
+    files of ``run_dir``)."""
     eval_settings(stage_cfg, {k: v for k, v in overrides.items() if v is not None})
     if open_sets and not open_set:
         raise InputError("external open sets need the open-set evaluation (drop --closed-only)")
@@ -166,13 +168,13 @@ def _evaluate(
     if "odin" in detectors and odin.get("epsilon", 0.0) > 0:
         odin_perturbation = (odin.get("temperature", ODIN_TEMPERATURE), odin["epsilon"])
     outputs = collect_run_outputs(
-        run_dir, data_dir, splits, open_sets=open_sets, device=device,
+        run, data_dir, splits, open_sets=open_sets, device=device,
         skip_bad_images=skip_bad_images, odin_perturbation=odin_perturbation,
         overrides=overrides, open_set=open_set, save_rule=save_rule, image_root=image_root)
     group_kw = outputs.group_kw
     if strict_shots is not None:
         group_kw = {**group_kw, "strict": bool(strict_shots)}
-    report = _closed_report(run_dir, data_dir, stage_cfg, outputs, group_kw)
+    report = _closed_report(run_dir, run, data_dir, stage_cfg, outputs, group_kw)
     if open_set:
         report |= _open_report(outputs, group_kw)
         if detectors:
@@ -187,8 +189,9 @@ def _evaluate(
     return report
 
 
-def _closed_report(run_dir: str | Path, data_dir: str | Path, stage_cfg: dict[str, Any],
-                   outputs: RunOutputs, group_kw: dict[str, Any]) -> dict[str, Any]:
+def _closed_report(run_dir: str | Path, run: RunDir, data_dir: str | Path,
+                   stage_cfg: dict[str, Any], outputs: RunOutputs, group_kw: dict[str, Any]
+                   ) -> dict[str, Any]:
     """The report's header (run, weights, decision rule, shot rule) and its closed-set
     figures; a note on stderr when the final stage did not finish its epochs."""
     info, rule, eval_cfg = outputs.info, outputs.rule, outputs.stage_cfg["eval"]
@@ -196,7 +199,7 @@ def _closed_report(run_dir: str | Path, data_dir: str | Path, stage_cfg: dict[st
     test = outputs.splits["test"]
     predictions = test["logits"].argmax(axis=1)
     confidence = 1.0 - msp_score(test["logits"])  # max softmax probability
-    done, total = stage_epochs(final_stage_dir(run_dir))
+    done, total = run.final_stage().epochs()
     if total is not None and done < total:
         print(f"note: stage '{info['stage']}' stopped at epoch {done} of {total} (killed or not "
               "finished): these are its best weights so far, not a finished training "

@@ -37,7 +37,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from oltr.artifact import run_stage_config
 from oltr.data import load_benchmark
 from oltr.data.datasets import ImageListDataset
 from oltr.data.paths import check_image_paths
@@ -46,9 +45,9 @@ from oltr.errors import InputError
 from oltr.evaluation.external_open_sets import open_set_entries
 from oltr.evaluation.identification import DEFAULT_THRESHOLD, IdentificationProtocol
 from oltr.inference import EvalBatches, load_model
-from oltr.io import atomic_write_text, read_json_object
+from oltr.io import atomic_write_text
 from oltr.ownership import check_report_output
-from oltr.run import RUN_INFO, final_stage_dir
+from oltr.run import RunDir
 from oltr.runtime import autocast, init_runtime
 
 IDENTIFY_REPORT_VERSION = 1
@@ -123,18 +122,16 @@ def _dataset(entries: list[tuple[str, int]], root: Path, source_file: Path | Non
                             mode="L" if channels == 1 else "RGB")
 
 
-def _training_data(run_dir: Path, data: str | Path | None) -> Path:
-    """The benchmark the run trained on (``run.json``'s ``data``) unless ``data`` is given."""
+def _training_data(run: RunDir, data: str | Path | None) -> Path:
+    """The benchmark the run trained on (``run.json``'s ``data``) unless ``data`` is given;
+    InputError when neither names one."""
     if data is not None:
         return Path(data).expanduser()
-    info_path = Path(run_dir) / RUN_INFO
-    if info_path.is_file():
-        recorded = read_json_object(info_path, "run description").get("data")
-        if isinstance(recorded, str) and recorded:
-            return Path(recorded)
+    if run.data_dir is not None:
+        return run.data_dir
     raise InputError("pseudo-shots need the training images: pass --data (the benchmark the "
                      "run was trained on), --reference-embeddings or --no-pseudo-shots",
-                     path=run_dir)
+                     path=run.path)
 
 
 def identify_run(
@@ -167,9 +164,10 @@ def identify_run(
         check_report_output(output)
     protocol = IdentificationProtocol(gallery_mode=gallery_mode, ties=ties,
                                       threshold=threshold)  # checks the settings
-    stage_cfg = run_stage_config(run_dir)
-    stage_dir = final_stage_dir(run_dir)
-    sets, train_data = _image_sets(run_dir, stage_cfg, probes, gallery=gallery,
+    run = RunDir(run_dir)
+    stage_cfg = run.stage_config()
+    stage_dir = run.final_stage()
+    sets, train_data = _image_sets(run, stage_cfg, probes, gallery=gallery,
                                    distractors=distractors, image_root=image_root, data=data,
                                    reference_embeddings=reference_embeddings,
                                    pseudo_shots=pseudo_shots)
@@ -230,7 +228,7 @@ def identify_run(
 
 
 def _image_sets(
-    run_dir: Path, stage_cfg: dict[str, Any], probes: str | Path, *,
+    run: RunDir, stage_cfg: dict[str, Any], probes: str | Path, *,
     gallery: str | Path | None, distractors: str | Path | None,
     image_root: str | Path | None, data: str | Path | None,
     reference_embeddings: tuple[str | Path, str | Path] | None, pseudo_shots: bool,
@@ -249,7 +247,7 @@ def _image_sets(
         raise InputError("--reference-embeddings give pseudo-shots; drop --no-pseudo-shots")
     train_data = None
     if pseudo_shots and reference_embeddings is None:
-        train_data = _training_data(run_dir, data)
+        train_data = _training_data(run, data)
         bench = load_benchmark(train_data, image_root=stage_cfg["data"]["image_root"],
                                allow_outside_root=stage_cfg["data"]["allow_outside_root"])
         train = bench.dataset("train")

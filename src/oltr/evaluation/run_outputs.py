@@ -21,7 +21,6 @@ from oltr.artifact import (
     fit_rule,
     memory_of,
     rule_needs_train,
-    run_stage_config,
     saved_rule,
 )
 from oltr.data import dataset_for, load_benchmark, report_skipped_images
@@ -33,7 +32,7 @@ from oltr.errors import InputError
 from oltr.evaluation.external_open_sets import open_set_entries
 from oltr.inference import EvalBatches, collect_outputs, eval_loader, load_model
 from oltr.openset import compute_open_score
-from oltr.run import final_stage_dir
+from oltr.run import RunDir
 from oltr.runtime import Runtime, init_runtime
 
 #: ``eval`` settings an evaluation may override (fitting a rule on val for its report only).
@@ -123,7 +122,7 @@ def eval_settings(stage_cfg: dict[str, Any], overrides: dict[str, Any]) -> dict[
 
 
 def collect_run_outputs(
-    run_dir: str | Path,
+    run_dir: str | Path | RunDir,
     data_dir: str | Path,
     splits: tuple[str, ...] = ("test", "val", "open"),
     *,
@@ -151,15 +150,16 @@ def collect_run_outputs(
     in the run (``RUN/decision.json``). ``image_root`` replaces the run's ``data.image_root``
     (images moved since training; the benchmark's manifest still vouches for them).
     """
-    stage_dir = final_stage_dir(run_dir)
-    stage_cfg = run_stage_config(run_dir)
+    run = RunDir.of(run_dir)
+    stage_dir = run.final_stage().path
+    stage_cfg = run.stage_config()
     given = {key: value for key, value in (overrides or {}).items() if value is not None}
     eval_cfg = eval_settings(stage_cfg, given)
     runtime = runtime or init_runtime(device)
     net, info = load_model(stage_dir, runtime.device)
     bench = _run_benchmark(data_dir, stage_cfg, image_root)
     check_benchmark_fits(bench, info, data_dir)
-    rule = None if given else saved_rule(Path(run_dir), info, eval_cfg, refuse_stale=False)
+    rule = None if given else saved_rule(run.path, info, eval_cfg, refuse_stale=False)
     rule_source = "saved with the weights" if rule is not None else "fitted on val for this report"
     wanted = _splits_to_run(splits, bench, data_dir, fits_rule=rule is None,
                             needs_train=rule is None and open_set and rule_needs_train(eval_cfg),
@@ -178,7 +178,7 @@ def collect_run_outputs(
     if rule is None:
         rule = fit_rule(net, info, eval_cfg, outputs, open_set=open_set)
         if save_rule and not given and open_set and runtime.is_primary:
-            rule.save(Path(run_dir))  # a run without one (or a stale one): predict can use it
+            rule.save(run.path)  # a run without one (or a stale one): predict can use it
             rule_source = "fitted on val and saved with the weights"
     classifier, head = classifier_of(net), network_head(net)
     if odin_perturbation is not None:  # ODIN's input pre-processing: one backward pass each

@@ -25,7 +25,7 @@ from torch import nn
 from oltr.config import config_differences, with_defaults
 from oltr.errors import InputError
 from oltr.io import atomic_write
-from oltr.run import WEIGHTS, write_history, write_model_info
+from oltr.run import StageDir
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_KEYS = ("config", "model", "optimizer", "scheduler", "epoch", "best_epoch", "best_acc")
@@ -67,8 +67,7 @@ def save_model(stage_dir: Path, net: nn.Module, info: dict[str, Any]) -> None:
     """The selected weights as safetensors (no pickle) + ``model.json``, the JSON that
     rebuilds the network (of the unwrapped module)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in unwrap_model(net).state_dict().items()}
-    atomic_write(stage_dir / WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
-    write_model_info(stage_dir, info)
+    StageDir(stage_dir).write_model(lambda tmp: save_file(tensors, str(tmp)), info)
 
 
 @dataclass
@@ -128,7 +127,7 @@ def save_epoch(stage_dir: Path, path: Path, *, epoch: int, improved: bool, best:
     it, and the checkpoint at ``path`` — so a checkpoint never names weights not yet written."""
     if improved:
         save_model(stage_dir, net, model_info | {"epoch": epoch, "val_accuracy": best.accuracy})
-    write_history(stage_dir, history)
+    StageDir(stage_dir).write_history(history)
     save_checkpoint(path, {
         "config": cfg, "model": unwrap_model(net).state_dict(),
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),

@@ -24,7 +24,6 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from oltr.config import save_config
 from oltr.data import (
     Benchmark,
     build_transform,
@@ -43,7 +42,7 @@ from oltr.features import (
 from oltr.inference import EvalBatches, collect_outputs, shard
 from oltr.models import OLTRNetwork, create_network, freeze_backbone, load_stage1_into_stage2
 from oltr.ownership import claim_directory, remove_stale_temporaries
-from oltr.run import CHECKPOINT, CONFIG, WEIGHTS, read_history
+from oltr.run import StageDir
 from oltr.runtime import Runtime, init_runtime, seed_everything, select_device
 from oltr.train.checkpoint import BestEpoch, load_checkpoint, restore_checkpoint, save_model
 from oltr.train.loaders import build_train_loader, make_sampler, rank_batch_size
@@ -88,7 +87,7 @@ class StageParts:
     @property
     def checkpoint_path(self) -> Path:
         """The stage's ``checkpoint.pt``."""
-        return self.stage_dir / CHECKPOINT
+        return StageDir(self.stage_dir).checkpoint_path
 
 
 def build_stage(
@@ -115,13 +114,14 @@ def build_stage(
     started = time.perf_counter()
     runtime = runtime or init_runtime(cfg["device"])
     stage_dir = Path(stage_dir)
+    stage = StageDir(stage_dir)
     train_cfg = cfg["train"]
     talk = runtime.is_primary and verbose  # informational lines (files: the primary rank)
     bench = open_stage(cfg, data_dir, stage_dir, runtime)
     skipped = skip_unreadable_images(cfg, bench, runtime)
     net = build_network(cfg, bench, runtime)
-    state = load_checkpoint(stage_dir / CHECKPOINT) \
-        if resume and (stage_dir / CHECKPOINT).exists() else None
+    state = load_checkpoint(stage.checkpoint_path) \
+        if resume and stage.has_checkpoint() else None
     starts_from_previous = state is None and init_from is not None
     if starts_from_previous:
         load_previous_weights(net, init_from)
@@ -133,7 +133,7 @@ def build_stage(
     start_epoch, best = 0, BestEpoch()
     if state is not None:
         start_epoch, best = restore_checkpoint(
-            state, stage_dir / CHECKPOINT, cfg=cfg, class_names=bench.class_names, net=net,
+            state, stage.checkpoint_path, cfg=cfg, class_names=bench.class_names, net=net,
             optimizer=optimizer, scheduler=scheduler)
         if talk:
             print(f"[{cfg['stage']}] resuming after epoch {start_epoch} of "
@@ -152,7 +152,7 @@ def build_stage(
         cfg=cfg, stage_dir=stage_dir, runtime=runtime, bench=bench, net=net,
         optimizer=optimizer, scheduler=scheduler, objective=objective, task=task, loader=loader,
         val_batches=val_batches, stores=stores, steps=steps, start_epoch=start_epoch, best=best,
-        history=read_history(stage_dir)[:start_epoch], model_info=model_info,
+        history=stage.history()[:start_epoch], model_info=model_info,
         channels_last=(train_cfg["channels_last"] and net.supports_channels_last
                        and stores is None),
         skipped_images=skipped, started=started)
@@ -241,7 +241,7 @@ def build_network(cfg: dict[str, Any], bench: Benchmark, runtime: Runtime) -> OL
 def init_weights_path(init_from: Path) -> Path:
     """The weights file a stage starts from: ``init_from`` itself, or a stage folder's
     ``model.safetensors``."""
-    return init_from / WEIGHTS if init_from.is_dir() else init_from
+    return StageDir(init_from).weights_path if init_from.is_dir() else init_from
 
 
 def load_previous_weights(net: OLTRNetwork, init_from: Path) -> list[str]:
@@ -402,7 +402,7 @@ def write_stage_start(stage_dir: Path, cfg: dict[str, Any], net: OLTRNetwork,
                       model_info: dict[str, Any], start_epoch: int) -> None:
     """The stage's ``config.yaml`` (primary rank); a stage of 0 epochs saves its initial
     weights as the selected ones."""
-    save_config(cfg, stage_dir / CONFIG)
+    StageDir(stage_dir).save_config(cfg)
     if start_epoch == 0 and cfg["train"]["epochs"] == 0:
         save_model(stage_dir, net, model_info | {"epoch": 0, "val_accuracy": None})
 
