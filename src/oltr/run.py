@@ -17,8 +17,12 @@
                             threshold; in the run, since a stage folder may be shared by runs
     RUN/report.json         the last evaluation (oltr.evaluation)
 
-Every write is atomic (temporary file, fsync, rename: ``kill -9`` leaves the old or the new
-file); JSON is read with :func:`oltr.io.read_json_object`, whose errors name the file.
+:class:`RunDir` and :class:`StageDir` are the only readers and writers of these files (the
+decision rule's own format is `oltr.decision`'s, the checkpoint's `oltr.train.checkpoint`'s:
+they take the paths from here); each object reads ``run.json``, a ``config.yaml`` and
+``model.json`` at most once. Every write is atomic (temporary file, fsync, rename: ``kill -9``
+leaves the old or the new file); JSON is read with :func:`oltr.io.read_json_object`, whose
+errors name the file.
 """
 from __future__ import annotations
 
@@ -231,6 +235,10 @@ class RunDir:
     def has_info(self) -> bool:
         """Whether ``run.json`` exists."""
         return self.info_path.exists()
+
+    def has_checkpoint(self) -> bool:
+        """Whether a stage folder of the run holds a ``checkpoint.pt`` (an epoch finished)."""
+        return self.path.is_dir() and any(self.path.glob(f"*/{CHECKPOINT}"))
 
     def has_decision(self) -> bool:
         """Whether the run saved a decision rule."""

@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
 
 def interrupted_hint(args: argparse.Namespace) -> str:
     """Whether a checkpoint was kept to ``--resume`` from."""
-    out = Path(args.out)
-    if out.is_dir() and any(out.glob("*/checkpoint.pt")):
+    from oltr.run import RunDir
+
+    if RunDir(args.out).has_checkpoint():
         return "rerun it with --resume to continue from the last checkpoint"
     return "no epoch had finished, nothing was kept; run the command again"
