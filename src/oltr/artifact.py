@@ -32,13 +32,7 @@ from oltr.detectors import create_detector
 from oltr.detectors.head import network_head
 from oltr.errors import InputError
 from oltr.features import FeatureStore, find_stores, store_outputs
-from oltr.inference import (
-    EvalBatches,
-    collect_outputs,
-    load_model,
-    shard,
-    split_outputs,
-)
+from oltr.inference import forward_split, load_model, split_outputs
 from oltr.models import OLTRNetwork
 from oltr.run import RunDir
 from oltr.runtime import Runtime, init_runtime
@@ -86,14 +80,9 @@ def forward_splits(net: OLTRNetwork, bench: Benchmark, stage_cfg: dict[str, Any]
             outputs[split] = store_outputs(net, stores[split], stage_cfg, runtime, keys=keys,
                                            description=split if runtime.is_primary else None)
             continue
-        dataset = dataset_for(bench, split, stage_cfg["data"], train=False)
-        batches = EvalBatches(dataset, stage_cfg["data"], batch_size=stage_cfg["eval"]["batch_size"],
-                              num_workers=stage_cfg["data"]["num_workers"], device=runtime.device,
-                              indices=shard(len(dataset), runtime.rank, runtime.world_size))
-        outputs[split] = collect_outputs(
-            net, batches, runtime.device, amp=stage_cfg["eval"]["amp"],
-            channels_last=stage_cfg["train"]["channels_last"], keys=keys, runtime=runtime,
-            description=split if runtime.is_primary else None)
+        outputs[split] = forward_split(
+            net, dataset_for(bench, split, stage_cfg["data"], train=False), stage_cfg,
+            runtime=runtime, keys=keys, description=split if runtime.is_primary else None)
     return outputs
 
 

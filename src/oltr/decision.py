@@ -171,6 +171,42 @@ class DecisionRule:
         log_prior = (prior / prior.sum()).log()
         return (logits.double() + self.logit_adjustment * log_prior).to(logits.dtype)
 
+    def compose(
+        self,
+        logits: torch.Tensor,
+        features: torch.Tensor,
+        *,
+        classifier: torch.nn.Module | None = None,
+        score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The rule's composition on tensors — τ-normalisation → logit adjustment → open score
+        → threshold — the one :meth:`apply` and the exported graph (`oltr.export`) both run.
+
+        ``logits`` (N, K) and ``features`` (N, d) are the model's; ``classifier`` the linear
+        layer τ-normalisation rescales; ``score(score_logits, features)`` → (N,) the open
+        score (None: no open score). Returns ``logits`` (N, K) (the decision logits),
+        ``score_logits`` (N, K) (what the open score reads: the decision logits or the
+        τ-normalised model logits, as ``open_score_logits`` says), ``closed_prediction``
+        (N,), with ``score``: ``open_score`` (N,), and ``prediction`` (N,) — −1 where the
+        score exceeds the threshold of the rule's detector, else the closed prediction.
+        No shape checks (:meth:`apply` makes them). Raises InputError: τ-normalisation
+        without a linear ``classifier``."""
+        model_logits = self.closed_logits(logits, features, classifier)
+        decision = self.adjust(model_logits)
+        closed = decision.argmax(dim=1)
+        score_logits = decision if self.open_score_logits == "decision" else model_logits
+        out = {"logits": decision, "score_logits": score_logits, "closed_prediction": closed}
+        if score is not None:
+            scores = score(score_logits, features)
+            out["open_score"] = scores
+            if self.detector is not None and self.threshold is not None:
+                if scores.device != closed.device:
+                    scores = scores.to(closed.device)
+                out["prediction"] = torch.where(scores > self.threshold,
+                                                torch.full_like(closed, -1), closed)
+        out.setdefault("prediction", closed)
+        return out
+
     def apply(
         self,
         logits: torch.Tensor,
@@ -178,14 +214,17 @@ class DecisionRule:
         *,
         classifier: torch.nn.Module | None = None,
         head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        open_set: bool = True,
     ) -> dict[str, torch.Tensor]:
         """The rule on one batch of outputs: model ``logits`` (N, K) and direct ``features``
         (N, d); ``classifier`` for τ-normalisation, ``head`` (features → logits) for
-        detectors that re-run it (ReAct, ASH, SCALE). Returns ``logits`` (the decision logits),
-        ``closed_prediction`` (N,), ``open_score`` (N,) float64 (higher = more open; a
-        closed-set rule, without a detector, gives msp's 1 − max softmax for information, as
-        its exported form does), ``prediction`` (N,) with −1 where the open score exceeds the
-        threshold (a closed-set rule rejects nothing).
+        detectors that re-run it (ReAct, ASH, SCALE). Returns (:meth:`compose`) ``logits``
+        (the decision logits), ``score_logits``, ``closed_prediction`` (N,), ``open_score``
+        (N,) float64 (higher = more open; a closed-set rule, without a detector, gives msp's
+        1 − max softmax for information, as its exported form does), ``prediction`` (N,)
+        with −1 where the open score exceeds the threshold (a closed-set rule rejects
+        nothing). ``open_set=False``: the closed-set decision only (no ``open_score``, no
+        rejection).
 
         Raises InputError: ``logits`` not (N, K) with the rule's K classes, or ``features``
         not (N, d)."""
@@ -197,20 +236,13 @@ class DecisionRule:
         if features.ndim != 2 or features.shape[0] != logits.shape[0]:
             raise InputError(f"features must be (N, d) with the logits' N = {logits.shape[0]}",
                              value=tuple(features.shape))
-        model_logits = self.closed_logits(logits, features, classifier)
-        decision = self.adjust(model_logits)
-        closed = decision.argmax(dim=1)
-        out = {"logits": decision, "closed_prediction": closed}
-        if self.detector is not None:
-            score_logits = decision if self.open_score_logits == "decision" else model_logits
-            scores = torch.as_tensor(self.score(score_logits, features, head))
-            out["open_score"] = scores
-            if self.threshold is not None:
-                out["prediction"] = torch.where(scores.to(closed.device) > self.threshold,
-                                                torch.full_like(closed, -1), closed)
-        else:
-            out["open_score"] = 1.0 - decision.double().softmax(dim=1).amax(dim=1)
-        out.setdefault("prediction", closed)
+        score = None
+        if open_set and self.detector is not None:
+            def score(score_logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+                return torch.as_tensor(self.score(score_logits, features, head))
+        out = self.compose(logits, features, classifier=classifier, score=score)
+        if open_set and self.detector is None:
+            out["open_score"] = 1.0 - out["logits"].double().softmax(dim=1).amax(dim=1)
         return out
 
     def score(self, logits: torch.Tensor, features: torch.Tensor,

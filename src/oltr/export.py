@@ -191,20 +191,17 @@ class ExportModule(nn.Module):
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        net = self.net
-        out = net(x)
-        logits, features = out.logits, out.features
-        model_logits = self.rule.closed_logits(logits, features, net.linear_classifier())
-        decision = self.rule.adjust(model_logits)
-        closed = decision.argmax(dim=1)
-        score_logits = decision if self.rule.open_score_logits == "decision" else model_logits
-        score = self.detector.traceable_score(logits=score_logits, features=features,
-                                              head=self.head).double()
-        prediction = closed
-        if self.threshold is not None:
-            prediction = torch.where(score > self.threshold, torch.full_like(closed, -1), closed)
+        out = self.net(x)
+        decided = self.rule.compose(out.logits, out.features,
+                                    classifier=self.net.linear_classifier(), score=self._score)
+        decision = decided["logits"]
         confidence = torch.softmax(decision, dim=1).max(dim=1).values
-        return decision, score, prediction, confidence
+        return decision, decided["open_score"], decided["prediction"], confidence
+
+    def _score(self, score_logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The open score in the graph: the detector's formula (no checks), float64 (B,)."""
+        return self.detector.traceable_score(logits=score_logits, features=features,
+                                             head=self.head).double()
 
 
 # --------------------------------------------------------------------------- files

@@ -43,21 +43,20 @@ import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from oltr.data import Benchmark, dataset_for
 from oltr.data.splits import sha256_file
 from oltr.errors import InputError
-from oltr.inference import EvalBatches, collect_outputs, eval_transform, shard
+from oltr.inference import eval_transform, forward_split, shard
 from oltr.io import atomic_write, atomic_write_text, read_json_object
 from oltr.models import NetworkOutput, OLTRNetwork
 from oltr.ownership import marker_kind
-from oltr.runtime import Runtime, autocast, uses_bf16
+from oltr.runtime import Runtime, uses_bf16
 
 #: Version of the cache's layout and of what its key covers; a change makes old caches stale.
 CACHE_FORMAT = 1
@@ -188,39 +187,39 @@ class FeatureStore:
 def _write_cache(stage_dir: Path, net: OLTRNetwork, dataset: Any, split: str, key: str,
                  cfg: Mapping[str, Any], runtime: Runtime, *, progress: bool) -> None:
     """Compute the frozen part over ``dataset`` and write the cache files (rank 0)."""
-    data_cfg, device = cfg["data"], runtime.device
+    data_cfg = cfg["data"]
     dtype = DTYPES[cfg["train"]["feature_cache_dtype"]]
-    use_channels_last = cfg["train"]["channels_last"] and net.supports_channels_last
-    batches = EvalBatches(dataset, data_cfg, batch_size=cfg["eval"]["batch_size"],
-                          num_workers=data_cfg["num_workers"], device=device)
     rows_path, info_path = cache_paths(stage_dir, split, key)
     shape: list[int] = []
 
     def fill(tmp: Path) -> None:
         rows = None
         start = 0
-        with torch.no_grad():
-            for images, _ in tqdm(batches, desc=f"feature cache ({split})", leave=False,
-                                  disable=None if progress else True):
-                values = _frozen(net, images, device, cfg, use_channels_last).cpu().numpy()
-                if rows is None:
-                    shape[:] = [len(dataset), *values.shape[1:]]
-                    _check_room(stage_dir, split, shape, dtype)
-                    rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype,
-                                                     shape=tuple(shape))
-                with np.errstate(over="ignore"):  # an overflow is reported below, by name
-                    stored = values.astype(dtype)
-                if dtype == np.float16 and not np.isfinite(stored[np.isfinite(values)]).all():
-                    run, stage = stage_dir.parent, stage_dir.name
-                    raise InputError(
-                        "a frozen feature exceeds float16's range (65504): set "
-                        f"{stage}.train.feature_cache_dtype=float32; to keep the stages "
-                        f"trained before it, train this one into a new run folder: `oltr train "
-                        f"… --out NEW --stage {stage} {stage}.train.init_from=PREVIOUS_STAGE "
-                        f"{stage}.train.feature_cache_dtype=float32` (PREVIOUS_STAGE: e.g. "
-                        f"{run}/stage1; --resume refuses a changed config)", path=stage_dir)
-                rows[start:start + len(stored)] = stored
-                start += len(stored)
+
+        def write(batch: dict[str, np.ndarray]) -> None:
+            nonlocal rows, start
+            values = batch["frozen"]
+            if rows is None:
+                shape[:] = [len(dataset), *values.shape[1:]]
+                _check_room(stage_dir, split, shape, dtype)
+                rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype,
+                                                 shape=tuple(shape))
+            with np.errstate(over="ignore"):  # an overflow is reported below, by name
+                stored = values.astype(dtype)
+            if dtype == np.float16 and not np.isfinite(stored[np.isfinite(values)]).all():
+                run, stage = stage_dir.parent, stage_dir.name
+                raise InputError(
+                    "a frozen feature exceeds float16's range (65504): set "
+                    f"{stage}.train.feature_cache_dtype=float32; to keep the stages "
+                    f"trained before it, train this one into a new run folder: `oltr train "
+                    f"… --out NEW --stage {stage} {stage}.train.init_from=PREVIOUS_STAGE "
+                    f"{stage}.train.feature_cache_dtype=float32` (PREVIOUS_STAGE: e.g. "
+                    f"{run}/stage1; --resume refuses a changed config)", path=stage_dir)
+            rows[start:start + len(stored)] = stored
+            start += len(stored)
+
+        forward_split(FrozenPart(net), dataset, cfg, device=runtime.device, keys=("frozen",),
+                      description=f"feature cache ({split})" if progress else None, sink=write)
         assert rows is not None and start == len(dataset)
         rows.flush()
         del rows
@@ -250,13 +249,29 @@ def _check_room(stage_dir: Path, split: str, shape: Sequence[int], dtype: Any) -
                          "train.feature_cache: off", path=stage_dir)
 
 
-def _frozen(net: OLTRNetwork, images: torch.Tensor, device: torch.device,
-            cfg: Mapping[str, Any], channels_last: bool) -> torch.Tensor:
-    images = images.to(device, non_blocking=True)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    with autocast(cfg["eval"]["amp"], device):
-        return net.frozen_features(images).float().contiguous()
+class FrozenOutput(NamedTuple):
+    """What :class:`FrozenPart` returns: the frozen part's features, float32, contiguous."""
+
+    frozen: torch.Tensor
+
+
+class FrozenPart(nn.Module):
+    """``net``'s frozen part as a network: ``FrozenPart(net)(images).frozen`` is
+    ``net.frozen_features(images)`` (B, …) as contiguous float32, so
+    :func:`oltr.inference.forward_split` runs the cache's pass like any other."""
+
+    def __init__(self, net: OLTRNetwork) -> None:
+        super().__init__()
+        self.net = net
+
+    @property
+    def supports_channels_last(self) -> bool:
+        """Whether the images may be channels-last (the network's own answer)."""
+        return bool(self.net.supports_channels_last)
+
+    def forward(self, images: torch.Tensor) -> FrozenOutput:
+        """Images (B, C, H, W) → the frozen part's features."""
+        return FrozenOutput(self.net.frozen_features(images).float().contiguous())
 
 
 def _remove_stale_caches(stage_dir: Path, split: str, keep: str) -> None:
@@ -273,7 +288,7 @@ def _remove_stale_caches(stage_dir: Path, split: str, keep: str) -> None:
 
 class FromFrozen(nn.Module):
     """``net`` run from the split point: ``FromFrozen(net)(rows)`` is
-    ``net.forward_from_frozen(rows)``, so :func:`oltr.inference.collect_outputs` can pass
+    ``net.forward_from_frozen(rows)``, so :func:`oltr.inference.forward_split` can pass
     cached rows (no channels-last conversion of rows)."""
 
     supports_channels_last = False
@@ -290,12 +305,11 @@ class FromFrozen(nn.Module):
 def store_outputs(net: OLTRNetwork, store: FeatureStore, cfg: Mapping[str, Any],
                   runtime: Runtime, *, keys: Sequence[str], description: str | None = None
                   ) -> dict[str, np.ndarray]:
-    """:func:`oltr.inference.collect_outputs` of ``net`` over a store's rows instead of the
+    """:func:`oltr.inference.forward_split` of ``net`` over a store's rows instead of the
     split's images (each rank its contiguous shard, gathered in order)."""
     indices = shard(len(store), runtime.rank, runtime.world_size)
-    return collect_outputs(FromFrozen(net), store.batches(indices, cfg["eval"]["batch_size"]),
-                           runtime.device, amp=cfg["eval"]["amp"], channels_last=False,
-                           keys=keys, runtime=runtime, description=description)
+    return forward_split(FromFrozen(net), store.batches(indices, cfg["eval"]["batch_size"]), cfg,
+                         runtime=runtime, keys=keys, description=description)
 
 
 class FeatureTrainLoader:

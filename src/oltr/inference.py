@@ -10,14 +10,15 @@ the report's figures all read these outputs, so a split costs one forward pass.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
-from torch.utils.data import Subset
+from torch import nn
+from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from oltr.data import ImageListDataset, build_transform
@@ -146,6 +147,78 @@ class EvalBatches:
             yield from self.loader
 
 
+def split_batches(dataset: Any, cfg: Mapping[str, Any], device: torch.device, *,
+                  runtime: Runtime | None = None) -> EvalBatches:
+    """The :class:`EvalBatches` of ``dataset`` for one evaluation pass of a stage config
+    ``cfg`` (``data``, ``eval.batch_size``, ``data.num_workers``) on ``device``; with
+    ``runtime``, only this rank's contiguous :func:`shard`."""
+    data_cfg = cfg["data"]
+    indices = None if runtime is None else shard(len(dataset), runtime.rank, runtime.world_size)
+    return EvalBatches(dataset, data_cfg, batch_size=cfg["eval"]["batch_size"],
+                       num_workers=data_cfg["num_workers"], device=device, indices=indices)
+
+
+def forward_split(
+    net: nn.Module,
+    split: Any,
+    cfg: Mapping[str, Any],
+    *,
+    runtime: Runtime | None = None,
+    device: torch.device | None = None,
+    keys: Sequence[str] = OUTPUT_KEYS,
+    description: str | None = None,
+    sink: Callable[[dict[str, np.ndarray]], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """The one forward pass of ``net`` (eval mode, no gradients) over a split.
+
+    ``split``: a dataset of ``(image, label)`` (batched here by :func:`split_batches`: the
+    evaluation transform, ``eval.batch_size``; with ``runtime``, this rank's shard), or its
+    batches already built (an :class:`EvalBatches`, a feature store's rows). ``cfg``: a stage
+    config — ``data``, ``eval.batch_size``, ``eval.amp`` (autocast) and
+    ``train.channels_last`` (images in that memory format where ``net`` supports it).
+    ``device``: where to run (default ``runtime.device``). Returns, as
+    :func:`collect_outputs`, the requested ``keys`` of the network's output (float32, (N, …))
+    and the ``labels`` (int64, (N,)) in split order, gathered from every rank under DDP. With
+    ``sink``, each batch's arrays are handed to it as they come instead (bounded memory, one
+    process) and the result is empty. InputError for an unreadable image (the loader's)."""
+    if device is None:
+        if runtime is None:
+            raise ValueError("forward_split needs a device or a runtime")
+        device = runtime.device
+    batches = split if isinstance(split, EvalBatches) or not isinstance(split, Dataset) \
+        else split_batches(split, cfg, device, runtime=runtime)
+    options = {"amp": cfg["eval"]["amp"], "channels_last": cfg["train"]["channels_last"],
+               "keys": keys, "description": description}
+    if sink is not None:
+        for outputs in _batch_outputs(net, batches, device, **options):
+            sink({key: value.numpy() for key, value in outputs.items()})
+        return {}
+    return collect_outputs(net, batches, device, runtime=runtime, **options)
+
+
+@torch.no_grad()
+def _batch_outputs(net: nn.Module, batches: Any, device: torch.device, *, amp: str,
+                   channels_last: bool, keys: Sequence[str], description: str | None
+                   ) -> Iterator[dict[str, torch.Tensor]]:
+    """Each batch's requested fields of ``net``'s output (float32, on the CPU) and labels."""
+    net.eval()
+    use_channels_last = channels_last and getattr(net, "supports_channels_last", False)
+    for images, labels in tqdm(batches, desc=description, leave=False,
+                               disable=True if description is None else None):
+        images = images.to(device, non_blocking=True)
+        if use_channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(amp, device):
+            out = net(images)
+        chunk = {}
+        for key in keys:
+            value = getattr(out, key, None)
+            if value is not None:
+                chunk[key] = value.float().cpu()
+        chunk["labels"] = torch.as_tensor(labels).cpu()
+        yield chunk
+
+
 @torch.no_grad()
 def collect_outputs(
     net: OLTRNetwork,
@@ -164,21 +237,11 @@ def collect_outputs(
     float32 / int64 numpy arrays in
     batch order. Under DDP (``runtime``), each rank passes its shard and the arrays are
     gathered from every rank in rank order (so contiguous shards give the split's order)."""
-    net.eval()
     chunks: dict[str, list[torch.Tensor]] = {}
-    use_channels_last = channels_last and net.supports_channels_last
-    for images, labels in tqdm(batches, desc=description, leave=False,
-                               disable=True if description is None else None):
-        images = images.to(device, non_blocking=True)
-        if use_channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(amp, device):
-            out = net(images)
-        for key in keys:
-            value = getattr(out, key, None)
-            if value is not None:
-                chunks.setdefault(key, []).append(value.float().cpu())
-        chunks.setdefault("labels", []).append(torch.as_tensor(labels).cpu())
+    for outputs in _batch_outputs(net, batches, device, amp=amp, channels_last=channels_last,
+                                  keys=keys, description=description):
+        for key, value in outputs.items():
+            chunks.setdefault(key, []).append(value)
     merged = {key: torch.cat(parts) for key, parts in chunks.items()}
     if runtime is not None and runtime.distributed:
         merged = {key: runtime.all_gather_cat(value) for key, value in merged.items()}

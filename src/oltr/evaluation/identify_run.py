@@ -44,11 +44,11 @@ from oltr.data.splits import read_split_lines
 from oltr.errors import InputError
 from oltr.evaluation.external_open_sets import open_set_entries
 from oltr.evaluation.identification import DEFAULT_THRESHOLD, IdentificationProtocol
-from oltr.inference import EvalBatches, load_model
+from oltr.inference import forward_split, load_model
 from oltr.io import atomic_write_text
 from oltr.ownership import check_report_output
 from oltr.run import RunDir
-from oltr.runtime import autocast, init_runtime
+from oltr.runtime import init_runtime
 
 IDENTIFY_REPORT_VERSION = 1
 REPORT_KIND = "identification"
@@ -94,22 +94,21 @@ def embed_to_file(
     float32 ``.npy`` of shape (N, d), batch by batch (``open_memmap``: bounded memory). The
     images go through the model's evaluation transform, read by files (never decoded whole
     into memory)."""
-    batches = EvalBatches(dataset, data_cfg | {"loader": "files"}, batch_size=batch_size,
-                          num_workers=num_workers, device=device)
+    cfg = {"data": data_cfg | {"loader": "files", "num_workers": num_workers},
+           "eval": {"batch_size": batch_size, "amp": amp},
+           "train": {"channels_last": channels_last}}
     dim = int(net.feature_dim)
     array = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32,
                                       shape=(len(dataset), dim))
     row = 0
-    use_channels_last = channels_last and getattr(net, "supports_channels_last", False)
-    for images, _ in batches:
-        images = images.to(device, non_blocking=True)
-        if use_channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(amp, device):
-            features = net(images).features
-        block = features.float().cpu().numpy()
-        array[row:row + len(block)] = block
+
+    def write(batch: dict[str, np.ndarray], rows: np.ndarray = array) -> None:
+        nonlocal row
+        block = batch["features"]
+        rows[row:row + len(block)] = block
         row += len(block)
+
+    forward_split(net, dataset, cfg, device=device, keys=("features",), sink=write)
     assert row == len(dataset)
     array.flush()
     del array

@@ -30,7 +30,7 @@ from oltr.detectors import list_detectors, odin_perturb, rule_detector
 from oltr.detectors.head import network_head
 from oltr.errors import InputError
 from oltr.evaluation.external_open_sets import open_set_entries
-from oltr.inference import EvalBatches, collect_outputs, eval_loader, load_model
+from oltr.inference import eval_loader, forward_split, load_model
 from oltr.openset import compute_open_score
 from oltr.run import RunDir
 from oltr.runtime import Runtime, init_runtime
@@ -174,7 +174,9 @@ def collect_run_outputs(
         skipped |= {split: len(messages) for split, messages in dropped.items()}
 
     datasets = _datasets(bench, wanted, open_sets, stage_cfg["data"])
-    outputs = _forward(net, datasets, stage_cfg, eval_cfg, runtime.device)
+    outputs = {split: forward_split(net, dataset, stage_cfg | {"eval": eval_cfg},
+                                    device=runtime.device, description=split)
+               for split, dataset in datasets.items()}
     if rule is None:
         rule = fit_rule(net, info, eval_cfg, outputs, open_set=open_set)
         if save_rule and not given and open_set and runtime.is_primary:
@@ -253,43 +255,22 @@ def _datasets(bench: Benchmark, wanted: list[str], open_sets: dict[str, str | Pa
     return datasets
 
 
-def _forward(net: nn.Module, datasets: dict[str, Any], stage_cfg: dict[str, Any],
-             eval_cfg: dict[str, Any], device: torch.device) -> dict[str, dict[str, np.ndarray]]:
-    """The model's logits, features (and reachability) of every dataset, split by split."""
-    data_cfg = stage_cfg["data"]
-    keys = ("logits", "features", "reachability")
-    outputs: dict[str, dict[str, np.ndarray]] = {}
-    for split, dataset in datasets.items():
-        batches = EvalBatches(dataset, data_cfg, batch_size=eval_cfg["batch_size"],
-                              num_workers=data_cfg["num_workers"], device=device)
-        outputs[split] = collect_outputs(net, batches, device, amp=eval_cfg["amp"],
-                                         channels_last=stage_cfg["train"]["channels_last"],
-                                         keys=keys, description=split)
-    return outputs
-
-
 def _apply_rule(rule: DecisionRule, split_outputs: dict[str, np.ndarray],
                 classifier: nn.Module | None, head: Any, open_set: bool) -> None:
     """Replace a split's model logits by the rule's decision logits and add its open scores."""
-    features = torch.from_numpy(split_outputs["features"])
-    raw = torch.from_numpy(split_outputs["logits"])
-    model_logits = rule.closed_logits(raw, features, classifier)
-    if open_set and rule.detector is not None:
-        decided = rule.apply(raw, features, classifier=classifier, head=head)
-    else:
-        decided = {"logits": rule.adjust(model_logits)}
-    split_outputs["score_logits"] = (rule.adjust(model_logits)
-                                     if rule.open_score_logits == "decision"
-                                     else model_logits).numpy()
+    decided = rule.apply(torch.from_numpy(split_outputs["logits"]),
+                         torch.from_numpy(split_outputs["features"]), classifier=classifier,
+                         head=head, open_set=open_set and rule.detector is not None)
+    split_outputs["score_logits"] = decided["score_logits"].numpy()
     split_outputs["logits"] = decided["logits"].numpy()
     if "open_score" in decided:
         split_outputs["open_score"] = np.asarray(decided["open_score"], dtype=np.float64)
         split_outputs["prediction"] = np.asarray(decided["prediction"])
     if "odin_logits" in split_outputs:
-        odin = rule.closed_logits(torch.from_numpy(split_outputs["odin_logits"]),
-                                  torch.from_numpy(split_outputs["odin_features"]), classifier)
-        split_outputs["odin_logits"] = (rule.adjust(odin) if rule.open_score_logits == "decision"
-                                        else odin).numpy()
+        odin = rule.apply(torch.from_numpy(split_outputs["odin_logits"]),
+                          torch.from_numpy(split_outputs["odin_features"]),
+                          classifier=classifier, open_set=False)
+        split_outputs["odin_logits"] = odin["score_logits"].numpy()
 
 
 def perturbed_outputs(

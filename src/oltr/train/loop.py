@@ -37,7 +37,7 @@ from tqdm import tqdm
 from oltr import metrics
 from oltr.errors import OltrError
 from oltr.features import FeatureStore, store_outputs
-from oltr.inference import collect_outputs
+from oltr.inference import forward_split
 from oltr.models import OLTRNetwork
 from oltr.runtime import Runtime, autocast, epoch_seed
 from oltr.train.checkpoint import save_epoch
@@ -286,9 +286,7 @@ def validate(net: OLTRNetwork, batches: Any, cfg: dict[str, Any], runtime: Runti
     if store is not None:
         outputs = store_outputs(net, store, cfg, runtime, keys=("logits",))
     else:
-        outputs = collect_outputs(net, batches, runtime.device, amp=cfg["eval"]["amp"],
-                                  channels_last=cfg["train"]["channels_last"],
-                                  keys=("logits",), runtime=runtime)
+        outputs = forward_split(net, batches, cfg, runtime=runtime, keys=("logits",))
     predictions = outputs["logits"].argmax(1)
     groups = metrics.closed_set_accuracy(
         predictions, outputs["labels"], train_counts, many_threshold=cfg["eval"]["many_threshold"],

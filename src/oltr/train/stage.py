@@ -39,7 +39,7 @@ from oltr.features import (
     build_stage_stores,
     store_outputs,
 )
-from oltr.inference import EvalBatches, collect_outputs, shard
+from oltr.inference import EvalBatches, forward_split, split_batches
 from oltr.models import OLTRNetwork, create_network, freeze_backbone, load_stage1_into_stage2
 from oltr.ownership import claim_directory, remove_stale_temporaries
 from oltr.run import StageDir
@@ -280,13 +280,8 @@ def init_from_train_features(net: OLTRNetwork, bench: Benchmark, cfg: dict[str, 
         outputs = store_outputs(net, store, cfg, runtime, keys=("features",),
                                 description=description)
     else:
-        dataset = dataset_for(bench, "train", cfg["data"], train=False)
-        batches = EvalBatches(dataset, cfg["data"], batch_size=cfg["eval"]["batch_size"],
-                              num_workers=cfg["data"]["num_workers"], device=runtime.device,
-                              indices=shard(len(dataset), runtime.rank, runtime.world_size))
-        outputs = collect_outputs(net, batches, runtime.device, amp=cfg["eval"]["amp"],
-                                  channels_last=cfg["train"]["channels_last"],
-                                  keys=("features",), runtime=runtime, description=description)
+        outputs = forward_split(net, dataset_for(bench, "train", cfg["data"], train=False), cfg,
+                                runtime=runtime, keys=("features",), description=description)
     features = torch.from_numpy(outputs["features"]).to(runtime.device)
     labels = torch.from_numpy(outputs["labels"]).long().to(runtime.device)
     net.init_from_features(features, labels, calibrate_reachability=(
@@ -438,8 +433,6 @@ def build_loaders(bench: Benchmark, cfg: dict[str, Any], runtime: Runtime,
         return loader, None
     loader = build_train_loader(bench, cfg, runtime) if start_epoch < train_cfg["epochs"] \
         else None
-    val_set = dataset_for(bench, "val", data_cfg, train=False)
-    val_batches = EvalBatches(val_set, data_cfg, batch_size=cfg["eval"]["batch_size"],
-                              num_workers=data_cfg["num_workers"], device=runtime.device,
-                              indices=shard(len(val_set), runtime.rank, runtime.world_size))
+    val_batches = split_batches(dataset_for(bench, "val", data_cfg, train=False), cfg,
+                                runtime.device, runtime=runtime)
     return loader, val_batches
