@@ -52,7 +52,7 @@ from torch import nn
 from oltr.data import Benchmark, dataset_for
 from oltr.data.splits import sha256_file
 from oltr.errors import InputError
-from oltr.inference import eval_transform, forward_split, shard
+from oltr.inference import eval_transform, forward_split
 from oltr.io import atomic_write, atomic_write_text, read_json_object
 from oltr.models import NetworkOutput, OLTRNetwork
 from oltr.ownership import marker_kind
@@ -307,9 +307,8 @@ def store_outputs(net: OLTRNetwork, store: FeatureStore, cfg: Mapping[str, Any],
                   ) -> dict[str, np.ndarray]:
     """:func:`oltr.inference.forward_split` of ``net`` over a store's rows instead of the
     split's images (each rank its contiguous shard, gathered in order)."""
-    indices = shard(len(store), runtime.rank, runtime.world_size)
-    return forward_split(FromFrozen(net), store.batches(indices, cfg["eval"]["batch_size"]), cfg,
-                         runtime=runtime, keys=keys, description=description)
+    return forward_split(FromFrozen(net), store, cfg, runtime=runtime, keys=keys,
+                         description=description)
 
 
 class FeatureTrainLoader:

@@ -5,14 +5,18 @@
 as one uint8 tensor for small datasets, `oltr.data.tensors`; else a DataLoader over the files
 whose bad inputs arrive as one-line errors, `oltr.data.loader`); ``collect_outputs`` runs the
 network over them once and keeps what every metric and detector needs (logits, direct
-features, γ, …). Evaluation, the decision rule's fitting, OLTR's centroid initialisation and
-the report's figures all read these outputs, so a split costs one forward pass.
+features, γ, …). :func:`forward_split` is the one pass over a split that every caller runs —
+validation, the decision rule's fitting, evaluation (and external open sets), OLTR's centroid
+initialisation, the feature cache, identification's embeddings: it batches the split (the
+evaluation transform, ``eval.batch_size``, a DDP rank's shard), runs it on any device under
+``eval.amp`` and ``train.channels_last``, and gathers the ranks' outputs, so a split costs
+one forward pass.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -147,6 +151,17 @@ class EvalBatches:
             yield from self.loader
 
 
+@runtime_checkable
+class Rows(Protocol):
+    """Stored inputs of a split (`oltr.features.FeatureStore`): ``len`` rows, served as
+    ``(rows, labels)`` batches of the given indices, in order."""
+
+    def __len__(self) -> int: ...
+
+    def batches(self, indices: np.ndarray, batch_size: int
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
 def split_batches(dataset: Any, cfg: Mapping[str, Any], device: torch.device, *,
                   runtime: Runtime | None = None) -> EvalBatches:
     """The :class:`EvalBatches` of ``dataset`` for one evaluation pass of a stage config
@@ -172,8 +187,10 @@ def forward_split(
     """The one forward pass of ``net`` (eval mode, no gradients) over a split.
 
     ``split``: a dataset of ``(image, label)`` (batched here by :func:`split_batches`: the
-    evaluation transform, ``eval.batch_size``; with ``runtime``, this rank's shard), or its
-    batches already built (an :class:`EvalBatches`, a feature store's rows). ``cfg``: a stage
+    evaluation transform, ``eval.batch_size``; with ``runtime``, this rank's shard), stored
+    :class:`Rows` (a feature store's: batched by their own ``batches``, the same shard), or
+    batches already built (an :class:`EvalBatches`, any iterable of ``(inputs, labels)``).
+    ``cfg``: a stage
     config — ``data``, ``eval.batch_size``, ``eval.amp`` (autocast) and
     ``train.channels_last`` (images in that memory format where ``net`` supports it).
     ``device``: where to run (default ``runtime.device``). Returns, as
@@ -185,8 +202,14 @@ def forward_split(
         if runtime is None:
             raise ValueError("forward_split needs a device or a runtime")
         device = runtime.device
-    batches = split if isinstance(split, EvalBatches) or not isinstance(split, Dataset) \
-        else split_batches(split, cfg, device, runtime=runtime)
+    if isinstance(split, Dataset):
+        batches: Any = split_batches(split, cfg, device, runtime=runtime)
+    elif isinstance(split, Rows):
+        indices = np.arange(len(split)) if runtime is None \
+            else shard(len(split), runtime.rank, runtime.world_size)
+        batches = split.batches(indices, cfg["eval"]["batch_size"])
+    else:
+        batches = split
     options = {"amp": cfg["eval"]["amp"], "channels_last": cfg["train"]["channels_last"],
                "keys": keys, "description": description}
     if sink is not None:
