@@ -148,8 +148,8 @@ class ExportModule(nn.Module):
     float32 (B, K) (decision logits), ``open_score`` float64 (B,), ``prediction`` int64 (B,)
     (−1 = unknown), ``confidence`` float32 (B,) — the values of
     :meth:`DecisionRule.apply` on the network's outputs, computed by the same code (the rule's
-    :meth:`~DecisionRule.closed_logits` and :meth:`~DecisionRule.adjust`, the detector's
-    formula through :meth:`~oltr.detectors.base.Detector.traceable_score`).
+    :meth:`~DecisionRule.compose`, with the detector's formula through
+    :meth:`~oltr.detectors.base.Detector.traceable_score`).
 
     The network is copied (float32, CPU, eval mode), so the caller's is left as it was. A
     rule without a detector scores with MSP (its ``open_score`` name) and never answers
