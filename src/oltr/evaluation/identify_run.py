@@ -170,15 +170,7 @@ def identify_run(
                                    distractors=distractors, image_root=image_root, data=data,
                                    reference_embeddings=reference_embeddings,
                                    pseudo_shots=pseudo_shots)
-    if attributes is not None and not Path(attributes).expanduser().is_file():
-        raise InputError("attribute file not found", path=attributes)
-    if batch_size is not None and batch_size < 1:
-        raise InputError("--batch-size must be >= 1", value=batch_size)
-    if embeddings_dir is not None:
-        kept = Path(embeddings_dir).expanduser()
-        if kept.exists() and (not kept.is_dir() or any(kept.iterdir())):
-            raise InputError("--embeddings-dir must be a new or empty folder (nothing there is "
-                             "overwritten)", path=kept)
+    _check_options(attributes, batch_size, embeddings_dir)
 
     runtime = init_runtime(device)
     net, info = load_model(stage_dir, runtime.device)
@@ -192,11 +184,7 @@ def identify_run(
                  for name, (entries, root, source_file) in sets.items()}
         labels = {name: np.array([label for _, label in sets[name][0]], dtype=np.int64)
                   for name in ("probes", "gallery") if name in sets}
-        shot_probes = train_embeddings = None
-        if reference_embeddings is not None:
-            shot_probes, train_embeddings = (Path(p).expanduser() for p in reference_embeddings)
-        elif "train" in files:
-            train_embeddings = files["train"]
+        shot_probes, train_embeddings = _shot_sources(reference_embeddings, files)
         protocol.device = runtime.device
         result = protocol.evaluate(
             files["probes"], labels["probes"],
@@ -224,6 +212,31 @@ def identify_run(
         output.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(output, json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _check_options(attributes: str | Path | None, batch_size: int | None,
+                   embeddings_dir: str | Path | None) -> None:
+    """Refuse a missing attribute file, a batch size below 1 and an ``embeddings_dir`` that
+    holds something (nothing there is overwritten), before any image is embedded."""
+    if attributes is not None and not Path(attributes).expanduser().is_file():
+        raise InputError("attribute file not found", path=attributes)
+    if batch_size is not None and batch_size < 1:
+        raise InputError("--batch-size must be >= 1", value=batch_size)
+    if embeddings_dir is not None:
+        kept = Path(embeddings_dir).expanduser()
+        if kept.exists() and (not kept.is_dir() or any(kept.iterdir())):
+            raise InputError("--embeddings-dir must be a new or empty folder (nothing there is "
+                             "overwritten)", path=kept)
+
+
+def _shot_sources(reference_embeddings: tuple[str | Path, str | Path] | None,
+                  files: dict[str, Path]) -> tuple[Path | None, Path | None]:
+    """``(shot_probes, train)`` embeddings for the pseudo-shot counts: the reference model's
+    pair when given, else the trained model's own train embeddings (or none)."""
+    if reference_embeddings is not None:
+        shot_probes, train = (Path(p).expanduser() for p in reference_embeddings)
+        return shot_probes, train
+    return None, files.get("train")
 
 
 def _image_sets(

@@ -164,14 +164,7 @@ def collect_run_outputs(
     wanted = _splits_to_run(splits, bench, data_dir, fits_rule=rule is None,
                             needs_train=rule is None and open_set and rule_needs_train(eval_cfg),
                             has_open_sets=bool(open_sets))
-    if skip_bad_images is None:
-        skip_bad_images = stage_cfg["data"]["skip_bad_images"]
-    skipped = {split: 0 for split in wanted}
-    if skip_bad_images:
-        dropped = bench.drop_unreadable_images(tuple(wanted),
-                                               num_workers=stage_cfg["data"]["num_workers"])
-        report_skipped_images("[evaluate]", dropped)
-        skipped |= {split: len(messages) for split, messages in dropped.items()}
+    skipped = _skip_bad_images(bench, wanted, stage_cfg["data"], skip_bad_images)
 
     datasets = _datasets(bench, wanted, open_sets, stage_cfg["data"])
     outputs = {split: forward_split(net, dataset, stage_cfg | {"eval": eval_cfg},
@@ -184,13 +177,8 @@ def collect_run_outputs(
             rule_source = "fitted on val and saved with the weights"
     classifier, head = classifier_of(net), network_head(net)
     if odin_perturbation is not None:  # ODIN's input pre-processing: one backward pass each
-        temperature, epsilon = odin_perturbation
-        for split, dataset in datasets.items():
-            if split != "train":
-                loader = eval_loader(dataset, eval_cfg["batch_size"],
-                                     stage_cfg["data"]["num_workers"])
-                perturbed = perturbed_outputs(net, loader, runtime.device, temperature, epsilon)
-                outputs[split] |= {f"odin_{key}": value for key, value in perturbed.items()}
+        _add_odin_outputs(outputs, net, datasets, odin_perturbation, eval_cfg["batch_size"],
+                          stage_cfg["data"]["num_workers"], runtime.device)
     for split_outputs in outputs.values():
         _apply_rule(rule, split_outputs, classifier, head, open_set)
     group_kw = {"many_threshold": eval_cfg["many_threshold"],
@@ -205,6 +193,33 @@ def collect_run_outputs(
         tau_normalization_source=rule.record.get("tau_normalization", {}).get("source"),
         info=info, stage_cfg=stage_cfg | {"eval": eval_cfg}, skipped=skipped, rule=rule,
         rule_source=rule_source, net=net)
+
+
+def _skip_bad_images(bench: Benchmark, splits: Any, data_cfg: dict[str, Any],
+                     skip: bool | None) -> dict[str, int]:
+    """How many unreadable images each split leaves out (``skip``, default the run's
+    ``data.skip_bad_images``; 0 each without it), dropped from ``bench`` and reported."""
+    if skip is None:
+        skip = data_cfg["skip_bad_images"]
+    skipped = {split: 0 for split in splits}
+    if skip:
+        dropped = bench.drop_unreadable_images(tuple(splits), num_workers=data_cfg["num_workers"])
+        report_skipped_images("[evaluate]", dropped)
+        skipped |= {split: len(messages) for split, messages in dropped.items()}
+    return skipped
+
+
+def _add_odin_outputs(outputs: dict[str, dict[str, np.ndarray]], net: Any,
+                      datasets: dict[str, Any], perturbation: tuple[float, float],
+                      batch_size: int, num_workers: int, device: Any) -> None:
+    """Add ``odin_logits`` / ``odin_features`` (the outputs of ODIN's perturbed inputs,
+    :func:`oltr.detectors.odin_perturb`) to every split's outputs but train's."""
+    temperature, epsilon = perturbation
+    for split, dataset in datasets.items():
+        if split != "train":
+            loader = eval_loader(dataset, batch_size, num_workers)
+            perturbed = perturbed_outputs(net, loader, device, temperature, epsilon)
+            outputs[split] |= {f"odin_{key}": value for key, value in perturbed.items()}
 
 
 def _run_benchmark(data_dir: str | Path, stage_cfg: dict[str, Any],
