@@ -27,6 +27,7 @@ from oltr.data.sources import FASHION_MNIST_SYSTEM_DIR
 from oltr.errors import InputError
 from oltr.inference import load_model
 from oltr.ownership import MARKER, locked, marker_kind, remove_stale_staging, write_marker
+from oltr.pause import PAUSE_AT, PAUSE_FILE
 from oltr.pipeline import train_run
 from oltr.train.checkpoint import save_model
 
@@ -253,14 +254,10 @@ def test_a_run_being_trained_is_locked_against_train_and_evaluate(fmnist_small, 
     train = [sys.executable, "-m", "oltr.cli", "train", "--method", "plain", "--data",
              str(fmnist_small), "--out", str(run), "--no-progress", *TINY, "train.epochs=200"]
     log = tmp_path / "train.log"
-    with log.open("w") as handle:
-        child = subprocess.Popen(train, env=CHILD_ENV, stdout=handle, stderr=subprocess.STDOUT)
+    child, paused = _paused_child(train, log, "train:step@3")  # still training: epoch 2
     try:
-        deadline = time.monotonic() + 120
-        while "[main] epoch 1/200" not in log.read_text():
-            assert child.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        _wait_for(paused.exists, child, log)
+        assert "[main] epoch 1/200" in log.read_text()
         holder = f"pid {child.pid}"
         _refused(["train", "--method", "plain", "--data", str(fmnist_small), "--out", str(run),
                   "--no-progress", "--resume", *TINY, "train.epochs=200"], capsys,
@@ -331,25 +328,44 @@ def _wait_for(predicate, process: subprocess.Popen, log: Path, timeout: float = 
         time.sleep(0.005)
 
 
+def _paused_child(argv: list[str], log: Path, point: str) -> tuple[subprocess.Popen, Path]:
+    """``argv`` run with its output in ``log``, told to stop and wait for a signal at the pause
+    point ``point`` (`oltr.pause`); returns the process and the file it creates when there.
+    SIGINT reaches the child even when this process was started ignoring it (a background job
+    of a shell without job control): a handler, unlike SIG_IGN, is not inherited by exec."""
+    arrived = log.with_suffix(".paused")
+    env = CHILD_ENV | {PAUSE_AT: point, PAUSE_FILE: str(arrived)}
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with log.open("w") as handle:
+            child = subprocess.Popen(argv, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return child, arrived
+
+
 @pytest.mark.skipif(not FASHION_MNIST_SYSTEM_DIR.is_dir(), reason="real Fashion-MNIST missing")
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_a_signal_during_curation_leaves_no_partial_output(tmp_path, signum) -> None:
     out = tmp_path / "fm"
-    log = tmp_path / "curate.log"
-    with log.open("w") as handle:
-        child = subprocess.Popen([sys.executable, "-m", "oltr.cli", "curate", "fashion-mnist",
-                                  "--protocol", "fmnist_lt", "--out", str(out)],
-                                 env=CHILD_ENV, stdout=handle, stderr=subprocess.STDOUT)
+    log = tmp_path / "logs" / "curate.log"
+    log.parent.mkdir()
+    child, paused = _paused_child([sys.executable, "-m", "oltr.cli", "curate", "fashion-mnist",
+                                   "--protocol", "fmnist_lt", "--out", str(out)], log,
+                                  "curate:image")  # its first image exported, then it waits
     try:
-        _wait_for(lambda: any((p / "images").is_dir() for p in tmp_path.glob(".fm.partial-*")),
-                  child, log)  # exporting images into its staging folder
+        _wait_for(paused.exists, child, log)
+        assert any((p / "images").is_dir() for p in tmp_path.glob(".fm.partial-*"))
         child.send_signal(signum)
         assert child.wait(timeout=60) == 128 + signum, log.read_text()
     finally:
         if child.poll() is None:
             child.kill()
             child.wait()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["curate.log"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs"]
     message = log.read_text().strip().splitlines()
     assert message == [(f"oltr curate: interrupted ({signal.Signals(signum).name}); nothing "
                         "was written; run the command again")]
@@ -361,10 +377,10 @@ def test_sigterm_during_training_keeps_the_last_epoch_and_says_resume(fmnist_sma
     log = tmp_path / "train.log"
     argv = [sys.executable, "-m", "oltr.cli", "train", "--method", "plain", "--data",
             str(fmnist_small), "--out", str(run), "--no-progress", *TINY, "train.epochs=200"]
-    with log.open("w") as handle:
-        child = subprocess.Popen(argv, env=CHILD_ENV, stdout=handle, stderr=subprocess.STDOUT)
+    child, paused = _paused_child(argv, log, "train:step@3")  # epoch 2's first step
     try:
-        _wait_for(lambda: "[main] epoch 1/200" in log.read_text(), child, log)
+        _wait_for(paused.exists, child, log)
+        assert "[main] epoch 1/200" in log.read_text()
         child.send_signal(signal.SIGTERM)
         assert child.wait(timeout=60) == 128 + signal.SIGTERM, log.read_text()
     finally:

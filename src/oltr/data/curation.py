@@ -52,6 +52,7 @@ from oltr.ownership import (
     staging_path,
     write_marker,
 )
+from oltr.pause import pause_point
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -792,6 +793,7 @@ def write_benchmark(
         if source.needs_export:
             for key in used_keys:
                 source.export_image(key, staging / EXPORT_DIR / f"{key}.png")
+                pause_point("curate:image")
             splits = {
                 name: [(f"{key}.png", label) for key, label in entries]
                 for name, entries in splits.items()

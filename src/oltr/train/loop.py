@@ -39,6 +39,7 @@ from oltr.errors import OltrError
 from oltr.features import FeatureStore, store_outputs
 from oltr.inference import forward_split
 from oltr.models import OLTRNetwork
+from oltr.pause import pause_point
 from oltr.runtime import Runtime, autocast, epoch_seed
 from oltr.train.checkpoint import save_epoch
 from oltr.train.stage import StageParts
@@ -231,6 +232,7 @@ def train_one_epoch(
     for step, (images, labels) in enumerate(loader):
         if step >= steps:
             break
+        pause_point("train:step")
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         if use_channels_last:
