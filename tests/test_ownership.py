@@ -347,6 +347,27 @@ def _paused_child(argv: list[str], log: Path, point: str) -> tuple[subprocess.Po
     return child, arrived
 
 
+def test_a_pause_point_waits_only_at_the_visit_named(tmp_path, monkeypatch) -> None:
+    """``OLTR_TEST_PAUSE_AT=POINT@N`` creates the pause file at the N-th visit of POINT only,
+    and the pause ends by itself after ``LONGEST_PAUSE`` seconds (or when a signal raises)."""
+    from oltr import pause
+
+    arrived = tmp_path / "paused"
+    monkeypatch.setattr(pause, "_reached", {})
+    monkeypatch.setattr(pause, "LONGEST_PAUSE", 0.05)
+    pause.pause_point("train:step")  # no variable: nothing
+    monkeypatch.setenv(PAUSE_AT, "train:step@2")
+    monkeypatch.setenv(PAUSE_FILE, str(arrived))
+    pause.pause_point("curate:image")
+    pause.pause_point("train:step")
+    assert not arrived.exists()
+    pause.pause_point("train:step")
+    assert arrived.is_file()
+    arrived.unlink()
+    pause.pause_point("train:step")
+    assert not arrived.exists()
+
+
 @pytest.mark.skipif(not FASHION_MNIST_SYSTEM_DIR.is_dir(), reason="real Fashion-MNIST missing")
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_a_signal_during_curation_leaves_no_partial_output(tmp_path, signum) -> None:
