@@ -412,5 +412,6 @@ def test_sigterm_during_training_keeps_the_last_epoch_and_says_resume(fmnist_sma
         "oltr train: interrupted (SIGTERM); rerun it with --resume to continue from the last "
         "checkpoint")
     assert (run / "main" / "checkpoint.pt").is_file()
+    assert "[main] epoch 2/200" not in log.read_text()  # it stopped within the epoch
     assert not list(run.rglob("*.tmp-oltr-*"))  # the writes in progress were cleaned up
     assert (run / MARKER).is_file()
