@@ -17,7 +17,9 @@ from typing import Any
 
 from oltr.cli.common import DefaultsHelpFormatter, default_of
 from oltr.config import CONFIG_DIR, DEFAULT_BENCHMARK, list_benchmarks, read_yaml
+from oltr.data import parse_source
 from oltr.data.curation import DEFAULT_MAX_COUNT, DEFAULT_MIN_COUNT, curate
+from oltr.data.given import curate_given
 from oltr.errors import InputError
 from oltr.io import read_text
 
@@ -148,8 +150,6 @@ def _add_split_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> 
 
 def run(args: argparse.Namespace) -> int:
     """Curate ``args.source`` into ``args.out``; print what was written."""
-    from oltr.data import parse_source
-
     if args.source.startswith("given:"):
         return _curate_given(args)
     settings = _settings(args)
@@ -235,8 +235,6 @@ def _curate_given(args: argparse.Namespace) -> int:
     """``oltr curate given:DIR``: published train/test lists read as they are, val drawn from
     the images they leave unused (SUN-LT; `oltr.data.given`). Seed and images per val class
     default as for every other source (:func:`curation_defaults`)."""
-    from oltr.data.given import curate_given
-
     defaults = curation_defaults()
     settings: dict[str, Any] = {key: defaults[key] for key in GIVEN_SETTINGS}
     if args.protocol:

@@ -15,6 +15,7 @@ from oltr.cli.common import (
 )
 from oltr.detectors import list_detectors
 from oltr.evaluation.closed_open import evaluate_run
+from oltr.evaluation.terminal import format_report
 from oltr.run import RunDir
 
 NAME = "evaluate"
@@ -79,8 +80,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 def evaluate_and_print(run_dir: str | Path, data: str | Path, **kwargs: Any) -> int:
     """:func:`~oltr.evaluation.closed_open.evaluate_run` with ``kwargs``; print its table (and
     where the report went)."""
-    from oltr.evaluation.terminal import format_report
-
     report = evaluate_run(run_dir, data, **kwargs)
     print(format_report(report))
     if kwargs.get("output"):

@@ -9,6 +9,7 @@ from typing import Any
 from oltr import export
 from oltr.cli.common import DefaultsHelpFormatter
 from oltr.decision import DecisionRule
+from oltr.run import RunDir
 
 NAME = "export"
 
@@ -39,8 +40,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """``oltr export RUN --onnx FILE``: the run's final stage and its decision rule."""
-    from oltr.run import RunDir
-
     run_dir = RunDir(args.run)
     stage_dir = run_dir.final_stage().path
     rule = None

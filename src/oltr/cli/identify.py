@@ -9,6 +9,7 @@ from typing import Any
 from oltr.cli.common import DefaultsHelpFormatter, default_of
 from oltr.evaluation.identification import GALLERY_MODES, TIE_RULES
 from oltr.evaluation.identify_run import identify_run
+from oltr.evaluation.terminal import format_identification
 
 NAME = "identify"
 
@@ -74,8 +75,6 @@ def _add_protocol_options(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Identify; print Tab. 4's row and write the report (``--output`` or
     ``RUN/identification.json``)."""
-    from oltr.evaluation.terminal import format_identification
-
     output = args.output or Path(args.run) / "identification.json"
     report = identify_run(
         args.run, args.probes, gallery=args.gallery, distractors=args.distractors,

@@ -9,7 +9,7 @@ from typing import Any
 
 from oltr.cli.common import DefaultsHelpFormatter, default_of
 from oltr.errors import InputError
-from oltr.predict import Predictor
+from oltr.predict import Predictor, expand_inputs
 
 NAME = "predict"
 
@@ -49,8 +49,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Predict every image; skipped (unreadable) ones are named on stderr (exit status 1)."""
-    from oltr.predict import expand_inputs
-
     if args.top_k < 1:
         raise InputError("--top-k must be >= 1", value=args.top_k)
     if args.batch_size < 1:

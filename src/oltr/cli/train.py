@@ -10,7 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from oltr.cli.common import RawDescriptionDefaultsHelpFormatter, default_of
+from oltr.cli.evaluate import evaluate_and_print
 from oltr.config import list_benchmarks, list_methods, load_config
+from oltr.pipeline import train_run
+from oltr.run import RunDir
+from oltr.runtime import init_runtime, launched_by_torchrun, shutdown_runtime
 
 NAME = "train"
 
@@ -79,8 +83,6 @@ def benchmark_mismatch(data: str, benchmark: str) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     """Train the run; print each stage's result (rank 0 only under torchrun)."""
-    from oltr.pipeline import train_run
-
     overrides = list(args.overrides)
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
@@ -99,7 +101,6 @@ def run(args: argparse.Namespace) -> int:
     results = train_run(config, args.data, args.out, resume=args.resume,
                         progress=not args.no_progress, stages=args.stage,
                         tensorboard=args.tensorboard)
-    from oltr.runtime import init_runtime, launched_by_torchrun, shutdown_runtime
 
     if launched_by_torchrun():
         shutdown_runtime(init_runtime(config["device"]))
@@ -119,9 +120,6 @@ def run(args: argparse.Namespace) -> int:
                   f"{sum(result.skipped_images.values())} unreadable images ({per_split})")
     print(f"trained {args.out} in {time.perf_counter() - started:.0f} s")
     if args.evaluate:
-        from oltr.cli.evaluate import evaluate_and_print
-        from oltr.run import RunDir
-
         return evaluate_and_print(args.out, args.data, open_set=True,
                                   output=RunDir(args.out).report_path)
     return 0
@@ -129,8 +127,6 @@ def run(args: argparse.Namespace) -> int:
 
 def interrupted_hint(args: argparse.Namespace) -> str:
     """Whether a checkpoint was kept to ``--resume`` from."""
-    from oltr.run import RunDir
-
     if RunDir(args.out).has_checkpoint():
         return "rerun it with --resume to continue from the last checkpoint"
     return "no epoch had finished, nothing was kept; run the command again"
