@@ -98,6 +98,20 @@ def test_logit_detectors_reuse_the_open_scores():
 # ----------------------------------------------------------------------------------- ODIN
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_odin_and_msp_keep_very_confident_rows_apart(dtype):
+    # z / T has gaps 20, 40 and (float64) 100: 1 − p_max = e^−g / (1 + e^−g), not 0
+    gaps = [20.0, 40.0] + ([100.0] if dtype == torch.float64 else [])
+    rel = 1e-6 if dtype == torch.float32 else 1e-14
+    expected = [math.exp(-g) / (1 + math.exp(-g)) for g in gaps]
+    for detector, scale in ((MSP(), 1.0), (ODIN(temperature=1000.0), 1000.0)):
+        logits = torch.tensor([[0.0, g * scale] for g in gaps], dtype=dtype)
+        traced = detector.traceable_score(logits=logits)
+        assert traced.dtype == dtype
+        assert traced.tolist() == pytest.approx(expected, rel=rel, abs=0)
+        assert detector.score(logits=logits).tolist() == traced.tolist()
+
+
 def test_odin_perturb_with_zero_epsilon_returns_the_input():
     images = torch.randn(2, 3)
     assert torch.equal(odin_perturb(torch.nn.Linear(3, 2), images, 1000.0, 0.0), images)

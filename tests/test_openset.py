@@ -1,6 +1,7 @@
 """Open scores: the direction (higher = more open), known answers, and the registry."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -76,11 +77,75 @@ def test_msp_known_answers():
     assert msp_score(tempered, temperature=2.0).tolist() == pytest.approx([0.25])
 
 
+def _msp_closed_form(row: list[float], temperature: float = 1.0) -> float:
+    """1 − max softmax in float64 from exact inputs: s / (1 + s), s the non-top terms."""
+    scaled = [value / temperature for value in row]
+    top = max(range(len(scaled)), key=scaled.__getitem__)
+    s = sum(math.exp(value - scaled[top]) for j, value in enumerate(scaled) if j != top)
+    return s / (1 + s)
+
+
+# float32: a few ulps (exp, a sum, a division); float64: the same in its own ulps
+MSP_REL = {torch.float32: 1e-6, torch.float64: 1e-14}
+
+
 def test_msp_keeps_confident_inputs_apart_where_the_probability_rounds_to_one():
     logits = torch.tensor([[40.0, 0.0], [50.0, 0.0]], dtype=torch.float64)
     assert torch.softmax(logits, dim=1).max(dim=1).values.tolist() == [1.0, 1.0]
     score = msp_score(logits)
-    assert score.tolist() == pytest.approx([math.exp(-40), math.exp(-50)], rel=1e-9)
+    assert score.tolist() == pytest.approx([math.exp(-40) / (1 + math.exp(-40)),
+                                            math.exp(-50) / (1 + math.exp(-50))], rel=1e-14, abs=0)
+
+
+@pytest.mark.parametrize(("dtype", "gaps"), [(torch.float32, [0, 1, 20, 40, 80]),
+                                             (torch.float64, [0, 1, 20, 40, 100, 700])])
+def test_msp_known_answers_at_large_logit_gaps(dtype, gaps):
+    # rows (g, 0, 0) and (−3, g − 3, −3): s = 2 e^−g, so 1 − p_max = 2 e^−g / (1 + 2 e^−g);
+    # the old −expm1(max log_softmax) gave exactly 0 from g ≈ 16.6 (float32), ≈ 36.7 (float64)
+    rows = [[g, 0.0, 0.0] for g in gaps] + [[-3.0, g - 3.0, -3.0] for g in gaps]
+    score = msp_score(torch.tensor(rows, dtype=dtype))
+    assert score.dtype == dtype
+    expected = [_msp_closed_form(row) for row in rows]
+    assert score.tolist() == pytest.approx(expected, rel=MSP_REL[dtype], abs=0)
+    assert all(value > 0 for value in score.tolist())
+    assert msp_score(torch.tensor([[100.0, 0.0]], dtype=torch.float64)).item() == pytest.approx(
+        3.720075976020836e-44, rel=1e-14, abs=0)
+
+
+@pytest.mark.parametrize(("dtype", "gaps"), [(torch.float32, [20.0, 20.5, 40.0, 41.0, 80.0]),
+                                             (torch.float64, [40.0, 40.5, 100.0, 101.0, 700.0])])
+def test_msp_keeps_the_order_of_very_confident_rows(dtype, gaps):
+    score = msp_score(torch.tensor([[g, 0.0] for g in gaps], dtype=dtype)).tolist()
+    assert all(a > b for a, b in itertools.pairwise(score))  # larger gap: more known
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_msp_counts_the_other_tied_top_logits(dtype):
+    # two tied tops: p_max = 1 / (2 + e^−30), 1 − p_max = (1 + e^−30) / (2 + e^−30)
+    rows = [[30.0, 30.0, 0.0], [0.0, 30.0, 30.0], [7.0, 7.0, 7.0], [-50.0, 0.0, -50.0]]
+    score = msp_score(torch.tensor(rows, dtype=dtype))
+    expected = [_msp_closed_form(row) for row in rows]
+    assert score.tolist() == pytest.approx(expected, rel=MSP_REL[dtype], abs=0)
+    assert score[2].item() == pytest.approx(2 / 3, rel=MSP_REL[dtype], abs=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_msp_temperature_known_answers(dtype):
+    # T = 1000 (ODIN's): z / T has gaps 20 and 40
+    rows = [[20000.0, 0.0, 0.0], [0.0, -40000.0, 0.0], [40000.0, 0.0, 0.0]]
+    score = msp_score(torch.tensor(rows, dtype=dtype), temperature=1000.0)
+    expected = [_msp_closed_form(row, 1000.0) for row in rows]
+    assert score.tolist() == pytest.approx(expected, rel=MSP_REL[dtype], abs=0)
+    assert score[0] > score[2] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_msp_matches_the_closed_form_on_random_logits(dtype):
+    generator = torch.Generator().manual_seed(3)
+    logits = (torch.randn(64, 10, generator=generator, dtype=torch.float64)
+              * torch.linspace(0.1, 30.0, 64, dtype=torch.float64)[:, None]).to(dtype)
+    expected = [_msp_closed_form(row) for row in logits.double().tolist()]
+    assert msp_score(logits).tolist() == pytest.approx(expected, rel=10 * MSP_REL[dtype], abs=0)
 
 
 def test_max_logit_known_answer():

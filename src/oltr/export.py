@@ -35,8 +35,8 @@ the open score is the detector's own formula (:meth:`~oltr.detectors.base.Detect
 traceable_score`, the formula :meth:`~oltr.detectors.base.Detector.score` applies after its
 checks). It is traced with ``torch.onnx.export(dynamo=True)`` (torch.export → ONNX through
 onnxscript), the exporter torch 2.14 maintains; the TorchScript-based exporter
-(``dynamo=False``) is deprecated and cannot export ``aten::expm1`` (used by the MSP, ODIN and
-OpenMax scores) at any opset. ``torch.cdist`` (the memory's reachability, the reachability and
+(``dynamo=False``) is deprecated and cannot export ``aten::expm1`` (used by the OpenMax score's
+Weibull CDF) at any opset. ``torch.cdist`` (the memory's reachability, the reachability and
 OpenMax scores) has no ONNX translation in torch.export's form and dispatches on the batch size
 (≤ 25 rows: differences; more: a matrix product), which would pin the batch dimension; while
 exporting, it is replaced by ``sqrt(max(‖a‖² + ‖b‖² − 2 a·b, 0))`` computed in float64

@@ -40,8 +40,12 @@ def openmax_distances(
 
 
 def fit_weibull_tail(distances: np.ndarray, tail_size: int) -> tuple[float, float]:
-    """Weibull (shape κ, scale λ; location 0) fitted by maximum likelihood to the
-    ``tail_size`` largest ``distances`` (``scipy.stats.weibull_min.fit``; Alg. 1's FitHigh).
+    """Weibull (shape κ, scale λ; location fixed at 0) fitted by maximum likelihood to the
+    positive ones among the ``tail_size`` largest ``distances``, as they are
+    (``scipy.stats.weibull_min.fit(tail, floc=0)``): the role of Alg. 1's FitHigh, but not
+    libMR's ``FitHigh``, which shifts the tail so that its smallest value sits at
+    ``translate_amount`` (10000 by default) before its own two-parameter fit — a Weibull
+    located at ``smallest − translate_amount``, not at 0. Its CDF is :func:`weibull_cdf`.
 
     A tail with fewer than two distinct positive distances (a class with one or two samples)
     cannot be fitted; it gets the exponential (κ = 1) with λ = the mean positive tail
