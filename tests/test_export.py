@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -187,6 +189,42 @@ def test_traceable_score_is_the_score_of_every_detector(name):
         assert "gradient" in perturbing.export_refusal()
         with pytest.raises(InputError, match="'odin' cannot be exported: .*gradient"):
             perturbing.traceable_score(logits=head(test))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softmax_scores_keep_very_confident_rows_apart_in_onnx(dtype):
+    """MSP and ODIN's 1 − p_max = s / (1 + s) (s the non-top softmax terms) traced to ONNX:
+    onnxruntime gives PyTorch's values to a few ulps where p_max rounds to 1 (logit gaps 20,
+    40), not 0, and the same on ordinary rows and tied tops."""
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+
+    class Score(torch.nn.Module):
+        def __init__(self, detector):
+            super().__init__()
+            self.detector = detector
+
+        def forward(self, logits):
+            return self.detector.traceable_score(logits=logits)
+
+    rel = 1e-6 if dtype == torch.float32 else 1e-14
+    for name, scale in (("msp", 1.0), ("odin", 1000.0)):
+        detector = create_detector(name, **({"temperature": scale} if name == "odin" else {}))
+        logits = torch.tensor([[0.0, 20 * scale, 0.0], [40 * scale, 0.0, 0.0],
+                               [5.0, 5.0, 0.0], [1.0, 2.0, 3.0]], dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(Score(detector), (logits,), dynamo=True,
+                                        dynamic_shapes=({0: torch.export.Dim("n")},))
+        session = ort.InferenceSession(program.model_proto.SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+        (onnx_score,) = session.run(None, {session.get_inputs()[0].name: logits.numpy()})
+        expected = detector.traceable_score(logits=logits)
+        assert onnx_score.dtype == logits.numpy().dtype
+        assert onnx_score.tolist() == pytest.approx(expected.tolist(), rel=rel, abs=0)
+        for row, gap in ((0, 20), (1, 40)):  # two non-top terms e^−gap each
+            s = 2 * math.exp(-gap)
+            assert onnx_score[row] == pytest.approx(s / (1 + s), rel=rel, abs=0)
 
 
 def test_export_module_is_the_decision_rule_on_the_network():
