@@ -402,3 +402,27 @@ def test_a_dataset_source_of_ones_own_is_curated_by_name(tmp_path):
         assert bench.train_counts.tolist() == manifest["counts"]["train"] == [20, 9, 4, 2]
     finally:
         SOURCES.pop("toy_arrays")
+
+
+def test_a_transform_preset_of_ones_own_is_accepted_by_name():
+    """``data.transform`` reads the preset registry: a preset registered from outside the
+    package is accepted by the config (and listed in its error) and built by every path's
+    ``build_transform``."""
+    from PIL import Image
+
+    from oltr.data import build_transform
+    from oltr.data.transforms import PRESETS, Preset
+
+    assert list(PRESETS) == ["small", "imagenet", "none"]
+    with pytest.raises(InputError, match=r"'data\.transform' must be one of small, imagenet, "
+                                         r"none \(value: 'flip_only'\)"):
+        load_config("plain", overrides=["data.transform=flip_only"])
+    PRESETS.register(None, Preset("flip_only", resize=1.0, flip=True))
+    try:
+        assert load_config("plain", overrides=["data.transform=flip_only"])["data"][
+            "transform"] == "flip_only"
+        transform = build_transform("flip_only", train=True, image_size=8, channels=1,
+                                    mean=[0.5], std=[0.5])
+        assert transform(Image.new("L", (8, 8))).shape == (1, 8, 8)
+    finally:
+        PRESETS.pop("flip_only")

@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from oltr.data.samplers import SAMPLERS
+from oltr.data.transforms import PRESETS
 from oltr.detectors import DETECTORS, rule_detector
 from oltr.errors import InputError, bounded_repr
 from oltr.io import atomic_write_text, read_text
@@ -614,7 +615,7 @@ CHECKS: dict[str, Check | _Registered] = {
     "data.channels": ("1 or 3", lambda v: _is_int(v) and v in (1, 3)),
     "data.mean": _NUMBERS,
     "data.std": ("a list of numbers > 0", lambda v: _NUMBERS[1](v) and min(v) > 0),
-    "data.transform": _choice("small", "imagenet", "none"),
+    "data.transform": _Registered(PRESETS),
     "data.cache_images": _BOOL,
     "data.num_workers": _int(0),
     "data.loader": _choice("auto", "tensor", "files"),

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from torchvision import transforms as T
 
+from oltr.registry import Registry
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -61,12 +63,13 @@ class Preset:
 
 #: ``small`` (28-64 px images), ``imagenet`` (paper appendix D.2, 224 px), ``none`` (no
 #: resizing or augmentation).
-PRESETS: dict[str, Preset] = {
-    "small": Preset("small", resize=1.0, pad_divisor=8, flip=True),
-    "imagenet": Preset("imagenet", resize=256 / 224, random_resized_crop=True, flip=True,
-                       jitter=0.4),
-    "none": Preset("none"),
-}
+#: A preset of one's own: ``PRESETS.register(Preset("name", …))``; ``data.transform`` then
+#: accepts it (the config reads this registry).
+PRESETS: Registry[Preset] = Registry("transform preset", name_attribute="name")
+PRESETS.register(None, Preset("small", resize=1.0, pad_divisor=8, flip=True))
+PRESETS.register(None, Preset("imagenet", resize=256 / 224, random_resized_crop=True, flip=True,
+                              jitter=0.4))
+PRESETS.register(None, Preset("none"))
 TRANSFORM_PRESETS = tuple(PRESETS)
 
 
@@ -97,8 +100,8 @@ def build_transform(
     ``channels`` is the number of channels of the input images (1 for mode "L", 3 for "RGB");
     ``mean`` and ``std`` give one value per channel.
     """
-    if preset not in TRANSFORM_PRESETS:
-        raise ValueError(f"preset must be one of {', '.join(TRANSFORM_PRESETS)}, got {preset!r}")
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
     if channels not in (1, 3):
