@@ -12,6 +12,7 @@ while it still belongs to the weights on disk.
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +27,7 @@ from oltr.decision import (
     DECISION_JSON,
     DEFAULT_OPEN_SCORE,
     DecisionRule,
+    ForeignTensorsError,
     fit_decision_rule,
 )
 from oltr.detectors import create_detector
@@ -135,7 +137,13 @@ def saved_rule(directory: Path, info: Mapping[str, Any],
     directory = Path(directory)
     if not (directory / DECISION_JSON).exists():
         return None
-    rule = DecisionRule.load(directory)
+    try:
+        rule = DecisionRule.load(directory)
+    except ForeignTensorsError as exc:
+        if refuse_stale:
+            raise
+        print(f"note: {exc}; fitting the rule anew", file=sys.stderr)
+        return None
     if eval_cfg is not None and rule.record.get("eval") != rule_settings(eval_cfg):
         return None
     fitted_for = (rule.record.get("weights") or {}).get("sha256")

@@ -35,6 +35,7 @@ weights it was fitted for; evaluation, ``oltr predict`` and ONNX export all appl
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -55,6 +56,8 @@ from oltr.io import atomic_write, atomic_write_text, read_json_object
 DECISION_JSON = "decision.json"
 DECISION_TENSORS = "decision.safetensors"
 DECISION_FORMAT = 1
+#: What ``open_score_logits`` may say: the open score reads the model's logits or the decision's.
+OPEN_SCORE_LOGITS = ("model", "decision")
 SELECT_OBJECTIVES = ("balanced_accuracy", "f_measure", "auroc")
 #: τ of the logit adjustment: −1 … 1 in steps of 1/8 (0 is neutral).
 LOGIT_ADJUSTMENT_GRID = tuple(i / 8 for i in range(-8, 9))
@@ -72,6 +75,10 @@ AUTO_OPEN_SCORES = ("msp", "max_logit", "energy", "gen", "knn", "mahalanobis",
 #: (docs/protocol.md); ViM's mean-origin variant for other heads is there by name
 #: (``eval.open_score: vim``, ``oltr evaluate --detector vim``).
 AUTO_CANDIDATE_OPTIONS: dict[str, dict[str, Any]] = {"vim": {"origin": "head"}}
+
+
+class ForeignTensorsError(InputError):
+    """``decision.safetensors`` is not the file its ``decision.json`` was saved with."""
 
 
 def select_on_grid(
@@ -144,6 +151,48 @@ class DecisionRule:
     threshold: float | None = None
     open_score_logits: str = "model"
     record: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    # ------------------------------------------------------------------ checking
+    def check(self, path: Path | None = None) -> None:
+        """The rule as one unit (made at construction, :meth:`save` and :meth:`load`): τ's
+        finite, τ-normalisation ≥ 0, the threshold finite or None, ``open_score`` a
+        registered detector, ``open_score_logits`` one of :data:`OPEN_SCORE_LOGITS`, one train
+        count per class, and a threshold only with a detector (a threshold without an open
+        score would be applied by no one the same way). InputError (naming ``path``)."""
+        def bad(message: str, value: Any) -> InputError:
+            return InputError(message, path=path, value=value)
+        for key in ("tau_normalization", "logit_adjustment"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value):
+                raise bad(f"'{key}' must be a finite number", value)
+        if self.tau_normalization < 0:
+            raise bad("'tau_normalization' must be ≥ 0 (0: the classifier as trained)",
+                      self.tau_normalization)
+        threshold = self.threshold
+        if threshold is not None and (isinstance(threshold, bool)
+                                      or not isinstance(threshold, (int, float))
+                                      or not math.isfinite(threshold)):
+            raise bad("'threshold' must be a finite number or null (closed set)", threshold)
+        if self.open_score not in list_detectors():
+            raise bad(f"unknown open score (valid: {', '.join(list_detectors())})",
+                      self.open_score)
+        if self.open_score_logits not in OPEN_SCORE_LOGITS:
+            raise bad(f"'open_score_logits' must be one of {', '.join(OPEN_SCORE_LOGITS)}",
+                      self.open_score_logits)
+        if threshold is not None and self.detector is None:
+            raise bad("a threshold needs an open score and its detector (a closed-set rule has "
+                      "threshold null)", threshold)
+        if self.detector is not None and self.detector.name != self.open_score:
+            raise bad(f"the detector is '{self.detector.name}' but open_score says "
+                      f"'{self.open_score}'", self.open_score)
+        counts = torch.as_tensor(self.train_counts)
+        if counts.ndim != 1 or counts.shape[0] != len(self.class_names):
+            raise bad(f"train_counts must hold one count per class ({len(self.class_names)})",
+                      tuple(counts.shape))
 
     # ------------------------------------------------------------------ applying
     def closed_logits(self, logits: torch.Tensor, features: torch.Tensor,
@@ -255,8 +304,11 @@ class DecisionRule:
     # ------------------------------------------------------------------ saving
     def save(self, directory: str | Path) -> None:
         """Write ``decision.json`` and ``decision.safetensors`` (the detector's fitted state
-        and the train counts) into ``directory``, atomically."""
+        and the train counts) into ``directory``, atomically; ``decision.json`` records the
+        sha256 of ``decision.safetensors`` (``tensors_sha256``), which :meth:`load` checks.
+        InputError: the rule is inconsistent (:meth:`check`)."""
         directory = Path(directory)
+        self.check()
         tensors = {"train_counts": self.train_counts.detach().cpu().to(torch.int64)}
         detector_config: dict[str, Any] = {}
         if self.detector is not None:
@@ -274,13 +326,25 @@ class DecisionRule:
             "open_score_logits": self.open_score_logits,
             "threshold": self.threshold,
             "record": self.record,
+            "tensors_sha256": _file_sha256(directory / DECISION_TENSORS),
         }
         atomic_write_text(directory / DECISION_JSON, json.dumps(document, indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path) -> DecisionRule:
-        """Read a rule written by :meth:`save`; InputError naming the file when it is missing,
-        damaged or not written by oltr."""
+        """Read a rule written by :meth:`save` and check it as one unit; InputError naming the
+        file when it is missing, damaged, not written by oltr, or inconsistent:
+
+        - schema: ``format``, ``class_names`` (strings), ``tau_normalization``,
+          ``logit_adjustment``, ``open_score`` (a detector's name, or null: closed set),
+          ``open_score_options``, ``open_score_logits``, ``threshold`` (null: closed set) and
+          ``record``, each present and of its type;
+        - ranges and consistency (:meth:`check`): τ-normalisation ≥ 0, finite numbers, a
+          threshold only with an open score, the detector's state complete in the tensors;
+        - ``decision.safetensors`` is the file this ``decision.json`` was saved with: its
+          sha256 equals ``tensors_sha256``. A rule saved before oltr recorded that hash (no
+          ``tensors_sha256``) keeps loading, unchecked on that point only.
+        """
         directory = Path(directory)
         path = directory / DECISION_JSON
         document = read_json_object(path, "decision rule")
@@ -294,15 +358,32 @@ class DecisionRule:
             if not isinstance(document.get(key), kind) or isinstance(document.get(key), bool):
                 raise InputError(f"key '{key}' is missing or of the wrong type", path=path,
                                  value=document.get(key))
-        if "threshold" not in document:
-            raise InputError("lacks key 'threshold' (null for a closed-set rule)", path=path)
-        threshold = document["threshold"]
-        if threshold is not None and (isinstance(threshold, bool)
-                                      or not isinstance(threshold, (int, float))
-                                      or not math.isfinite(threshold)):
-            raise InputError("'threshold' must be a finite number or null", path=path,
-                             value=threshold)
+        if not all(isinstance(name, str) for name in document["class_names"]):
+            raise InputError("'class_names' must be a list of strings", path=path)
+        for key, meaning in (("threshold", "null for a closed-set rule"),
+                             ("open_score", "a detector's name, or null for a closed-set rule")):
+            if key not in document:
+                raise InputError(f"lacks key '{key}' ({meaning})", path=path)
+        name, threshold = document["open_score"], document["threshold"]
+        if name is not None and not isinstance(name, str):
+            raise InputError("'open_score' must be a detector's name or null", path=path,
+                             value=name)
+        if name is not None and name not in list_detectors():
+            raise InputError(f"unknown open score (valid: {', '.join(list_detectors())})",
+                             path=path, value=name)
+        if threshold is not None and name is None:
+            raise InputError("a threshold needs an open score ('open_score' is null; a "
+                             "closed-set rule has threshold null)", path=path, value=threshold)
         tensors_path = directory / DECISION_TENSORS
+        recorded = document.get("tensors_sha256")
+        if recorded is not None and tensors_path.is_file():
+            actual = _file_sha256(tensors_path)
+            if actual != recorded:
+                raise ForeignTensorsError(
+                    f"{DECISION_TENSORS} does not belong to this {DECISION_JSON} (sha256 "
+                    f"{actual[:12]}…, the rule was saved with {str(recorded)[:12]}…); refit "
+                    f"with `oltr evaluate RUN --data DIR --open` (it fits the rule anew on val "
+                    "and saves both files) or put back the run's own file", path=tensors_path)
         try:
             tensors = load_file(str(tensors_path))
         except FileNotFoundError:
@@ -313,12 +394,12 @@ class DecisionRule:
         if "train_counts" not in tensors:
             raise InputError("lacks 'train_counts'", path=tensors_path)
         detector = None
-        name = document.get("open_score")
         if name is not None:
-            if name not in list_detectors():
-                raise InputError(f"unknown open score (valid: {', '.join(list_detectors())})",
-                                 path=path, value=name)
-            detector = create_detector(name, **document["open_score_options"])
+            try:
+                detector = create_detector(name, **document["open_score_options"])
+            except (InputError, TypeError, ValueError) as exc:
+                raise InputError(f"the open score's options do not fit '{name}' ({exc})",
+                                 path=path) from None
             state = {key.removeprefix("detector."): value for key, value in tensors.items()
                      if key.startswith("detector.")}
             try:
@@ -326,17 +407,31 @@ class DecisionRule:
             except (KeyError, RuntimeError, ValueError) as exc:
                 raise InputError(f"the open score's state does not fit '{name}' ({exc})",
                                  path=tensors_path) from None
-        return cls(
-            class_names=list(document["class_names"]),
-            train_counts=tensors["train_counts"],
-            tau_normalization=float(document["tau_normalization"]),
-            logit_adjustment=float(document["logit_adjustment"]),
-            open_score=name or "msp",
-            detector=detector,
-            threshold=None if threshold is None else float(threshold),
-            open_score_logits=document["open_score_logits"],
-            record=document["record"],
-        )
+            if not detector.is_fitted:
+                raise InputError(f"the open score '{name}' learns from train data but its "
+                                 "state is not in the tensors", path=tensors_path)
+        try:
+            return cls(
+                class_names=list(document["class_names"]),
+                train_counts=tensors["train_counts"],
+                tau_normalization=float(document["tau_normalization"]),
+                logit_adjustment=float(document["logit_adjustment"]),
+                open_score=name or "msp",
+                detector=detector,
+                threshold=threshold,
+                open_score_logits=document["open_score_logits"],
+                record=document["record"],
+            )
+        except InputError as exc:  # the rule's own check (DecisionRule.check), with the file
+            raise InputError(exc.message, path=path, value=exc.value) from None
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _detector_inputs(detector: Detector, logits: torch.Tensor, features: torch.Tensor,

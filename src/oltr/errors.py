@@ -48,6 +48,7 @@ class InputError(OltrError, ValueError):
         line: int | None = None,
         value: Any = None,
     ) -> None:
+        self.message = one_line(message)
         self.path = None if path is None else str(path)
         self.line = line
         self.value = value

@@ -198,8 +198,11 @@ class Predictor:
                                   classifier=self.classifier, head=self.head)
         scores = np.asarray(decided["open_score"], dtype=np.float64)
         closed = decided["closed_prediction"].numpy()
-        prediction = np.where(scores > self.threshold, -1, closed) \
-            if self.threshold is not None else closed
+        if self.threshold == self.rule.threshold:  # the rule's own answer (DecisionRule.compose)
+            prediction = decided["prediction"].numpy()
+        else:  # a threshold given in place of the rule's
+            prediction = np.where(scores > self.threshold, -1, closed) \
+                if self.threshold is not None else closed
         return {"prediction": prediction, "closed_prediction": closed, "open_score": scores,
                 "probabilities": decided["logits"].double().softmax(dim=1).numpy()}
 

@@ -171,6 +171,12 @@ def _evaluate(
         run, data_dir, splits, open_sets=open_sets, device=device,
         skip_bad_images=skip_bad_images, odin_perturbation=odin_perturbation,
         overrides=overrides, open_set=open_set, save_rule=save_rule, image_root=image_root)
+    if open_set and outputs.rule is not None and outputs.rule.threshold is None:
+        raise InputError(
+            "the run's decision rule is closed-set (threshold null): it answers no image "
+            "'unknown', so it has no open-set figures; evaluate without --open, or get "
+            "open-set figures from a rule fitted for this report with --open-score NAME|auto "
+            "(and --threshold P or --accept-rate R)", path=run.decision_path)
     group_kw = outputs.group_kw
     if strict_shots is not None:
         group_kw = {**group_kw, "strict": bool(strict_shots)}

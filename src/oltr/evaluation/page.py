@@ -90,13 +90,13 @@ def build_report(run_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
         known_labels=test["labels"], known_closed_predictions=closed_predictions,
         known_predictions=test["prediction"], known_scores=test.get("open_score"),
         open_predictions=None if opened is None else opened["prediction"],
-        open_scores=None if opened is None else opened["open_score"],
+        open_scores=None if opened is None else opened.get("open_score"),
         threshold=rule.threshold, score_name=rule.open_score,
         features=test["features"], meta=meta, thumbnails=thumbnails,
         coefficients=coefficients, selector=selector, concept_labels=concept_labels,
         concept_predictions=concept_predictions, many_threshold=group_kw["many_threshold"],
         few_threshold=group_kw["few_threshold"], strict=group_kw["strict"])
-    if opened is not None:
+    if opened is not None and rule.threshold is not None:  # a closed-set rule rejects nothing
         opened_figures = open_set_at_threshold(
             closed_predictions, test["labels"], test["open_score"],
             opened["logits"].argmax(axis=1), opened["open_score"], rule.threshold, counts,
@@ -106,8 +106,10 @@ def build_report(run_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
                              "F-measure": f"{opened_figures['f_measure']:.3f}"})
     text = [(f"Run {run_dir} on {data_dir}; weights of stage {outputs.info['stage']}, epoch "
             f"{outputs.info.get('epoch')} (sha256 {outputs.info['weights_sha256'][:12]}…)."),
-            (f"Decision rule ({outputs.rule_source}): open score {rule.open_score}, threshold "
-            f"{rule.threshold:.4g}, logit adjustment τ = {rule.logit_adjustment:g}, "
+            (f"Decision rule ({outputs.rule_source}): open score {rule.open_score}, "
+            + ("closed-set (threshold null: no image is answered unknown)"
+               if rule.threshold is None else f"threshold {rule.threshold:.4g}")
+            + f", logit adjustment τ = {rule.logit_adjustment:g}, "
             f"τ-normalisation {rule.tau_normalization:g}.")]
     return render_report(out_dir, inputs, title=f"oltr report — {Path(run_dir).name}",
                          tables=[ReportTable("Accuracy (%) and F-measure", summary_rows)],

@@ -278,9 +278,9 @@ def _apply_rule(rule: DecisionRule, split_outputs: dict[str, np.ndarray],
                          head=head, open_set=open_set and rule.detector is not None)
     split_outputs["score_logits"] = decided["score_logits"].numpy()
     split_outputs["logits"] = decided["logits"].numpy()
+    split_outputs["prediction"] = np.asarray(decided["prediction"])  # −1: unknown
     if "open_score" in decided:
         split_outputs["open_score"] = np.asarray(decided["open_score"], dtype=np.float64)
-        split_outputs["prediction"] = np.asarray(decided["prediction"])
     if "odin_logits" in split_outputs:
         odin = rule.apply(torch.from_numpy(split_outputs["odin_logits"]),
                           torch.from_numpy(split_outputs["odin_features"]),
