@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from oltr.artifact import saved_rule
 from oltr.config import load_config
@@ -40,6 +41,9 @@ def _knn_rule(seed: int) -> DecisionRule:
                              class_names=["a", "b", "c"], train_counts=[10, 20, 30])
 
 
+_DROP = object()  # _edit: remove the key
+
+
 def _edit(directory: Path, **changes) -> None:
     path = directory / DECISION_JSON
     document = json.loads(path.read_text())
@@ -50,8 +54,6 @@ def _edit(directory: Path, **changes) -> None:
             document[key] = value
     path.write_text(json.dumps(document))
 
-
-_DROP = object()
 
 
 def test_tensors_of_another_rule_are_refused_by_name(tmp_path):
@@ -114,7 +116,6 @@ def test_a_document_without_an_open_score_or_with_a_negative_tau_is_refused(tmp_
 
 def test_a_detector_that_learns_needs_its_state(tmp_path):
     _knn_rule(0).save(tmp_path)
-    from safetensors.torch import load_file, save_file
     tensors = {k: v for k, v in load_file(str(tmp_path / DECISION_TENSORS)).items()
                if not k.startswith("detector.")}
     save_file(tensors, str(tmp_path / DECISION_TENSORS))

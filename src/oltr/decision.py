@@ -154,6 +154,8 @@ class DecisionRule:
 
     def __post_init__(self) -> None:
         self.check()
+        if self.threshold is not None:
+            self.threshold = float(self.threshold)
 
     # ------------------------------------------------------------------ checking
     def check(self, path: Path | None = None) -> None:
@@ -176,7 +178,7 @@ class DecisionRule:
         if threshold is not None and (isinstance(threshold, bool)
                                       or not isinstance(threshold, (int, float))
                                       or not math.isfinite(threshold)):
-            raise bad("'threshold' must be a finite number or null (closed set)", threshold)
+            raise bad("'threshold' must be a finite number or null", threshold)
         if self.open_score not in list_detectors():
             raise bad(f"unknown open score (valid: {', '.join(list_detectors())})",
                       self.open_score)
