@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from oltr.artifact import saved_rule
+from oltr.cli import main
 from oltr.config import load_config
 from oltr.decision import (
     DECISION_JSON,
@@ -159,3 +160,24 @@ def test_a_closed_set_rule_rejects_nothing_anywhere(closed_run, fmnist_small, tm
     exported = module(batch)[2].numpy()
     assert module.threshold is None and (exported != -1).all()
     np.testing.assert_array_equal(exported, predictor.predict_batch(batch)["prediction"])
+
+
+def test_predict_and_export_refuse_another_rules_tensors_and_evaluate_refits(
+        closed_run, fmnist_small, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(closed_run, run)
+    other = DecisionRule.load(run)
+    other.train_counts = other.train_counts + 1
+    other.save(tmp_path)
+    shutil.copy(tmp_path / DECISION_TENSORS, run / DECISION_TENSORS)
+    image = str(next((fmnist_small / "images").rglob("*.png")))
+    for argv in (["predict", str(run), image],
+                 ["export", str(run), "--onnx", str(tmp_path / "m.onnx")]):
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err, err
+        assert (f"{run / DECISION_TENSORS}: decision.safetensors does not belong to this "
+                "decision.json (sha256 ") in err, err
+    report = evaluate_run(run, fmnist_small, open_set=False, device="cpu")
+    assert report["decision_rule"]["source"] == "fitted on val for this report"
+    assert "fitting the rule anew" in capsys.readouterr().err
