@@ -151,3 +151,58 @@ def test_api_ergonomics_of_load_config() -> None:
     with pytest.raises(InputError, match=r"a method preset \(--method NAME; method=\) or a "
                                          r"config file"):
         load_config()
+
+
+def _train_keys() -> str:
+    from oltr.config import BASE_CONFIG, read_yaml
+
+    return ", ".join(sorted(read_yaml(BASE_CONFIG)["train"]))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        # the same name in another section, the stage's prefix kept
+        ("stage1.epochs=2",
+         ("unknown config key 'stage1.epochs' (valid keys here: data, deterministic, device, "
+         "eval, method, model, seed, stages, train); did you mean 'stage1.train.epochs'?")),
+        # a typo: difflib on the dotted key, closest first
+        ("train.epoch=2",
+         (f"unknown config key 'train.epoch' (valid keys here: {_train_keys()}); did you mean "
+         "'train.epochs' or 'train.drw_epoch'?")),
+        # a bare key: the section that has it
+        ("lr=0.1",
+         ("unknown config key 'lr' in an override: neither a section (method, seed, "
+         "deterministic, device, data, model, train, eval) nor a stage of this method "
+         "(stage1, stage2); did you mean 'train.lr'? (value: 'lr=0.1')")),
+        # nothing close: no suggestion, the message as before
+        ("train.zzzqqq=1",
+         f"unknown config key 'train.zzzqqq' (valid keys here: {_train_keys()})"),
+        ("nope=1",
+         ("unknown config key 'nope' in an override: neither a section (method, seed, "
+         "deterministic, device, data, model, train, eval) nor a stage of this method "
+         "(stage1, stage2) (value: 'nope=1')")),
+    ],
+)
+def test_an_unknown_key_suggests_the_nearest_valid_key(override: str, message: str) -> None:
+    with pytest.raises(InputError) as caught:
+        load_config("oltr", overrides=[override])
+    assert str(caught.value) == message
+
+
+def test_an_unknown_key_in_a_config_file_suggests_the_nearest_valid_key(tmp_path) -> None:
+    """The file and line come first as before; a stage of the file keeps its ``stages[…]``."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("# mine\ntrain:\n  lr: 0.1\n  epoch: 2\n")
+    with pytest.raises(InputError) as caught:
+        load_config(config_file=mine)
+    assert str(caught.value) == (f"{mine}:4: unknown config key 'train.epoch' (valid keys "
+                                 f"here: {_train_keys()}); did you mean 'train.epochs' or "
+                                 "'train.drw_epoch'?")
+    mine.write_text("stages:\n  - name: stage1\n    epochs: 3\n")
+    with pytest.raises(InputError) as caught:
+        load_config(config_file=mine)
+    assert str(caught.value) == (
+        f"{mine}:3: unknown config key 'stages[stage1].epochs' (valid keys here: data, "
+        "deterministic, device, eval, method, model, seed, stages, train); did you mean "
+        "'stages[stage1].train.epochs'?")

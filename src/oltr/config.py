@@ -17,6 +17,7 @@ Method presets are the files of ``configs/<benchmark>/`` plus those registered w
 from __future__ import annotations
 
 import copy
+import difflib
 import math
 import os
 import re
@@ -224,21 +225,62 @@ def _load_with_origins(path: Path) -> tuple[dict[str, Any], Origins]:
 
 
 def check_keys(config: dict[str, Any], reference: dict[str, Any], where: str = "",
-               origins: Origins | None = None) -> None:
+               origins: Origins | None = None, *, _root: dict[str, Any] | None = None,
+               _section: tuple[str, ...] = ()) -> None:
     """Raise ``InputError`` for any key of ``config`` that ``reference`` does not have (naming
-    the file and line that wrote it when ``origins`` knows them)."""
+    the file and line that wrote it when ``origins`` knows them, and the nearest valid keys:
+    :func:`suggest_keys`, a stage's prefix kept)."""
     locate = (origins or Origins()).locate
+    root = reference if _root is None else _root
     for key, value in config.items():
         name = f"{where}.{key}" if where else key
         if key not in reference:
             valid = ", ".join(sorted(reference))
-            raise InputError(f"unknown config key '{name}' (valid keys here: {valid})",
+            relative = ".".join((*_section, str(key)))
+            prefix = name[:len(name) - len(relative)]  # a stage's "stage1." / "stages[s]."
+            hint = did_you_mean([prefix + k for k in suggest_keys(relative, root)])
+            raise InputError(f"unknown config key '{name}' (valid keys here: {valid}){hint}",
                              **locate(name))
         if isinstance(reference[key], dict) and reference[key]:
             if not isinstance(value, dict):
                 raise InputError(f"config key '{name}' must be a mapping", value=value,
                                  **locate(name))
-            check_keys(value, reference[key], name, origins)
+            check_keys(value, reference[key], name, origins, _root=root,
+                       _section=(*_section, key))
+
+
+def _valid_keys(reference: dict[str, Any], prefix: str = "") -> list[str]:
+    """Every dotted key of ``reference`` (sections and the keys in them), ``stages`` aside."""
+    keys: list[str] = []
+    for key, value in reference.items():
+        if key == "stages":
+            continue
+        keys.append(f"{prefix}{key}")
+        if isinstance(value, dict) and value:
+            keys += _valid_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def suggest_keys(key: str, reference: dict[str, Any]) -> list[str]:
+    """The valid dotted keys of ``reference`` (base.yaml) nearest to the unknown ``key``: the
+    keys of the same name in another section (``epochs`` → ``train.epochs``), else
+    :func:`difflib.get_close_matches` on the dotted key (``train.epoch`` → ``train.epochs``);
+    empty when nothing is close."""
+    valid = _valid_keys(reference)
+    leaf = key.rsplit(".", 1)[-1]
+    same_name = [k for k in valid if k.rsplit(".", 1)[-1] == leaf and k != key]
+    if same_name:
+        return same_name
+    return difflib.get_close_matches(key, valid, n=3, cutoff=0.8)
+
+
+def did_you_mean(keys: list[str]) -> str:
+    """``"; did you mean 'a'?"`` (``'a' or 'b'``, ``'a', 'b' or 'c'``); empty for no keys."""
+    if not keys:
+        return ""
+    quoted = [f"'{k}'" for k in keys]
+    alternatives = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+    return f"; did you mean {alternatives}?"
 
 
 def parse_override(text: str) -> dict[str, Any]:
@@ -406,7 +448,9 @@ def load_config(
             raise InputError(
                 f"unknown config key '{first}' in an override: neither a section "
                 f"({', '.join(k for k in reference if k != 'stages')}) nor a stage of this "
-                f"method ({', '.join(stage_names)})", value=text)
+                f"method ({', '.join(stage_names)})"
+                f"{did_you_mean(suggest_keys(next(iter(_flatten(update))), reference))}",
+                value=text)
         if first in stage_overrides:
             stage_overrides[first] = deep_merge(stage_overrides[first], update[first])
         else:
