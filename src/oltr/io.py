@@ -108,6 +108,8 @@ def read_json_object(path: Path, what: str) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise InputError(f"{what} is not valid JSON ({exc.msg})", path=path,
                          line=exc.lineno) from None
+    except RecursionError:
+        raise InputError(f"{what} is nested too deeply to be read as JSON", path=path) from None
     if not isinstance(data, dict):
         raise InputError(f"{what} must hold a JSON object", path=path)
     return data

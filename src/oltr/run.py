@@ -164,6 +164,10 @@ class StageDir:
                 raise InputError(f"training history line is not valid JSON ({exc.msg}): the "
                                  "history is damaged; restore it, or train into a new --out",
                                  path=path, line=number) from None
+            except RecursionError:
+                raise InputError("training history line is nested too deeply to be read as "
+                                 "JSON: the history is damaged; restore it, or train into a "
+                                 "new --out", path=path, line=number) from None
             if not isinstance(record, dict):
                 raise InputError("training history line must be a JSON object", path=path,
                                  line=number)

@@ -1,0 +1,26 @@
+"""Failures that must stay one line (issue 24 §2): deep JSON, huge sizes, odd file names,
+an empty checkpoint, the machine's errors (a full disk, no memory)."""
+from __future__ import annotations
+
+import pytest
+
+from oltr.errors import InputError
+from oltr.io import read_json_object
+from oltr.run import read_history
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "decision.json", "model.json"])
+def test_deeply_nested_json_is_one_input_error_naming_the_file(tmp_path, name):
+    path = tmp_path / name
+    path.write_text('{"a": ' + DEEP + "}")
+    with pytest.raises(InputError, match="nested too deeply") as info:
+        read_json_object(path, name)
+    assert str(path) in str(info.value)
+
+
+def test_deeply_nested_history_line_is_one_input_error_naming_the_line(tmp_path):
+    (tmp_path / "history.jsonl").write_text('{"epoch": 1}\n' + DEEP + "\n")
+    with pytest.raises(InputError, match=r"history.jsonl:2: .*nested too deeply"):
+        read_history(tmp_path)
