@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from oltr.config import load_config
 from oltr.errors import InputError
 from oltr.io import read_json_object
 from oltr.run import read_history
@@ -24,3 +25,21 @@ def test_deeply_nested_history_line_is_one_input_error_naming_the_line(tmp_path)
     (tmp_path / "history.jsonl").write_text('{"epoch": 1}\n' + DEEP + "\n")
     with pytest.raises(InputError, match=r"history.jsonl:2: .*nested too deeply"):
         read_history(tmp_path)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("data.image_size=100000", r"'data.image_size' must be an integer in 1..4096"),
+    ("model.width=100000", r"'model.width' must be null or an integer in 1..1024"),
+    ("model.embed_dim=1000000", r"'model.embed_dim' must be null or an integer in 1..65536"),
+    ("train.batch_size=1000000", r"'train.batch_size' must be an integer in 1..65536"),
+    ("eval.batch_size=1000000", r"'eval.batch_size' must be an integer in 1..65536"),
+])
+def test_sizes_in_a_config_are_bounded(override, message):
+    with pytest.raises(InputError, match=message) as info:
+        load_config("plain", overrides=[override])
+    assert override.split("=")[1] in str(info.value)
+
+
+def test_the_bounds_admit_every_preset_size():
+    load_config("plain", overrides=["data.image_size=4096", "model.width=1024",
+                                    "model.embed_dim=65536", "train.batch_size=65536"])

@@ -598,6 +598,27 @@ def _int(minimum: int) -> Check:
     return f"an integer >= {minimum}", lambda v: _is_int(v) and v >= minimum
 
 
+def _int_in(minimum: int, maximum: int) -> Check:
+    return (f"an integer in {minimum}..{maximum}",
+            lambda v: _is_int(v) and minimum <= v <= maximum)
+
+
+# Upper bounds on sizes: far above any real setting, low enough that a typo (an extra zero or
+# three) is a one-line "must be" at check time, not a MemoryError or an allocator traceback
+# minutes into a run.
+#: Input side in pixels: 4096² × 3 float32 is 200 MB per image already (ImageNet runs use 224).
+MAX_IMAGE_SIZE = 4096
+#: Backbone base width (channels of its first stage; 16 by default, later stages × 8): 1024
+#: gives 8192-channel stages, past any GPU's memory for a batch.
+MAX_WIDTH = 1024
+#: Feature (embedding) dimension: 65536 floats per sample, and the head's weights are
+#: classes × embed_dim (512 in the presets).
+MAX_EMBED_DIM = 65536
+#: Samples per batch (train and eval; 512 at most in the presets): 65536 is already past what
+#: one device holds at 224 px.
+MAX_BATCH_SIZE = 65536
+
+
 #: Training seeds: below 2**32 (numpy's seed range; the engine derives per-epoch torch seeds
 #: seed · 100003 + epoch, which must stay below 2**64).
 MAX_SEED = 2**32 - 1
@@ -655,7 +676,7 @@ CHECKS: dict[str, Check | _Registered] = {
     "device": ("auto, cpu, mps, cuda or cuda:N",
                lambda v: isinstance(v, str) and _DEVICE.fullmatch(v) is not None),
     "data.image_root": _or_null(_TEXT),
-    "data.image_size": _int(1),
+    "data.image_size": _int_in(1, MAX_IMAGE_SIZE),
     "data.channels": ("1 or 3", lambda v: _is_int(v) and v in (1, 3)),
     "data.mean": _NUMBERS,
     "data.std": ("a list of numbers > 0", lambda v: _NUMBERS[1](v) and min(v) > 0),
@@ -667,9 +688,9 @@ CHECKS: dict[str, Check | _Registered] = {
     "data.skip_bad_images": _BOOL,
     "data.allow_outside_root": _BOOL,
     "model.backbone": _TEXT,
-    "model.width": _or_null(_int(1)),
+    "model.width": _or_null(_int_in(1, MAX_WIDTH)),
     "model.pretrained_path": _or_null(_TEXT),
-    "model.embed_dim": _or_null(_int(1)),
+    "model.embed_dim": _or_null(_int_in(1, MAX_EMBED_DIM)),
     "model.dropout": _number("in [0, 1)", lambda v: 0 <= v < 1),
     "model.classifier": _Registered(HEADS),
     "model.margin_scale": _number("> 0", lambda v: v > 0),
@@ -689,7 +710,7 @@ CHECKS: dict[str, Check | _Registered] = {
     "model.learn_reachability_scale": _BOOL,
     "model.detach_memory": _BOOL,
     "train.epochs": _int(0),
-    "train.batch_size": _int(1),
+    "train.batch_size": _int_in(1, MAX_BATCH_SIZE),
     "train.sampler": _Registered(SAMPLERS),
     "train.samples_per_class": _int(1),
     "train.balance_power": _number("in [0, 1]", lambda v: 0 <= v <= 1),
@@ -733,7 +754,7 @@ CHECKS: dict[str, Check | _Registered] = {
     "train.max_steps_per_epoch": _or_null(_int(1)),
     "train.log_every": _int(1),
     "train.nonfinite": _choice("stop", "skip"),
-    "eval.batch_size": _int(1),
+    "eval.batch_size": _int_in(1, MAX_BATCH_SIZE),
     "eval.amp": _choice("off", "bf16"),
     "eval.open_score": ("auto or an open-set detector (oltr.detectors)",
                         lambda v: isinstance(v, str) and (v == "auto" or v in DETECTORS)),
