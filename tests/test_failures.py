@@ -43,3 +43,15 @@ def test_sizes_in_a_config_are_bounded(override, message):
 def test_the_bounds_admit_every_preset_size():
     load_config("plain", overrides=["data.image_size=4096", "model.width=1024",
                                     "model.embed_dim=65536", "train.batch_size=65536"])
+
+
+def test_display_path_escapes_control_characters_and_undecodable_bytes():
+    import os
+
+    from oltr.errors import display_path
+    assert display_path("/data/a.png") == "/data/a.png"
+    assert display_path("a\nb\tc\x1b[31m.png") == "a\\nb\\tc\\x1b[31m.png"
+    assert display_path(os.fsdecode(b"c\xff.png")) == "c\\xff.png" == display_path(b"c\xff.png")
+    assert display_path("caf\u00e9\u2028.png") == "caf\u00e9\\u2028.png"
+    error = InputError("cannot read image", path="a\nb.png", line=2)
+    assert str(error) == "a\\nb.png:2: cannot read image"

@@ -179,3 +179,37 @@ def test_numpy_images_as_a_practitioner_has_them(trained):
     rows = predictor.predict([grey, np.zeros((5, 5, 4), np.uint8), grey.astype(np.int32)])
     assert rows[0].error is None
     assert "(H, W) or (H, W, C)" in rows[1].error and "uint8 (0–255) or float" in rows[2].error
+
+
+def test_odd_file_names_are_one_row_each_in_any_locale(trained, tmp_path):
+    """A newline in a name cannot fake a row; an undecodable byte with an ASCII locale is no
+    UnicodeEncodeError (issue 24 §2): both are shown escaped, one row each."""
+    import os
+    import subprocess
+    import sys
+
+    run, images = trained
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    shutil.copy(images / "a.png", folder / "a\nb.png")
+    shutil.copy(images / "a.png", os.fsdecode(bytes(folder) + b"/c\xff.png"))
+    env = os.environ | {"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+                        "PYTHONIOENCODING": "ascii:strict", "OMP_NUM_THREADS": "1"}
+    for form, expected in (("table", {"a\\nb.png", "c\\xff.png"}),
+                           ("csv", {"a\\nb.png", "c\\xff.png"})):
+        done = subprocess.run([sys.executable, "-m", "oltr", "predict", str(run), str(folder),
+                               "--format", form, "--device", "cpu"], env=env,
+                              capture_output=True, check=False)
+        assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr.decode()
+        lines = done.stdout.decode("ascii").splitlines()
+        assert len(lines) == 3, lines  # a header, then one row per image
+        names = {(line.split()[0] if form == "table" else line.split(",")[0]).rsplit("/", 1)[1]
+                 for line in lines[1:]}
+        assert names == expected
+    done = subprocess.run([sys.executable, "-m", "oltr", "predict", str(run), str(folder),
+                           "--format", "jsonl", "--device", "cpu"], env=env,
+                          capture_output=True, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    rows = [json.loads(line) for line in done.stdout.decode("ascii").splitlines()]
+    assert sorted(Path(row["path"]).name for row in rows) == sorted(
+        ["a\nb.png", os.fsdecode(b"c\xff.png")])

@@ -1,7 +1,9 @@
 """Errors with a precise location: every bad input names its file, line and value."""
 from __future__ import annotations
 
+import os
 import reprlib
+import unicodedata
 from os import PathLike
 from typing import Any
 
@@ -32,6 +34,34 @@ def one_line(text: str) -> str:
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def display_path(path: str | bytes | PathLike[str] | PathLike[bytes]) -> str:
+    """``path`` as one printable line that any terminal encoding can show: a byte that is not
+    valid in the file-system encoding (held as a lone surrogate by ``os.fsdecode``) becomes
+    ``\\xNN``, control characters (a newline, a tab, an escape sequence) their ``repr``-style
+    escape (``\\n``, ``\\t``, ``\\x1b``); everything else is kept as it is. The one form paths
+    take in tables, CSV rows and error messages (a file named ``a\\nb.png`` cannot fake a
+    row, an undecodable name cannot end a command with a UnicodeEncodeError)."""
+    text = os.fsdecode(path)
+    if text.isprintable() and not any("\udc80" <= ch <= "\udcff" for ch in text):
+        return text
+    out = []
+    for ch in text:
+        if "\udc80" <= ch <= "\udcff":  # an undecodable byte (surrogateescape)
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        elif ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp"):
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else
+                       f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 class OltrError(Exception):
     """Base class of every error oltr raises on purpose."""
 
@@ -54,6 +84,6 @@ class InputError(OltrError, ValueError):
         self.value = value
         where = ""
         if self.path is not None:
-            where = self.path + (f":{line}" if line is not None else "") + ": "
+            where = display_path(self.path) + (f":{line}" if line is not None else "") + ": "
         what = f" (value: {bounded_repr(value)})" if value is not None else ""
         super().__init__(f"{where}{one_line(message)}{what}")

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from oltr.cli.common import DefaultsHelpFormatter, default_of
-from oltr.errors import InputError
+from oltr.errors import InputError, display_path
 from oltr.predict import Predictor, expand_inputs
 
 NAME = "predict"
@@ -62,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
     rows = [row.as_dict() for row in predictor.predict(expand_inputs(args.images),
                                                        batch_size=args.batch_size,
                                                        top_k=args.top_k)]
+    for stream in (sys.stdout, sys.stderr):  # a class name or path the locale cannot encode
+        if hasattr(stream, "reconfigure"):  # is shown as \xNN / \uNNNN, not a traceback
+            stream.reconfigure(errors="backslashreplace")
     failed = [row for row in rows if row["error"] is not None]
     for row in failed:
         print(f"oltr predict: skipped: {row['error']}", file=sys.stderr)
@@ -70,7 +73,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_predictions(rows: list[dict[str, Any]], form: str, stream: Any) -> None:
-    """Predictions as an aligned table, JSON lines, or CSV (``top_k`` as ``name:p;…``)."""
+    """Predictions as an aligned table, JSON lines, or CSV (``top_k`` as ``name:p;…``). Paths
+    are shown by :func:`oltr.errors.display_path` in the table and CSV (one row per image,
+    whatever its name); JSON lines keep them exact (JSON escapes them)."""
     def top(row: dict[str, Any]) -> str:
         return ";".join(f"{item['label_name']}:{item['probability']:.4f}"
                         for item in row["top_k"] or [])
@@ -87,14 +92,16 @@ def print_predictions(rows: list[dict[str, Any]], form: str, stream: Any) -> Non
         writer = csv.writer(stream)
         writer.writerow(columns)
         for row in rows:
-            writer.writerow([top(row) if key == "top_k" else "" if row[key] is None else row[key]
+            writer.writerow([top(row) if key == "top_k" else "" if row[key] is None else
+                             display_path(row[key]) if key == "path" else row[key]
                              for key in columns])
         return
     ok = [row for row in rows if row["error"] is None]
     if not ok:
         return
-    width = max(len(str(row["path"])) for row in ok)
+    paths = [display_path(row["path"]) for row in ok]
+    width = max(len(path) for path in paths)
     stream.write(f"{'image':<{width}}  {'answer':<14}  confidence  open score  top classes\n")
-    for row in ok:
-        stream.write(f"{row['path']:<{width}}  {row['label_name']:<14}  {row['confidence']:10.3f}"
+    for path, row in zip(paths, ok):
+        stream.write(f"{path:<{width}}  {row['label_name']:<14}  {row['confidence']:10.3f}"
                      f"  {row['open_score']:10.4g}  {top(row).replace(';', ', ')}\n")
