@@ -437,7 +437,7 @@ ROWS = [
     ("unknown non-finite policy", config("train.nonfinite=ignore"),
      r"config key 'train\.nonfinite' must be one of stop, skip \(value: 'ignore'\)"),
     ("batch size zero", config("train.batch_size=0"),
-     r"config key 'train\.batch_size' must be an integer >= 1 \(value: 0\)"),
+     r"config key 'train\.batch_size' must be an integer in 1\.\.65536 \(value: 0\)"),
     ("boolean as text", config("data.skip_bad_images=maybe"),
      r"config key 'data\.skip_bad_images' must be true or false \(value: 'maybe'\)"),
     ("accept rate above 1", config("eval.accept_rate=1.5"),
