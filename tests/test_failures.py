@@ -55,3 +55,13 @@ def test_display_path_escapes_control_characters_and_undecodable_bytes():
     assert display_path("caf\u00e9\u2028.png") == "caf\u00e9\\u2028.png"
     error = InputError("cannot read image", path="a\nb.png", line=2)
     assert str(error) == "a\\nb.png:2: cannot read image"
+
+
+def test_an_empty_checkpoint_says_so_and_what_to_do(tmp_path):
+    from oltr.train.checkpoint import load_checkpoint
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"")
+    with pytest.raises(InputError, match=r"checkpoint\.pt: checkpoint\.pt is empty \(0 bytes\): "
+                                         r"the run was interrupted while saving it .*rerun "
+                                         r"with --resume"):
+        load_checkpoint(path)

@@ -52,6 +52,15 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a training checkpoint without executing code from it (``weights_only=True``);
     InputError naming the file when it is not an oltr checkpoint, truncated or tampered with."""
     try:
+        empty = Path(path).stat().st_size == 0
+    except OSError:
+        empty = False  # torch.load names the reason
+    if empty:  # torch.load's own message then is a bare "EOF" or nothing at all
+        raise InputError(f"{Path(path).name} is empty (0 bytes): the run was interrupted while "
+                         "saving it (or the file was copied from a full disk); remove it and "
+                         "rerun with --resume to train this stage again from its start, or "
+                         "train into a new --out", path=path)
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise InputError(f"refusing or unable to read checkpoint: {exc}", path=path) from exc
