@@ -2,6 +2,7 @@
 never part of a class name, any line ends work, non-UTF-8 is named (issue 9)."""
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
@@ -112,3 +113,42 @@ def test_oltr_version(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"oltr {__version__}"
+
+
+@pytest.mark.parametrize(("number", "text"), [
+    (errno.ENOSPC, "No space left on device"), (errno.EROFS, "Read-only file system"),
+    (errno.EACCES, "Permission denied")])
+def test_the_machines_errors_are_one_line_naming_the_path_exit_1(tmp_path, capsys, monkeypatch,
+                                                                  number, text):
+    """A full disk, a read-only mount, a permission while writing: exit status 1 and one line
+    naming the user's path and the reason (issue 24 §2); --debug still shows the traceback."""
+    import oltr.data.curation
+
+    def full(*_args, **_kwargs):
+        raise OSError(number, text, "/x/y")
+
+    monkeypatch.setattr(oltr.data.curation, "atomic_write_bytes", full)
+    source = splits_source(tmp_path / "src")
+    argv = ["curate", f"splits:{source}", "--out", str(tmp_path / "bench"), "--known",
+            "cat,dog", "--max-count", "3", "--min-count", "2", "--val-per-class", "1",
+            "--test-per-class", "1"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err == f"oltr curate: error: /x/y: {text} ({errno.errorcode[number]})\n"
+    with pytest.raises(OSError, match=text):
+        main(["--debug", *argv])
+
+
+def test_memory_error_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
+    import oltr.data.curation
+
+    def exhausted(*_args, **_kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(oltr.data.curation, "atomic_write_bytes", exhausted)
+    source = splits_source(tmp_path / "src")
+    assert main(["curate", f"splits:{source}", "--out", str(tmp_path / "bench"), "--known",
+                 "cat,dog", "--max-count", "3", "--min-count", "2", "--val-per-class", "1",
+                 "--test-per-class", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("oltr curate: error: out of memory: lower ") and err.count("\n") == 1

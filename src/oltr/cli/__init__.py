@@ -5,7 +5,10 @@ calls, and shown by ``--help``), ``run(args)`` returning the exit status, and op
 ``interrupted_hint(args)``, what an interrupted run kept.
 
 Every command exits with status 2 and a one-line message naming the bad file, line or value when
-its input is wrong (``oltr.errors.InputError``); ``--debug`` shows the full traceback instead.
+its input is wrong (``oltr.errors.InputError``); the machine's failures (an ``OSError`` of any
+errno — a full disk, a read-only file system, a permission — and ``MemoryError``) exit with
+status 1 and one line naming the path and the reason. ``--debug`` shows the full traceback
+instead.
 Ctrl-C (SIGINT), SIGTERM and SIGHUP all take the same way out: the command's clean-up runs
 (no partial output is left) and it exits with 128 + the signal number and one line saying what
 was kept.
@@ -13,6 +16,7 @@ was kept.
 from __future__ import annotations
 
 import argparse
+import errno
 import signal
 import sys
 import threading
@@ -23,7 +27,7 @@ from typing import Any
 
 from oltr import __version__
 from oltr.cli import analyze, bench, curate, evaluate, export, identify, predict, report, train
-from oltr.errors import OltrError, one_line
+from oltr.errors import OltrError, display_path, one_line
 
 #: The commands, in the order ``oltr --help`` lists them.
 COMMANDS: tuple[ModuleType, ...] = (curate, train, evaluate, predict, bench, analyze, report,
@@ -99,6 +103,17 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
     return args
 
 
+def os_error_line(exc: OSError) -> str:
+    """An ``OSError`` of any errno as one line: the path it concerns (shown by
+    :func:`oltr.errors.display_path`), the system's text and the errno's name, e.g.
+    ``runs/x/checkpoint.pt: No space left on device (ENOSPC)``."""
+    where = "".join(f"{display_path(name)}: " for name in (exc.filename, exc.filename2)
+                    if name is not None and not isinstance(name, int))
+    name = errno.errorcode.get(exc.errno) if isinstance(exc.errno, int) else None
+    text = exc.strerror or one_line(str(exc)) or type(exc).__name__
+    return f"{where}{text}" + (f" ({name})" if name else "")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``oltr`` command line; return its exit status."""
     args = _parse(build_parser(), argv)
@@ -125,9 +140,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # the machine's, not the input's: a full disk, a lost mount
         if args.debug:
             raise
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"oltr {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
-        return 2
+        print(f"oltr {args.command}: error: {os_error_line(exc)}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        if args.debug:
+            raise
+        print(f"oltr {args.command}: error: out of memory: lower train.batch_size / "
+              "eval.batch_size (or --batch-size), data.image_size or data.num_workers, or free "
+              "memory", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as exc:
         number = getattr(exc, "signum", signal.SIGINT)
         try:  # after SIGHUP the terminal may be gone
