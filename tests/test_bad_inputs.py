@@ -623,8 +623,7 @@ CLI_ROWS = [
     ("--open-set with an empty path",
      lambda case: ["evaluate", str(case.run), "--data", str(case.fmnist), "--open",
                    "--open-set", "far="],
-     ("oltr evaluate: error: --open-set needs a path (NAME=PATH: a folder of images or a split "
-      "file) (value: 'far=')")),
+     "oltr evaluate: error: --open-set: an empty path (an unset variable?) (value: 'far=')"),
     ("evaluate on an unknown device",
      lambda case: ["evaluate", str(case.run), "--data", str(case.fmnist), "--device", "gpu"],
      "oltr evaluate: error: unknown device (auto, cpu, mps, cuda or cuda:N) (value: 'gpu')"),
@@ -681,6 +680,12 @@ CLI_ROWS = [
      lambda case: ["identify", str(case.run), "--probes", str(case.bench() / "train.txt"),
                    "--no-pseudo-shots", "--embeddings-dir", str(a_file(case).parent)],
      ": --embeddings-dir must be a new or empty folder (nothing there is overwritten)"),
+    ("predict with an empty path (an unset variable)",
+     lambda case: ["predict", str(case.run), ""],
+     "oltr predict: error: PATH: an empty path (an unset variable?) (value: '')"),
+    ("train --data an empty path",
+     lambda case: ["train", "--method", "plain", "--data", "", "--out", str(case.tmp / "out")],
+     "oltr train: error: --data: an empty path (an unset variable?) (value: '')"),
     ("predict --open-threshold nan",
      lambda case: ["predict", str(case.run), str(next((case.fmnist / "images").rglob("*.png"))),
                    "--open-threshold", "nan"],
@@ -702,6 +707,12 @@ def test_cli_exits_2_with_one_line(argv, message, tmp_path, request, capsys) -> 
     assert not (tmp_path / "out").exists()  # nothing created before the error
     if (tmp_path / "notes.txt").exists():
         assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_predict_refuses_an_empty_path_as_a_library_call_too() -> None:
+    from oltr.predict import expand_inputs
+    with pytest.raises(InputError, match=r"^an empty path \(an unset variable\?\) \(value: ''\)$"):
+        expand_inputs([""])
 
 
 def test_paths_inside_the_root_work_and_outside_ones_only_when_allowed(tmp_path) -> None:

@@ -69,6 +69,9 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+#: The error for an empty path argument: ``Path("")`` is the current directory.
+EMPTY_PATH = "an empty path (an unset variable?)"
+
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 

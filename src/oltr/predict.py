@@ -36,6 +36,7 @@ from oltr.decision import DECISION_JSON, DecisionRule, msp_probability_threshold
 from oltr.detectors.head import network_head
 from oltr.errors import InputError
 from oltr.inference import load_model
+from oltr.io import EMPTY_PATH
 from oltr.ownership import marker_kind
 from oltr.run import RunDir
 from oltr.runtime import autocast, select_device
@@ -300,7 +301,10 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
     followed without loops: `oltr.data.paths.walk_images`). A missing path is kept, so that it
     is reported by name with the others."""
     expanded: list[Path] = []
-    for path in map(Path, paths):
+    for given in paths:
+        if not str(given).strip():  # Path("") is "." (every image here): an unset variable
+            raise InputError(EMPTY_PATH, value=str(given))
+        path = Path(given)
         if path.is_dir():
             images = walk_images(path, allow_outside_root=True)
             if not images:

@@ -27,6 +27,7 @@ from typing import Any
 
 from oltr import __version__
 from oltr.cli import analyze, bench, curate, evaluate, export, identify, predict, report, train
+from oltr.cli.common import refuse_empty_paths
 from oltr.errors import OltrError, display_path, one_line
 
 #: The commands, in the order ``oltr --help`` lists them.
@@ -131,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         handlers = {number: signal.signal(number, _raise_interrupted)
                     for number in TERMINATING_SIGNALS}
     try:
+        refuse_empty_paths(args)
         return args.func(args)
     except OltrError as exc:
         if args.debug:

@@ -11,6 +11,7 @@ from typing import Any
 
 from oltr.detectors.odin import ODIN
 from oltr.errors import InputError
+from oltr.io import EMPTY_PATH
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -33,6 +34,33 @@ def default_of(function: Callable[..., Any], name: str) -> Any:
     """The default of ``function``'s parameter ``name``: a command's default is the one of the
     library function it calls, read from there rather than written twice."""
     return inspect.signature(function).parameters[name].default
+
+
+#: The ``dest`` of every argument that names a file or folder (checked by
+#: :func:`refuse_empty_paths` before a command runs).
+PATH_ARGUMENTS = frozenset({
+    "run", "images", "runs", "data", "out", "output", "config", "source", "image_root",
+    "class_order", "onnx", "probes", "gallery", "distractors", "reference_embeddings",
+    "attributes", "embeddings_dir", "tensorboard", "open_sets",
+})
+
+_NAMED = frozenset({"open_sets", "runs"})
+_OPTION_NAMES = {"open_sets": "--open-set", "images": "PATH"}
+
+
+def refuse_empty_paths(args: argparse.Namespace) -> None:
+    """An empty path argument (``oltr predict RUN "$UNSET"``, ``--open-set NAME=$UNSET``) is
+    an ``InputError`` naming the argument: ``Path("")`` is the current directory, so it would
+    silently mean "everything here" (predict used to classify every image under it)."""
+    for dest in sorted(PATH_ARGUMENTS):
+        value = getattr(args, dest, None)
+        values = value if isinstance(value, list | tuple) else [value]
+        for item in values:
+            path = item.rpartition("=")[2] if isinstance(item, str) and dest in _NAMED else item
+            if isinstance(path, str) and not path.strip():
+                name = _OPTION_NAMES.get(dest) or (
+                    dest if dest in ("run", "images", "source") else "--" + dest.replace("_", "-"))
+                raise InputError(f"{name}: {EMPTY_PATH}", value=item)
 
 
 def comma_list(text: str) -> list[str]:
