@@ -424,6 +424,12 @@ ROWS = [
      write_bytes("mine.yaml", b"train:\n  lr: 0.1 # \xff\n",
                  lambda case, root: load_config(config_file=root / "mine.yaml")),
      r"mine\.yaml: config file is not UTF-8 text \(invalid start byte at line 2, byte 19\)"),
+    ("config file with a key written twice",
+     config_file("train:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\n"),
+     r"mine\.yaml:4: key 'lr' is written twice \(first on line 2\)$"),
+    ("config file with a section written twice",
+     config_file("train:\n  lr: 0.1\nmodel:\n  width: 8\ntrain:\n  epochs: 2\n"),
+     r"mine\.yaml:5: key 'train' is written twice \(first on line 1\)$"),
     ("history.jsonl not JSON", resume_with_history('{"epoch": 1}\n{oops\n'),
      r"history\.jsonl:2: training history line is not valid JSON"),
     # config values
@@ -713,6 +719,31 @@ def test_predict_refuses_an_empty_path_as_a_library_call_too() -> None:
     from oltr.predict import expand_inputs
     with pytest.raises(InputError, match=r"^an empty path \(an unset variable\?\) \(value: ''\)$"):
         expand_inputs([""])
+
+
+def test_a_key_written_twice_in_a_base_file_is_named(tmp_path) -> None:
+    (tmp_path / "parent.yaml").write_text("train:\n  lr: 0.1\n\n  lr: 0.3\n")
+    (tmp_path / "mine.yaml").write_text("base: parent.yaml\ntrain:\n  epochs: 2\n")
+    with pytest.raises(InputError) as info:
+        load_config(config_file=tmp_path / "mine.yaml")
+    assert str(info.value) == (f"{tmp_path / 'parent.yaml'}:4: key 'lr' is written twice "
+                               "(first on line 2)")
+
+
+def test_every_packaged_yaml_writes_each_key_once() -> None:
+    from oltr.config import CONFIG_DIR, read_yaml
+    from oltr.io import DuplicateKey, UniqueKeyLoader, read_yaml_file
+
+    files = sorted(CONFIG_DIR.rglob("*.yaml"))
+    assert len(files) > 10
+    for path in files:  # InputError on a duplicate
+        read_yaml(path)
+        read_yaml_file(path, "config file")
+    import yaml
+    with pytest.raises(DuplicateKey, match=r"key 'a' is written twice \(first on line 1\)"):
+        yaml.load("a: 1\nb: 2\na: 3\n", Loader=UniqueKeyLoader)
+    merged = yaml.load("x: &x {a: 1, b: 2}\ny:\n  <<: *x\n  a: 3\n", Loader=UniqueKeyLoader)
+    assert merged["y"] == {"a": 3, "b": 2}  # a merge key's values may be overridden
 
 
 def test_paths_inside_the_root_work_and_outside_ones_only_when_allowed(tmp_path) -> None:

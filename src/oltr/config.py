@@ -32,7 +32,7 @@ from oltr.data.samplers import SAMPLERS
 from oltr.data.transforms import PRESETS
 from oltr.detectors import DETECTORS, rule_detector
 from oltr.errors import InputError, bounded_repr
-from oltr.io import atomic_write_text, read_text
+from oltr.io import DuplicateKey, UniqueKeyLoader, atomic_write_text, read_text
 from oltr.losses import CENTROID_LOSSES, CLASSIFICATION_LOSSES, FEATURE_LOSSES
 from oltr.models.classifiers import SQUASH_FORMS
 from oltr.models.heads import HEADS
@@ -74,9 +74,10 @@ class _Oversized(Exception):
     pass
 
 
-class _BoundedLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a document expanding to more than ``MAX_YAML_NODES``
-    nodes (or holding a recursive alias) before constructing any Python object."""
+class _BoundedLoader(UniqueKeyLoader):
+    """``yaml.SafeLoader`` that refuses a key written twice in a mapping
+    (`oltr.io.UniqueKeyLoader`) and a document expanding to more than ``MAX_YAML_NODES`` nodes
+    (or holding a recursive alias) before constructing any Python object."""
 
     def construct_document(self, node: yaml.Node) -> Any:
         _count_nodes(node, {}, MAX_YAML_NODES)
@@ -114,6 +115,10 @@ def _load_document(text: str, path: str | Path | None) -> tuple[Any, yaml.Node |
         raise InputError(str(exc), path=path) from None
     except RecursionError:
         raise InputError("YAML nested too deeply", path=path) from None
+    except DuplicateKey as exc:
+        where = f" (line {exc.line})" if path is None else ""
+        raise InputError(f"{exc}{where}", path=path,
+                         line=None if path is None else exc.line) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from oltr.errors import InputError
 
 #: oltr's temporary file names (group 1: the writer's PID); no other file is ever removed as one.
@@ -116,3 +118,47 @@ def read_json_object(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InputError(f"{what} must hold a JSON object", path=path)
     return data
+
+
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+class DuplicateKey(yaml.YAMLError):
+    """A YAML mapping writes a key twice; ``line`` and ``first`` are 1-based."""
+
+    def __init__(self, key: Any, line: int, first: int) -> None:
+        self.key, self.line, self.first = key, line, first
+        super().__init__(f"key {key!r} is written twice (first on line {first})")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` whose mappings refuse a key written twice (PyYAML keeps the last one
+    silently): :class:`DuplicateKey`. Keys are compared as constructed (``1`` and ``"1"``
+    differ, ``yes`` and ``true`` do not); keys brought in by a ``<<`` merge may be overridden.
+    Every YAML file oltr reads is parsed by it."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            self._refuse_duplicates(node)
+        return super().construct_mapping(node, deep=deep)
+
+    def _refuse_duplicates(self, node: yaml.MappingNode) -> None:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE:
+                continue
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise DuplicateKey(key, line, seen[key])
+            except TypeError:  # unhashable: SafeLoader's own error follows
+                continue
+            seen[key] = line
+
+
+def read_yaml_file(path: str | os.PathLike[str], what: str) -> Any:
+    """The YAML document of ``path`` (read by :func:`read_text`, parsed by
+    :class:`UniqueKeyLoader`): for files of the package itself; a user's YAML goes through
+    ``oltr.config.load_yaml`` (bounded alias expansion, errors naming file and line)."""
+    return yaml.load(read_text(path, what), Loader=UniqueKeyLoader)  # a SafeLoader

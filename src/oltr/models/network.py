@@ -372,10 +372,10 @@ def _base_model_defaults() -> dict[str, Any]:
     here directly: :mod:`oltr.config` sits above this module)."""
     from pathlib import Path
 
-    import yaml
+    from oltr.io import read_yaml_file
 
     base = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
-    return yaml.safe_load(base.read_text(encoding="utf-8"))["model"]
+    return read_yaml_file(base, "config file")["model"]
 
 
 #: Options of :func:`create_network` that are not config keys (Python API only).
