@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import pickle
 import shutil
-from collections.abc import Callable, Sequence
+import signal
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 
@@ -430,6 +433,18 @@ ROWS = [
     ("config file with a section written twice",
      config_file("train:\n  lr: 0.1\nmodel:\n  width: 8\ntrain:\n  epochs: 2\n"),
      r"mine\.yaml:5: key 'train' is written twice \(first on line 1\)$"),
+    ("config file too large",
+     lambda case: (case.tmp.joinpath("mine.yaml").write_bytes(b""),
+                   os.truncate(case.tmp / "mine.yaml", (16 << 20) + 1),
+                   load_config(config_file=case.tmp / "mine.yaml")),
+     r"mine\.yaml: config file is too large \(16777217 bytes; at most 16777216\)$"),
+    ("folder: a FIFO named like an image",
+     curate_counts(lambda tree: os.mkfifo(tree / "c1" / "x.png")),
+     r"tree/c1/x\.png: cannot read image \(not a regular file: a FIFO; or curate with "),
+    ("split file a FIFO",
+     lambda case: ((case.bench() / "test.txt").unlink(), os.mkfifo(case.tmp / "bench" / "test.txt"),
+                   load_benchmark(case.tmp / "bench")),
+     r"test\.txt: split file is not a regular file \(a FIFO\)$"),
     ("history.jsonl not JSON", resume_with_history('{"epoch": 1}\n{oops\n'),
      r"history\.jsonl:2: training history line is not valid JSON"),
     # config values
@@ -553,10 +568,26 @@ ROWS = [
 ]
 
 
+@contextmanager
+def within(seconds: int) -> Iterator[None]:
+    """Fail (rather than hang the suite) if the block takes longer: a FIFO opened for reading
+    waits for a writer forever."""
+    def expire(*_: object) -> None:
+        raise TimeoutError(f"still running after {seconds} s (blocked on a FIFO?)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 @pytest.mark.parametrize(("action", "message"), [pytest.param(a, m, id=i) for i, a, m in ROWS])
 def test_bad_input_is_named(action, message, tmp_path, request, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(InputError, match=message):
+    with pytest.raises(InputError, match=message), within(120):
         action(Case(tmp_path, request))
     assert not (tmp_path / "PWNED").exists()  # nothing in a tampered file ran
     assert not (tmp_path / "out").exists()  # a failed curation leaves nothing
@@ -692,6 +723,10 @@ CLI_ROWS = [
     ("train --data an empty path",
      lambda case: ["train", "--method", "plain", "--data", "", "--out", str(case.tmp / "out")],
      "oltr train: error: --data: an empty path (an unset variable?) (value: '')"),
+    ("train --config a device",
+     lambda case: ["train", "--config", "/dev/zero", "--data", str(case.tmp),
+                   "--out", str(case.tmp / "out")],
+     "oltr train: error: /dev/zero: config file is not a regular file (a character device)"),
     ("predict --open-threshold nan",
      lambda case: ["predict", str(case.run), str(next((case.fmnist / "images").rglob("*.png"))),
                    "--open-threshold", "nan"],
@@ -705,7 +740,8 @@ CLI_ROWS = [
 
 @pytest.mark.parametrize(("argv", "message"), [pytest.param(a, m, id=i) for i, a, m in CLI_ROWS])
 def test_cli_exits_2_with_one_line(argv, message, tmp_path, request, capsys) -> None:
-    code = main(argv(Case(tmp_path, request)))
+    with within(120):
+        code = main(argv(Case(tmp_path, request)))
     err = capsys.readouterr().err
     message = message.replace("{bench}", str(tmp_path / "bench"))
     assert code == 2 and message in err and "Traceback" not in err
@@ -744,6 +780,38 @@ def test_every_packaged_yaml_writes_each_key_once() -> None:
         yaml.load("a: 1\nb: 2\na: 3\n", Loader=UniqueKeyLoader)
     merged = yaml.load("x: &x {a: 1, b: 2}\ny:\n  <<: *x\n  a: 3\n", Loader=UniqueKeyLoader)
     assert merged["y"] == {"a": 3, "b": 2}  # a merge key's values may be overridden
+
+
+def test_predict_reports_a_fifo_among_the_images_and_goes_on(trained_run, fmnist_small, tmp_path,
+                                                             capsys) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(next((fmnist_small / "images").rglob("*.png")), folder / "a.png")
+    os.mkfifo(folder / "b.png")
+    with within(120):
+        code = main(["predict", str(trained_run), str(folder), "--format", "jsonl"])
+    captured = capsys.readouterr()
+    assert code == 1
+    rows = [json.loads(line) for line in captured.out.splitlines()]
+    assert [row["error"] is None for row in rows] == [True, False]
+    assert rows[1]["error"] == f"{folder / 'b.png'}: cannot read image (not a regular file: a FIFO)"
+    assert f"{folder / 'b.png'}: cannot read image (not a regular file: a FIFO)" in captured.err
+
+
+def test_read_text_checks_what_a_path_is_before_reading(tmp_path) -> None:
+    from oltr.io import read_json_object, read_text
+    os.mkfifo(tmp_path / "fifo.json")
+    with within(30), pytest.raises(InputError) as info:
+        read_json_object(tmp_path / "fifo.json", "run description")
+    assert str(info.value) == f"{tmp_path / 'fifo.json'}: run description is not a regular file (a FIFO)"
+    with pytest.raises(InputError, match=r"^/dev/zero: split file is not a regular file \(a "
+                                         r"character device\)$"):
+        read_text("/dev/zero", "split file")
+    (tmp_path / "big.txt").write_bytes(b"a 0\n" * 10)
+    with pytest.raises(InputError, match=r"big\.txt: split file is too large \(40 bytes; at most "
+                                         r"39\)$"):
+        read_text(tmp_path / "big.txt", "split file", max_bytes=39)
+    assert read_text(tmp_path / "big.txt", "split file", max_bytes=40) == "a 0\n" * 10
 
 
 def test_paths_inside_the_root_work_and_outside_ones_only_when_allowed(tmp_path) -> None:

@@ -31,7 +31,7 @@ def test_read_text_drops_a_bom_and_normalises_line_ends(tmp_path):
 def test_read_text_errors_name_the_file(tmp_path):
     with pytest.raises(InputError, match=r"none\.txt: class-name file not found"):
         read_text(tmp_path / "none.txt", "class-name file")
-    with pytest.raises(InputError, match=r"cannot read split file \(Is a directory\)"):
+    with pytest.raises(InputError, match=r"split file is not a regular file \(a folder\)$"):
         read_text(tmp_path, "split file")
     (tmp_path / "latin.txt").write_bytes("a 0\ncafé 1\n".encode("latin-1"))
     with pytest.raises(InputError, match=r"latin\.txt: split file is not UTF-8 text \(invalid "

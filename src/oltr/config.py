@@ -65,6 +65,9 @@ COMPARISON_DETECTORS = _comparison_detectors()
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
 
 
+#: Largest config, preset or protocol file read (a config is a few KiB).
+MAX_CONFIG_BYTES = 16 << 20
+
 #: Most YAML nodes a user file may expand to (aliases counted every time they are used): a
 #: config has a few hundred; a "billion laughs" file of a few hundred bytes expands to 10⁹.
 MAX_YAML_NODES = 100_000
@@ -174,7 +177,7 @@ def read_yaml(path: Path, what: str = "config file") -> dict[str, Any]:
 
 def _read_yaml_lines(path: Path, what: str = "config file") -> tuple[dict[str, Any], dict[str, int]]:
     """:func:`read_yaml` and the line of each key (:func:`_key_lines`)."""
-    text = read_text(path, what)
+    text = read_text(path, what, MAX_CONFIG_BYTES)
     data, node = _load_document(text, path)
     if data is None:
         return {}, {}

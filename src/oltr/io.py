@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import yaml
 
@@ -71,23 +72,81 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+#: Largest text file :func:`read_text` reads (split files of millions of lines fit): past it, or
+#: on a device that never ends (``--config /dev/zero``), the read stops with an InputError
+#: rather than running out of memory.
+MAX_TEXT_BYTES = 1 << 30
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+class NotRegularFile(InputError):
+    """A path that names a folder, FIFO, device or socket where a file is expected."""
+
+    def __init__(self, what: str, path: str | os.PathLike[str], kind: str) -> None:
+        self.what, self.kind = what, kind
+        super().__init__(f"{what} is not a regular file ({kind})", path=path)
+
+    def __reduce__(self):  # picklable (DataLoader workers), despite the keyword-only base
+        return (type(self), (self.what, self.path, self.kind))
+
+
+def open_for_reading(path: str | os.PathLike[str], what: str,
+                     max_bytes: int | None = None) -> BinaryIO:
+    """``path`` opened for binary reading once it is known to be a regular file: what a path
+    *is* is checked on the opened descriptor (no race), before a byte is read.
+
+    Opened non-blocking, so that a FIFO (``mkfifo x.png``) does not wait for a writer; a folder,
+    FIFO, device or socket is a :class:`NotRegularFile` (``"{what} is not a regular file (a
+    FIFO)"``), a file of more than ``max_bytes`` an InputError. ``FileNotFoundError`` and other
+    ``OSError`` are the caller's to word."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = next((name for test, name in _KINDS if test(info.st_mode)), "not a file")
+            raise NotRegularFile(what, path, kind)
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise InputError(f"{what} is too large ({info.st_size} bytes; at most {max_bytes})",
+                             path=path)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_bytes(path: str | os.PathLike[str], what: str, max_bytes: int | None = None) -> bytes:
+    """The bytes of the regular file ``path`` (:func:`open_for_reading`; at most ``max_bytes``
+    even if it grows while read)."""
+    with open_for_reading(path, what, max_bytes) as handle:
+        data = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise InputError(f"{what} is too large (more than {max_bytes} bytes)", path=path)
+    return data
+
+
 #: The error for an empty path argument: ``Path("")`` is the current directory.
 EMPTY_PATH = "an empty path (an unset variable?)"
 
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
-def read_text(path: str | os.PathLike[str], what: str) -> str:
+def read_text(path: str | os.PathLike[str], what: str, max_bytes: int = MAX_TEXT_BYTES) -> str:
     """The text of ``path`` (``what`` names the kind of file in errors, e.g. "split file").
 
     Decoded as UTF-8; a leading byte-order mark (U+FEFF, as Windows editors write) is dropped;
     line ends ``\\r\\n`` and ``\\r`` become ``\\n`` (Python's universal newlines). Raises
-    InputError naming the file: ``"{what} not found"``, ``"cannot read {what} (reason)"``, or
+    InputError naming the file: ``"{what} not found"``, ``"cannot read {what} (reason)"``,
+    ``"{what} is not a regular file (a FIFO)"`` (a folder, FIFO or device: checked before it
+    is read, :func:`open_for_reading`), ``"{what} is too large (…)"`` (``max_bytes``), or
     ``"{what} is not UTF-8 text (reason at line N, byte B)"``.
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = read_bytes(path, what, max_bytes)
     except FileNotFoundError:
         raise InputError(f"{what} not found", path=path) from None
     except OSError as exc:

@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from oltr.errors import InputError
+from oltr.io import NotRegularFile, open_for_reading
 
 MODES = ("L", "RGB")
 _AS_IS = frozenset({"L", "RGB"})
@@ -76,15 +77,17 @@ def open_image(path: str | os.PathLike[str], *, draft: bool = False) -> Image.Im
     so truncated or corrupt data is still found; used to check files fast). Raises ImageError.
     """
     try:
-        with Image.open(path) as opened:
+        with open_for_reading(path, "image") as handle, Image.open(handle) as opened:
             if draft and opened.format == "JPEG":
                 opened.draft(opened.mode, (1, 1))
             opened.load()
             image = opened
     except FileNotFoundError:
         raise ImageError("image not found", path) from None
-    except IsADirectoryError:
-        raise ImageError("cannot read image", path, "it is a folder") from None
+    except NotRegularFile as exc:  # a FIFO would block Pillow forever
+        raise ImageError("cannot read image", path,
+                         "it is a folder" if exc.kind == "a folder"
+                         else f"not a regular file: {exc.kind}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
             Image.DecompressionBombError) as exc:
         raise ImageError("cannot read image", path, str(exc) or type(exc).__name__) from None

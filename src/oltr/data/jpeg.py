@@ -47,6 +47,8 @@ import torch
 from torch.utils.data import Dataset
 
 from oltr.data.datasets import ImageListDataset
+from oltr.errors import InputError
+from oltr.io import read_bytes
 
 #: JPEG start-of-frame markers torchvision's decoders handle (Huffman: baseline, extended
 #: sequential, progressive); SOF3/5-7/9-11/13-15 (lossless, hierarchical, arithmetic) do not.
@@ -101,8 +103,8 @@ class EncodedImages(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         label = self.dataset.entries[index][1]
         try:
-            data = self.dataset.image_path(index).read_bytes()
-        except OSError:
+            data = read_bytes(self.dataset.image_path(index), "image")  # never a FIFO's wait
+        except (OSError, InputError):
             data = b""  # Pillow then raises the located error
         if device_decodable(data):
             return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, index

@@ -42,7 +42,7 @@ from oltr.data.images import load_image
 from oltr.data.paths import IMAGE_EXTENSIONS, check_image_paths, walk_images
 from oltr.data.splits import read_split_lines
 from oltr.errors import InputError
-from oltr.io import read_text
+from oltr.io import open_for_reading, read_text
 from oltr.registry import Registry
 
 FASHION_MNIST_CLASSES = (
@@ -190,11 +190,12 @@ def read_idx(path: str | os.PathLike[str], *, expected_magic: int) -> np.ndarray
     """
     path = Path(path)
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as handle:
-                data = handle.read()
-        else:
-            data = path.read_bytes()
+        with open_for_reading(path, "IDX file") as raw:
+            if path.suffix == ".gz":
+                with gzip.GzipFile(fileobj=raw, mode="rb") as handle:
+                    data = handle.read()
+            else:
+                data = raw.read()
     except FileNotFoundError:
         raise InputError("IDX file not found", path=path) from None
     except (OSError, EOFError) as exc:
@@ -346,7 +347,7 @@ def find_split_file(directory: Path, name: str, *, required: bool) -> Path | Non
     # ``*open*`` and ``*val*`` must not also take the validation open split (val_open.txt)
     excluded = () if name == "val_open" else ("val_open",)
     matches = sorted(path for path in directory.glob(pattern)
-                     if path.is_file() and path.name not in NOT_SPLIT_FILES
+                     if _not_a_folder(path) and path.name not in NOT_SPLIT_FILES
                      and not any(word in path.name for word in excluded))
     if len(matches) > 1:
         names = ", ".join(path.name for path in matches)
@@ -363,12 +364,19 @@ def find_split_file(directory: Path, name: str, *, required: bool) -> Path | Non
     return matches[0]
 
 
+def _not_a_folder(path: Path) -> bool:
+    """Whether ``path`` names something to read as a file: a FIFO or device by a split or
+    class-name file's name is then refused by name when it is read (`oltr.io.read_text`), not
+    silently passed over as ``is_file()`` would."""
+    return path.exists() and not path.is_dir()
+
+
 def read_class_names(directory: Path) -> tuple[list[str], Path] | None:
     """Class names from ``classes.txt`` or ``classnames.txt`` in ``directory`` (index = line;
     read by `oltr.io.read_text`: a byte-order mark is not part of the first name)."""
     for file_name in _CLASS_NAME_FILES:
         path = directory / file_name
-        if path.is_file():
+        if _not_a_folder(path):
             lines = read_text(path, "class-name file").splitlines()
             names = [line.strip() for line in lines]
             while names and not names[-1]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from oltr.data.paths import OUTSIDE_ROOT_HINT, leaves_root
 from oltr.errors import InputError
-from oltr.io import atomic_write_bytes, read_text
+from oltr.io import atomic_write_bytes, open_for_reading, read_text
 
 __all__ = ["OPEN_LABEL", "format_split", "leaves_root", "read_split_file", "read_split_lines",
            "sha256_file", "write_split_file"]
@@ -202,7 +202,7 @@ def write_split_file(path: str | os.PathLike[str], entries: Iterable[tuple[str, 
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """Hex SHA-256 of a file's bytes."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_for_reading(path, "file") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
