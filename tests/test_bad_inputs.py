@@ -188,6 +188,26 @@ def curate_counts(damage: Callable[[Path], object] | None = None,
     return action
 
 
+def given_with_classes(case: Case, second: str, classes: str | None = None) -> None:
+    """given: lists (path label, or path only) over an image root of classes 'cat' and
+    ``second``; ``classes``: a classes.txt beside the lists."""
+    from oltr.data.given import curate_given
+    root, lists = case.tmp / "images", case.tmp / "lists"
+    for label, name in enumerate(("cat", second)):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            Image.new("L", (4, 4), 10 * label + i).save(root / name / f"{i}.png")
+    lists.mkdir()
+    labels = classes is not None
+    for split, images in (("train", (0, 1)), ("test", (2,))):
+        (lists / f"{split}.txt").write_text("".join(
+            f"{name}/{i}.png" + (f" {label}" if labels else "") + "\n"
+            for label, name in enumerate(("cat", second)) for i in images))
+    if classes is not None:
+        (lists / "classes.txt").write_text(classes)
+    curate_given(lists, root, case.tmp / "out", val_per_class=1)
+
+
 def load_linked(case: Case) -> None:
     """A split path that stays in the image root lexically but leaves it through a link."""
     root = case.bench(test="i/out/x.png 1\n")
@@ -438,6 +458,18 @@ ROWS = [
                    os.truncate(case.tmp / "mine.yaml", (16 << 20) + 1),
                    load_config(config_file=case.tmp / "mine.yaml")),
      r"mine\.yaml: config file is too large \(16777217 bytes; at most 16777216\)$"),
+    ("folder: a class named 'unknown'",
+     curate_counts(lambda tree: (tree / "c2").rename(tree / "unknown")),
+     (r"tree/unknown: class name 'unknown' is reserved: predict answers 'unknown' \(label -1\) "
+      r"for a rejected image; rename the class$")),
+    ("folder: a class named '-1'",
+     curate_counts(lambda tree: (tree / "c0").rename(tree / "-1")),
+     r"tree/-1: class name '-1' is reserved: predict answers 'unknown' \(label -1\) "),
+    ("given: a class folder named 'Unknown'", lambda case: given_with_classes(case, "Unknown"),
+     r"images/Unknown: class name 'Unknown' is reserved: predict answers 'unknown' "),
+    ("given: classes.txt names a class '-1'",
+     lambda case: given_with_classes(case, "dog", classes="cat\n-1\n"),
+     r"lists: class name '-1' is reserved: predict answers 'unknown' "),
     ("folder: a FIFO named like an image",
      curate_counts(lambda tree: os.mkfifo(tree / "c1" / "x.png")),
      r"tree/c1/x\.png: cannot read image \(not a regular file: a FIFO; or curate with "),

@@ -35,7 +35,7 @@ import numpy as np
 
 from oltr.data.curation import FORMAT_VERSION, _count_argument, _pick, write_benchmark
 from oltr.data.paths import IMAGE_EXTENSIONS, check_image_paths
-from oltr.data.sources import Source, read_class_names
+from oltr.data.sources import Source, check_class_name, read_class_names
 from oltr.data.splits import leaves_root, read_split_lines, sha256_file
 from oltr.errors import InputError
 from oltr.io import read_text
@@ -172,6 +172,8 @@ def curate_given(
                    else 1 + max(label for _, label in entries["train"]))
     if class_names is None:
         class_names = [f"class_{index}" for index in range(num_classes)]
+    for name in class_names:  # the class's folder where it has one, else the lists' folder
+        check_class_name(name, root / name if (root / name).is_dir() else directory)
     _check_train_classes(entries["train"], class_names, files["train"])  # type: ignore[arg-type]
     check_image_paths(entries, lines, {k: v for k, v in files.items() if v is not None}, root)
 

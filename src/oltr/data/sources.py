@@ -261,6 +261,19 @@ def _load_fashion_mnist(spec: str, root: str, allow_outside_root: bool = False) 
 # --- folder per class ----------------------------------------------------------------------
 
 
+#: Class names that cannot be told apart from a rejection in predict's output (the answer
+#: "unknown", label -1): refused at curation (compared without case and surrounding spaces).
+RESERVED_CLASS_NAMES = ("unknown", "-1")
+
+
+def check_class_name(name: str, path: str | os.PathLike[str]) -> None:
+    """InputError naming ``path`` (the class's folder, or the list that names it) when
+    ``name`` is one of :data:`RESERVED_CLASS_NAMES`."""
+    if str(name).strip().lower() in RESERVED_CLASS_NAMES:
+        raise InputError(f"class name {name!r} is reserved: predict answers 'unknown' (label -1) "
+                         "for a rejected image; rename the class", path=path)
+
+
 def _load_folder(spec: str, root_text: str, allow_outside_root: bool) -> Source:
     root = Path(root_text).expanduser()
     if not root.exists():
@@ -274,6 +287,8 @@ def _load_folder(spec: str, root_text: str, allow_outside_root: bool) -> Source:
     )
     if not class_dirs:
         raise InputError("no class folders (folder:PATH wants one sub-folder per class)", path=root)
+    for class_dir in class_dirs:
+        check_class_name(class_dir.name, class_dir)
     label_of = {class_dir.name: label for label, class_dir in enumerate(class_dirs)}
     train: list[tuple[str, int]] = []
     for image in images:
