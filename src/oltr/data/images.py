@@ -88,7 +88,10 @@ def open_image(path: str | os.PathLike[str], *, draft: bool = False) -> Image.Im
         raise ImageError("cannot read image", path,
                          "it is a folder" if exc.kind == "a folder"
                          else f"not a regular file: {exc.kind}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
+    except UnidentifiedImageError:  # Pillow would name the open file object, not the path
+        raise ImageError("cannot read image", path,
+                         f"cannot identify image file {os.fspath(path)!r}") from None
+    except (OSError, SyntaxError, ValueError, EOFError,
             Image.DecompressionBombError) as exc:
         raise ImageError("cannot read image", path, str(exc) or type(exc).__name__) from None
     return image
